@@ -1,0 +1,310 @@
+//! The backend contract: buffers, transfers and every op the CLIP towers need.
+//!
+//! Conventions, shared by every implementation:
+//! - tensors are row-major; dimensions are given explicitly and checked against lengths;
+//! - linear weights are `[out, in]` (the Hugging Face layout);
+//! - forward ops overwrite their outputs; backward ops **add** into gradient outputs
+//!   (`Option` gradient outputs are skipped when `None`, e.g. for frozen weights);
+//! - an output never overlaps an input of the same op (implementations may assert it).
+
+use anyhow::Result;
+
+use crate::tensor::Tensor;
+
+/// Storage type of a buffer. `Bf16` is a request the CPU backend serves in f32: on CUDA,
+/// activations and matrix-unit copies of weights live in bf16, master weights in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    Bf16,
+    I32,
+}
+
+/// The MLP activation of a tower (`hidden_act` in the Hugging Face config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
+    QuickGelu,
+    /// The exact GELU, `x * Phi(x)` with the error function (`"gelu"` in transformers).
+    Gelu,
+}
+
+/// Sizes of one rank's share of the distributed InfoNCE loss.
+///
+/// The rank holds `local` rows of image and text features; the gathered features of all
+/// ranks hold `global` rows, and this rank's rows start at row `offset` of them, so the
+/// positive pair of local row `i` is global column `offset + i`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InfoNceDims {
+    pub local: usize,
+    pub global: usize,
+    pub dim: usize,
+    pub offset: usize,
+}
+
+/// Hyper-parameters of one AdamW update (decoupled weight decay, bias-corrected moments).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for the bias corrections.
+    pub step: u64,
+}
+
+pub trait Backend: Sized + 'static {
+    /// The buffer a [`Tensor`] handle points into.
+    type Storage;
+
+    fn name(&self) -> &'static str;
+
+    // ---------------------------------------------------------------- memory and transfers
+
+    /// A new zero-filled buffer of `len` elements.
+    fn alloc(&self, len: usize, dtype: DType) -> Result<Tensor<Self>>;
+    fn upload_f32(&self, dst: &Tensor<Self>, src: &[f32]) -> Result<()>;
+    fn upload_i32(&self, dst: &Tensor<Self>, src: &[i32]) -> Result<()>;
+    /// Waits for every enqueued op touching `src`, then copies it to the host.
+    fn download_f32(&self, src: &Tensor<Self>, dst: &mut [f32]) -> Result<()>;
+    /// Waits for every enqueued op.
+    fn synchronize(&self) -> Result<()>;
+
+    // ---------------------------------------------------------------- elementwise
+
+    fn fill(&self, t: &Tensor<Self>, value: f32);
+    fn copy(&self, dst: &Tensor<Self>, src: &Tensor<Self>);
+    /// `out = a + b` (the residual add). `out` may be `a` itself.
+    fn add(&self, out: &Tensor<Self>, a: &Tensor<Self>, b: &Tensor<Self>);
+    /// `acc += x`.
+    fn accumulate(&self, acc: &Tensor<Self>, x: &Tensor<Self>);
+    /// `t *= s`.
+    fn scale(&self, t: &Tensor<Self>, s: f32);
+    /// `out[0] += sum(t^2)`, in f32 with a wide accumulator.
+    fn sum_squares(&self, out: &Tensor<Self>, t: &Tensor<Self>);
+    /// `t = min(t, max)` elementwise (the logit-scale clamp).
+    fn clamp_max(&self, t: &Tensor<Self>, max: f32);
+
+    // ---------------------------------------------------------------- linear layers
+
+    /// `out[n, oc] = inp[n, c] . w[oc, c]^T + bias[oc]`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fwd(
+        &self,
+        out: &Tensor<Self>,
+        inp: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    );
+    /// `dinp += dout . w`, `dw += dout^T . inp`, `dbias += sum_rows(dout)`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(
+        &self,
+        dinp: Option<&Tensor<Self>>,
+        dw: Option<&Tensor<Self>>,
+        dbias: Option<&Tensor<Self>>,
+        dout: &Tensor<Self>,
+        inp: &Tensor<Self>,
+        w: &Tensor<Self>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    );
+
+    // ---------------------------------------------------------------- normalisation
+
+    /// Layer norm over the last dimension `c` of `n` rows; saves `mean[n]` and `rstd[n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_fwd(
+        &self,
+        out: &Tensor<Self>,
+        mean: &Tensor<Self>,
+        rstd: &Tensor<Self>,
+        inp: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd(
+        &self,
+        dinp: &Tensor<Self>,
+        dgamma: Option<&Tensor<Self>>,
+        dbeta: Option<&Tensor<Self>>,
+        dout: &Tensor<Self>,
+        inp: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        mean: &Tensor<Self>,
+        rstd: &Tensor<Self>,
+        n: usize,
+        c: usize,
+    );
+    /// `out[i] = inp[i] / ||inp[i]||_2` for `n` rows of `d`; saves `norm[n]`.
+    fn l2norm_fwd(&self, out: &Tensor<Self>, norm: &Tensor<Self>, inp: &Tensor<Self>, n: usize, d: usize);
+    /// Uses the forward's output `out` and `norm`.
+    #[allow(clippy::too_many_arguments)]
+    fn l2norm_bwd(
+        &self,
+        dinp: &Tensor<Self>,
+        dout: &Tensor<Self>,
+        out: &Tensor<Self>,
+        norm: &Tensor<Self>,
+        n: usize,
+        d: usize,
+    );
+
+    // ---------------------------------------------------------------- activations
+
+    fn act_fwd(&self, kind: Activation, out: &Tensor<Self>, inp: &Tensor<Self>);
+    fn act_bwd(&self, kind: Activation, dinp: &Tensor<Self>, dout: &Tensor<Self>, inp: &Tensor<Self>);
+
+    // ---------------------------------------------------------------- attention
+
+    /// Elements of the per-layer state the attention forward saves for its backward
+    /// (the CPU keeps the probabilities, `b*h*t*t`; a flash kernel keeps `b*h*t` log-sum-exps).
+    fn attention_saved_len(&self, b: usize, t: usize, h: usize) -> usize;
+    /// Multi-head attention on packed projections: `qkv[b, t, 3*h*hd]` holds q, k and v (each
+    /// `[h, hd]` per token, in that order), `out[b, t, h*hd]`; scores scaled by `hd^-0.5`,
+    /// softmax in f32 with the row maximum subtracted, optionally causal.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd(
+        &self,
+        out: &Tensor<Self>,
+        saved: &Tensor<Self>,
+        qkv: &Tensor<Self>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hd: usize,
+        causal: bool,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dqkv: &Tensor<Self>,
+        dout: &Tensor<Self>,
+        qkv: &Tensor<Self>,
+        out: &Tensor<Self>,
+        saved: &Tensor<Self>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hd: usize,
+        causal: bool,
+    );
+
+    // ---------------------------------------------------------------- embeddings and pooling
+
+    /// Patch extraction for a convolution with stride = kernel = `p`:
+    /// `cols[b, (img/p)^2, 3*p*p]` from `pixels[b, 3, img, img]`, columns ordered
+    /// (channel, row, col) to match a `[hidden, 3, p, p]` weight read as `[hidden, 3*p*p]`.
+    fn im2col(&self, cols: &Tensor<Self>, pixels: &Tensor<Self>, b: usize, img: usize, p: usize);
+    /// `out[b, 0] = cls + pos[0]`, `out[b, 1 + i] = patches[b, i] + pos[1 + i]`.
+    #[allow(clippy::too_many_arguments)]
+    fn vision_embed_fwd(
+        &self,
+        out: &Tensor<Self>,
+        patches: &Tensor<Self>,
+        cls: &Tensor<Self>,
+        pos: &Tensor<Self>,
+        b: usize,
+        np: usize,
+        d: usize,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn vision_embed_bwd(
+        &self,
+        dpatches: Option<&Tensor<Self>>,
+        dcls: Option<&Tensor<Self>>,
+        dpos: Option<&Tensor<Self>>,
+        dout: &Tensor<Self>,
+        b: usize,
+        np: usize,
+        d: usize,
+    );
+    /// `out[b, t] = wte[ids[b, t]] + wpe[t]` (`ids` is an `I32` tensor).
+    #[allow(clippy::too_many_arguments)]
+    fn token_embed_fwd(
+        &self,
+        out: &Tensor<Self>,
+        ids: &Tensor<Self>,
+        wte: &Tensor<Self>,
+        wpe: &Tensor<Self>,
+        b: usize,
+        t: usize,
+        d: usize,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn token_embed_bwd(
+        &self,
+        dwte: Option<&Tensor<Self>>,
+        dwpe: Option<&Tensor<Self>>,
+        dout: &Tensor<Self>,
+        ids: &Tensor<Self>,
+        b: usize,
+        t: usize,
+        d: usize,
+    );
+    /// `out[i] = inp[i, index[i]]` for `b` sequences of `t` rows of `d` (`index` is `I32`):
+    /// class-token pooling (index 0) and end-of-text pooling.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_rows(&self, out: &Tensor<Self>, inp: &Tensor<Self>, index: &Tensor<Self>, b: usize, t: usize, d: usize);
+    #[allow(clippy::too_many_arguments)]
+    fn gather_rows_bwd(&self, dinp: &Tensor<Self>, dout: &Tensor<Self>, index: &Tensor<Self>, b: usize, t: usize, d: usize);
+
+    // ---------------------------------------------------------------- the contrastive loss
+
+    /// This rank's share of the symmetric InfoNCE loss, without materialising the
+    /// `local x global` similarity matrix. With `s = exp(logit_scale[0])`:
+    /// `loss[0] = ( sum_i lse_j(s img_i . TXT_j) - s img_i . TXT_{off+i}
+    ///            + sum_i lse_j(s txt_i . IMG_j) - s txt_i . IMG_{off+i} ) / (2 * global)`,
+    /// so the global loss is the sum over ranks. Saves the row log-sum-exps `lse_img[local]`
+    /// (image rows against text columns) and `lse_txt[local]`.
+    #[allow(clippy::too_many_arguments)]
+    fn infonce_fwd(
+        &self,
+        loss: &Tensor<Self>,
+        lse_img: &Tensor<Self>,
+        lse_txt: &Tensor<Self>,
+        img: &Tensor<Self>,
+        txt: &Tensor<Self>,
+        all_img: &Tensor<Self>,
+        all_txt: &Tensor<Self>,
+        logit_scale: &Tensor<Self>,
+        dims: InfoNceDims,
+    );
+    /// Gradients of `dloss * loss` (recomputing the similarity tiles from the saved
+    /// log-sum-exps): into the local rows (`d_img`, `d_txt`: the row terms only), into the
+    /// gathered columns (`d_all_img`, `d_all_txt`, which the runtime reduce-scatters back to
+    /// their owners) and into `d_logit_scale[0]`.
+    #[allow(clippy::too_many_arguments)]
+    fn infonce_bwd(
+        &self,
+        d_img: &Tensor<Self>,
+        d_txt: &Tensor<Self>,
+        d_all_img: &Tensor<Self>,
+        d_all_txt: &Tensor<Self>,
+        d_logit_scale: Option<&Tensor<Self>>,
+        dloss: f32,
+        img: &Tensor<Self>,
+        txt: &Tensor<Self>,
+        all_img: &Tensor<Self>,
+        all_txt: &Tensor<Self>,
+        logit_scale: &Tensor<Self>,
+        lse_img: &Tensor<Self>,
+        lse_txt: &Tensor<Self>,
+        dims: InfoNceDims,
+    );
+
+    // ---------------------------------------------------------------- optimiser
+
+    /// One AdamW update of `param` in place (moments `m`, `v` updated too):
+    /// `param -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * param)`.
+    fn adamw(&self, param: &Tensor<Self>, grad: &Tensor<Self>, m: &Tensor<Self>, v: &Tensor<Self>, hp: AdamWStep);
+}

@@ -1,0 +1,464 @@
+//! The CPU backend: f32 throughout, `gemm` for matrix products, rayon for the rest.
+//!
+//! Ops run synchronously on the calling thread (parallel inside), so "enqueued in order"
+//! holds trivially. Each op lives in a module of slice functions (`linear`, `attention`, ...)
+//! that is also the reference the CUDA kernels are tested against; this file only maps
+//! tensor handles to slices and checks lengths and aliasing.
+
+pub mod act;
+pub mod adamw;
+pub mod attention;
+pub mod elementwise;
+pub mod embed;
+pub mod infonce;
+pub mod layernorm;
+pub mod linear;
+pub mod l2norm;
+
+use std::cell::UnsafeCell;
+use std::sync::Arc;
+
+use anyhow::{ensure, Result};
+
+use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
+use crate::tensor::Tensor;
+
+/// Host memory of one CPU buffer. Access goes through raw slices handed out by the
+/// backend, which checks that an op's outputs never overlap its inputs.
+pub enum CpuStorage {
+    F32(UnsafeCell<Vec<f32>>),
+    I32(UnsafeCell<Vec<i32>>),
+}
+
+// SAFETY: the backend runs ops one at a time and never hands out a mutable slice that
+// overlaps another slice of the same op (checked in `outputs`); the rayon workers inside an
+// op write disjoint chunks.
+unsafe impl Sync for CpuStorage {}
+unsafe impl Send for CpuStorage {}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+type T = Tensor<Cpu>;
+
+fn f32s(t: &T) -> &[f32] {
+    match &**t.storage() {
+        // SAFETY: see `CpuStorage`; outputs of the running op are checked disjoint from `t`.
+        CpuStorage::F32(v) => unsafe { &(&*v.get())[t.offset()..t.offset() + t.len()] },
+        CpuStorage::I32(_) => panic!("expected an f32 tensor, got i32"),
+    }
+}
+
+#[allow(clippy::mut_from_ref)]
+fn f32s_mut(t: &T) -> &mut [f32] {
+    match &**t.storage() {
+        // SAFETY: the caller checked with `outputs` that no other live slice overlaps `t`.
+        CpuStorage::F32(v) => unsafe { &mut (&mut *v.get())[t.offset()..t.offset() + t.len()] },
+        CpuStorage::I32(_) => panic!("expected an f32 tensor, got i32"),
+    }
+}
+
+fn i32s(t: &T) -> &[i32] {
+    match &**t.storage() {
+        // SAFETY: as `f32s`.
+        CpuStorage::I32(v) => unsafe { &(&*v.get())[t.offset()..t.offset() + t.len()] },
+        CpuStorage::F32(_) => panic!("expected an i32 tensor, got f32"),
+    }
+}
+
+/// Asserts that no output overlaps an input or another output.
+fn outputs(outs: &[&T], ins: &[&T]) {
+    for (i, o) in outs.iter().enumerate() {
+        for x in ins {
+            assert!(!o.overlaps(x), "op output {o:?} overlaps input {x:?}");
+        }
+        for o2 in &outs[i + 1..] {
+            assert!(!o.overlaps(o2), "op outputs {o:?} and {o2:?} overlap");
+        }
+    }
+}
+
+fn check_len(what: &str, t: &T, want: usize) {
+    assert_eq!(t.len(), want, "{what}: tensor of {} elements where the shape needs {want}", t.len());
+}
+
+fn opt_mut(t: Option<&T>) -> Option<&mut [f32]> {
+    t.map(f32s_mut)
+}
+
+impl Backend for Cpu {
+    type Storage = CpuStorage;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn alloc(&self, len: usize, dtype: DType) -> Result<T> {
+        let storage = match dtype {
+            DType::F32 | DType::Bf16 => CpuStorage::F32(UnsafeCell::new(vec![0.0; len])),
+            DType::I32 => CpuStorage::I32(UnsafeCell::new(vec![0; len])),
+        };
+        // The CPU computes in f32 whatever storage was asked for.
+        let dtype = if dtype == DType::Bf16 { DType::F32 } else { dtype };
+        Ok(Tensor::from_storage(Arc::new(storage), len, dtype))
+    }
+
+    fn upload_f32(&self, dst: &T, src: &[f32]) -> Result<()> {
+        ensure!(dst.len() == src.len(), "upload of {} values into a tensor of {}", src.len(), dst.len());
+        f32s_mut(dst).copy_from_slice(src);
+        Ok(())
+    }
+
+    fn upload_i32(&self, dst: &T, src: &[i32]) -> Result<()> {
+        ensure!(dst.len() == src.len(), "upload of {} ids into a tensor of {}", src.len(), dst.len());
+        match &**dst.storage() {
+            // SAFETY: no op is running (ops are synchronous on this thread).
+            CpuStorage::I32(v) => unsafe {
+                (&mut *v.get())[dst.offset()..dst.offset() + dst.len()].copy_from_slice(src)
+            },
+            CpuStorage::F32(_) => anyhow::bail!("upload_i32 into an f32 tensor"),
+        }
+        Ok(())
+    }
+
+    fn download_f32(&self, src: &T, dst: &mut [f32]) -> Result<()> {
+        ensure!(dst.len() == src.len(), "download of a tensor of {} into {} values", src.len(), dst.len());
+        dst.copy_from_slice(f32s(src));
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn fill(&self, t: &T, value: f32) {
+        elementwise::fill(f32s_mut(t), value);
+    }
+
+    fn copy(&self, dst: &T, src: &T) {
+        outputs(&[dst], &[src]);
+        check_len("copy", dst, src.len());
+        elementwise::copy(f32s_mut(dst), f32s(src));
+    }
+
+    fn add(&self, out: &T, a: &T, b: &T) {
+        check_len("add a", a, out.len());
+        check_len("add b", b, out.len());
+        if out.overlaps(a) {
+            assert!(out.offset() == a.offset(), "add: out partially overlaps a");
+            outputs(&[out], &[b]);
+            elementwise::accumulate(f32s_mut(out), f32s(b));
+        } else {
+            outputs(&[out], &[a, b]);
+            elementwise::add(f32s_mut(out), f32s(a), f32s(b));
+        }
+    }
+
+    fn accumulate(&self, acc: &T, x: &T) {
+        outputs(&[acc], &[x]);
+        check_len("accumulate", x, acc.len());
+        elementwise::accumulate(f32s_mut(acc), f32s(x));
+    }
+
+    fn scale(&self, t: &T, s: f32) {
+        elementwise::scale(f32s_mut(t), s);
+    }
+
+    fn sum_squares(&self, out: &T, t: &T) {
+        outputs(&[out], &[t]);
+        f32s_mut(out)[0] += elementwise::sum_squares(f32s(t)) as f32;
+    }
+
+    fn clamp_max(&self, t: &T, max: f32) {
+        for x in f32s_mut(t) {
+            *x = x.min(max);
+        }
+    }
+
+    fn linear_fwd(&self, out: &T, inp: &T, w: &T, bias: Option<&T>, n: usize, c: usize, oc: usize) {
+        check_len("linear inp", inp, n * c);
+        check_len("linear w", w, oc * c);
+        check_len("linear out", out, n * oc);
+        if let Some(b) = bias {
+            check_len("linear bias", b, oc);
+            outputs(&[out], &[inp, w, b]);
+        } else {
+            outputs(&[out], &[inp, w]);
+        }
+        linear::fwd(f32s_mut(out), f32s(inp), f32s(w), bias.map(f32s), n, c, oc);
+    }
+
+    fn linear_bwd(
+        &self,
+        dinp: Option<&T>,
+        dw: Option<&T>,
+        dbias: Option<&T>,
+        dout: &T,
+        inp: &T,
+        w: &T,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) {
+        check_len("linear dout", dout, n * oc);
+        check_len("linear inp", inp, n * c);
+        check_len("linear w", w, oc * c);
+        dinp.inspect(|t| check_len("linear dinp", t, n * c));
+        dw.inspect(|t| check_len("linear dw", t, oc * c));
+        dbias.inspect(|t| check_len("linear dbias", t, oc));
+        let outs: Vec<&T> = [dinp, dw, dbias].into_iter().flatten().collect();
+        outputs(&outs, &[dout, inp, w]);
+        linear::bwd(opt_mut(dinp), opt_mut(dw), opt_mut(dbias), f32s(dout), f32s(inp), f32s(w), n, c, oc);
+    }
+
+    fn layernorm_fwd(&self, out: &T, mean: &T, rstd: &T, inp: &T, gamma: &T, beta: &T, n: usize, c: usize, eps: f32) {
+        check_len("layernorm inp", inp, n * c);
+        check_len("layernorm out", out, n * c);
+        check_len("layernorm mean", mean, n);
+        check_len("layernorm rstd", rstd, n);
+        check_len("layernorm gamma", gamma, c);
+        check_len("layernorm beta", beta, c);
+        outputs(&[out, mean, rstd], &[inp, gamma, beta]);
+        layernorm::fwd(f32s_mut(out), f32s_mut(mean), f32s_mut(rstd), f32s(inp), f32s(gamma), f32s(beta), n, c, eps);
+    }
+
+    fn layernorm_bwd(
+        &self,
+        dinp: &T,
+        dgamma: Option<&T>,
+        dbeta: Option<&T>,
+        dout: &T,
+        inp: &T,
+        gamma: &T,
+        mean: &T,
+        rstd: &T,
+        n: usize,
+        c: usize,
+    ) {
+        check_len("layernorm dinp", dinp, n * c);
+        check_len("layernorm dout", dout, n * c);
+        check_len("layernorm inp", inp, n * c);
+        dgamma.inspect(|t| check_len("layernorm dgamma", t, c));
+        dbeta.inspect(|t| check_len("layernorm dbeta", t, c));
+        let outs: Vec<&T> = [Some(dinp), dgamma, dbeta].into_iter().flatten().collect();
+        outputs(&outs, &[dout, inp, gamma, mean, rstd]);
+        layernorm::bwd(
+            f32s_mut(dinp),
+            opt_mut(dgamma),
+            opt_mut(dbeta),
+            f32s(dout),
+            f32s(inp),
+            f32s(gamma),
+            f32s(mean),
+            f32s(rstd),
+            n,
+            c,
+        );
+    }
+
+    fn l2norm_fwd(&self, out: &T, norm: &T, inp: &T, n: usize, d: usize) {
+        check_len("l2norm inp", inp, n * d);
+        check_len("l2norm out", out, n * d);
+        check_len("l2norm norm", norm, n);
+        outputs(&[out, norm], &[inp]);
+        l2norm::fwd(f32s_mut(out), f32s_mut(norm), f32s(inp), n, d);
+    }
+
+    fn l2norm_bwd(&self, dinp: &T, dout: &T, out: &T, norm: &T, n: usize, d: usize) {
+        check_len("l2norm dinp", dinp, n * d);
+        check_len("l2norm dout", dout, n * d);
+        outputs(&[dinp], &[dout, out, norm]);
+        l2norm::bwd(f32s_mut(dinp), f32s(dout), f32s(out), f32s(norm), n, d);
+    }
+
+    fn act_fwd(&self, kind: Activation, out: &T, inp: &T) {
+        check_len("activation out", out, inp.len());
+        outputs(&[out], &[inp]);
+        act::fwd(kind, f32s_mut(out), f32s(inp));
+    }
+
+    fn act_bwd(&self, kind: Activation, dinp: &T, dout: &T, inp: &T) {
+        check_len("activation dinp", dinp, inp.len());
+        check_len("activation dout", dout, inp.len());
+        outputs(&[dinp], &[dout, inp]);
+        act::bwd(kind, f32s_mut(dinp), f32s(dout), f32s(inp));
+    }
+
+    fn attention_saved_len(&self, b: usize, t: usize, h: usize) -> usize {
+        b * h * t * t
+    }
+
+    fn attention_fwd(&self, out: &T, saved: &T, qkv: &T, b: usize, t: usize, h: usize, hd: usize, causal: bool) {
+        check_len("attention qkv", qkv, b * t * 3 * h * hd);
+        check_len("attention out", out, b * t * h * hd);
+        check_len("attention saved", saved, self.attention_saved_len(b, t, h));
+        outputs(&[out, saved], &[qkv]);
+        attention::fwd(f32s_mut(out), f32s_mut(saved), f32s(qkv), b, t, h, hd, causal);
+    }
+
+    fn attention_bwd(
+        &self,
+        dqkv: &T,
+        dout: &T,
+        qkv: &T,
+        out: &T,
+        saved: &T,
+        b: usize,
+        t: usize,
+        h: usize,
+        hd: usize,
+        causal: bool,
+    ) {
+        check_len("attention dqkv", dqkv, b * t * 3 * h * hd);
+        check_len("attention dout", dout, b * t * h * hd);
+        outputs(&[dqkv], &[dout, qkv, out, saved]);
+        attention::bwd(f32s_mut(dqkv), f32s(dout), f32s(qkv), f32s(out), f32s(saved), b, t, h, hd, causal);
+    }
+
+    fn im2col(&self, cols: &T, pixels: &T, b: usize, img: usize, p: usize) {
+        assert!(img % p == 0, "image size {img} is not a multiple of the patch size {p}");
+        check_len("im2col pixels", pixels, b * 3 * img * img);
+        check_len("im2col cols", cols, b * 3 * img * img);
+        outputs(&[cols], &[pixels]);
+        embed::im2col(f32s_mut(cols), f32s(pixels), b, img, p);
+    }
+
+    fn vision_embed_fwd(&self, out: &T, patches: &T, cls: &T, pos: &T, b: usize, np: usize, d: usize) {
+        check_len("vision embed out", out, b * (np + 1) * d);
+        check_len("vision embed patches", patches, b * np * d);
+        check_len("vision embed cls", cls, d);
+        check_len("vision embed pos", pos, (np + 1) * d);
+        outputs(&[out], &[patches, cls, pos]);
+        embed::vision_fwd(f32s_mut(out), f32s(patches), f32s(cls), f32s(pos), b, np, d);
+    }
+
+    fn vision_embed_bwd(&self, dpatches: Option<&T>, dcls: Option<&T>, dpos: Option<&T>, dout: &T, b: usize, np: usize, d: usize) {
+        check_len("vision embed dout", dout, b * (np + 1) * d);
+        dpatches.inspect(|t| check_len("vision embed dpatches", t, b * np * d));
+        dcls.inspect(|t| check_len("vision embed dcls", t, d));
+        dpos.inspect(|t| check_len("vision embed dpos", t, (np + 1) * d));
+        let outs: Vec<&T> = [dpatches, dcls, dpos].into_iter().flatten().collect();
+        outputs(&outs, &[dout]);
+        embed::vision_bwd(opt_mut(dpatches), opt_mut(dcls), opt_mut(dpos), f32s(dout), b, np, d);
+    }
+
+    fn token_embed_fwd(&self, out: &T, ids: &T, wte: &T, wpe: &T, b: usize, t: usize, d: usize) {
+        check_len("token embed out", out, b * t * d);
+        check_len("token embed ids", ids, b * t);
+        assert!(wpe.len() >= t * d, "position embedding has fewer than {t} rows");
+        outputs(&[out], &[wte, wpe]);
+        embed::token_fwd(f32s_mut(out), i32s(ids), f32s(wte), f32s(wpe), b, t, d);
+    }
+
+    fn token_embed_bwd(&self, dwte: Option<&T>, dwpe: Option<&T>, dout: &T, ids: &T, b: usize, t: usize, d: usize) {
+        check_len("token embed dout", dout, b * t * d);
+        check_len("token embed ids", ids, b * t);
+        let outs: Vec<&T> = [dwte, dwpe].into_iter().flatten().collect();
+        outputs(&outs, &[dout]);
+        embed::token_bwd(opt_mut(dwte), opt_mut(dwpe), f32s(dout), i32s(ids), b, t, d);
+    }
+
+    fn gather_rows(&self, out: &T, inp: &T, index: &T, b: usize, t: usize, d: usize) {
+        check_len("gather out", out, b * d);
+        check_len("gather inp", inp, b * t * d);
+        check_len("gather index", index, b);
+        outputs(&[out], &[inp]);
+        embed::gather_rows(f32s_mut(out), f32s(inp), i32s(index), b, t, d);
+    }
+
+    fn gather_rows_bwd(&self, dinp: &T, dout: &T, index: &T, b: usize, t: usize, d: usize) {
+        check_len("gather dinp", dinp, b * t * d);
+        check_len("gather dout", dout, b * d);
+        outputs(&[dinp], &[dout]);
+        embed::gather_rows_bwd(f32s_mut(dinp), f32s(dout), i32s(index), b, t, d);
+    }
+
+    fn infonce_fwd(
+        &self,
+        loss: &T,
+        lse_img: &T,
+        lse_txt: &T,
+        img: &T,
+        txt: &T,
+        all_img: &T,
+        all_txt: &T,
+        logit_scale: &T,
+        dims: InfoNceDims,
+    ) {
+        check_infonce(&dims, img, txt, all_img, all_txt);
+        check_len("infonce loss", loss, 1);
+        check_len("infonce lse_img", lse_img, dims.local);
+        check_len("infonce lse_txt", lse_txt, dims.local);
+        outputs(&[loss, lse_img, lse_txt], &[img, txt, all_img, all_txt, logit_scale]);
+        let l = infonce::fwd(
+            f32s_mut(lse_img),
+            f32s_mut(lse_txt),
+            f32s(img),
+            f32s(txt),
+            f32s(all_img),
+            f32s(all_txt),
+            f32s(logit_scale)[0],
+            dims,
+        );
+        f32s_mut(loss)[0] = l;
+    }
+
+    fn infonce_bwd(
+        &self,
+        d_img: &T,
+        d_txt: &T,
+        d_all_img: &T,
+        d_all_txt: &T,
+        d_logit_scale: Option<&T>,
+        dloss: f32,
+        img: &T,
+        txt: &T,
+        all_img: &T,
+        all_txt: &T,
+        logit_scale: &T,
+        lse_img: &T,
+        lse_txt: &T,
+        dims: InfoNceDims,
+    ) {
+        check_infonce(&dims, img, txt, all_img, all_txt);
+        check_infonce(&dims, d_img, d_txt, d_all_img, d_all_txt);
+        let mut outs = vec![d_img, d_txt, d_all_img, d_all_txt];
+        outs.extend(d_logit_scale);
+        outputs(&outs, &[img, txt, all_img, all_txt, logit_scale, lse_img, lse_txt]);
+        let d_scale = infonce::bwd(
+            f32s_mut(d_img),
+            f32s_mut(d_txt),
+            f32s_mut(d_all_img),
+            f32s_mut(d_all_txt),
+            dloss,
+            f32s(img),
+            f32s(txt),
+            f32s(all_img),
+            f32s(all_txt),
+            f32s(logit_scale)[0],
+            f32s(lse_img),
+            f32s(lse_txt),
+            dims,
+        );
+        if let Some(t) = d_logit_scale {
+            f32s_mut(t)[0] += d_scale;
+        }
+    }
+
+    fn adamw(&self, param: &T, grad: &T, m: &T, v: &T, hp: AdamWStep) {
+        let n = param.len();
+        check_len("adamw grad", grad, n);
+        check_len("adamw m", m, n);
+        check_len("adamw v", v, n);
+        outputs(&[param, m, v], &[grad]);
+        adamw::step(f32s_mut(param), f32s(grad), f32s_mut(m), f32s_mut(v), hp);
+    }
+}
+
+fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T) {
+    assert!(dims.offset + dims.local <= dims.global, "infonce: local rows {}+{} beyond {} global", dims.offset, dims.local, dims.global);
+    check_len("infonce img", img, dims.local * dims.dim);
+    check_len("infonce txt", txt, dims.local * dims.dim);
+    check_len("infonce all_img", all_img, dims.global * dims.dim);
+    check_len("infonce all_txt", all_txt, dims.global * dims.dim);
+}
