@@ -256,7 +256,15 @@ pub trait Backend: Sized + 'static {
     #[allow(clippy::too_many_arguments)]
     fn gather_rows(&self, out: &Tensor<Self>, inp: &Tensor<Self>, index: &Tensor<Self>, b: usize, t: usize, d: usize);
     #[allow(clippy::too_many_arguments)]
-    fn gather_rows_bwd(&self, dinp: &Tensor<Self>, dout: &Tensor<Self>, index: &Tensor<Self>, b: usize, t: usize, d: usize);
+    fn gather_rows_bwd(
+        &self,
+        dinp: &Tensor<Self>,
+        dout: &Tensor<Self>,
+        index: &Tensor<Self>,
+        b: usize,
+        t: usize,
+        d: usize,
+    );
 
     // ---------------------------------------------------------------- the contrastive loss
 

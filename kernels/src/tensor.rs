@@ -48,12 +48,7 @@ impl<B: Backend> Tensor<B> {
     }
     /// A view of `len` elements starting at `offset` within this tensor.
     pub fn slice(&self, offset: usize, len: usize) -> Self {
-        assert!(
-            offset + len <= self.len,
-            "slice {offset}..{} out of a tensor of {} elements",
-            offset + len,
-            self.len
-        );
+        assert!(offset + len <= self.len, "slice {offset}..{} out of a tensor of {} elements", offset + len, self.len);
         Self { storage: Arc::clone(&self.storage), offset: self.offset + offset, len, dtype: self.dtype }
     }
     /// Whether two tensors share storage and their element ranges intersect.

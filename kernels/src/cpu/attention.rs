@@ -7,6 +7,17 @@ pub fn fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], b: usize, t: usize, 
 }
 
 /// Accumulates into `dqkv`.
-pub fn bwd(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], probs: &[f32], b: usize, t: usize, h: usize, hd: usize, causal: bool) {
+pub fn bwd(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    out: &[f32],
+    probs: &[f32],
+    b: usize,
+    t: usize,
+    h: usize,
+    hd: usize,
+    causal: bool,
+) {
     todo!()
 }

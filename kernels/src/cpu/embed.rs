@@ -9,7 +9,15 @@ pub fn vision_fwd(out: &mut [f32], patches: &[f32], cls: &[f32], pos: &[f32], b:
     todo!()
 }
 
-pub fn vision_bwd(dpatches: Option<&mut [f32]>, dcls: Option<&mut [f32]>, dpos: Option<&mut [f32]>, dout: &[f32], b: usize, np: usize, d: usize) {
+pub fn vision_bwd(
+    dpatches: Option<&mut [f32]>,
+    dcls: Option<&mut [f32]>,
+    dpos: Option<&mut [f32]>,
+    dout: &[f32],
+    b: usize,
+    np: usize,
+    d: usize,
+) {
     todo!()
 }
 
@@ -18,7 +26,15 @@ pub fn token_fwd(out: &mut [f32], ids: &[i32], wte: &[f32], wpe: &[f32], b: usiz
     todo!()
 }
 
-pub fn token_bwd(dwte: Option<&mut [f32]>, dwpe: Option<&mut [f32]>, dout: &[f32], ids: &[i32], b: usize, t: usize, d: usize) {
+pub fn token_bwd(
+    dwte: Option<&mut [f32]>,
+    dwpe: Option<&mut [f32]>,
+    dout: &[f32],
+    ids: &[i32],
+    b: usize,
+    t: usize,
+    d: usize,
+) {
     todo!()
 }
 

@@ -4,7 +4,16 @@
 use crate::backend::InfoNceDims;
 
 /// Returns this rank's loss share; writes the row log-sum-exps.
-pub fn fwd(lse_img: &mut [f32], lse_txt: &mut [f32], img: &[f32], txt: &[f32], all_img: &[f32], all_txt: &[f32], logit_scale: f32, dims: InfoNceDims) -> f32 {
+pub fn fwd(
+    lse_img: &mut [f32],
+    lse_txt: &mut [f32],
+    img: &[f32],
+    txt: &[f32],
+    all_img: &[f32],
+    all_txt: &[f32],
+    logit_scale: f32,
+    dims: InfoNceDims,
+) -> f32 {
     todo!()
 }
 

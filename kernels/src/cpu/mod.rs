@@ -11,9 +11,9 @@ pub mod attention;
 pub mod elementwise;
 pub mod embed;
 pub mod infonce;
+pub mod l2norm;
 pub mod layernorm;
 pub mod linear;
-pub mod l2norm;
 
 use std::cell::UnsafeCell;
 use std::sync::Arc;
@@ -332,7 +332,16 @@ impl Backend for Cpu {
         embed::vision_fwd(f32s_mut(out), f32s(patches), f32s(cls), f32s(pos), b, np, d);
     }
 
-    fn vision_embed_bwd(&self, dpatches: Option<&T>, dcls: Option<&T>, dpos: Option<&T>, dout: &T, b: usize, np: usize, d: usize) {
+    fn vision_embed_bwd(
+        &self,
+        dpatches: Option<&T>,
+        dcls: Option<&T>,
+        dpos: Option<&T>,
+        dout: &T,
+        b: usize,
+        np: usize,
+        d: usize,
+    ) {
         check_len("vision embed dout", dout, b * (np + 1) * d);
         dpatches.inspect(|t| check_len("vision embed dpatches", t, b * np * d));
         dcls.inspect(|t| check_len("vision embed dcls", t, d));
@@ -456,7 +465,13 @@ impl Backend for Cpu {
 }
 
 fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T) {
-    assert!(dims.offset + dims.local <= dims.global, "infonce: local rows {}+{} beyond {} global", dims.offset, dims.local, dims.global);
+    assert!(
+        dims.offset + dims.local <= dims.global,
+        "infonce: local rows {}+{} beyond {} global",
+        dims.offset,
+        dims.local,
+        dims.global
+    );
     check_len("infonce img", img, dims.local * dims.dim);
     check_len("infonce txt", txt, dims.local * dims.dim);
     check_len("infonce all_img", all_img, dims.global * dims.dim);
