@@ -1,1 +1,301 @@
+//! The model configuration in the Hugging Face `CLIPConfig` shape (`config.json`).
+//!
+//! Keys we do not model are kept (`extra`) and written back, so a configuration read from a
+//! Hugging Face folder round-trips. Missing keys take `transformers`' defaults.
 
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use kernels::Activation;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+fn default_init_factor() -> f64 {
+    1.0
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TextConfig {
+    #[serde(default = "TextConfig::default_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "TextConfig::default_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "TextConfig::default_intermediate")]
+    pub intermediate_size: usize,
+    #[serde(default = "TextConfig::default_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "TextConfig::default_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "TextConfig::default_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "TextConfig::default_bos")]
+    pub bos_token_id: i64,
+    #[serde(default = "TextConfig::default_eos")]
+    pub eos_token_id: i64,
+    #[serde(default = "TextConfig::default_pad")]
+    pub pad_token_id: i64,
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+    #[serde(default = "default_init_factor")]
+    pub initializer_factor: f64,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl TextConfig {
+    fn default_vocab() -> usize {
+        49408
+    }
+    fn default_hidden() -> usize {
+        512
+    }
+    fn default_intermediate() -> usize {
+        2048
+    }
+    fn default_layers() -> usize {
+        12
+    }
+    fn default_heads() -> usize {
+        8
+    }
+    fn default_positions() -> usize {
+        77
+    }
+    fn default_bos() -> i64 {
+        49406
+    }
+    fn default_eos() -> i64 {
+        49407
+    }
+    fn default_pad() -> i64 {
+        1
+    }
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        serde_json::from_value(Value::Object(Map::new())).expect("defaults")
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VisionConfig {
+    #[serde(default = "VisionConfig::default_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "VisionConfig::default_intermediate")]
+    pub intermediate_size: usize,
+    #[serde(default = "VisionConfig::default_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "VisionConfig::default_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "VisionConfig::default_channels")]
+    pub num_channels: usize,
+    #[serde(default = "VisionConfig::default_image")]
+    pub image_size: usize,
+    #[serde(default = "VisionConfig::default_patch")]
+    pub patch_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+    #[serde(default = "default_init_factor")]
+    pub initializer_factor: f64,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl VisionConfig {
+    fn default_hidden() -> usize {
+        768
+    }
+    fn default_intermediate() -> usize {
+        3072
+    }
+    fn default_layers() -> usize {
+        12
+    }
+    fn default_heads() -> usize {
+        12
+    }
+    fn default_channels() -> usize {
+        3
+    }
+    fn default_image() -> usize {
+        224
+    }
+    fn default_patch() -> usize {
+        32
+    }
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+    /// Tokens per image: the patches and the class token.
+    pub fn seq_len(&self) -> usize {
+        self.num_patches() + 1
+    }
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        serde_json::from_value(Value::Object(Map::new())).expect("defaults")
+    }
+}
+
+fn default_projection() -> usize {
+    512
+}
+fn default_logit_scale() -> f64 {
+    2.6592
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClipConfig {
+    #[serde(default)]
+    pub text_config: TextConfig,
+    #[serde(default)]
+    pub vision_config: VisionConfig,
+    #[serde(default = "default_projection")]
+    pub projection_dim: usize,
+    #[serde(default = "default_logit_scale")]
+    pub logit_scale_init_value: f64,
+    /// Width of the bottleneck adapters after every block of both towers (cxrclip's
+    /// extension; `transformers` ignores the key and the adapter tensors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_dim: Option<usize>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Parses a `hidden_act` string.
+pub fn activation(name: &str) -> Result<Activation> {
+    match name {
+        "quick_gelu" => Ok(Activation::QuickGelu),
+        "gelu" => Ok(Activation::Gelu),
+        other => bail!("hidden_act {other:?} is not supported (quick_gelu or gelu)"),
+    }
+}
+
+impl ClipConfig {
+    /// A small configuration for tests and benches: the same width, depth and heads in both
+    /// towers, context 77, the real vocabulary.
+    pub fn small(image: usize, patch: usize, width: usize, layers: usize, heads: usize) -> Self {
+        let mut c: ClipConfig = serde_json::from_value(Value::Object(Map::new())).expect("defaults");
+        c.projection_dim = width;
+        let v = &mut c.vision_config;
+        v.image_size = image;
+        v.patch_size = patch;
+        v.hidden_size = width;
+        v.intermediate_size = 4 * width;
+        v.num_hidden_layers = layers;
+        v.num_attention_heads = heads;
+        let t = &mut c.text_config;
+        t.hidden_size = width;
+        t.intermediate_size = 4 * width;
+        t.num_hidden_layers = layers;
+        t.num_attention_heads = heads;
+        c
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut raw: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        // Configurations written by older transformers keep the tower settings under
+        // `*_config_dict`; newer ones under `*_config`. Prefer the latter, fall back.
+        if let Value::Object(map) = &mut raw {
+            for tower in ["text", "vision"] {
+                let key = format!("{tower}_config");
+                let legacy = format!("{tower}_config_dict");
+                if !map.contains_key(&key) {
+                    if let Some(v) = map.get(&legacy).cloned() {
+                        map.insert(key, v);
+                    }
+                }
+            }
+        }
+        let config: ClipConfig =
+            serde_json::from_value(raw).with_context(|| format!("{} is not a CLIPConfig", path.display()))?;
+        config.validate().with_context(|| format!("in {}", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        if let Value::Object(m) = &mut v {
+            m.entry("model_type").or_insert(Value::String("clip".into()));
+            m.entry("architectures").or_insert(serde_json::json!(["CLIPModel"]));
+        }
+        serde_json::to_string_pretty(&v).expect("config serialises")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let v = &self.vision_config;
+        let t = &self.text_config;
+        ensure!(v.num_channels == 3, "vision_config.num_channels is {}, only 3 is supported", v.num_channels);
+        ensure!(
+            v.patch_size > 0 && v.image_size % v.patch_size == 0,
+            "vision_config.image_size {} is not a multiple of patch_size {}",
+            v.image_size,
+            v.patch_size
+        );
+        for (tower, hidden, heads) in
+            [("vision", v.hidden_size, v.num_attention_heads), ("text", t.hidden_size, t.num_attention_heads)]
+        {
+            ensure!(
+                heads > 0 && hidden % heads == 0,
+                "{tower}_config.hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+            );
+        }
+        activation(&v.hidden_act).context("vision_config")?;
+        activation(&t.hidden_act).context("text_config")?;
+        ensure!(t.eos_token_id >= 0 && (t.eos_token_id as usize) < t.vocab_size, "text_config.eos_token_id outside the vocabulary");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_transformers() {
+        let c: ClipConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c.text_config.vocab_size, 49408);
+        assert_eq!(c.text_config.eos_token_id, 49407);
+        assert_eq!(c.vision_config.patch_size, 32);
+        assert_eq!(c.vision_config.seq_len(), 50);
+        assert_eq!(c.projection_dim, 512);
+    }
+
+    #[test]
+    fn unknown_keys_round_trip() {
+        let c: ClipConfig =
+            serde_json::from_str(r#"{"torch_dtype":"float32","text_config":{"dropout":0.0,"hidden_size":64}}"#).unwrap();
+        let back: Value = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(back["torch_dtype"], "float32");
+        assert_eq!(back["text_config"]["dropout"], 0.0);
+        assert_eq!(back["text_config"]["hidden_size"], 64);
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let mut c = ClipConfig::small(64, 7, 32, 1, 4);
+        assert!(c.validate().unwrap_err().to_string().contains("patch_size"));
+        c = ClipConfig::small(64, 8, 30, 1, 4);
+        assert!(c.validate().unwrap_err().to_string().contains("num_attention_heads"));
+    }
+}

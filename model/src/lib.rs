@@ -4,3 +4,14 @@
 
 pub mod config;
 pub mod tokenizer;
+pub mod checkpoint;
+pub mod clip;
+pub mod freeze;
+pub mod loss;
+pub mod optim;
+pub mod params;
+pub mod schedule;
+
+pub use clip::Clip;
+pub use config::ClipConfig;
+pub mod train_state;
