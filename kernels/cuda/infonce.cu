@@ -1,0 +1,326 @@
+// The distributed symmetric InfoNCE loss, fused: local rows x gathered columns in tiles on
+// the tensor cores (mma.sync m16n8k16, bf16 operands, f32 accumulation), an online
+// log-sum-exp, and only the row log-sum-exps saved. Memory is O((local + global) x dim)
+// plus small per-split partials; the local x global similarity matrix never exists.
+//
+// One kernel shape serves every pass: a block of 8 warps owns a tile of 64 "fixed" rows
+// (held in shared memory for the whole run) and streams 64-row tiles of the "streaming"
+// features past it. With s = exp(logit_scale) and logit(i, j) = s * x_i . y_j for local row i
+// and global column j:
+//   fwd       fixed = local rows,  streaming = a split of the global columns: partial (max, sum)
+//             of exp(logit) per row, in the log2 domain, and the positive logit (column off + i);
+//   bwd rows  fixed = local rows,  streaming = a split of the global columns:
+//             dX_i += s * sum_j G_ij Y_j (per-split partials, reduced in order afterwards)
+//             and the partial sums of G_ij * logit_ij for d logit_scale;
+//   bwd cols  fixed = global columns, streaming = all local rows: dY_j += s * sum_i G_ij X_i;
+// with G_ij = coef * (exp(logit_ij - lse_i) - [j == off + i]), coef = dloss / (2 * global).
+// The dimension must be a multiple of 64 and at most 512 (CLIP's projection widths).
+// Everything is deterministic: fixed tiles, fixed splits, reductions in a fixed order.
+
+#define FT 64     // fixed rows per block
+#define ST 64     // streaming rows per tile
+#define GPITCH 72
+#define LOG2E 1.4426950408889634f
+
+struct Smem {
+    bf16* f;    // [FT][pitch]
+    bf16* s;    // [ST][pitch]
+    bf16* g;    // [FT][GPITCH]
+    float* lse; // [ST]
+    float* red; // [4][FT]
+};
+
+__device__ __forceinline__ Smem carve(unsigned char* base, int pitch) {
+    Smem m;
+    m.f = (bf16*)base;
+    m.s = m.f + FT * pitch;
+    m.g = m.s + ST * pitch;
+    m.lse = (float*)(m.g + FT * GPITCH);
+    m.red = m.lse + ST;
+    return m;
+}
+
+// rows r0 .. r0+63 of src[n][dim] into dst[row][pitch] as bf16, zero past n.
+__device__ __forceinline__ void load_rows(bf16* dst, int pitch, const void* src, int sb, i64 r0, i64 n, int dim) {
+    for (int idx = threadIdx.x; idx < 64 * dim; idx += blockDim.x) {
+        int r = idx / dim, d = idx % dim;
+        float v = (r0 + r < n) ? ldf(src, sb, (r0 + r) * dim + d) : 0.f;
+        dst[r * pitch + d] = __float2bfloat16(v);
+    }
+}
+
+// Block = 256 threads. Grid (ceil(nf / 64), splits); split y streams rows
+// [y * chunk, min(ns, (y + 1) * chunk)), chunk a multiple of 64.
+template <int MODE>
+__device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, const void* sx, int sb, i64 ns, int dim,
+                                             i64 chunk, i64 off, const float* lse, const float* logit_scale, float coef,
+                                             float* part_m, float* part_l, float* pos, float* part_d, float* part_ds,
+                                             void* dout, int ob) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int pitch = dim + 8;
+    Smem sm = carve(smem_raw, pitch);
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2, q = lane & 3;
+    const int mt = warp & 3, nh = warp >> 2;
+    const i64 f0 = (i64)blockIdx.x * FT;
+    const i64 s_begin = (i64)blockIdx.y * chunk;
+    const i64 s_end = min(ns, s_begin + chunk);
+    const float s = expf(logit_scale[0]);
+
+    load_rows(sm.f, pitch, fx, fb, f0, nf, dim);
+    const i64 frow[2] = {f0 + mt * 16 + g, f0 + mt * 16 + g + 8};
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // fwd
+    float lrow[2] = {0.f, 0.f};                              // bwd rows: lse of the fixed rows (log2 domain)
+    if (MODE == 1) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) lrow[r] = frow[r] < nf ? lse[frow[r]] * LOG2E : INFINITY;
+    }
+    float ds = 0.f;
+    float acc[4][8][4];
+    if (MODE != 0) {
+#pragma unroll
+        for (int a = 0; a < 4; a++)
+#pragma unroll
+            for (int b = 0; b < 8; b++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[a][b][e] = 0.f;
+    }
+
+    for (i64 s0 = s_begin; s0 < s_end; s0 += ST) {
+        __syncthreads();
+        load_rows(sm.s, pitch, sx, sb, s0, s_end, dim);
+        if (MODE == 2) {
+            for (int i = threadIdx.x; i < ST; i += blockDim.x) sm.lse[i] = s0 + i < s_end ? lse[s0 + i] * LOG2E : INFINITY;
+        }
+        __syncthreads();
+        // S tile: this warp's 16 fixed rows x 32 streaming rows.
+        float st[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[nt][e] = 0.f;
+        for (int k = 0; k < dim; k += 16) {
+            unsigned a[4];
+            a[0] = lds32(&sm.f[(mt * 16 + g) * pitch + k + 2 * q]);
+            a[1] = lds32(&sm.f[(mt * 16 + g + 8) * pitch + k + 2 * q]);
+            a[2] = lds32(&sm.f[(mt * 16 + g) * pitch + k + 2 * q + 8]);
+            a[3] = lds32(&sm.f[(mt * 16 + g + 8) * pitch + k + 2 * q + 8]);
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const bf16* bp = &sm.s[(nh * 32 + nt * 8 + g) * pitch + k + 2 * q];
+                mma_bf16(st[nt], a, lds32(bp), lds32(bp + 8));
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >> 1;
+                const int sc = nh * 32 + nt * 8 + 2 * q + (e & 1);  // column within the tile
+                const i64 sj = s0 + sc;
+                const float logit = s * st[nt][e];
+                const bool live = sj < s_end && frow[r] < nf;
+                if (MODE == 0) {
+                    if (live) {
+                        float v = logit * LOG2E;
+                        if (v > m[r]) {
+                            l[r] = l[r] * exp2f(m[r] - v) + 1.f;
+                            m[r] = v;
+                        } else {
+                            l[r] += exp2f(v - m[r]);
+                        }
+                        if (sj == off + frow[r]) pos[frow[r]] = logit;
+                    }
+                } else {
+                    float gv = 0.f;
+                    if (live) {
+                        bool diag;
+                        float p;
+                        if (MODE == 1) {
+                            p = exp2f(logit * LOG2E - lrow[r]);
+                            diag = sj == off + frow[r];
+                        } else {
+                            p = exp2f(logit * LOG2E - sm.lse[sc]);
+                            diag = frow[r] == off + sj;
+                        }
+                        gv = coef * (p - (diag ? 1.f : 0.f));
+                        if (MODE == 1) ds += gv * logit;
+                    }
+                    st[nt][e] = gv;
+                }
+            }
+        if constexpr (MODE != 0) {
+        // G tile into shared memory as bf16: sm.g[fixed][streaming].
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            const int col = nh * 32 + nt * 8 + 2 * q;
+            *(unsigned*)&sm.g[(mt * 16 + g) * GPITCH + col] = pack_bf16(st[nt][0], st[nt][1]);
+            *(unsigned*)&sm.g[(mt * 16 + g + 8) * GPITCH + col] = pack_bf16(st[nt][2], st[nt][3]);
+        }
+        __syncthreads();
+        // acc[64 fixed x this warp's 64 dims] += G[64 x 64] . S_tile[64 x dims].
+        const int d0 = warp * 64;
+        if (d0 < dim) {
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                unsigned b[8][2];
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++) {
+                    const bf16* bp = &sm.s[(kk * 16 + 2 * q) * pitch + d0 + nt * 8 + g];
+                    b[nt][0] = lds_pair(bp, pitch);
+                    b[nt][1] = lds_pair(bp + 8 * pitch, pitch);
+                }
+#pragma unroll
+                for (int a_mt = 0; a_mt < 4; a_mt++) {
+                    unsigned a[4];
+                    a[0] = lds32(&sm.g[(a_mt * 16 + g) * GPITCH + kk * 16 + 2 * q]);
+                    a[1] = lds32(&sm.g[(a_mt * 16 + g + 8) * GPITCH + kk * 16 + 2 * q]);
+                    a[2] = lds32(&sm.g[(a_mt * 16 + g) * GPITCH + kk * 16 + 2 * q + 8]);
+                    a[3] = lds32(&sm.g[(a_mt * 16 + g + 8) * GPITCH + kk * 16 + 2 * q + 8]);
+#pragma unroll
+                    for (int nt = 0; nt < 8; nt++) mma_bf16(acc[a_mt][nt], a, b[nt][0], b[nt][1]);
+                }
+            }
+        }
+        }
+    }
+
+    if constexpr (MODE == 0) {
+        // Merge the (max, sum) pairs of the 4 lanes of a row, then of the two column halves.
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+#pragma unroll
+            for (int o = 1; o < 4; o <<= 1) {
+                float m2 = __shfl_xor_sync(0xffffffffu, m[r], o);
+                float l2 = __shfl_xor_sync(0xffffffffu, l[r], o);
+                float mn = fmaxf(m[r], m2);
+                if (mn != -INFINITY) {
+                    l[r] = l[r] * exp2f(m[r] - mn) + l2 * exp2f(m2 - mn);
+                    m[r] = mn;
+                }
+            }
+        }
+        __syncthreads();
+        if (q == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                int fr = mt * 16 + g + 8 * r;
+                sm.red[nh * FT + fr] = m[r];
+                sm.red[2 * FT + nh * FT + fr] = l[r];
+            }
+        }
+        __syncthreads();
+        for (int fr = threadIdx.x; fr < FT; fr += blockDim.x) {
+            if (f0 + fr >= nf) continue;
+            float ma = sm.red[fr], mb = sm.red[FT + fr];
+            float la = sm.red[2 * FT + fr], lb = sm.red[3 * FT + fr];
+            float mn = fmaxf(ma, mb);
+            float ln = 0.f;
+            if (mn != -INFINITY) ln = la * exp2f(ma - mn) + lb * exp2f(mb - mn);
+            part_m[(i64)blockIdx.y * nf + f0 + fr] = mn;
+            part_l[(i64)blockIdx.y * nf + f0 + fr] = ln;
+        }
+        return;
+    }
+    if constexpr (MODE == 1) {
+        // Block sum of G * logit, in a fixed order.
+        ds = warp_sum(ds);
+        __syncthreads();
+        if (lane == 0) sm.red[warp] = ds;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float t = 0.f;
+            for (int w = 0; w < 8; w++) t += sm.red[w];
+            part_ds[(i64)blockIdx.y * gridDim.x + blockIdx.x] = t;
+        }
+    }
+    const int d0 = warp * 64;
+    if (d0 >= dim) return;
+#pragma unroll
+    for (int a_mt = 0; a_mt < 4; a_mt++)
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const i64 row = f0 + a_mt * 16 + g + 8 * (e >> 1);
+                const int d = d0 + nt * 8 + 2 * q + (e & 1);
+                if (row >= nf) continue;
+                if (MODE == 1) {
+                    part_d[((i64)blockIdx.y * nf + row) * dim + d] = acc[a_mt][nt][e];
+                } else {
+                    addf(dout, ob, row * dim + d, s * acc[a_mt][nt][e]);
+                }
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(256) infonce_fwd_partial(const void* fx, int fb, i64 nf, const void* sx, int sb,
+                                                                      i64 ns, int dim, i64 chunk, i64 off,
+                                                                      const float* logit_scale, float* part_m,
+                                                                      float* part_l, float* pos) {
+    infonce_tile<0>(fx, fb, nf, sx, sb, ns, dim, chunk, off, nullptr, logit_scale, 0.f, part_m, part_l, pos, nullptr,
+                    nullptr, nullptr, 0);
+}
+
+extern "C" __global__ void __launch_bounds__(256) infonce_bwd_rows(const void* fx, int fb, i64 nf, const void* sx, int sb,
+                                                                   i64 ns, int dim, i64 chunk, i64 off, const float* lse,
+                                                                   const float* logit_scale, float coef, float* part_d,
+                                                                   float* part_ds) {
+    infonce_tile<1>(fx, fb, nf, sx, sb, ns, dim, chunk, off, lse, logit_scale, coef, nullptr, nullptr, nullptr, part_d,
+                    part_ds, nullptr, 0);
+}
+
+extern "C" __global__ void __launch_bounds__(256) infonce_bwd_cols(const void* fx, int fb, i64 nf, const void* sx, int sb,
+                                                                   i64 ns, int dim, i64 off, const float* lse,
+                                                                   const float* logit_scale, float coef, void* dout,
+                                                                   int ob) {
+    infonce_tile<2>(fx, fb, nf, sx, sb, ns, dim, ns, off, lse, logit_scale, coef, nullptr, nullptr, nullptr, nullptr,
+                    nullptr, dout, ob);
+}
+
+// Both directions' partials -> lse_img, lse_txt and the loss share. part_m / part_l hold
+// [2][splits][local] (direction 0: image rows), pos [2][local]. One block of 256 threads.
+extern "C" __global__ void infonce_fwd_finish(float* loss, float* lse_img, float* lse_txt, const float* part_m,
+                                              const float* part_l, const float* pos, i64 local, int splits, float inv2g) {
+    __shared__ double red[256];
+    double acc = 0.0;
+    for (i64 k = threadIdx.x; k < 2 * local; k += blockDim.x) {
+        int dir = (int)(k / local);
+        i64 i = k % local;
+        const float* pm = part_m + (i64)dir * splits * local;
+        const float* pl = part_l + (i64)dir * splits * local;
+        float mx = -INFINITY;
+        for (int y = 0; y < splits; y++) mx = fmaxf(mx, pm[(i64)y * local + i]);
+        float sum = 0.f;
+        for (int y = 0; y < splits; y++) sum += pl[(i64)y * local + i] * exp2f(pm[(i64)y * local + i] - mx);
+        float lse = (mx + log2f(sum)) / LOG2E;
+        (dir == 0 ? lse_img : lse_txt)[i] = lse;
+        acc += (double)(lse - pos[(i64)dir * local + i]);
+    }
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) loss[0] = (float)(red[0] * (double)inv2g);
+}
+
+// dx[e] += s * sum over splits of part[split][e], in split order.
+extern "C" __global__ void infonce_reduce_rows(void* dx, int xb, const float* part, int splits, i64 n,
+                                               const float* logit_scale) {
+    const float s = expf(logit_scale[0]);
+    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (i64)gridDim.x * blockDim.x) {
+        float acc = 0.f;
+        for (int y = 0; y < splits; y++) acc += part[(i64)y * n + e];
+        addf(dx, xb, e, s * acc);
+    }
+}
+
+// d_logit_scale[0] += sum(part_ds[0..n]) in order.
+extern "C" __global__ void infonce_finish_scale(float* d_logit_scale, const float* part_ds, i64 n) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        float acc = 0.f;
+        for (i64 i = 0; i < n; i++) acc += part_ds[i];
+        d_logit_scale[0] += acc;
+    }
+}
