@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod cuda;
 pub mod tensor;
 
 pub use backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
