@@ -1,5 +1,15 @@
 //! Layer norm over the last dimension; saves the mean and 1/std of each row.
+//!
+//! As `torch.nn.LayerNorm`: biased variance, `rstd = 1 / sqrt(var + eps)`.
 #![allow(clippy::too_many_arguments)]
+
+use rayon::prelude::*;
+
+/// Rows per parallel task. Fixed (not derived from the thread count) so that the partial
+/// sums of `dgamma` / `dbeta`, and hence the results, do not depend on the machine.
+const ROWS_PER_TASK: usize = 32;
+/// Below this many elements everything runs on the calling thread.
+const PAR_MIN: usize = 1 << 15;
 
 pub fn fwd(
     out: &mut [f32],
@@ -12,7 +22,54 @@ pub fn fwd(
     c: usize,
     eps: f32,
 ) {
-    todo!()
+    let row = |o: &mut [f32], m: &mut f32, r: &mut f32, x: &[f32]| {
+        // A first estimate of the mean, then one pass over the deviations from it: their sum
+        // corrects the estimate and their squares give the variance, free of the
+        // cancellation of E[x^2] - E[x]^2 even for rows far from zero mean.
+        let mu0 = lane_sum(x, |v| v) / c as f32;
+        let dev = lane_sum(x, |v| v - mu0) / c as f32;
+        let sq = lane_sum(x, |v| (v - mu0) * (v - mu0)) / c as f32;
+        let mu = mu0 + dev;
+        let var = (sq - dev * dev).max(0.0);
+        let rs = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &g), &b) in o.iter_mut().zip(x).zip(gamma).zip(beta) {
+            *o = (v - mu) * rs * g + b;
+        }
+        *m = mu;
+        *r = rs;
+    };
+    if n * c < PAR_MIN {
+        for (((o, m), r), x) in
+            out.chunks_exact_mut(c).zip(mean.iter_mut()).zip(rstd.iter_mut()).zip(inp.chunks_exact(c))
+        {
+            row(o, m, r, x);
+        }
+    } else {
+        out.par_chunks_exact_mut(c)
+            .zip(mean.par_iter_mut())
+            .zip(rstd.par_iter_mut())
+            .zip(inp.par_chunks_exact(c))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(((o, m), r), x)| row(o, m, r, x));
+    }
+}
+
+/// Sums with eight independent accumulators: the compiler can keep them in one vector
+/// register (a single f32 chain cannot be reordered), and each chain is 8x shorter, so the
+/// rounding error of a long row is smaller too.
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += f(v);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(tail) {
+        *a += f(v);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 /// Accumulates into `dinp`, `dgamma`, `dbeta`.
@@ -28,5 +85,60 @@ pub fn bwd(
     n: usize,
     c: usize,
 ) {
-    todo!()
+    let want_dgamma = dgamma.is_some();
+    let want_dbeta = dbeta.is_some();
+    // One block of rows: updates its rows of `dinp` and returns its partial dgamma / dbeta
+    // (empty when not wanted).
+    let block = |row0: usize, dinp: &mut [f32]| -> (Vec<f32>, Vec<f32>) {
+        let mut dg = if want_dgamma { vec![0.0f32; c] } else { Vec::new() };
+        let mut db = if want_dbeta { vec![0.0f32; c] } else { Vec::new() };
+        for (k, di) in dinp.chunks_exact_mut(c).enumerate() {
+            let i = row0 + k;
+            let x = &inp[i * c..(i + 1) * c];
+            let dy = &dout[i * c..(i + 1) * c];
+            let (mu, rs) = (mean[i], rstd[i]);
+            // With xhat = (x - mu) rstd and g = gamma * dy:
+            // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+            let mut g_mean = 0.0f32;
+            let mut gx_mean = 0.0f32;
+            for ((&v, &d), &gm) in x.iter().zip(dy).zip(gamma) {
+                let g = gm * d;
+                g_mean += g;
+                gx_mean += g * (v - mu) * rs;
+            }
+            g_mean /= c as f32;
+            gx_mean /= c as f32;
+            for (j, ((o, &v), &d)) in di.iter_mut().zip(x).zip(dy).enumerate() {
+                let xhat = (v - mu) * rs;
+                *o += rs * (gamma[j] * d - g_mean - xhat * gx_mean);
+                if want_dgamma {
+                    dg[j] += xhat * d;
+                }
+                if want_dbeta {
+                    db[j] += d;
+                }
+            }
+        }
+        (dg, db)
+    };
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = if n * c < PAR_MIN {
+        vec![block(0, dinp)]
+    } else {
+        dinp.par_chunks_mut(ROWS_PER_TASK * c).enumerate().map(|(k, d)| block(k * ROWS_PER_TASK, d)).collect()
+    };
+    // Reduce the per-block sums in block order: deterministic for any thread count.
+    if let Some(dgamma) = dgamma {
+        for (dg, _) in &partials {
+            for (a, v) in dgamma.iter_mut().zip(dg) {
+                *a += v;
+            }
+        }
+    }
+    if let Some(dbeta) = dbeta {
+        for (_, db) in &partials {
+            for (a, v) in dbeta.iter_mut().zip(db) {
+                *a += v;
+            }
+        }
+    }
 }
