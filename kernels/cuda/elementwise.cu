@@ -68,13 +68,20 @@ extern "C" __global__ void col_sum_partial(float* partial, const void* x, int xb
     partial[(i64)blockIdx.y * cols + col] = acc;
 }
 
-// out[col] += alpha * sum over chunks of partial[chunk, col], in chunk order.
-extern "C" __global__ void col_sum_final(void* out, int ob, const float* partial, i64 chunks, i64 cols, float alpha) {
+// out[col] += alpha * sum over chunks of partial[chunk * stride + col], in chunk order, for
+// col < cols (stride >= cols lets a prefix of the columns be reduced on its own).
+extern "C" __global__ void col_sum_final(void* out, int ob, const float* partial, i64 chunks, i64 cols, i64 stride,
+                                         float alpha) {
     GRID_STRIDE(col, cols) {
         float acc = 0.f;
-        for (i64 c = 0; c < chunks; c++) acc += partial[c * cols + col];
+        for (i64 c = 0; c < chunks; c++) acc += partial[c * stride + col];
         addf(out, ob, col, alpha * acc);
     }
+}
+
+// out[i, j] = bias[j] for n rows of cols (the seed a bias-adding matrix product accumulates on).
+extern "C" __global__ void broadcast_rows(void* out, int ob, const void* bias, int bb, i64 n, i64 cols) {
+    GRID_STRIDE(i, n * cols) stf(out, ob, i, ldf(bias, bb, i % cols));
 }
 
 // Binary cross-entropy with logits, mean over n: block partial sums (f64) of

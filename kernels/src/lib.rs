@@ -15,4 +15,5 @@ pub mod tensor;
 
 pub use backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
 pub use cpu::Cpu;
+pub use cuda::Cuda;
 pub use tensor::Tensor;

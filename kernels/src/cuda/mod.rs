@@ -1,4 +1,1408 @@
-//! The CUDA backend (work in progress in this commit: kernel sources and their compilation).
+//! The CUDA backend: hand-written kernels compiled by NVRTC at first use, matrix products
+//! through cuBLASLt, bf16 storage for what the model asks in bf16 with f32 accumulation, f32
+//! master weights, optimiser state, statistics and losses.
+//!
+//! cudarc is loaded dynamically, so this module compiles and links everywhere; [`Cuda::new`]
+//! checks that the driver, NVRTC and cuBLASLt can be opened before touching cudarc (which
+//! panics on a missing library) and returns a one-line error on a machine without a GPU.
+//!
+//! **Status: written without a GPU.** Every kernel compiles with NVRTC for sm_90 and sm_80 in
+//! CI (`kernels/tests/nvrtc_compile.rs`), but none of this module has yet run on a device:
+//! [`check`] (run by `coordinator gpu-check` and the ignored `cuda_ops` tests) compares every
+//! op with the CPU backend on the first machine with a GPU.
+//!
+//! Ops cannot return errors (the `Backend` signatures), so a failed launch is recorded and
+//! reported by the next [`Backend::synchronize`] or download; shape mismatches panic as on the
+//! CPU. Out-of-range token ids or pooling indices write NaN and are reported the same way.
 
+pub mod bench;
+mod blas;
+pub mod check;
+mod device;
 pub mod libs;
 pub mod nvrtc;
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, ensure, Result};
+use cudarc::driver::result as drv;
+
+pub use device::CudaStorage;
+use device::{elem_size, Args, Device};
+
+use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
+use crate::tensor::Tensor;
+
+type T = Tensor<Cuda>;
+
+const BLOCK: u32 = 256;
+
+/// The CUDA backend on one device. See the module docs.
+pub struct Cuda {
+    dev: Device,
+    blas: blas::Blas,
+    blas_workspace: u64,
+    /// Device flag set by kernels that meet an out-of-range index.
+    bad: u64,
+    _keep: Vec<T>,
+}
+
+/// The device pointer of a tensor's first element.
+fn dptr(t: &T) -> u64 {
+    t.storage().ptr + (t.offset() * elem_size(t.dtype())) as u64
+}
+
+fn is_bf(t: &T) -> i32 {
+    (t.dtype() == DType::Bf16) as i32
+}
+
+fn check_len(what: &str, t: &T, want: usize) {
+    assert_eq!(t.len(), want, "{what}: tensor of {} elements where the shape needs {want}", t.len());
+}
+
+fn want_f32(what: &str, t: &T) {
+    assert_eq!(t.dtype(), DType::F32, "{what} must be an f32 tensor on CUDA");
+}
+
+fn outputs(outs: &[&T], ins: &[&T]) {
+    for (i, o) in outs.iter().enumerate() {
+        for x in ins {
+            assert!(!o.overlaps(x), "op output {o:?} overlaps input {x:?}");
+        }
+        for o2 in &outs[i + 1..] {
+            assert!(!o.overlaps(o2), "op outputs {o:?} and {o2:?} overlap");
+        }
+    }
+}
+
+fn blocks(n: usize) -> u32 {
+    n.div_ceil(BLOCK as usize).clamp(1, 65_535) as u32
+}
+
+/// f32 to bf16 bits, rounding to nearest even (NaN stays NaN).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
+pub fn bf16_to_f32(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// Dynamic shared memory of the InfoNCE tile kernels for a feature dimension.
+fn infonce_smem(dim: usize) -> u32 {
+    (2 * 64 * (dim + 8) * 2 + 64 * 72 * 2 + 64 * 4 + 4 * 64 * 4) as u32
+}
+
+impl Cuda {
+    /// The backend on device `ordinal`. Fails with one line (never panics) where there is no
+    /// GPU, no driver, or no NVRTC / cuBLASLt.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        let dev = Device::new(ordinal)?;
+        libs::ensure_cublas()?;
+        dev.bind()?;
+        let blas = blas::Blas::new()?;
+        let mut me = Cuda { dev, blas, blas_workspace: 0, bad: 0, _keep: Vec::new() };
+        // The workspace and the index flag are ordinary pool buffers kept alive with the backend.
+        let ws = me.alloc(blas::WORKSPACE_BYTES / 4, DType::F32)?;
+        let bad = me.alloc(1, DType::I32)?;
+        me.blas_workspace = dptr(&ws);
+        me.bad = dptr(&bad);
+        me._keep = vec![ws, bad];
+        // Compile (or load from the disk cache) every kernel now, so the first step does not
+        // pay for it and a broken toolchain shows up here.
+        for f in nvrtc::FAMILIES {
+            me.dev.func(f.entries[0])?;
+        }
+        Ok(me)
+    }
+
+    /// The device's name, compute architecture and multiprocessor count.
+    pub fn describe(&self) -> String {
+        format!("{} ({}, {} SMs)", self.dev.name, self.dev.arch, self.dev.sm_count)
+    }
+
+    /// The raw compute and communication streams (for NCCL and for timing).
+    pub fn streams(&self) -> (cudarc::driver::sys::CUstream, cudarc::driver::sys::CUstream) {
+        (self.dev.stream.0, self.dev.comm.0)
+    }
+
+    /// Milliseconds of device time taken by the work `f` enqueues, measured with CUDA events.
+    pub fn time_ms(&self, mut f: impl FnMut()) -> Result<f32> {
+        let ms = self.dev.time_ms(&mut f)?;
+        self.dev.take_error()?;
+        Ok(ms)
+    }
+
+    /// (bytes in use, bytes cached, peak bytes in use) of the caching allocator.
+    pub fn memory_stats(&self) -> (usize, usize, usize) {
+        self.dev.pool.stats()
+    }
+
+    pub fn reset_peak_memory(&self) {
+        self.dev.pool.reset_peak()
+    }
+
+    fn run(&self, r: Result<()>) {
+        self.dev.record(r);
+    }
+
+    fn launch(&self, entry: &'static str, grid: (u32, u32, u32), block: u32, smem: u32, args: Args) {
+        self.run(self.dev.launch(entry, grid, block, smem, args));
+    }
+
+    /// Elementwise launch over `n` elements.
+    fn ew(&self, entry: &'static str, n: usize, args: Args) {
+        if n == 0 {
+            return;
+        }
+        self.launch(entry, (blocks(n).min(self.dev.sm_count * 16), 1, 1), BLOCK, 0, args);
+    }
+
+    /// `out[col] += alpha * sum_rows x[rows, cols]`, deterministic (chunked partial sums
+    /// reduced in chunk order); `take` columns of the sums go to `out`.
+    fn col_sums(&self, out: &T, x: u64, xbf: i32, rows: usize, cols: usize, take: usize, alpha: f32) -> Result<()> {
+        let rpc = 256usize;
+        let chunks = rows.div_ceil(rpc).max(1);
+        let part = self.dev.scratch(chunks * cols * 4)?;
+        self.dev.launch(
+            "col_sum_partial",
+            (cols.div_ceil(256) as u32, chunks as u32, 1),
+            256,
+            0,
+            Args::new().ptr(part).ptr(x).i32(xbf).i64(rows as i64).i64(cols as i64).i64(rpc as i64),
+        )?;
+        self.dev.launch(
+            "col_sum_final",
+            (blocks(take), 1, 1),
+            BLOCK,
+            0,
+            Args::new()
+                .ptr(dptr(out))
+                .i32(is_bf(out))
+                .ptr(part)
+                .i64(chunks as i64)
+                .i64(take as i64)
+                .i64(cols as i64)
+                .f32(alpha),
+        )
+    }
+
+    /// A bf16 copy of `t` in scratch at byte offset `at` (for a matrix product whose other
+    /// operand is bf16).
+    fn as_bf16(&self, t: &T, base: u64) -> Result<u64> {
+        self.dev.launch(
+            "copy_cast",
+            (blocks(t.len()).min(self.dev.sm_count * 16), 1, 1),
+            BLOCK,
+            0,
+            Args::new().ptr(base).i32(1).ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64),
+        )?;
+        Ok(base)
+    }
+
+    /// Column-major `D[m, n] = alpha op(A) op(B) + beta D`, converting an f32 operand to bf16
+    /// when the other one is bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        a: (&T, u64, u64, i64, bool),
+        b: (&T, u64, u64, i64, bool),
+        d: &T,
+        ldd: i64,
+        m: u64,
+        n: u64,
+        beta: f32,
+    ) -> Result<()> {
+        let mut pa = dptr(a.0);
+        let mut pb = dptr(b.0);
+        let (mut ta, mut tb) = (a.0.dtype(), b.0.dtype());
+        if ta != tb {
+            let need = (if ta == DType::F32 { a.0.len() } else { 0 }) + (if tb == DType::F32 { b.0.len() } else { 0 });
+            let s = self.dev.scratch(need * 2 + 256)?;
+            if ta == DType::F32 {
+                pa = self.as_bf16(a.0, s)?;
+                ta = DType::Bf16;
+            } else {
+                pb = self.as_bf16(b.0, s)?;
+                tb = DType::Bf16;
+            }
+        }
+        let opa = blas::Operand { ptr: pa, dtype: ta, rows: a.1, cols: a.2, ld: a.3, trans: a.4 };
+        let opb = blas::Operand { ptr: pb, dtype: tb, rows: b.1, cols: b.2, ld: b.3, trans: b.4 };
+        self.blas.matmul(
+            self.dev.stream.0 as *mut std::ffi::c_void,
+            self.blas_workspace,
+            opa,
+            opb,
+            (dptr(d), d.dtype(), ldd),
+            m,
+            n,
+            1.0,
+            beta,
+        )
+    }
+
+    /// Checks the out-of-range index flag (a synchronising read) and clears it.
+    fn check_bad(&self) -> Result<()> {
+        let mut v = [0i32; 1];
+        self.dev.bind()?;
+        // SAFETY: `bad` is a live 4-byte device buffer; the stream is synchronised before the
+        // host reads `v`.
+        unsafe {
+            drv::memcpy_dtoh_async(&mut v, self.bad, self.dev.stream.0).map_err(|e| anyhow!("{e:?}"))?;
+        }
+        self.dev.sync()?;
+        if v[0] != 0 {
+            // SAFETY: as above.
+            unsafe { drv::memset_d8_async(self.bad, 0, 4, self.dev.stream.0) }.map_err(|e| anyhow!("{e:?}"))?;
+            anyhow::bail!("a token id or pooling index was outside its range (the outputs hold NaN there)");
+        }
+        Ok(())
+    }
+
+    /// AdamW that also writes a bf16 copy of the updated weights (the matrix units' copy).
+    pub fn adamw_with_bf16_copy(&self, param: &T, grad: &T, m: &T, v: &T, copy: Option<&T>, hp: AdamWStep) {
+        let n = param.len();
+        want_f32("adamw param", param);
+        want_f32("adamw m", m);
+        want_f32("adamw v", v);
+        check_len("adamw grad", grad, n);
+        check_len("adamw m", m, n);
+        check_len("adamw v", v, n);
+        if let Some(c) = copy {
+            check_len("adamw bf16 copy", c, n);
+            assert_eq!(c.dtype(), DType::Bf16, "adamw copy must be a bf16 tensor");
+        }
+        assert!(hp.step >= 1, "AdamW step numbers start at 1 (got 0)");
+        let t = hp.step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - (hp.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (hp.beta2 as f64).powi(t);
+        let step_size = (hp.lr as f64 / bc1) as f32;
+        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+        let decay = 1.0 - hp.lr * hp.weight_decay;
+        self.ew(
+            "adamw",
+            n,
+            Args::new()
+                .ptr(dptr(param))
+                .ptr(dptr(grad))
+                .i32(is_bf(grad))
+                .ptr(dptr(m))
+                .ptr(dptr(v))
+                .ptr(copy.map(dptr).unwrap_or(0))
+                .i64(n as i64)
+                .f32(hp.beta1)
+                .f32(hp.beta2)
+                .f32(hp.eps)
+                .f32(decay)
+                .f32(step_size)
+                .f32(inv_sqrt_bc2),
+        );
+    }
+
+    /// `loss[0] = mean(BCE(sigmoid(logits), targets))`, the label fine-tuning loss.
+    pub fn bce_with_logits_fwd(&self, loss: &T, logits: &T, targets: &T) {
+        want_f32("bce loss", loss);
+        check_len("bce targets", targets, logits.len());
+        let n = logits.len();
+        let k = blocks(n).min(1024) as usize;
+        let r = self.dev.scratch(k * 8).and_then(|part| {
+            self.dev.launch(
+                "bce_logits_partial",
+                (k as u32, 1, 1),
+                BLOCK,
+                0,
+                Args::new()
+                    .ptr(part)
+                    .ptr(dptr(logits))
+                    .i32(is_bf(logits))
+                    .ptr(dptr(targets))
+                    .i32(is_bf(targets))
+                    .i64(n as i64),
+            )?;
+            self.dev.launch(
+                "bce_logits_final",
+                (1, 1, 1),
+                32,
+                0,
+                Args::new().ptr(dptr(loss)).ptr(part).i32(k as i32).i64(n as i64),
+            )
+        });
+        self.run(r);
+    }
+
+    /// `dlogits += dloss / n * (sigmoid(logits) - targets)`.
+    pub fn bce_with_logits_bwd(&self, dlogits: &T, logits: &T, targets: &T, dloss: f32) {
+        let n = logits.len();
+        check_len("bce dlogits", dlogits, n);
+        check_len("bce targets", targets, n);
+        self.ew(
+            "bce_logits_bwd",
+            n,
+            Args::new()
+                .ptr(dptr(dlogits))
+                .i32(is_bf(dlogits))
+                .ptr(dptr(logits))
+                .i32(is_bf(logits))
+                .ptr(dptr(targets))
+                .i32(is_bf(targets))
+                .i64(n as i64)
+                .f32(dloss),
+        );
+    }
+
+    /// `dpixels += col2im(dcols)`, the backward of [`Backend::im2col`].
+    pub fn im2col_bwd(&self, dpixels: &T, dcols: &T, b: usize, img: usize, p: usize) {
+        check_len("col2im dpixels", dpixels, b * 3 * img * img);
+        check_len("col2im dcols", dcols, b * 3 * img * img);
+        self.ew(
+            "col2im",
+            dpixels.len(),
+            Args::new()
+                .ptr(dptr(dpixels))
+                .i32(is_bf(dpixels))
+                .ptr(dptr(dcols))
+                .i32(is_bf(dcols))
+                .i64(b as i64)
+                .i32(img as i32)
+                .i32(p as i32),
+        );
+    }
+
+    /// Layer norm fused with the residual add: `x = inp + res` (written to `xout`), then
+    /// `out = LN(x)` with the statistics saved as [`Backend::layernorm_fwd`] does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_layernorm_fwd(
+        &self,
+        out: &T,
+        xout: &T,
+        mean: &T,
+        rstd: &T,
+        inp: &T,
+        res: &T,
+        gamma: &T,
+        beta: &T,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) {
+        check_len("add+layernorm res", res, n * c);
+        check_len("add+layernorm xout", xout, n * c);
+        self.layernorm_impl(out, mean, rstd, inp, Some((res, xout)), gamma, beta, n, c, eps);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_impl(
+        &self,
+        out: &T,
+        mean: &T,
+        rstd: &T,
+        inp: &T,
+        res: Option<(&T, &T)>,
+        gamma: &T,
+        beta: &T,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) {
+        check_len("layernorm inp", inp, n * c);
+        check_len("layernorm out", out, n * c);
+        check_len("layernorm mean", mean, n);
+        check_len("layernorm rstd", rstd, n);
+        check_len("layernorm gamma", gamma, c);
+        check_len("layernorm beta", beta, c);
+        want_f32("layernorm mean", mean);
+        want_f32("layernorm rstd", rstd);
+        outputs(&[out, mean, rstd], &[inp, gamma, beta]);
+        let (rp, rb, xp, xb) = match res {
+            Some((r, x)) => (dptr(r), is_bf(r), dptr(x), is_bf(x)),
+            None => (0, 0, 0, 0),
+        };
+        self.launch(
+            "layernorm_fwd",
+            (n.div_ceil(8) as u32, 1, 1),
+            256,
+            0,
+            Args::new()
+                .ptr(dptr(out))
+                .i32(is_bf(out))
+                .ptr(dptr(mean))
+                .ptr(dptr(rstd))
+                .ptr(dptr(inp))
+                .i32(is_bf(inp))
+                .ptr(rp)
+                .i32(rb)
+                .ptr(xp)
+                .i32(xb)
+                .ptr(dptr(gamma))
+                .i32(is_bf(gamma))
+                .ptr(dptr(beta))
+                .i32(is_bf(beta))
+                .i64(n as i64)
+                .i32(c as i32)
+                .f32(eps),
+        );
+    }
+}
+
+impl Backend for Cuda {
+    type Storage = CudaStorage;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn alloc(&self, len: usize, dtype: DType) -> Result<T> {
+        let bytes = len * elem_size(dtype);
+        let (ptr, class) = self.dev.pool.alloc(bytes)?;
+        let storage = CudaStorage { ptr, class, dtype, pool: self.dev.pool.clone() };
+        self.dev.bind()?;
+        // SAFETY: a live block of at least `bytes` bytes, zeroed in stream order.
+        unsafe { drv::memset_d8_async(ptr, 0, bytes.max(1).min(class), self.dev.stream.0) }
+            .map_err(|e| anyhow!("zeroing a new buffer: {e:?}"))?;
+        Ok(Tensor::from_storage(Arc::new(storage), len, dtype))
+    }
+
+    fn upload_f32(&self, dst: &T, src: &[f32]) -> Result<()> {
+        ensure!(dst.len() == src.len(), "upload of {} values into a tensor of {}", src.len(), dst.len());
+        self.dev.bind()?;
+        // SAFETY: the destination range lies inside the tensor's block; the host buffer lives
+        // until the stream is synchronised below.
+        unsafe {
+            match dst.dtype() {
+                DType::F32 => drv::memcpy_htod_async(dptr(dst), src, self.dev.stream.0),
+                DType::Bf16 => {
+                    let h: Vec<u16> = src.iter().map(|&x| f32_to_bf16(x)).collect();
+                    let r = drv::memcpy_htod_async(dptr(dst), &h[..], self.dev.stream.0);
+                    self.dev.sync()?;
+                    r
+                }
+                DType::I32 => anyhow::bail!("upload_f32 into an i32 tensor"),
+            }
+        }
+        .map_err(|e| anyhow!("host-to-device copy: {e:?}"))?;
+        self.dev.sync()
+    }
+
+    fn upload_i32(&self, dst: &T, src: &[i32]) -> Result<()> {
+        ensure!(dst.len() == src.len(), "upload of {} ids into a tensor of {}", src.len(), dst.len());
+        ensure!(dst.dtype() == DType::I32, "upload_i32 into a {:?} tensor", dst.dtype());
+        self.dev.bind()?;
+        // SAFETY: as `upload_f32`.
+        unsafe { drv::memcpy_htod_async(dptr(dst), src, self.dev.stream.0) }
+            .map_err(|e| anyhow!("host-to-device copy: {e:?}"))?;
+        self.dev.sync()
+    }
+
+    fn download_f32(&self, src: &T, dst: &mut [f32]) -> Result<()> {
+        ensure!(dst.len() == src.len(), "download of a tensor of {} into {} values", src.len(), dst.len());
+        self.dev.take_error()?;
+        self.dev.bind()?;
+        // SAFETY: the source range lies inside the tensor's block; the stream is synchronised
+        // before the host reads the buffer.
+        unsafe {
+            match src.dtype() {
+                DType::F32 => {
+                    drv::memcpy_dtoh_async(dst, dptr(src), self.dev.stream.0).map_err(|e| anyhow!("{e:?}"))?;
+                    self.dev.sync()?;
+                }
+                DType::Bf16 => {
+                    let mut h = vec![0u16; dst.len()];
+                    drv::memcpy_dtoh_async(&mut h[..], dptr(src), self.dev.stream.0).map_err(|e| anyhow!("{e:?}"))?;
+                    self.dev.sync()?;
+                    for (d, &x) in dst.iter_mut().zip(&h) {
+                        *d = bf16_to_f32(x);
+                    }
+                }
+                DType::I32 => {
+                    let mut h = vec![0i32; dst.len()];
+                    drv::memcpy_dtoh_async(&mut h[..], dptr(src), self.dev.stream.0).map_err(|e| anyhow!("{e:?}"))?;
+                    self.dev.sync()?;
+                    for (d, &x) in dst.iter_mut().zip(&h) {
+                        *d = x as f32;
+                    }
+                }
+            }
+        }
+        self.check_bad()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.dev.sync()?;
+        self.dev.take_error()?;
+        self.check_bad()
+    }
+
+    fn fill(&self, t: &T, value: f32) {
+        assert_ne!(t.dtype(), DType::I32, "fill of an i32 tensor");
+        self.ew("fill", t.len(), Args::new().ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64).f32(value));
+    }
+
+    fn copy(&self, dst: &T, src: &T) {
+        outputs(&[dst], &[src]);
+        check_len("copy", dst, src.len());
+        if dst.dtype() == DType::I32 || src.dtype() == DType::I32 {
+            assert_eq!(dst.dtype(), src.dtype(), "copy between i32 and float tensors");
+            let r = self.dev.bind().and_then(|_| {
+                // SAFETY: both ranges lie inside their blocks and do not overlap (checked).
+                unsafe { drv::memcpy_dtod_async(dptr(dst), dptr(src), src.len() * 4, self.dev.stream.0) }
+                    .map_err(|e| anyhow!("device copy: {e:?}"))
+            });
+            self.run(r);
+            return;
+        }
+        self.ew(
+            "copy_cast",
+            src.len(),
+            Args::new().ptr(dptr(dst)).i32(is_bf(dst)).ptr(dptr(src)).i32(is_bf(src)).i64(src.len() as i64),
+        );
+    }
+
+    fn add(&self, out: &T, a: &T, b: &T) {
+        check_len("add a", a, out.len());
+        check_len("add b", b, out.len());
+        if out.overlaps(a) {
+            assert!(out.offset() == a.offset(), "add: out partially overlaps a");
+            outputs(&[out], &[b]);
+        } else {
+            outputs(&[out], &[a, b]);
+        }
+        self.ew(
+            "add",
+            out.len(),
+            Args::new()
+                .ptr(dptr(out))
+                .i32(is_bf(out))
+                .ptr(dptr(a))
+                .i32(is_bf(a))
+                .ptr(dptr(b))
+                .i32(is_bf(b))
+                .i64(out.len() as i64),
+        );
+    }
+
+    fn accumulate(&self, acc: &T, x: &T) {
+        outputs(&[acc], &[x]);
+        check_len("accumulate", x, acc.len());
+        self.ew(
+            "accumulate",
+            acc.len(),
+            Args::new().ptr(dptr(acc)).i32(is_bf(acc)).ptr(dptr(x)).i32(is_bf(x)).i64(acc.len() as i64),
+        );
+    }
+
+    fn scale(&self, t: &T, s: f32) {
+        self.ew("scale", t.len(), Args::new().ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64).f32(s));
+    }
+
+    fn sum_squares(&self, out: &T, t: &T) {
+        outputs(&[out], &[t]);
+        want_f32("sum_squares out", out);
+        let n = t.len();
+        let k = blocks(n).min(1024) as usize;
+        let r = self.dev.scratch(k * 8).and_then(|part| {
+            self.dev.launch(
+                "sum_squares_partial",
+                (k as u32, 1, 1),
+                BLOCK,
+                0,
+                Args::new().ptr(part).ptr(dptr(t)).i32(is_bf(t)).i64(n as i64),
+            )?;
+            self.dev.launch("sum_partials_f64", (1, 1, 1), 32, 0, Args::new().ptr(dptr(out)).ptr(part).i32(k as i32))
+        });
+        self.run(r);
+    }
+
+    fn clamp_max(&self, t: &T, max: f32) {
+        self.ew("clamp_max", t.len(), Args::new().ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64).f32(max));
+    }
+
+    fn linear_fwd(&self, out: &T, inp: &T, w: &T, bias: Option<&T>, n: usize, c: usize, oc: usize) {
+        check_len("linear inp", inp, n * c);
+        check_len("linear w", w, oc * c);
+        check_len("linear out", out, n * oc);
+        match bias {
+            Some(b) => {
+                check_len("linear bias", b, oc);
+                outputs(&[out], &[inp, w, b]);
+            }
+            None => outputs(&[out], &[inp, w]),
+        }
+        if n == 0 || oc == 0 {
+            return;
+        }
+        let r = (|| {
+            if let Some(b) = bias {
+                self.dev.launch(
+                    "broadcast_rows",
+                    (blocks(n * oc).min(self.dev.sm_count * 16), 1, 1),
+                    BLOCK,
+                    0,
+                    Args::new().ptr(dptr(out)).i32(is_bf(out)).ptr(dptr(b)).i32(is_bf(b)).i64(n as i64).i64(oc as i64),
+                )?;
+            }
+            // Column-major: out^T[oc, n] = (w stored [c, oc])^T . (inp stored [c, n]).
+            let (c, oc_, n_) = (c as u64, oc as u64, n as u64);
+            self.gemm(
+                (w, c, oc_, c as i64, true),
+                (inp, c, n_, c as i64, false),
+                out,
+                oc as i64,
+                oc_,
+                n_,
+                if bias.is_some() { 1.0 } else { 0.0 },
+            )
+        })();
+        self.run(r);
+    }
+
+    fn linear_bwd(
+        &self,
+        dinp: Option<&T>,
+        dw: Option<&T>,
+        dbias: Option<&T>,
+        dout: &T,
+        inp: &T,
+        w: &T,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) {
+        check_len("linear dout", dout, n * oc);
+        check_len("linear inp", inp, n * c);
+        check_len("linear w", w, oc * c);
+        dinp.inspect(|t| check_len("linear dinp", t, n * c));
+        dw.inspect(|t| check_len("linear dw", t, oc * c));
+        dbias.inspect(|t| check_len("linear dbias", t, oc));
+        let outs: Vec<&T> = [dinp, dw, dbias].into_iter().flatten().collect();
+        outputs(&outs, &[dout, inp, w]);
+        if n == 0 {
+            return;
+        }
+        let (c_, oc_, n_) = (c as u64, oc as u64, n as u64);
+        if let Some(di) = dinp {
+            // dinp^T[c, n] += (w stored [c, oc]) . (dout stored [oc, n]).
+            let r =
+                self.gemm((w, c_, oc_, c as i64, false), (dout, oc_, n_, oc as i64, false), di, c as i64, c_, n_, 1.0);
+            self.run(r);
+        }
+        if let Some(dw) = dw {
+            // dw^T[c, oc] += (inp stored [c, n]) . (dout stored [oc, n])^T.
+            let r =
+                self.gemm((inp, c_, n_, c as i64, false), (dout, oc_, n_, oc as i64, true), dw, c as i64, c_, oc_, 1.0);
+            self.run(r);
+        }
+        if let Some(db) = dbias {
+            let r = self.col_sums(db, dptr(dout), is_bf(dout), n, oc, oc, 1.0);
+            self.run(r);
+        }
+    }
+
+    fn layernorm_fwd(&self, out: &T, mean: &T, rstd: &T, inp: &T, gamma: &T, beta: &T, n: usize, c: usize, eps: f32) {
+        self.layernorm_impl(out, mean, rstd, inp, None, gamma, beta, n, c, eps);
+    }
+
+    fn layernorm_bwd(
+        &self,
+        dinp: &T,
+        dgamma: Option<&T>,
+        dbeta: Option<&T>,
+        dout: &T,
+        inp: &T,
+        gamma: &T,
+        mean: &T,
+        rstd: &T,
+        n: usize,
+        c: usize,
+    ) {
+        check_len("layernorm dinp", dinp, n * c);
+        check_len("layernorm dout", dout, n * c);
+        check_len("layernorm inp", inp, n * c);
+        dgamma.inspect(|t| check_len("layernorm dgamma", t, c));
+        dbeta.inspect(|t| check_len("layernorm dbeta", t, c));
+        want_f32("layernorm mean", mean);
+        want_f32("layernorm rstd", rstd);
+        let outs: Vec<&T> = [Some(dinp), dgamma, dbeta].into_iter().flatten().collect();
+        outputs(&outs, &[dout, inp, gamma, mean, rstd]);
+        if n == 0 {
+            return;
+        }
+        let nb = n.div_ceil(32);
+        let r = (|| {
+            let part = self.dev.scratch(2 * nb * c * 4)?;
+            let pg = if dgamma.is_some() { part } else { 0 };
+            let pb = if dbeta.is_some() { part + (nb * c * 4) as u64 } else { 0 };
+            self.dev.launch(
+                "layernorm_bwd",
+                (nb as u32, 1, 1),
+                256,
+                0,
+                Args::new()
+                    .ptr(dptr(dinp))
+                    .i32(is_bf(dinp))
+                    .ptr(pg)
+                    .ptr(pb)
+                    .ptr(dptr(dout))
+                    .i32(is_bf(dout))
+                    .ptr(dptr(inp))
+                    .i32(is_bf(inp))
+                    .ptr(dptr(gamma))
+                    .i32(is_bf(gamma))
+                    .ptr(dptr(mean))
+                    .ptr(dptr(rstd))
+                    .i64(n as i64)
+                    .i32(c as i32),
+            )?;
+            for (t, p) in [(dgamma, pg), (dbeta, pb)] {
+                if let Some(t) = t {
+                    self.dev.launch(
+                        "col_sum_final",
+                        (blocks(c), 1, 1),
+                        BLOCK,
+                        0,
+                        Args::new()
+                            .ptr(dptr(t))
+                            .i32(is_bf(t))
+                            .ptr(p)
+                            .i64(nb as i64)
+                            .i64(c as i64)
+                            .i64(c as i64)
+                            .f32(1.0),
+                    )?;
+                }
+            }
+            Ok(())
+        })();
+        self.run(r);
+    }
+
+    fn l2norm_fwd(&self, out: &T, norm: &T, inp: &T, n: usize, d: usize) {
+        check_len("l2norm inp", inp, n * d);
+        check_len("l2norm out", out, n * d);
+        check_len("l2norm norm", norm, n);
+        want_f32("l2norm norm", norm);
+        outputs(&[out, norm], &[inp]);
+        self.launch(
+            "l2norm_fwd",
+            (n.div_ceil(8).max(1) as u32, 1, 1),
+            256,
+            0,
+            Args::new()
+                .ptr(dptr(out))
+                .i32(is_bf(out))
+                .ptr(dptr(norm))
+                .ptr(dptr(inp))
+                .i32(is_bf(inp))
+                .i64(n as i64)
+                .i32(d as i32),
+        );
+    }
+
+    fn l2norm_bwd(&self, dinp: &T, dout: &T, out: &T, norm: &T, n: usize, d: usize) {
+        check_len("l2norm dinp", dinp, n * d);
+        check_len("l2norm dout", dout, n * d);
+        want_f32("l2norm norm", norm);
+        outputs(&[dinp], &[dout, out, norm]);
+        self.launch(
+            "l2norm_bwd",
+            (n.div_ceil(8).max(1) as u32, 1, 1),
+            256,
+            0,
+            Args::new()
+                .ptr(dptr(dinp))
+                .i32(is_bf(dinp))
+                .ptr(dptr(dout))
+                .i32(is_bf(dout))
+                .ptr(dptr(out))
+                .i32(is_bf(out))
+                .ptr(dptr(norm))
+                .i64(n as i64)
+                .i32(d as i32),
+        );
+    }
+
+    fn act_fwd(&self, kind: Activation, out: &T, inp: &T) {
+        check_len("activation out", out, inp.len());
+        outputs(&[out], &[inp]);
+        let k = (kind == Activation::Gelu) as i32;
+        self.ew(
+            "act_fwd",
+            inp.len(),
+            Args::new()
+                .i32(k)
+                .ptr(dptr(out))
+                .i32(is_bf(out))
+                .ptr(dptr(inp))
+                .i32(is_bf(inp))
+                .ptr(0)
+                .i32(0)
+                .i64(inp.len() as i64)
+                .i64(1),
+        );
+    }
+
+    fn act_bwd(&self, kind: Activation, dinp: &T, dout: &T, inp: &T) {
+        check_len("activation dinp", dinp, inp.len());
+        check_len("activation dout", dout, inp.len());
+        outputs(&[dinp], &[dout, inp]);
+        let k = (kind == Activation::Gelu) as i32;
+        self.ew(
+            "act_bwd",
+            inp.len(),
+            Args::new()
+                .i32(k)
+                .ptr(dptr(dinp))
+                .i32(is_bf(dinp))
+                .ptr(dptr(dout))
+                .i32(is_bf(dout))
+                .ptr(dptr(inp))
+                .i32(is_bf(inp))
+                .ptr(0)
+                .i32(0)
+                .i64(inp.len() as i64)
+                .i64(1),
+        );
+    }
+
+    fn attention_saved_len(&self, b: usize, t: usize, h: usize) -> usize {
+        b * h * t
+    }
+
+    fn attention_fwd(&self, out: &T, saved: &T, qkv: &T, b: usize, t: usize, h: usize, hd: usize, causal: bool) {
+        assert_eq!(hd, 64, "the CUDA attention kernels take head dimension 64 (got {hd})");
+        check_len("attention qkv", qkv, b * t * 3 * h * hd);
+        check_len("attention out", out, b * t * h * hd);
+        check_len("attention saved", saved, b * h * t);
+        want_f32("attention saved log-sum-exps", saved);
+        outputs(&[out, saved], &[qkv]);
+        if b * t * h == 0 {
+            return;
+        }
+        self.launch(
+            "attn_fwd",
+            (t.div_ceil(64) as u32, (b * h) as u32, 1),
+            128,
+            0,
+            Args::new()
+                .ptr(dptr(out))
+                .i32(is_bf(out))
+                .ptr(dptr(saved))
+                .ptr(dptr(qkv))
+                .i32(is_bf(qkv))
+                .i32(b as i32)
+                .i32(t as i32)
+                .i32(h as i32)
+                .i32(causal as i32)
+                .f32(1.0 / (hd as f32).sqrt()),
+        );
+    }
+
+    fn attention_bwd(
+        &self,
+        dqkv: &T,
+        dout: &T,
+        qkv: &T,
+        out: &T,
+        saved: &T,
+        b: usize,
+        t: usize,
+        h: usize,
+        hd: usize,
+        causal: bool,
+    ) {
+        assert_eq!(hd, 64, "the CUDA attention kernels take head dimension 64 (got {hd})");
+        check_len("attention dqkv", dqkv, b * t * 3 * h * hd);
+        check_len("attention dout", dout, b * t * h * hd);
+        check_len("attention saved", saved, b * h * t);
+        want_f32("attention saved log-sum-exps", saved);
+        outputs(&[dqkv], &[dout, qkv, out, saved]);
+        if b * t * h == 0 {
+            return;
+        }
+        let rows = b * h * t;
+        let r = (|| {
+            let dsum = self.dev.scratch(rows * 4)?;
+            self.dev.launch(
+                "attn_bwd_dot",
+                (rows.div_ceil(8) as u32, 1, 1),
+                256,
+                0,
+                Args::new()
+                    .ptr(dsum)
+                    .ptr(dptr(dout))
+                    .i32(is_bf(dout))
+                    .ptr(dptr(out))
+                    .i32(is_bf(out))
+                    .i32(b as i32)
+                    .i32(t as i32)
+                    .i32(h as i32),
+            )?;
+            for entry in ["attn_bwd_dq", "attn_bwd_dkv"] {
+                self.dev.launch(
+                    entry,
+                    (t.div_ceil(64) as u32, (b * h) as u32, 1),
+                    128,
+                    0,
+                    Args::new()
+                        .ptr(dptr(dqkv))
+                        .i32(is_bf(dqkv))
+                        .ptr(dptr(dout))
+                        .i32(is_bf(dout))
+                        .ptr(dptr(qkv))
+                        .i32(is_bf(qkv))
+                        .ptr(dptr(saved))
+                        .ptr(dsum)
+                        .i32(b as i32)
+                        .i32(t as i32)
+                        .i32(h as i32)
+                        .i32(causal as i32)
+                        .f32(1.0 / (hd as f32).sqrt()),
+                )?;
+            }
+            Ok(())
+        })();
+        self.run(r);
+    }
+
+    fn im2col(&self, cols: &T, pixels: &T, b: usize, img: usize, p: usize) {
+        assert!(img % p == 0, "image size {img} is not a multiple of the patch size {p}");
+        check_len("im2col pixels", pixels, b * 3 * img * img);
+        check_len("im2col cols", cols, b * 3 * img * img);
+        outputs(&[cols], &[pixels]);
+        self.ew(
+            "im2col",
+            cols.len(),
+            Args::new()
+                .ptr(dptr(cols))
+                .i32(is_bf(cols))
+                .ptr(dptr(pixels))
+                .i32(is_bf(pixels))
+                .i64(b as i64)
+                .i32(img as i32)
+                .i32(p as i32),
+        );
+    }
+
+    fn vision_embed_fwd(&self, out: &T, patches: &T, cls: &T, pos: &T, b: usize, np: usize, d: usize) {
+        check_len("vision embed out", out, b * (np + 1) * d);
+        check_len("vision embed patches", patches, b * np * d);
+        check_len("vision embed cls", cls, d);
+        check_len("vision embed pos", pos, (np + 1) * d);
+        outputs(&[out], &[patches, cls, pos]);
+        self.ew(
+            "vision_embed_fwd",
+            out.len(),
+            Args::new()
+                .ptr(dptr(out))
+                .i32(is_bf(out))
+                .ptr(dptr(patches))
+                .i32(is_bf(patches))
+                .ptr(dptr(cls))
+                .i32(is_bf(cls))
+                .ptr(dptr(pos))
+                .i32(is_bf(pos))
+                .i64(b as i64)
+                .i32(np as i32)
+                .i32(d as i32),
+        );
+    }
+
+    fn vision_embed_bwd(
+        &self,
+        dpatches: Option<&T>,
+        dcls: Option<&T>,
+        dpos: Option<&T>,
+        dout: &T,
+        b: usize,
+        np: usize,
+        d: usize,
+    ) {
+        check_len("vision embed dout", dout, b * (np + 1) * d);
+        dpatches.inspect(|t| check_len("vision embed dpatches", t, b * np * d));
+        dcls.inspect(|t| check_len("vision embed dcls", t, d));
+        dpos.inspect(|t| check_len("vision embed dpos", t, (np + 1) * d));
+        let outs: Vec<&T> = [dpatches, dcls, dpos].into_iter().flatten().collect();
+        outputs(&outs, &[dout]);
+        if let Some(dp) = dpatches {
+            self.ew(
+                "vision_embed_bwd_patches",
+                dp.len(),
+                Args::new()
+                    .ptr(dptr(dp))
+                    .i32(is_bf(dp))
+                    .ptr(dptr(dout))
+                    .i32(is_bf(dout))
+                    .i64(b as i64)
+                    .i32(np as i32)
+                    .i32(d as i32),
+            );
+        }
+        let seq = (np + 1) * d;
+        // Both batch sums come from one set of column partial sums of dout viewed as [b, seq].
+        if dcls.is_some() || dpos.is_some() {
+            let r = (|| {
+                let rpc = 256usize;
+                let chunks = b.div_ceil(rpc).max(1);
+                let part = self.dev.scratch(chunks * seq * 4)?;
+                self.dev.launch(
+                    "col_sum_partial",
+                    (seq.div_ceil(256) as u32, chunks as u32, 1),
+                    256,
+                    0,
+                    Args::new()
+                        .ptr(part)
+                        .ptr(dptr(dout))
+                        .i32(is_bf(dout))
+                        .i64(b as i64)
+                        .i64(seq as i64)
+                        .i64(rpc as i64),
+                )?;
+                for (t, take) in [(dcls, d), (dpos, seq)] {
+                    if let Some(t) = t {
+                        self.dev.launch(
+                            "col_sum_final",
+                            (blocks(take), 1, 1),
+                            BLOCK,
+                            0,
+                            Args::new()
+                                .ptr(dptr(t))
+                                .i32(is_bf(t))
+                                .ptr(part)
+                                .i64(chunks as i64)
+                                .i64(take as i64)
+                                .i64(seq as i64)
+                                .f32(1.0),
+                        )?;
+                    }
+                }
+                Ok(())
+            })();
+            self.run(r);
+        }
+    }
+
+    fn token_embed_fwd(&self, out: &T, ids: &T, wte: &T, wpe: &T, b: usize, t: usize, d: usize) {
+        check_len("token embed out", out, b * t * d);
+        check_len("token embed ids", ids, b * t);
+        assert_eq!(ids.dtype(), DType::I32, "token ids must be an i32 tensor");
+        assert!(wpe.len() >= t * d, "position embedding has fewer than {t} rows");
+        outputs(&[out], &[wte, wpe]);
+        self.ew(
+            "token_embed_fwd",
+            out.len(),
+            Args::new()
+                .ptr(dptr(out))
+                .i32(is_bf(out))
+                .ptr(dptr(ids))
+                .ptr(dptr(wte))
+                .i32(is_bf(wte))
+                .ptr(dptr(wpe))
+                .i32(is_bf(wpe))
+                .i64(b as i64)
+                .i32(t as i32)
+                .i32(d as i32)
+                .i32((wte.len() / d) as i32)
+                .ptr(self.bad),
+        );
+    }
+
+    fn token_embed_bwd(&self, dwte: Option<&T>, dwpe: Option<&T>, dout: &T, ids: &T, b: usize, t: usize, d: usize) {
+        check_len("token embed dout", dout, b * t * d);
+        check_len("token embed ids", ids, b * t);
+        let outs: Vec<&T> = [dwte, dwpe].into_iter().flatten().collect();
+        outputs(&outs, &[dout]);
+        if let Some(e) = dwte {
+            self.launch(
+                "token_embed_bwd_wte",
+                (d.div_ceil(128) as u32, 1, 1),
+                128,
+                0,
+                Args::new()
+                    .ptr(dptr(e))
+                    .i32(is_bf(e))
+                    .ptr(dptr(dout))
+                    .i32(is_bf(dout))
+                    .ptr(dptr(ids))
+                    .i64((b * t) as i64)
+                    .i32(d as i32)
+                    .i32((e.len() / d) as i32),
+            );
+        }
+        if let Some(p) = dwpe {
+            let r = self.col_sums(p, dptr(dout), is_bf(dout), b, t * d, t * d, 1.0);
+            self.run(r);
+        }
+    }
+
+    fn gather_rows(&self, out: &T, inp: &T, index: &T, b: usize, t: usize, d: usize) {
+        check_len("gather out", out, b * d);
+        check_len("gather inp", inp, b * t * d);
+        check_len("gather index", index, b);
+        assert_eq!(index.dtype(), DType::I32, "gather index must be an i32 tensor");
+        outputs(&[out], &[inp]);
+        self.ew(
+            "gather_rows",
+            out.len(),
+            Args::new()
+                .ptr(dptr(out))
+                .i32(is_bf(out))
+                .ptr(dptr(inp))
+                .i32(is_bf(inp))
+                .ptr(dptr(index))
+                .i64(b as i64)
+                .i32(t as i32)
+                .i32(d as i32)
+                .ptr(self.bad),
+        );
+    }
+
+    fn gather_rows_bwd(&self, dinp: &T, dout: &T, index: &T, b: usize, t: usize, d: usize) {
+        check_len("gather dinp", dinp, b * t * d);
+        check_len("gather dout", dout, b * d);
+        outputs(&[dinp], &[dout]);
+        self.ew(
+            "gather_rows_bwd",
+            dout.len(),
+            Args::new()
+                .ptr(dptr(dinp))
+                .i32(is_bf(dinp))
+                .ptr(dptr(dout))
+                .i32(is_bf(dout))
+                .ptr(dptr(index))
+                .i64(b as i64)
+                .i32(t as i32)
+                .i32(d as i32),
+        );
+    }
+
+    fn infonce_fwd(
+        &self,
+        loss: &T,
+        lse_img: &T,
+        lse_txt: &T,
+        img: &T,
+        txt: &T,
+        all_img: &T,
+        all_txt: &T,
+        logit_scale: &T,
+        dims: InfoNceDims,
+    ) {
+        check_infonce(&dims, img, txt, all_img, all_txt);
+        check_len("infonce loss", loss, 1);
+        check_len("infonce lse_img", lse_img, dims.local);
+        check_len("infonce lse_txt", lse_txt, dims.local);
+        for (w, t) in [("loss", loss), ("lse_img", lse_img), ("lse_txt", lse_txt), ("logit_scale", logit_scale)] {
+            want_f32(&format!("infonce {w}"), t);
+        }
+        outputs(&[loss, lse_img, lse_txt], &[img, txt, all_img, all_txt, logit_scale]);
+        let InfoNceDims { local, global, dim, offset } = dims;
+        let (splits, chunk) = self.infonce_splits(local, global);
+        let r = (|| {
+            let sl = splits * local;
+            let base = self.dev.scratch((4 * sl + 2 * local) * 4)?;
+            let (pm, pl, pos) = (base, base + (2 * sl * 4) as u64, base + (4 * sl * 4) as u64);
+            for (dir, (fx, sx)) in [(img, all_txt), (txt, all_img)].into_iter().enumerate() {
+                let o = |p: u64, per: usize| p + (dir * per * 4) as u64;
+                self.dev.launch(
+                    "infonce_fwd_partial",
+                    (local.div_ceil(64) as u32, splits as u32, 1),
+                    256,
+                    infonce_smem(dim),
+                    Args::new()
+                        .ptr(dptr(fx))
+                        .i32(is_bf(fx))
+                        .i64(local as i64)
+                        .ptr(dptr(sx))
+                        .i32(is_bf(sx))
+                        .i64(global as i64)
+                        .i32(dim as i32)
+                        .i64(chunk as i64)
+                        .i64(offset as i64)
+                        .ptr(dptr(logit_scale))
+                        .ptr(o(pm, sl))
+                        .ptr(o(pl, sl))
+                        .ptr(o(pos, local)),
+                )?;
+            }
+            self.dev.launch(
+                "infonce_fwd_finish",
+                (1, 1, 1),
+                256,
+                0,
+                Args::new()
+                    .ptr(dptr(loss))
+                    .ptr(dptr(lse_img))
+                    .ptr(dptr(lse_txt))
+                    .ptr(pm)
+                    .ptr(pl)
+                    .ptr(pos)
+                    .i64(local as i64)
+                    .i32(splits as i32)
+                    .f32(1.0 / (2.0 * global as f32)),
+            )
+        })();
+        self.run(r);
+    }
+
+    fn infonce_bwd(
+        &self,
+        d_img: &T,
+        d_txt: &T,
+        d_all_img: &T,
+        d_all_txt: &T,
+        d_logit_scale: Option<&T>,
+        dloss: f32,
+        img: &T,
+        txt: &T,
+        all_img: &T,
+        all_txt: &T,
+        logit_scale: &T,
+        lse_img: &T,
+        lse_txt: &T,
+        dims: InfoNceDims,
+    ) {
+        check_infonce(&dims, img, txt, all_img, all_txt);
+        check_infonce(&dims, d_img, d_txt, d_all_img, d_all_txt);
+        for (w, t) in [("lse_img", lse_img), ("lse_txt", lse_txt), ("logit_scale", logit_scale)] {
+            want_f32(&format!("infonce {w}"), t);
+        }
+        if let Some(t) = d_logit_scale {
+            want_f32("infonce d_logit_scale", t);
+        }
+        let mut outs = vec![d_img, d_txt, d_all_img, d_all_txt];
+        outs.extend(d_logit_scale);
+        outputs(&outs, &[img, txt, all_img, all_txt, logit_scale, lse_img, lse_txt]);
+        let InfoNceDims { local, global, dim, offset } = dims;
+        let (splits, chunk) = self.infonce_splits(local, global);
+        let row_tiles = local.div_ceil(64);
+        let coef = dloss / (2.0 * global as f32);
+        let r = (|| {
+            let part_d_len = splits * local * dim;
+            let nds = splits * row_tiles;
+            let base = self.dev.scratch((part_d_len + 2 * nds) * 4)?;
+            let part_ds = base + (part_d_len * 4) as u64;
+            let dirs = [(img, all_txt, lse_img, d_img, d_all_txt), (txt, all_img, lse_txt, d_txt, d_all_img)];
+            for (dir, (x, y, lse, dx, dy)) in dirs.into_iter().enumerate() {
+                self.dev.launch(
+                    "infonce_bwd_rows",
+                    (row_tiles as u32, splits as u32, 1),
+                    256,
+                    infonce_smem(dim),
+                    Args::new()
+                        .ptr(dptr(x))
+                        .i32(is_bf(x))
+                        .i64(local as i64)
+                        .ptr(dptr(y))
+                        .i32(is_bf(y))
+                        .i64(global as i64)
+                        .i32(dim as i32)
+                        .i64(chunk as i64)
+                        .i64(offset as i64)
+                        .ptr(dptr(lse))
+                        .ptr(dptr(logit_scale))
+                        .f32(coef)
+                        .ptr(base)
+                        .ptr(part_ds + (dir * nds * 4) as u64),
+                )?;
+                self.dev.launch(
+                    "infonce_reduce_rows",
+                    (blocks(local * dim).min(self.dev.sm_count * 16), 1, 1),
+                    BLOCK,
+                    0,
+                    Args::new()
+                        .ptr(dptr(dx))
+                        .i32(is_bf(dx))
+                        .ptr(base)
+                        .i32(splits as i32)
+                        .i64((local * dim) as i64)
+                        .ptr(dptr(logit_scale)),
+                )?;
+                self.dev.launch(
+                    "infonce_bwd_cols",
+                    (global.div_ceil(64) as u32, 1, 1),
+                    256,
+                    infonce_smem(dim),
+                    Args::new()
+                        .ptr(dptr(y))
+                        .i32(is_bf(y))
+                        .i64(global as i64)
+                        .ptr(dptr(x))
+                        .i32(is_bf(x))
+                        .i64(local as i64)
+                        .i32(dim as i32)
+                        .i64(offset as i64)
+                        .ptr(dptr(lse))
+                        .ptr(dptr(logit_scale))
+                        .f32(coef)
+                        .ptr(dptr(dy))
+                        .i32(is_bf(dy)),
+                )?;
+            }
+            if let Some(t) = d_logit_scale {
+                self.dev.launch(
+                    "infonce_finish_scale",
+                    (1, 1, 1),
+                    32,
+                    0,
+                    Args::new().ptr(dptr(t)).ptr(part_ds).i64((2 * nds) as i64),
+                )?;
+            }
+            Ok(())
+        })();
+        self.run(r);
+    }
+
+    fn adamw(&self, param: &T, grad: &T, m: &T, v: &T, hp: AdamWStep) {
+        outputs(&[param, m, v], &[grad]);
+        self.adamw_with_bf16_copy(param, grad, m, v, None, hp);
+    }
+}
+
+impl Cuda {
+    /// How the global columns are split across blocks so that about two blocks run per
+    /// multiprocessor: (splits, columns per split, a multiple of 64).
+    fn infonce_splits(&self, local: usize, global: usize) -> (usize, usize) {
+        let row_tiles = local.div_ceil(64).max(1);
+        let col_tiles = global.div_ceil(64).max(1);
+        let want = (2 * self.dev.sm_count as usize).div_ceil(row_tiles).clamp(1, col_tiles);
+        let chunk = col_tiles.div_ceil(want) * 64;
+        (global.div_ceil(chunk).max(1), chunk)
+    }
+}
+
+fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T) {
+    assert!(
+        dims.offset + dims.local <= dims.global,
+        "infonce: local rows {}+{} beyond {} global",
+        dims.offset,
+        dims.local,
+        dims.global
+    );
+    assert!(
+        dims.dim % 64 == 0 && dims.dim > 0 && dims.dim <= 512,
+        "the CUDA InfoNCE kernels take a feature dimension that is a multiple of 64 up to 512 (got {})",
+        dims.dim
+    );
+    check_len("infonce img", img, dims.local * dims.dim);
+    check_len("infonce txt", txt, dims.local * dims.dim);
+    check_len("infonce all_img", all_img, dims.global * dims.dim);
+    check_len("infonce all_txt", all_txt, dims.global * dims.dim);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding() {
+        assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 512.0)), 1.0); // ties to even
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 3.0 / 512.0)), 1.0 + 4.0 / 512.0);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+    }
+}

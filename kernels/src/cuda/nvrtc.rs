@@ -41,6 +41,7 @@ pub const FAMILIES: &[Family] = &[
             "sum_partials_f64",
             "col_sum_partial",
             "col_sum_final",
+            "broadcast_rows",
             "bce_logits_partial",
             "bce_logits_final",
             "bce_logits_bwd",

@@ -1,0 +1,1 @@
+//! Kernel benchmarks (filled in below).

@@ -1,0 +1,1 @@
+//! GPU checks (filled in below).
