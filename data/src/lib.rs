@@ -1,0 +1,10 @@
+//! cxrclip's data: readers for MIMIC-CXR-JPG, CheXpert and RSNA Pneumonia as distributed, report
+//! sections, label policies, a synthetic radiograph generator that writes all three layouts,
+//! packed image shards and the training loader.
+
+pub mod csvio;
+pub mod dicom;
+pub mod labels;
+pub mod synth;
+
+pub use labels::{LabelValue, UncertainPolicy, LABELS, NUM_LABELS};

@@ -1,0 +1,213 @@
+//! Drawing primitives on an attenuation buffer: soft-edged segments, bands and noise fields.
+//! Everything is additive in attenuation units; the tone curve turns it into brightness later.
+
+use rand::Rng;
+
+/// Maps the canonical anatomy frame (unit = image width, midline at x = 0.5) to pixels, with the
+/// patient's own shift and size.
+#[derive(Clone, Copy, Debug)]
+pub struct Frame {
+    pub w: usize,
+    pub h: usize,
+    /// Patient centre in image-normalised units.
+    pub xc: f32,
+    pub yc: f32,
+    /// Patient scale (1 = canonical size).
+    pub sc: f32,
+    /// Vertical pixel offset that centres the square anatomy frame in a taller image.
+    pub y0: f32,
+}
+
+impl Frame {
+    /// Canonical coordinates to pixel coordinates (pixel centres at +0.5).
+    #[inline]
+    pub fn to_px(&self, cx: f32, cy: f32) -> (f32, f32) {
+        let w = self.w as f32;
+        (((cx - 0.5) * self.sc + self.xc) * w, ((cy - 0.5) * self.sc + self.yc) * w + self.y0)
+    }
+    /// Pixel coordinates to canonical coordinates.
+    #[inline]
+    pub fn to_canon(&self, px: f32, py: f32) -> (f32, f32) {
+        let w = self.w as f32;
+        ((px / w - self.xc) / self.sc + 0.5, ((py - self.y0) / w - self.yc) / self.sc + 0.5)
+    }
+    /// Canonical length to pixels.
+    #[inline]
+    pub fn len_px(&self, l: f32) -> f32 {
+        l * self.sc * self.w as f32
+    }
+}
+
+/// A thick segment with a rounded (parabolic) profile, added to `buf`. When `weight` is given the
+/// amount is multiplied by it per pixel (lung markings only show where there is air).
+#[allow(clippy::too_many_arguments)]
+pub fn segment(
+    buf: &mut [f32],
+    f: &Frame,
+    p0: (f32, f32),
+    p1: (f32, f32),
+    half_width: f32,
+    amp: f32,
+    weight: Option<&[f32]>,
+) {
+    let (x0, y0) = f.to_px(p0.0, p0.1);
+    let (x1, y1) = f.to_px(p1.0, p1.1);
+    let hw_true = f.len_px(half_width);
+    // Sub-pixel lines keep their integrated density by widening and dimming.
+    let hw = hw_true.max(0.8);
+    let amp = amp * (hw_true / hw).min(1.0);
+    let (w, h) = (f.w as i32, f.h as i32);
+    let xa = ((x0.min(x1) - hw - 1.0).floor() as i32).max(0);
+    let xb = ((x0.max(x1) + hw + 1.0).ceil() as i32).min(w - 1);
+    let ya = ((y0.min(y1) - hw - 1.0).floor() as i32).max(0);
+    let yb = ((y0.max(y1) + hw + 1.0).ceil() as i32).min(h - 1);
+    if xa > xb || ya > yb {
+        return;
+    }
+    let (dx, dy) = (x1 - x0, y1 - y0);
+    let len2 = (dx * dx + dy * dy).max(1e-6);
+    let inv_hw2 = 1.0 / (hw * hw);
+    for py in ya..=yb {
+        let fy = py as f32 + 0.5;
+        let row = py as usize * f.w;
+        for px in xa..=xb {
+            let fx = px as f32 + 0.5;
+            let t = (((fx - x0) * dx + (fy - y0) * dy) / len2).clamp(0.0, 1.0);
+            let ex = fx - (x0 + t * dx);
+            let ey = fy - (y0 + t * dy);
+            let d2 = (ex * ex + ey * ey) * inv_hw2;
+            if d2 < 1.0 {
+                let i = row + px as usize;
+                let wgt = weight.map_or(1.0, |w| w[i]);
+                buf[i] += amp * (1.0 - d2) * wgt;
+            }
+        }
+    }
+}
+
+/// A polyline through canonical points.
+pub fn polyline(buf: &mut [f32], f: &Frame, pts: &[(f32, f32)], half_width: f32, amp: f32) {
+    for w in pts.windows(2) {
+        segment(buf, f, w[0], w[1], half_width, amp, None);
+    }
+}
+
+/// A mostly-horizontal band drawn column by column: `centre(cx)` gives the canonical y of the
+/// band's middle and its half thickness for canonical x in `[x0, x1]` (or None for a gap), and
+/// `profile(d)` the amount at normalised distance d in [0, 1) from the middle.
+pub fn band(
+    buf: &mut [f32],
+    f: &Frame,
+    x0: f32,
+    x1: f32,
+    centre: impl Fn(f32) -> Option<(f32, f32)>,
+    profile: impl Fn(f32) -> f32,
+) {
+    let (pa, _) = f.to_px(x0.min(x1), 0.0);
+    let (pb, _) = f.to_px(x0.max(x1), 0.0);
+    let pa = (pa.floor() as i32).max(0);
+    let pb = (pb.ceil() as i32).min(f.w as i32 - 1);
+    for px in pa..=pb {
+        let (cx, _) = f.to_canon(px as f32 + 0.5, 0.0);
+        let Some((cy, half)) = centre(cx) else { continue };
+        let (_, pyc) = f.to_px(cx, cy);
+        let hp = f.len_px(half).max(0.7);
+        let ya = ((pyc - hp - 1.0).floor() as i32).max(0);
+        let yb = ((pyc + hp + 1.0).ceil() as i32).min(f.h as i32 - 1);
+        for py in ya..=yb {
+            let d = ((py as f32 + 0.5 - pyc) / hp).abs();
+            // A one-pixel soft edge keeps the band anti-aliased.
+            let edge = ((1.0 - d) * hp + 0.5).clamp(0.0, 1.0);
+            if edge > 0.0 {
+                buf[py as usize * f.w + px as usize] += profile(d.min(1.0)) * edge;
+            }
+        }
+    }
+}
+
+/// Filled ellipse (rotated by `ang`), soft edge of `soft_px` pixels.
+#[allow(clippy::too_many_arguments)]
+pub fn ellipse(buf: &mut [f32], f: &Frame, c: (f32, f32), r: (f32, f32), ang: f32, amp: f32, soft_px: f32) {
+    let (cx, cy) = f.to_px(c.0, c.1);
+    let (rx, ry) = (f.len_px(r.0).max(0.5), f.len_px(r.1).max(0.5));
+    let rm = rx.max(ry) + soft_px + 1.0;
+    let (s, co) = ang.sin_cos();
+    let xa = ((cx - rm).floor() as i32).max(0);
+    let xb = ((cx + rm).ceil() as i32).min(f.w as i32 - 1);
+    let ya = ((cy - rm).floor() as i32).max(0);
+    let yb = ((cy + rm).ceil() as i32).min(f.h as i32 - 1);
+    let rmin = rx.min(ry);
+    for py in ya..=yb {
+        for px in xa..=xb {
+            let dx = px as f32 + 0.5 - cx;
+            let dy = py as f32 + 0.5 - cy;
+            let u = (dx * co + dy * s) / rx;
+            let v = (-dx * s + dy * co) / ry;
+            let q = (u * u + v * v).sqrt();
+            let m = ((1.0 - q) * rmin / soft_px.max(0.5) + 0.5).clamp(0.0, 1.0);
+            if m > 0.0 {
+                buf[py as usize * f.w + px as usize] += amp * m;
+            }
+        }
+    }
+}
+
+/// Bilinear value noise on an `n` x `n` lattice over the unit square, values in [0, 1].
+pub struct ValueNoise {
+    n: usize,
+    g: Vec<f32>,
+}
+
+impl ValueNoise {
+    pub fn new(rng: &mut impl Rng, n: usize) -> Self {
+        ValueNoise { n, g: (0..(n + 1) * (n + 1)).map(|_| rng.random::<f32>()).collect() }
+    }
+    #[inline]
+    pub fn at(&self, x: f32, y: f32) -> f32 {
+        let s = self.n as f32;
+        let fx = (x * s).clamp(0.0, s - 1e-3);
+        let fy = (y * s).clamp(0.0, s - 1e-3);
+        let (ix, iy) = (fx as usize, fy as usize);
+        let (tx, ty) = (fx - ix as f32, fy - iy as f32);
+        let n1 = self.n + 1;
+        let g = &self.g;
+        let a = g[iy * n1 + ix] + (g[iy * n1 + ix + 1] - g[iy * n1 + ix]) * tx;
+        let b = g[(iy + 1) * n1 + ix] + (g[(iy + 1) * n1 + ix + 1] - g[(iy + 1) * n1 + ix]) * tx;
+        a + (b - a) * ty
+    }
+}
+
+/// In-place separable [1, 2, 1] / 4 blur.
+pub fn blur121(buf: &mut [f32], w: usize, h: usize, tmp: &mut Vec<f32>) {
+    tmp.clear();
+    tmp.extend_from_slice(buf);
+    for y in 0..h {
+        let r = &tmp[y * w..(y + 1) * w];
+        let o = &mut buf[y * w..(y + 1) * w];
+        for x in 0..w {
+            let l = r[x.saturating_sub(1)];
+            let rr = r[(x + 1).min(w - 1)];
+            o[x] = 0.25 * (l + rr) + 0.5 * r[x];
+        }
+    }
+    tmp.copy_from_slice(buf);
+    for y in 0..h {
+        let up = y.saturating_sub(1) * w;
+        let dn = (y + 1).min(h - 1) * w;
+        let me = y * w;
+        for x in 0..w {
+            buf[me + x] = 0.25 * (tmp[up + x] + tmp[dn + x]) + 0.5 * tmp[me + x];
+        }
+    }
+}
+
+#[inline]
+pub fn ramp(d: f32) -> f32 {
+    (d + 0.5).clamp(0.0, 1.0)
+}
+
+#[inline]
+pub fn smooth(t: f32) -> f32 {
+    let t = t.clamp(0.0, 1.0);
+    t * t * (3.0 - 2.0 * t)
+}

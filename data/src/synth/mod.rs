@@ -1,0 +1,525 @@
+//! The synthetic radiograph generator: complete trees in the MIMIC-CXR-JPG, CheXpert and RSNA
+//! layouts, deterministic from a seed, rendered in parallel.
+
+pub mod draw;
+pub mod render;
+pub mod report;
+pub mod site;
+pub mod truth;
+
+use std::fs;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::csvio::write_csv_gz;
+use crate::labels::{LabelValue, LABELS, NUM_LABELS};
+use render::Scratch;
+use site::Site;
+use truth::{Truth, View};
+
+/// Which dataset layout to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Mimic,
+    Chexpert,
+    Rsna,
+}
+
+impl FromStr for Layout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mimic" => Ok(Layout::Mimic),
+            "chexpert" => Ok(Layout::Chexpert),
+            "rsna" => Ok(Layout::Rsna),
+            o => Err(format!("unknown layout '{o}' (mimic, chexpert, rsna)")),
+        }
+    }
+}
+
+/// Generator settings.
+#[derive(Clone, Debug)]
+pub struct SynthConfig {
+    pub studies: usize,
+    pub layout: Layout,
+    pub seed: u64,
+    /// The smaller image side in pixels (the width; some sites make taller images).
+    pub size: usize,
+    /// Scales how strongly every finding changes the pixels (1 = as designed; lower is subtler).
+    pub visibility: f32,
+    /// Scales every finding's prevalence.
+    pub prevalence: f32,
+}
+
+impl Default for SynthConfig {
+    fn default() -> Self {
+        SynthConfig { studies: 100, layout: Layout::Mimic, seed: 0, size: 256, visibility: 1.0, prevalence: 1.0 }
+    }
+}
+
+/// What a run wrote and how fast.
+#[derive(Clone, Debug)]
+pub struct SynthSummary {
+    pub studies: usize,
+    pub images: usize,
+    pub patients: usize,
+    pub seconds: f64,
+    pub threads: usize,
+}
+
+impl SynthSummary {
+    pub fn images_per_s_per_core(&self) -> f64 {
+        self.images as f64 / self.seconds.max(1e-9) / self.threads as f64
+    }
+}
+
+/// SplitMix64 finaliser: derives independent seeds for studies and images from one seed.
+pub fn mix(seed: u64, a: u64, b: u64) -> u64 {
+    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xD1B5_4A32_D192_ED69);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One study in the plan: its patient and index.
+#[derive(Clone, Copy, Debug)]
+struct Planned {
+    patient: usize,
+    /// Ordinal of the study within its patient (1-based, as CheXpert names them).
+    ordinal: usize,
+    index: usize,
+}
+
+/// Patients get one to four studies each, as in the real archives.
+fn plan(seed: u64, studies: usize) -> (Vec<Planned>, usize) {
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0xA11, 0));
+    let mut out = Vec::with_capacity(studies);
+    let mut patient = 0;
+    while out.len() < studies {
+        let k = match rng.random::<f32>() {
+            x if x < 0.55 => 1,
+            x if x < 0.8 => 2,
+            x if x < 0.92 => 3,
+            _ => 4,
+        };
+        for o in 0..k {
+            if out.len() == studies {
+                break;
+            }
+            out.push(Planned { patient, ordinal: o + 1, index: out.len() });
+        }
+        patient += 1;
+    }
+    (out, patient)
+}
+
+/// Seeded split of a patient: 80% train, 5% validate, 15% test (test is large enough to measure).
+fn patient_split(seed: u64, patient: usize) -> &'static str {
+    let r = (mix(seed, 0x5117, patient as u64) >> 11) as f64 / (1u64 << 53) as f64;
+    if r < 0.80 {
+        "train"
+    } else if r < 0.85 {
+        "validate"
+    } else {
+        "test"
+    }
+}
+
+/// One image of a study, rendered.
+struct Image {
+    view: View,
+    w: usize,
+    h: usize,
+    pixels: Vec<u8>,
+    boxes: Vec<[f32; 4]>,
+    /// Seeded id bits for file names.
+    id: u64,
+}
+
+/// A rendered study: truth, report, labels and images.
+struct Study {
+    plan: Planned,
+    truth: Truth,
+    report: report::Written,
+    images: Vec<Image>,
+}
+
+fn make_study(cfg: &SynthConfig, site: &Site, p: Planned, scratch: &mut Scratch) -> Study {
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed, 1, p.index as u64));
+    let truth = truth::sample(&mut rng, site, cfg.prevalence);
+    let report = report::write(&mut rng, &truth);
+    let mut views = vec![truth.frontal];
+    if cfg.layout != Layout::Rsna {
+        // Some studies repeat the frontal film (rotation, inspiration); some add a lateral.
+        if rng.random::<f32>() < 0.08 {
+            views.push(truth.frontal);
+        }
+        if truth.has_lateral {
+            views.push(View::Lateral);
+        }
+    }
+    let images = views
+        .into_iter()
+        .enumerate()
+        .map(|(k, view)| {
+            let id = mix(cfg.seed, 2 + k as u64, p.index as u64);
+            let mut irng = ChaCha8Rng::seed_from_u64(id);
+            let aspect = site.aspects[irng.random_range(0..site.aspects.len())];
+            let w = cfg.size;
+            let h = ((cfg.size as f32) * aspect).round() as usize;
+            let mut pixels = Vec::new();
+            let boxes = render::render(&mut irng, &truth, view, site, w, h, cfg.visibility, scratch, &mut pixels);
+            Image { view, w, h, pixels, boxes, id }
+        })
+        .collect();
+    Study { plan: p, truth, report, images }
+}
+
+/// Encodes 8-bit grey pixels as a baseline JPEG.
+pub fn encode_jpeg(pixels: &[u8], w: usize, h: usize, quality: u8) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(w * h / 4);
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .encode(pixels, w as u32, h as u32, image::ExtendedColorType::L8)
+        .context("encoding JPEG")?;
+    Ok(out)
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(d) = path.parent() {
+        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn dicom_id(id: u64, seed: u64) -> String {
+    let b = mix(seed, id, 7);
+    format!(
+        "{:08x}-{:08x}-{:08x}-{:08x}-{:08x}",
+        (id >> 32) as u32,
+        id as u32,
+        (b >> 32) as u32,
+        b as u32,
+        (mix(b, 1, 1) >> 32) as u32
+    )
+}
+
+fn subject_id(patient: usize) -> u64 {
+    10_000_032 + 113 * patient as u64
+}
+
+fn study_id(index: usize) -> u64 {
+    50_000_014 + 71 * index as u64
+}
+
+/// Writes a tree of `cfg.studies` studies under `out` in `cfg.layout`. Rendering, encoding and
+/// writing run on rayon's pool; the csv files are written at the end in study order, so the
+/// output is byte-identical for a seed whatever the thread count.
+pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
+    if cfg.size < 32 {
+        bail!("--size must be at least 32 pixels (got {})", cfg.size);
+    }
+    if cfg.studies == 0 {
+        bail!("--studies must be at least 1");
+    }
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let site = site::for_layout(match cfg.layout {
+        Layout::Mimic => "mimic",
+        Layout::Chexpert => "chexpert",
+        Layout::Rsna => "rsna",
+    });
+    let (plan, patients) = plan(cfg.seed, cfg.studies);
+    let start = Instant::now();
+    let rows: Vec<Result<Vec<Row>>> = plan
+        .par_iter()
+        .map_init(Scratch::default, |scratch, p| {
+            let study = make_study(cfg, site, *p, scratch);
+            write_study(out, cfg, &study)
+        })
+        .collect();
+    let mut all = Vec::new();
+    for r in rows {
+        all.extend(r?);
+    }
+    let images = all.iter().filter(|r| r.is_image).count();
+    match cfg.layout {
+        Layout::Mimic => write_mimic_tables(out, &all)?,
+        Layout::Chexpert => write_chexpert_tables(out, &all)?,
+        Layout::Rsna => write_rsna_tables(out, &all)?,
+    }
+    Ok(SynthSummary {
+        studies: cfg.studies,
+        images,
+        patients,
+        seconds: start.elapsed().as_secs_f64(),
+        threads: rayon::current_num_threads(),
+    })
+}
+
+/// One csv row's worth of facts, produced by the parallel part and written at the end.
+struct Row {
+    is_image: bool,
+    cells: Vec<Vec<String>>,
+    /// Which table: 0 metadata, 1 split, 2 chexpert, 3 negbio (MIMIC); 0 train, 1 valid (CheXpert);
+    /// 0 labels, 1 class info (RSNA).
+    table: usize,
+}
+
+fn labels_cells(l: &[LabelValue; NUM_LABELS], order: &[usize]) -> Vec<String> {
+    order.iter().map(|&i| l[i].as_csv().to_string()).collect()
+}
+
+/// MIMIC's label files list the labels alphabetically.
+fn alphabetical() -> Vec<usize> {
+    let mut o: Vec<usize> = (0..NUM_LABELS).collect();
+    o.sort_by_key(|&i| LABELS[i]);
+    o
+}
+
+fn write_study(out: &Path, cfg: &SynthConfig, s: &Study) -> Result<Vec<Row>> {
+    match cfg.layout {
+        Layout::Mimic => write_mimic_study(out, cfg, s),
+        Layout::Chexpert => write_chexpert_study(out, cfg, s),
+        Layout::Rsna => write_rsna_study(out, cfg, s),
+    }
+}
+
+fn write_mimic_study(out: &Path, cfg: &SynthConfig, s: &Study) -> Result<Vec<Row>> {
+    let subj = subject_id(s.plan.patient);
+    let stud = study_id(s.plan.index);
+    let dir = out.join("files").join(format!("p{}", &subj.to_string()[..2])).join(format!("p{subj}"));
+    write_file(&dir.join(format!("s{stud}.txt")), s.report.text.as_bytes())?;
+    let split = patient_split(cfg.seed, s.plan.patient);
+    let mut rows = Vec::new();
+    let day = 1 + s.plan.index % 28;
+    let month = 1 + (s.plan.ordinal * 3 + s.plan.patient) % 12;
+    let year = 2110 + (s.plan.patient % 90) + s.plan.ordinal;
+    for img in &s.images {
+        let did = dicom_id(img.id, cfg.seed);
+        let jpg = encode_jpeg(&img.pixels, img.w, img.h, 92)?;
+        write_file(&dir.join(format!("s{stud}")).join(format!("{did}.jpg")), &jpg)?;
+        let (proc_desc, view_code) = match img.view {
+            View::Lateral => ("CHEST (PA AND LAT)", "lateral"),
+            View::Ap => ("CHEST (PORTABLE AP)", "antero-posterior"),
+            View::Pa => ("CHEST (PA AND LAT)", "postero-anterior"),
+        };
+        let orient = if img.view == View::Ap && s.truth.acuity == 2 { "Recumbent" } else { "Erect" };
+        rows.push(Row {
+            is_image: true,
+            table: 0,
+            cells: vec![vec![
+                did.clone(),
+                subj.to_string(),
+                stud.to_string(),
+                proc_desc.to_string(),
+                img.view.position().to_string(),
+                img.h.to_string(),
+                img.w.to_string(),
+                format!("{year}{month:02}{day:02}"),
+                format!(
+                    "{:02}{:02}{:02}.{:03}",
+                    (s.plan.index * 7) % 24,
+                    (s.plan.index * 13) % 60,
+                    (img.id % 60),
+                    img.id % 1000
+                ),
+                "Chest X-Ray".to_string(),
+                view_code.to_string(),
+                orient.to_string(),
+            ]],
+        });
+        rows.push(Row {
+            is_image: false,
+            table: 1,
+            cells: vec![vec![did, stud.to_string(), subj.to_string(), split.to_string()]],
+        });
+    }
+    let order = alphabetical();
+    for (table, l) in [(2, &s.report.chexpert), (3, &s.report.negbio)] {
+        let mut c = vec![subj.to_string(), stud.to_string()];
+        c.extend(labels_cells(l, &order));
+        rows.push(Row { is_image: false, table, cells: vec![c] });
+    }
+    Ok(rows)
+}
+
+fn write_mimic_tables(out: &Path, rows: &[Row]) -> Result<()> {
+    let meta_h = [
+        "dicom_id",
+        "subject_id",
+        "study_id",
+        "PerformedProcedureStepDescription",
+        "ViewPosition",
+        "Rows",
+        "Columns",
+        "StudyDate",
+        "StudyTime",
+        "ProcedureCodeSequence_CodeMeaning",
+        "ViewCodeSequence_CodeMeaning",
+        "PatientOrientationCodeSequence_CodeMeaning",
+    ];
+    let split_h = ["dicom_id", "study_id", "subject_id", "split"];
+    let mut lab_h = vec!["subject_id", "study_id"];
+    lab_h.extend(alphabetical().iter().map(|&i| LABELS[i]));
+    let pick = |t: usize| rows.iter().filter(move |r| r.table == t).flat_map(|r| r.cells.iter().cloned());
+    write_csv_gz(&out.join("mimic-cxr-2.0.0-metadata.csv.gz"), &meta_h, pick(0))?;
+    write_csv_gz(&out.join("mimic-cxr-2.0.0-split.csv.gz"), &split_h, pick(1))?;
+    write_csv_gz(&out.join("mimic-cxr-2.0.0-chexpert.csv.gz"), &lab_h, pick(2))?;
+    write_csv_gz(&out.join("mimic-cxr-2.0.0-negbio.csv.gz"), &lab_h, pick(3))?;
+    Ok(())
+}
+
+/// CheXpert's validation set: about 3% of patients, labelled by radiologists (no uncertainty).
+fn chexpert_is_valid(seed: u64, patient: usize) -> bool {
+    mix(seed, 0xC4E, patient as u64) % 100 < 3
+}
+
+/// Radiologist-consensus labels: what is visibly there, 1 or 0.
+fn consensus(t: &Truth, visibility: f32) -> [LabelValue; NUM_LABELS] {
+    let mut l = [LabelValue::Negative; NUM_LABELS];
+    let mut sick = false;
+    for (i, v) in l.iter_mut().enumerate().skip(1) {
+        if t.severity[i] * visibility > 0.3 {
+            *v = LabelValue::Positive;
+            sick |= i != truth::idx::DEVICES;
+        }
+    }
+    l[0] = if sick { LabelValue::Negative } else { LabelValue::Positive };
+    l
+}
+
+const CHEXPERT_DIR: &str = "CheXpert-v1.0-small";
+
+fn write_chexpert_study(out: &Path, cfg: &SynthConfig, s: &Study) -> Result<Vec<Row>> {
+    let valid = chexpert_is_valid(cfg.seed, s.plan.patient);
+    let part = if valid { "valid" } else { "train" };
+    let pdir = format!("patient{:05}", s.plan.patient + 1);
+    let labels = if valid { consensus(&s.truth, cfg.visibility) } else { s.report.chexpert };
+    let mut rows = Vec::new();
+    let mut frontal_n = 0;
+    for (k, img) in s.images.iter().enumerate() {
+        let kind = if img.view == View::Lateral { "lateral" } else { "frontal" };
+        frontal_n += (img.view != View::Lateral) as usize;
+        let rel = format!("{CHEXPERT_DIR}/{part}/{pdir}/study{}/view{}_{kind}.jpg", s.plan.ordinal, k + 1);
+        let jpg = encode_jpeg(&img.pixels, img.w, img.h, 90)?;
+        write_file(&out.join(&rel), &jpg)?;
+        let mut c = vec![
+            rel,
+            if s.truth.female { "Female" } else { "Male" }.to_string(),
+            s.truth.age.to_string(),
+            if img.view == View::Lateral { "Lateral" } else { "Frontal" }.to_string(),
+            if img.view == View::Lateral { String::new() } else { img.view.position().to_string() },
+        ];
+        c.extend(labels_cells(&labels, &(0..NUM_LABELS).collect::<Vec<_>>()));
+        rows.push(Row { is_image: true, table: valid as usize, cells: vec![c] });
+    }
+    debug_assert!(frontal_n >= 1);
+    Ok(rows)
+}
+
+fn write_chexpert_tables(out: &Path, rows: &[Row]) -> Result<()> {
+    let mut h = vec!["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"];
+    h.extend(LABELS.iter());
+    for (t, name) in [(0, "train.csv"), (1, "valid.csv")] {
+        let path = out.join(CHEXPERT_DIR).join(name);
+        let cells = rows.iter().filter(|r| r.table == t).flat_map(|r| r.cells.iter().cloned());
+        crate::csvio::write_csv(&path, &h, cells)?;
+    }
+    Ok(())
+}
+
+fn rsna_patient_id(seed: u64, index: usize) -> String {
+    let a = mix(seed, 0x25A, index as u64);
+    let b = mix(a, 3, 3);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        (a >> 32) as u32,
+        (a >> 16) as u16,
+        a as u16,
+        (b >> 48) as u16,
+        b & 0xFFFF_FFFF_FFFF
+    )
+}
+
+fn write_rsna_study(out: &Path, cfg: &SynthConfig, s: &Study) -> Result<Vec<Row>> {
+    use truth::idx::{CONSOLIDATION, PNEUMONIA};
+    let pid = rsna_patient_id(cfg.seed, s.plan.index);
+    let img = &s.images[0];
+    // Every tenth file is MONOCHROME1 (inverted) so that readers must honour the interpretation.
+    let mono1 = mix(cfg.seed, 0x1, s.plan.index as u64) % 10 == 0;
+    let dcm = crate::dicom::encode_dicom(
+        &img.pixels,
+        img.w,
+        img.h,
+        &crate::dicom::DicomMeta {
+            patient_id: pid.clone(),
+            sex: if s.truth.female { "F" } else { "M" }.into(),
+            age: s.truth.age,
+            view: img.view.position().into(),
+            monochrome1: mono1,
+            uid_seed: mix(cfg.seed, 0xD1C, s.plan.index as u64),
+        },
+    )?;
+    write_file(&out.join("stage_2_train_images").join(format!("{pid}.dcm")), &dcm)?;
+    let target = (s.truth.present(PNEUMONIA) || s.truth.present(CONSOLIDATION)) && !img.boxes.is_empty();
+    let mut cells = Vec::new();
+    if target {
+        for b in &img.boxes {
+            cells.push(vec![
+                pid.clone(),
+                format!("{:.1}", b[0]),
+                format!("{:.1}", b[1]),
+                format!("{:.1}", b[2]),
+                format!("{:.1}", b[3]),
+                "1".to_string(),
+            ]);
+        }
+    } else {
+        cells.push(vec![pid.clone(), String::new(), String::new(), String::new(), String::new(), "0".to_string()]);
+    }
+    let abnormal = (1..truth::idx::DEVICES).any(|i| s.truth.present(i));
+    let class = if target {
+        "Lung Opacity"
+    } else if abnormal {
+        "No Lung Opacity / Not Normal"
+    } else {
+        "Normal"
+    };
+    let info = (0..cells.len()).map(|_| vec![pid.clone(), class.to_string()]).collect();
+    Ok(vec![Row { is_image: true, table: 0, cells }, Row { is_image: false, table: 1, cells: info }])
+}
+
+fn write_rsna_tables(out: &Path, rows: &[Row]) -> Result<()> {
+    let cells = |t: usize| rows.iter().filter(move |r| r.table == t).flat_map(|r| r.cells.iter().cloned());
+    crate::csvio::write_csv(
+        &out.join("stage_2_train_labels.csv"),
+        &["patientId", "x", "y", "width", "height", "Target"],
+        cells(0),
+    )?;
+    crate::csvio::write_csv(&out.join("stage_2_detailed_class_info.csv"), &["patientId", "class"], cells(1))?;
+    Ok(())
+}
+
+/// Renders one image in memory (no files): for benchmarks and the contact sheet.
+pub fn render_one(cfg: &SynthConfig, index: usize) -> (Vec<u8>, usize, usize, [LabelValue; NUM_LABELS], String) {
+    let site = site::for_layout(match cfg.layout {
+        Layout::Mimic => "mimic",
+        Layout::Chexpert => "chexpert",
+        Layout::Rsna => "rsna",
+    });
+    let mut scratch = Scratch::default();
+    let s = make_study(cfg, site, Planned { patient: index, ordinal: 1, index }, &mut scratch);
+    let img = s.images.into_iter().next().expect("every study has a frontal image");
+    (img.pixels, img.w, img.h, s.report.chexpert, s.report.text)
+}
+
+/// Writes a text file, creating its folder (used by tests that corrupt trees).
+pub fn put_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file(path, bytes)
+}

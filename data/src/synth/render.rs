@@ -1,0 +1,781 @@
+//! Draws a chest radiograph from a study's ground truth: anatomy first (soft tissue, lungs, heart,
+//! mediastinum, spine, ribs, clavicles, diaphragm), findings as the changes they make to a film,
+//! then the site's detector (tone curve, blur, grain).
+//!
+//! The model is additive attenuation: soft tissue adds, aerated lung removes, and opacities act by
+//! replacing air (fluid, pus, collapse), so they only show inside the lungs, as on a real film.
+
+use std::f32::consts::PI;
+
+use rand::Rng;
+
+use super::draw::{band, blur121, ellipse, polyline, ramp, segment, smooth, Frame, ValueNoise};
+use super::site::Site;
+use super::truth::{idx::*, Side, Truth, View, Zone};
+
+/// Per-thread buffers reused between images.
+#[derive(Default)]
+pub struct Scratch {
+    a: Vec<f32>,
+    vis: Vec<f32>,
+    fill: Vec<f32>,
+    tmp: Vec<f32>,
+}
+
+/// A focal opacity in one lung, in lung-local coordinates (u = distance from the midline).
+#[derive(Clone, Copy, Debug)]
+struct Blob {
+    side: Side,
+    u: f32,
+    v: f32,
+    ru: f32,
+    rv: f32,
+    cos: f32,
+    sin: f32,
+    dens: f32,
+    /// Width of the soft edge relative to the radius (ill-defined vs sharp margins).
+    soft: f32,
+}
+
+impl Blob {
+    #[inline]
+    fn at(&self, u: f32, v: f32, tex: f32) -> f32 {
+        let du = u - self.u;
+        let dv = v - self.v;
+        let a = (du * self.cos + dv * self.sin) / self.ru;
+        let b = (-du * self.sin + dv * self.cos) / self.rv;
+        let q = a * a + b * b;
+        if q > 2.0 {
+            return 0.0;
+        }
+        // The texture roughens the margin: patchy airspace disease is never a clean ellipse.
+        let m = ((1.0 - q + (tex - 0.5) * self.soft * 1.5) / self.soft).clamp(0.0, 1.0);
+        self.dens * m
+    }
+}
+
+/// The lung outline of one side, in lung-local coordinates.
+#[derive(Clone, Copy, Debug)]
+struct Lung {
+    lmax: f32,
+    apex: f32,
+    dome: f32,
+}
+
+impl Lung {
+    #[inline]
+    fn lateral(&self, v: f32) -> f32 {
+        let t = ((0.40 - v) / 0.31).max(0.0);
+        self.lmax - 0.20 * t * t
+    }
+    #[inline]
+    fn bottom(&self, u: f32) -> f32 {
+        let a = (u - 0.1).max(0.0);
+        let b = (0.1 - u).max(0.0);
+        self.dome + 1.0 * a * a + 0.5 * b * b
+    }
+    #[inline]
+    fn top(&self, u: f32) -> f32 {
+        self.apex + 0.9 * (u - 0.16) * (u - 0.16)
+    }
+    /// Soft inside-ness in [0, 1]; `e` is the edge width in canonical units.
+    #[inline]
+    fn mask(&self, u: f32, v: f32, e: f32) -> f32 {
+        if v < self.apex - e || u > self.lmax + e || v > self.dome + 0.12 {
+            return 0.0;
+        }
+        let m1 = ramp((u - 0.035) / e);
+        let m2 = ramp((self.lateral(v) - u) / e);
+        let m3 = ramp((v - self.top(u)) / e);
+        let m4 = ramp((self.bottom(u) - v) / e);
+        m1 * m2 * m3 * m4
+    }
+}
+
+/// Everything drawn for one image, chosen from the truth and the image's own randomness.
+struct Scene {
+    lungs: [Lung; 2],
+    heart_c: (f32, f32),
+    heart_r: (f32, f32),
+    med_hw: f32,
+    blobs: Vec<Blob>,
+    effusion: [f32; 2],
+    edema: f32,
+    ptx: [f32; 2],
+    /// The first `n_pneumonic` blobs are consolidation / pneumonia (the RSNA boxes).
+    n_pneumonic: usize,
+}
+
+fn side_index(s: Side) -> usize {
+    match s {
+        Side::Right => 0,
+        _ => 1,
+    }
+}
+
+fn zone_v(z: Zone, lung: &Lung) -> f32 {
+    match z {
+        Zone::Upper => lung.apex + 0.12,
+        Zone::Middle => 0.42,
+        Zone::Lower => lung.dome - 0.08,
+    }
+}
+
+fn sides(s: Side) -> &'static [Side] {
+    match s {
+        Side::Both => &[Side::Right, Side::Left],
+        Side::Right => &[Side::Right],
+        Side::Left => &[Side::Left],
+    }
+}
+
+fn build_scene(rng: &mut impl Rng, t: &Truth, view: View, vis: f32) -> Scene {
+    let sev = |i: usize| (t.severity[i] * vis).min(1.2);
+    let ap = view == View::Ap;
+    // Portable AP films are taken with less inspiration: higher domes, broader-looking heart.
+    let dome = if ap { rng.random_range(0.62..0.67) } else { rng.random_range(0.67..0.72) };
+    let mut lungs = [
+        Lung { lmax: rng.random_range(0.38..0.41), apex: rng.random_range(0.085..0.105), dome },
+        Lung { lmax: rng.random_range(0.38..0.41), apex: rng.random_range(0.085..0.105), dome: dome + 0.025 },
+    ];
+    if t.present(ATELECTASIS) {
+        // Volume loss pulls the hemidiaphragm up on the collapsed side.
+        for s in sides(t.side[ATELECTASIS]) {
+            lungs[side_index(*s)].dome -= 0.035 * sev(ATELECTASIS);
+        }
+    }
+    let thoracic = lungs[0].lmax + lungs[1].lmax;
+    let mut ctr = rng.random_range(0.40..0.47) + if ap { 0.04 } else { 0.0 };
+    if t.present(CARDIOMEGALY) {
+        ctr = 0.53 + 0.12 * sev(CARDIOMEGALY);
+    }
+    let hw = ctr * thoracic;
+    let heart_r = (hw / 2.0, 0.12 + 0.03 * (ctr - 0.45).max(0.0) / 0.2);
+    let heart_c = (0.5 + 0.17 * hw, lungs[1].dome - heart_r.1 * 0.72);
+    let mut med_hw = rng.random_range(0.055..0.065) + if ap { 0.01 } else { 0.0 };
+    if t.present(ECM) {
+        med_hw += 0.03 + 0.04 * sev(ECM);
+    }
+
+    let mut blobs = Vec::new();
+    let push = |blobs: &mut Vec<Blob>,
+                rng: &mut dyn rand::RngCore,
+                s: Side,
+                u: f32,
+                v: f32,
+                r: (f32, f32),
+                dens: f32,
+                soft: f32| {
+        let ang: f32 = rng.random_range(-0.6..0.6);
+        blobs.push(Blob { side: s, u, v, ru: r.0, rv: r.1, cos: ang.cos(), sin: ang.sin(), dens, soft });
+    };
+    let mut n_pneumonic = 0;
+    for (i, dens, size, count) in [(CONSOLIDATION, 0.85, 0.09, 1), (PNEUMONIA, 0.7, 0.07, 2), (OPACITY, 0.45, 0.05, 3)]
+    {
+        if i == OPACITY {
+            n_pneumonic = blobs.len();
+        }
+        if !t.present(i) {
+            continue;
+        }
+        for s in sides(t.side[i]) {
+            let lung = lungs[side_index(*s)];
+            let v0 = zone_v(t.zone[i], &lung);
+            let n = rng.random_range(1..=count);
+            for _ in 0..n {
+                let u = rng.random_range(0.14..lung.lmax - 0.06);
+                let v = v0 + rng.random_range(-0.05..0.05);
+                let r = size * (0.7 + 0.6 * sev(i));
+                let r = (r * rng.random_range(0.8..1.3), r * rng.random_range(0.7..1.1));
+                push(&mut blobs, rng, *s, u, v, r, dens * (0.5 + 0.5 * sev(i)), 0.5);
+            }
+        }
+    }
+    if t.present(ATELECTASIS) {
+        // Plate-like (discoid) atelectasis: a thin, slightly oblique band at the base.
+        for s in sides(t.side[ATELECTASIS]) {
+            let lung = lungs[side_index(*s)];
+            let u = rng.random_range(0.17..0.27);
+            let v = lung.dome - rng.random_range(0.05..0.1);
+            let r = (0.08 + 0.04 * sev(ATELECTASIS), 0.009 + 0.006 * sev(ATELECTASIS));
+            push(&mut blobs, rng, *s, u, v, r, 0.8 * sev(ATELECTASIS).min(1.0), 0.35);
+        }
+    }
+    if t.present(LESION) {
+        let s = t.side[LESION];
+        let lung = lungs[side_index(s)];
+        let r = 0.012 + 0.03 * sev(LESION) * rng.random::<f32>();
+        let u = rng.random_range(0.14..lung.lmax - 0.05);
+        let v = zone_v(t.zone[LESION], &lung) + rng.random_range(-0.04..0.04);
+        let rv = r * rng.random_range(0.85..1.0);
+        push(&mut blobs, rng, s, u, v, (r, rv), 0.9, 0.12);
+    }
+    if t.present(PLEURAL_OTHER) {
+        // Pleural thickening / plaque: a lentiform density hugging the lateral chest wall.
+        let s = t.side[PLEURAL_OTHER];
+        let lung = lungs[side_index(s)];
+        let v = zone_v(t.zone[PLEURAL_OTHER], &lung);
+        let u = lung.lateral(v) - 0.008;
+        let ang = 1.5;
+        blobs.push(Blob {
+            side: s,
+            u,
+            v,
+            ru: 0.06 + 0.05 * sev(PLEURAL_OTHER),
+            rv: 0.012 + 0.01 * sev(PLEURAL_OTHER),
+            cos: f32::cos(ang),
+            sin: f32::sin(ang),
+            dens: 0.8,
+            soft: 0.25,
+        });
+    }
+    let mut effusion = [0.0; 2];
+    if t.present(EFFUSION) {
+        for s in sides(t.side[EFFUSION]) {
+            effusion[side_index(*s)] = sev(EFFUSION);
+        }
+    }
+    let mut ptx = [0.0; 2];
+    if t.present(PNEUMOTHORAX) {
+        ptx[side_index(t.side[PNEUMOTHORAX])] = sev(PNEUMOTHORAX);
+    }
+    let edema = if t.present(EDEMA) { sev(EDEMA) } else { 0.0 };
+    Scene { lungs, heart_c, heart_r, med_hw, blobs, effusion, edema, ptx, n_pneumonic }
+}
+
+/// Renders one image of `truth` in `view` as 8-bit grey, `w` x `h`, into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn render(
+    rng: &mut impl Rng,
+    truth: &Truth,
+    view: View,
+    site: &Site,
+    w: usize,
+    h: usize,
+    visibility: f32,
+    scratch: &mut Scratch,
+    out: &mut Vec<u8>,
+) -> Vec<[f32; 4]> {
+    let n = w * h;
+    let Scratch { a, vis, fill, tmp } = scratch;
+    a.clear();
+    a.resize(n, 0.0);
+    vis.clear();
+    vis.resize(n, 0.0);
+    fill.clear();
+    fill.resize(n, 0.0);
+    let frame = Frame {
+        w,
+        h,
+        xc: 0.5 + rng.random_range(-0.02..0.02),
+        yc: 0.5 + rng.random_range(-0.015..0.03),
+        sc: if truth.female { rng.random_range(0.86..0.97) } else { rng.random_range(0.92..1.03) },
+        y0: (h as f32 - w as f32) * 0.5,
+    };
+    let boxes = match view {
+        View::Lateral => {
+            lateral(rng, truth, &frame, visibility, a, vis);
+            Vec::new()
+        }
+        _ => frontal(rng, truth, view, &frame, visibility, a, vis, fill),
+    };
+    if site.marker {
+        marker(a, &frame, view, rng.random_range(0.03..0.08));
+    }
+    for _ in 0..site.blur_passes {
+        blur121(a, w, h, tmp);
+    }
+    expose(rng, a, site, out);
+    boxes
+}
+
+#[allow(clippy::too_many_arguments)]
+fn frontal(
+    rng: &mut impl Rng,
+    t: &Truth,
+    view: View,
+    f: &Frame,
+    visibility: f32,
+    a: &mut [f32],
+    vis: &mut [f32],
+    fill: &mut [f32],
+) -> Vec<[f32; 4]> {
+    let sc = build_scene(rng, t, view, visibility);
+    let (w, h) = (f.w, f.h);
+    let e = 1.2 / f.len_px(1.0);
+    let tex_lo = ValueNoise::new(rng, 10);
+    let tex_hi = ValueNoise::new(rng, 36);
+    let knob_c = (0.5 + sc.med_hw + 0.012, 0.27);
+    let knob_r = 0.03 + (sc.med_hw - 0.06).max(0.0) * 0.5;
+    let (hcx, hcy) = sc.heart_c;
+    let (hrx, hry) = sc.heart_r;
+    let carina = 0.33;
+    let bubble = (0.5 + 0.17, sc.lungs[1].dome + 0.065);
+    for py in 0..h {
+        for px in 0..w {
+            let (cx, cy) = f.to_canon(px as f32 + 0.5, py as f32 + 0.5);
+            let dx = cx - 0.5;
+            let adx = dx.abs();
+            // Body outline: neck, shoulders, chest wall; thicker in the middle.
+            let hwb = if cy < 0.0 {
+                0.09
+            } else if cy < 0.12 {
+                0.09 + 0.39 * smooth(cy / 0.12)
+            } else {
+                0.48 - 0.02 * (cy - 0.12)
+            };
+            let body = ramp((hwb - adx) / e);
+            let i = py * w + px;
+            if body <= 0.0 {
+                a[i] = 0.0;
+                continue;
+            }
+            let rr = (1.0 - (adx / hwb) * (adx / hwb)).max(0.0);
+            let mut att = 1.05 * body * (0.45 + 0.55 * rr.sqrt());
+            // Heart, mediastinum and the aortic knob hide the lung behind them.
+            // The heart's long axis tilts down towards the apex (patient's left, image right).
+            let (hx, hy) = (cx - hcx, cy - hcy);
+            let (hu, hv) = (hx * 0.95 + hy * 0.31, -hx * 0.31 + hy * 0.95);
+            let hq = (hu / hrx).powi(2) + (hv / hry).powi(2);
+            let heart = ramp((1.0 - hq.sqrt()) * hrx.min(hry) / (3.5 * e));
+            let med_w = sc.med_hw * (0.7 + 0.3 * smooth((cy - 0.08) / 0.2));
+            let med = if cy < hcy { ramp((med_w - (dx - 0.005).abs()) / (2.0 * e)) } else { 0.0 };
+            let kd = ((cx - knob_c.0).powi(2) + (cy - knob_c.1).powi(2)).sqrt();
+            let knob = ramp((knob_r - kd) / (2.0 * e));
+            let occl = heart.max(med).max(knob);
+            att += 0.16 * heart + 0.1 * med;
+            // Spine: vertebral bodies with disc spaces, mostly seen through the mediastinum.
+            if adx < 0.045 {
+                let sp = ramp((0.032 - adx) / e);
+                let ph = (cy * 22.0).fract();
+                let vert = if ph < 0.16 { 0.5 } else { 1.0 };
+                att += 0.14 * sp * vert;
+                // Pedicles: paired ovals at each level.
+                let pd = ((adx - 0.022) / 0.008).powi(2) + ((ph - 0.45) / 0.18).powi(2);
+                if pd < 1.0 {
+                    att += 0.06 * (1.0 - pd);
+                }
+            }
+            // Trachea: an air column down to the carina.
+            if cy < carina && (dx - 0.004).abs() < 0.03 {
+                att -= 0.35 * ramp((0.017 - (dx - 0.004).abs()) / e) * smooth((cy + 0.1) / 0.15);
+            }
+            // Gastric bubble under the left hemidiaphragm.
+            let bq = ((cx - bubble.0) / 0.055).powi(2) + ((cy - bubble.1) / 0.028).powi(2);
+            if bq < 1.0 {
+                att -= 0.45 * smooth((1.0 - bq) * 3.0);
+            }
+            let (side, si) = if dx < 0.0 { (Side::Right, 0) } else { (Side::Left, 1) };
+            let lung = &sc.lungs[si];
+            let (u, v) = (adx, cy);
+            let m = lung.mask(u, v, e);
+            if m > 0.0 {
+                let thick = 0.75 + 0.25 * smooth((v - lung.apex) / 0.2);
+                let tx = tex_lo.at(cx, cy);
+                let mut keep = 1.0f32; // fraction of the air left after opacities
+                                       // Effusion: dependent fluid with a meniscus, higher at the lateral wall.
+                let ef = sc.effusion[si];
+                if ef > 0.0 {
+                    let hgt = 0.03 + 0.22 * ef;
+                    let cp = lung.bottom(lung.lmax);
+                    let level = cp - hgt + 0.65 * hgt * (1.0 - u / lung.lmax).max(0.0);
+                    keep *= 1.0 - 0.92 * ((v - level) / 0.025).clamp(0.0, 1.0);
+                }
+                if sc.edema > 0.0 {
+                    let hu = (u - 0.1) / 0.13;
+                    let hv = (v - 0.42) / 0.13;
+                    let haze = (-(hu * hu + hv * hv) * 0.5).exp();
+                    keep *= 1.0 - sc.edema * (0.55 * haze + 0.12) * (0.7 + 0.6 * tx);
+                }
+                for b in &sc.blobs {
+                    if b.side == side {
+                        let th = tex_hi.at(cx, cy);
+                        keep *= 1.0 - b.at(u, v, 0.5 * th + 0.5 * tx);
+                    }
+                }
+                let mut air = m * thick * (1.0 - occl) * keep;
+                let mut mark = air;
+                let pt = sc.ptx[si];
+                if pt > 0.0 {
+                    // Pneumothorax: a rim of free air at the apex and lateral wall, no markings
+                    // beyond a thin pleural line.
+                    let d0 = 0.025 + 0.09 * pt;
+                    let ext = 0.2 + 0.35 * pt;
+                    let dd = d0 * (1.0 - ((v - lung.apex) / ext).clamp(0.0, 1.0).powi(2));
+                    let line_u = lung.lateral(v) - dd;
+                    let free = ramp((u - line_u) / e) * ramp(dd / e);
+                    air = air * (1.0 - free) + m * free * 1.1;
+                    mark *= 1.0 - free;
+                    let lp = ((u - line_u) / (0.8 * e)).abs();
+                    if dd > e && lp < 1.0 && v > lung.top(u) {
+                        att += 0.12 * (1.0 - lp);
+                    }
+                }
+                att -= 0.68 * air;
+                // Parenchymal mottle: lungs are never a flat grey.
+                att += 0.07 * air * (tex_hi.at(cx, cy) - 0.5);
+                vis[i] = mark;
+                fill[i] = m * (1.0 - occl) * (1.0 - keep);
+            }
+            // Hila: pulmonary arteries fanning out from the mediastinum.
+            let hdx = adx - 0.095;
+            let hdy = cy - 0.41;
+            let hq2 = (hdx * hdx + hdy * hdy) / (0.04 * 0.04);
+            if hq2 < 8.0 {
+                att += 0.14 * (-hq2 * 0.5).exp();
+            }
+            a[i] = att;
+        }
+    }
+
+    // Vessels: a branching tree from each hilum, visible only where there is air.
+    let vess_w = 1.0 + 0.5 * sc.edema;
+    for (si, sgn) in [(0usize, -1.0f32), (1, 1.0)] {
+        let lung = sc.lungs[si];
+        for k in 0..7 {
+            let base = -1.25 + 2.5 * (k as f32 + 0.5) / 7.0 + rng.random_range(-0.15..0.15);
+            let start = (0.5 + sgn * rng.random_range(0.08..0.11), 0.41 + rng.random_range(-0.03..0.03));
+            branch(a, f, vis, rng, start, base, sgn, 0.08 * (lung.lmax / 0.4), 0.0045 * vess_w, 0.11, 4);
+        }
+        // Kerley B lines: short horizontal septal lines at the lateral bases.
+        if sc.edema > 0.3 {
+            for _ in 0..(4.0 + 8.0 * sc.edema) as usize {
+                let v = lung.dome - rng.random_range(0.0..0.14);
+                let ul = lung.lateral(v);
+                let u0 = ul - rng.random_range(0.0..0.01);
+                let u1 = u0 - rng.random_range(0.015..0.03);
+                segment(a, f, (0.5 + sgn * u0, v), (0.5 + sgn * u1, v), 0.0015, 0.3 * sc.edema, Some(vis));
+            }
+        }
+    }
+    // Air bronchograms: dark branching air in dense consolidation.
+    if t.present(CONSOLIDATION) || t.present(PNEUMONIA) {
+        for b in sc.blobs.iter().filter(|b| b.dens > 0.55 && b.soft > 0.4) {
+            let sgn = if b.side == Side::Right { -1.0 } else { 1.0 };
+            for _ in 0..3 {
+                let p0 = (0.5 + sgn * (b.u - 0.5 * b.ru), b.v + rng.random_range(-0.3..0.3) * b.rv);
+                let ang: f32 = rng.random_range(-0.5..0.5);
+                let l = b.ru * rng.random_range(0.6..1.1);
+                let p1 = (p0.0 + sgn * l * ang.cos(), p0.1 + l * ang.sin());
+                segment(a, f, p0, p1, 0.003, -0.5, Some(fill));
+            }
+        }
+    }
+
+    ribs(a, f, t, &sc, view, rng);
+    // Clavicles: S-shaped bones from the sternal notch up and out to the shoulders.
+    let clav_y = if view == View::Ap { 0.115 } else { 0.145 };
+    let clav_rise = if view == View::Ap { 0.02 } else { 0.05 };
+    for sgn in [-1.0f32, 1.0] {
+        let (x0, x1) = if sgn < 0.0 { (0.5 - 0.34, 0.5 - 0.035) } else { (0.5 + 0.035, 0.5 + 0.34) };
+        band(
+            a,
+            f,
+            x0,
+            x1,
+            |cx| {
+                let u = (cx - 0.5).abs();
+                let s = (u - 0.035) / 0.3;
+                Some((clav_y - clav_rise * s + 0.012 * (2.0 * PI * s).sin(), 0.012 + 0.004 * (1.0 - s)))
+            },
+            |d| 0.2 + 0.12 * d * d,
+        );
+        if view == View::Ap {
+            // The scapulae project over the lateral lungs on AP films.
+            segment(a, f, (0.5 + sgn * 0.37, 0.13), (0.5 + sgn * 0.31, 0.36), 0.004, 0.12, None);
+        }
+    }
+    // Humeral heads at the upper corners.
+    for sgn in [-1.0f32, 1.0] {
+        ellipse(a, f, (0.5 + sgn * 0.45, 0.085), (0.045, 0.055), 0.0, 0.25, 3.0);
+    }
+    devices(a, f, t, &sc, rng);
+    // Bounding boxes of the pneumonic opacities, in pixels (x, y, width, height).
+    sc.blobs[..sc.n_pneumonic]
+        .iter()
+        .map(|b| {
+            let sgn = if b.side == Side::Right { -1.0 } else { 1.0 };
+            let (px, py) = f.to_px(0.5 + sgn * b.u, b.v);
+            let r = f.len_px(b.ru.max(b.rv));
+            let x0 = (px - r).max(0.0);
+            let y0 = (py - r).max(0.0);
+            [x0, y0, (px + r).min(f.w as f32) - x0, (py + r).min(f.h as f32) - y0]
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn branch(
+    a: &mut [f32],
+    f: &Frame,
+    vis: &[f32],
+    rng: &mut impl Rng,
+    p: (f32, f32),
+    ang: f32,
+    sgn: f32,
+    len: f32,
+    hw: f32,
+    amp: f32,
+    depth: u32,
+) {
+    let l = len * rng.random_range(0.7..1.2);
+    let q = (p.0 + sgn * l * ang.cos(), p.1 + l * ang.sin());
+    segment(a, f, p, q, hw, amp, Some(vis));
+    if depth > 1 {
+        for d in [-1.0f32, 1.0] {
+            let na = ang + d * rng.random_range(0.2..0.5);
+            branch(a, f, vis, rng, q, na, sgn, len * 0.8, hw * 0.72, amp * 0.85, depth - 1);
+        }
+    }
+}
+
+fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut impl Rng) {
+    let spacing = rng.random_range(0.053..0.06);
+    let start = rng.random_range(0.1..0.12);
+    let fracture = if t.present(FRACTURE) {
+        let k = match t.zone[FRACTURE] {
+            Zone::Upper => rng.random_range(2..4),
+            Zone::Middle => rng.random_range(4..6),
+            Zone::Lower => rng.random_range(6..8),
+        };
+        Some((side_index(t.side[FRACTURE]), k, rng.random_range(0.27..0.36), t.severity[FRACTURE]))
+    } else {
+        None
+    };
+    let amp = if view == View::Ap { 0.13 } else { 0.16 };
+    for (si, sgn) in [(0usize, -1.0f32), (1, 1.0)] {
+        let lmax = sc.lungs[si].lmax;
+        for k in 0..11 {
+            let y0 = start + k as f32 * spacing;
+            let frac = fracture.filter(|fr| fr.0 == si && fr.1 == k);
+            let (x0, x1) = (0.5 + sgn * 0.03, 0.5 + sgn * (lmax + 0.045));
+            band(
+                a,
+                f,
+                x0,
+                x1,
+                |cx| {
+                    let u = (cx - 0.5).abs();
+                    let mut y = y0 - 0.055 * (PI * (u / 0.46).min(1.0)).sin() + 0.42 * u * u;
+                    if let Some((_, _, uf, s)) = frac {
+                        // A break: a gap in the cortex and a step in the lateral fragment.
+                        if (u - uf).abs() < 0.004 + 0.004 * s {
+                            return None;
+                        }
+                        if u > uf {
+                            y += 0.006 + 0.01 * s;
+                        }
+                    }
+                    Some((y, 0.011 + 0.006 * u / 0.4))
+                },
+                |d| amp * (0.45 + 0.55 * d.powi(4)),
+            );
+        }
+        // Anterior ribs: fainter, sloping down towards the midline.
+        for k in 0..6 {
+            let y1 = start + 0.1 + k as f32 * 0.07;
+            let (x0, x1) = (0.5 + sgn * 0.13, 0.5 + sgn * lmax);
+            band(
+                a,
+                f,
+                x0,
+                x1,
+                |cx| {
+                    let u = (cx - 0.5).abs();
+                    let s = ((lmax - u) / (lmax - 0.13)).clamp(0.0, 1.0);
+                    Some((y1 + 0.1 * s.powf(1.2), 0.012))
+                },
+                |_| 0.05,
+            );
+        }
+    }
+}
+
+fn devices(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, rng: &mut impl Rng) {
+    let d = &t.devices;
+    let dome_l = sc.lungs[1].dome;
+    if d.ett {
+        // Endotracheal tube: faint walls with a radio-opaque stripe, tip above the carina.
+        let tip = rng.random_range(0.24..0.3);
+        segment(a, f, (0.5 + 0.004, -0.4), (0.5 + 0.004, tip), 0.009, 0.12, None);
+        segment(a, f, (0.5 + 0.009, -0.4), (0.5 + 0.009, tip), 0.0018, 1.0, None);
+    }
+    if d.ng_tube {
+        let pts = [
+            (0.5 - 0.012, -0.4),
+            (0.5 - 0.01, 0.3),
+            (0.5 + 0.02, dome_l),
+            (0.5 + 0.13, dome_l + 0.07),
+            (0.5 + 0.17, dome_l + 0.1),
+        ];
+        polyline(a, f, &pts, 0.0022, 0.9);
+    }
+    if d.central_line {
+        let right = rng.random::<bool>();
+        let s = if right { -1.0 } else { 1.0 };
+        let pts = [(0.5 + s * 0.16, -0.06), (0.5 + s * 0.09, 0.15), (0.5 + s * 0.05, 0.22), (0.5 - 0.03, 0.34)];
+        polyline(a, f, &pts, 0.0022, 0.8);
+    }
+    if d.pacemaker {
+        ellipse(a, f, (0.5 + 0.25, 0.17), (0.038, 0.025), 0.1, 2.2, 1.2);
+        let pts = [
+            (0.5 + 0.23, 0.17),
+            (0.5 + 0.12, 0.14),
+            (0.5 + 0.02, 0.25),
+            (0.5 - 0.01, 0.45),
+            (0.5 + 0.12, dome_l - 0.05),
+        ];
+        polyline(a, f, &pts, 0.003, 1.0);
+    }
+    if d.sternal_wires {
+        for k in 0..5 {
+            let y = 0.24 + k as f32 * 0.055;
+            ellipse(a, f, (0.5 + 0.002, y), (0.012, 0.005), 0.0, 0.9, 0.8);
+            ellipse(a, f, (0.5 + 0.002, y), (0.007, 0.0025), 0.0, -0.9, 0.8);
+        }
+    }
+}
+
+/// The lateral projection: anterior to the image's left, spine on the right.
+fn lateral(rng: &mut impl Rng, t: &Truth, f: &Frame, vis_scale: f32, a: &mut [f32], vis: &mut [f32]) {
+    let (w, h) = (f.w, f.h);
+    let e = 1.2 / f.len_px(1.0);
+    let sev = |i: usize| (t.severity[i] * vis_scale).min(1.2);
+    let dome = rng.random_range(0.66..0.72);
+    let heart_r = if t.present(CARDIOMEGALY) { 0.15 + 0.04 * sev(CARDIOMEGALY) } else { 0.14 };
+    let heart_c = (0.36, dome - 0.09);
+    let tex = ValueNoise::new(rng, 24);
+    let eff = if t.present(EFFUSION) { sev(EFFUSION) } else { 0.0 };
+    let mut blobs = Vec::new();
+    for i in [CONSOLIDATION, PNEUMONIA, OPACITY, LESION] {
+        if t.present(i) {
+            let v = match t.zone[i] {
+                Zone::Upper => 0.25,
+                Zone::Middle => 0.42,
+                Zone::Lower => dome - 0.1,
+            };
+            let r = if i == LESION { 0.02 } else { 0.06 + 0.04 * sev(i) };
+            blobs.push(Blob {
+                side: Side::Both,
+                u: rng.random_range(0.45..0.7),
+                v,
+                ru: r,
+                rv: r * 0.8,
+                cos: 1.0,
+                sin: 0.0,
+                dens: 0.6 * sev(i).min(1.0),
+                soft: if i == LESION { 0.12 } else { 0.5 },
+            });
+        }
+    }
+    for py in 0..h {
+        for px in 0..w {
+            let (cx, cy) = f.to_canon(px as f32 + 0.5, py as f32 + 0.5);
+            let front = if cy < 0.12 { 0.38 - 0.2 * smooth(cy / 0.12) } else { 0.16 + 0.06 * (cy - 0.5).powi(2) };
+            let back = 0.93;
+            let body = ramp((cx - front) / e) * ramp((back - cx) / e);
+            let i = py * w + px;
+            if body <= 0.0 {
+                a[i] = 0.0;
+                continue;
+            }
+            let mut att = 1.45 * body;
+            let top = 0.1 + 1.2 * (cx - 0.55).powi(2);
+            let bot = dome + 0.5 * (cx - 0.4).powi(2);
+            let ant = 0.22 + 0.1 * (cy - 0.55).max(0.0);
+            let m = ramp((cy - top) / e) * ramp((bot - cy) / e) * ramp((cx - ant) / e) * ramp((0.84 - cx) / e);
+            let hq = ((cx - heart_c.0).powi(2) + ((cy - heart_c.1) / 0.9).powi(2)).sqrt();
+            let heart = ramp((heart_r - hq) / e);
+            if m > 0.0 {
+                let mut keep = 1.0f32;
+                if eff > 0.0 && cx > 0.55 {
+                    let level = bot - 0.03 - 0.15 * eff + 0.1 * (0.84 - cx);
+                    keep *= 1.0 - 0.9 * ((cy - level) / 0.025).clamp(0.0, 1.0);
+                }
+                let tx = tex.at(cx, cy);
+                for b in &blobs {
+                    keep *= 1.0 - b.at(cx, cy, tx);
+                }
+                let air = m * (1.0 - heart) * keep;
+                att -= 1.0 * air;
+                att += 0.06 * air * (tx - 0.5);
+                vis[i] = air;
+            }
+            att += 0.2 * heart;
+            // Vertebral bodies with discs; they look darker lower down (lung behind them).
+            if (0.76..0.88).contains(&cx) {
+                let ph = (cy * 22.0).fract();
+                let b = ramp((cx - 0.77) / e) * ramp((0.87 - cx) / e);
+                att += b * if ph < 0.18 { 0.1 } else { 0.38 };
+            }
+            if (0.14..0.2).contains(&cx) && (0.14..0.55).contains(&cy) {
+                att += 0.25 * ramp((cx - 0.155) / e) * ramp((0.185 - cx) / e);
+            }
+            a[i] = att;
+        }
+    }
+    // Trachea and the raised arms.
+    segment(a, f, (0.46, -0.2), (0.53, 0.36), 0.014, -0.3, None);
+    segment(a, f, (0.3, 0.28), (0.2, -0.3), 0.035, 0.35, None);
+    segment(a, f, (0.36, 0.26), (0.28, -0.3), 0.03, 0.3, None);
+    for k in 0..10 {
+        let ang: f32 = -1.6 + 3.2 * k as f32 / 10.0;
+        let p = (0.55, 0.42);
+        let l = rng.random_range(0.08..0.14);
+        segment(a, f, p, (p.0 + l * ang.cos(), p.1 + l * ang.sin()), 0.005, 0.18, Some(vis));
+    }
+    if t.devices.pacemaker {
+        ellipse(a, f, (0.3, 0.17), (0.035, 0.012), 0.0, 2.0, 1.0);
+    }
+    if t.devices.ett {
+        segment(a, f, (0.44, -0.3), (0.5, 0.27), 0.002, 0.9, None);
+    }
+}
+
+/// A lead side marker ("L" on frontals) burnt into a corner, as technologists place them.
+fn marker(a: &mut [f32], f: &Frame, view: View, inset: f32) {
+    let w = f.w as f32;
+    let s = (w * 0.05).max(4.0);
+    let (x0, y0) = if view == View::Lateral { (w * inset, w * inset) } else { (w * (1.0 - inset) - s, w * inset) };
+    let thick = (s * 0.25).max(1.0);
+    let mut rect = |x: f32, y: f32, rw: f32, rh: f32| {
+        for py in y as usize..((y + rh) as usize).min(f.h) {
+            for px in x as usize..((x + rw) as usize).min(f.w) {
+                a[py * f.w + px] = 3.0;
+            }
+        }
+    };
+    rect(x0, y0, thick, s);
+    rect(x0, y0 + s - thick, s * 0.7, thick);
+}
+
+/// The detector: exposure tone curve, gamma, offset and grain, to 8-bit.
+fn expose(rng: &mut impl Rng, a: &[f32], site: &Site, out: &mut Vec<u8>) {
+    // A lookup table over attenuation keeps the exp/powf out of the per-pixel loop.
+    const LUT_N: usize = 4096;
+    const A_MIN: f32 = -0.5;
+    const A_MAX: f32 = 4.5;
+    let k = 1.2 * site.exposure;
+    let lut: Vec<f32> = (0..LUT_N)
+        .map(|j| {
+            let x = A_MIN + (A_MAX - A_MIN) * j as f32 / (LUT_N - 1) as f32;
+            let v = (1.0 - (-k * x.max(0.0)).exp()).powf(site.gamma) + site.offset;
+            v * 255.0
+        })
+        .collect();
+    let scale = (LUT_N - 1) as f32 / (A_MAX - A_MIN);
+    let mut s: u64 = rng.random::<u64>() | 1;
+    let amp = site.noise * 255.0 * 1.2;
+    out.clear();
+    out.extend(a.iter().map(|&x| {
+        let j = ((x - A_MIN) * scale).clamp(0.0, (LUT_N - 1) as f32) as usize;
+        // xorshift64*: two uniforms summed give a cheap bell-shaped grain.
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        let r = s.wrapping_mul(0x2545F4914F6CDD1D);
+        let n1 = (r >> 40) as f32 / (1u64 << 24) as f32;
+        let n2 = ((r >> 16) & 0xFF_FFFF) as f32 / (1u64 << 24) as f32;
+        (lut[j] + amp * (n1 + n2 - 1.0)).clamp(0.0, 255.0) as u8
+    }));
+}
