@@ -1,1 +1,595 @@
-//! GPU checks (filled in below).
+//! GPU checks: every CUDA op against the CPU op (the reference) on fresh random inputs, at
+//! several sizes including ones that are not multiples of the kernels' tiles.
+//!
+//! Each check is written once, generic over the backend, and run on [`Cpu`] and [`Cuda`].
+//! Tensors the model keeps in bf16 on CUDA are asked for as `DType::Bf16` (the CPU serves
+//! them in f32), and their random inputs are rounded to bf16 first so that both backends see
+//! the same numbers. Forward outputs are poisoned with NaN before the launch, so an element
+//! a kernel fails to write shows up as NaN; gradient outputs (which ops add into) start from
+//! random values, so an unwritten element misses its gradient. NaN never passes. An output
+//! passes when `‖cuda − cpu‖ / ‖cpu‖ <= tol` and every element is within
+//! `atol + rtol * |cpu|` with `rtol = tol` and `atol = tol * rms(cpu)`.
+//!
+//! Run by `coordinator gpu-check` and by the ignored tests in `kernels/tests/cuda_ops.rs`.
+//! **Not yet run on a GPU** (written in a session without one).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+
+use super::{bf16_to_f32, f32_to_bf16, Cuda};
+use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
+use crate::cpu::Cpu;
+use crate::tensor::Tensor;
+
+/// One compared output.
+#[derive(Clone, Debug)]
+pub struct CheckResult {
+    pub op: String,
+    pub size: String,
+    pub output: String,
+    /// ‖cuda − cpu‖ / ‖cpu‖.
+    pub rel_err: f64,
+    /// The largest |cuda − cpu| / (atol + rtol |cpu|) over the elements (pass: <= 1).
+    pub worst: f64,
+    pub tol: f64,
+    pub passed: bool,
+    pub note: String,
+}
+
+/// Tolerance (relative) of outputs computed from bf16 operands; f32 paths use `TOL_F32`.
+pub const TOL_BF16: f64 = 2e-2;
+pub const TOL_F32: f64 = 1e-4;
+
+/// A small, seedable generator (xorshift64*), seeded from the clock by default: fresh inputs
+/// every run, and the seed is printed so that a failure can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+    pub fn from_clock() -> Self {
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        Self::new(t ^ 0x9e37_79b9_7f4a_7c15)
+    }
+    pub fn seed(&self) -> u64 {
+        self.0
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+    /// Values exactly representable in bf16.
+    pub fn vec_bf16(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| bf16_to_f32(f32_to_bf16(self.uniform() * scale))).collect()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+fn up<B: Backend>(be: &B, data: &[f32], dt: DType) -> Result<Tensor<B>> {
+    let t = be.alloc(data.len(), dt)?;
+    be.upload_f32(&t, data)?;
+    Ok(t)
+}
+
+fn up_i32<B: Backend>(be: &B, data: &[i32]) -> Result<Tensor<B>> {
+    let t = be.alloc(data.len(), DType::I32)?;
+    be.upload_i32(&t, data)?;
+    Ok(t)
+}
+
+/// An output buffer filled with NaN.
+fn poisoned<B: Backend>(be: &B, n: usize, dt: DType) -> Result<Tensor<B>> {
+    let t = be.alloc(n, dt)?;
+    be.fill(&t, f32::NAN);
+    Ok(t)
+}
+
+fn down<B: Backend>(be: &B, t: &Tensor<B>) -> Result<Vec<f32>> {
+    let mut v = vec![0.0; t.len()];
+    be.download_f32(t, &mut v)?;
+    Ok(v)
+}
+
+type Outs = Vec<(&'static str, Vec<f32>)>;
+
+/// Runs the same block on the CPU and on CUDA (`$be` bound to each in turn).
+macro_rules! both {
+    ($cuda:expr, |$be:ident| $body:block) => {{
+        let cpu_out: Result<Outs> = {
+            let $be = &Cpu;
+            (|| -> Result<Outs> { $body })()
+        };
+        let gpu_out: Result<Outs> = {
+            let $be = $cuda;
+            (|| -> Result<Outs> { $body })()
+        };
+        (cpu_out, gpu_out)
+    }};
+}
+
+/// Compares named outputs and appends one result per output.
+fn compare(res: &mut Vec<CheckResult>, op: &str, size: &str, tol: f64, outs: (Result<Outs>, Result<Outs>)) {
+    let fail = |res: &mut Vec<CheckResult>, what: String| {
+        res.push(CheckResult {
+            op: op.into(),
+            size: size.into(),
+            output: "-".into(),
+            rel_err: f64::NAN,
+            worst: f64::NAN,
+            tol,
+            passed: false,
+            note: what,
+        })
+    };
+    let (cpu, gpu) = match outs {
+        (Ok(c), Ok(g)) => (c, g),
+        (Err(e), _) => return fail(res, format!("cpu: {e:#}")),
+        (_, Err(e)) => return fail(res, format!("cuda: {e:#}")),
+    };
+    for ((name, r), (_, g)) in cpu.iter().zip(&gpu) {
+        res.push(judge(op, size, name, r, g, tol));
+    }
+}
+
+/// The verdict on one output.
+pub fn judge(op: &str, size: &str, output: &str, reference: &[f32], got: &[f32], tol: f64) -> CheckResult {
+    let mut note = String::new();
+    let n = reference.len().max(1) as f64;
+    let ref_sq: f64 = reference.iter().map(|&x| (x as f64).powi(2)).sum();
+    let rms = (ref_sq / n).sqrt();
+    let (mut diff_sq, mut worst, mut nans) = (0.0f64, 0.0f64, 0usize);
+    for (&r, &g) in reference.iter().zip(got) {
+        if !g.is_finite() || !r.is_finite() {
+            nans += 1;
+            continue;
+        }
+        let d = (g as f64 - r as f64).abs();
+        diff_sq += d * d;
+        let bound = tol * rms + tol * (r as f64).abs();
+        if bound > 0.0 {
+            worst = worst.max(d / bound);
+        } else if d > 0.0 {
+            worst = f64::INFINITY;
+        }
+    }
+    if reference.len() != got.len() {
+        note = format!("length {} vs {}", got.len(), reference.len());
+    }
+    if nans > 0 {
+        note = format!("{nans} non-finite elements (unwritten or overflowed)");
+    }
+    if ref_sq == 0.0 {
+        note = "reference is all zeros: not a test".into();
+    }
+    let rel_err = if ref_sq > 0.0 { (diff_sq / ref_sq).sqrt() } else { f64::NAN };
+    let passed = note.is_empty() && rel_err <= tol && worst <= 1.0;
+    CheckResult { op: op.into(), size: size.into(), output: output.into(), rel_err, worst, tol, passed, note }
+}
+
+/// Runs every check; `quick` keeps the small sizes only. Returns the seed and the results.
+pub fn run_all(cuda: &Cuda, quick: bool) -> (u64, Vec<CheckResult>) {
+    let mut rng = Rng::from_clock();
+    let seed = rng.seed();
+    let mut res = Vec::new();
+    elementwise(cuda, &mut rng, &mut res, quick);
+    linear(cuda, &mut rng, &mut res, quick);
+    norms(cuda, &mut rng, &mut res, quick);
+    activations(cuda, &mut rng, &mut res, quick);
+    attention(cuda, &mut rng, &mut res, quick);
+    embeddings(cuda, &mut rng, &mut res, quick);
+    infonce(cuda, &mut rng, &mut res, quick);
+    optimizer(cuda, &mut rng, &mut res, quick);
+    (seed, res)
+}
+
+fn elementwise(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let sizes: &[usize] = if quick { &[1, 1000, 65_537] } else { &[1, 1000, 65_537, 3_000_001] };
+    for &n in sizes {
+        let size = format!("n={n}");
+        let (a, b) = (rng.vec(n, 2.0), rng.vec(n, 2.0));
+        let s = rng.uniform() * 3.0;
+        let out = both!(cuda, |be| {
+            let ta = up(be, &a, DType::F32)?;
+            let tb = up(be, &b, DType::F32)?;
+            let o = poisoned(be, n, DType::F32)?;
+            be.add(&o, &ta, &tb);
+            let acc = up(be, &a, DType::F32)?;
+            be.accumulate(&acc, &tb);
+            be.scale(&acc, s);
+            be.clamp_max(&acc, 0.5);
+            let cast = poisoned(be, n, DType::Bf16)?;
+            be.copy(&cast, &ta);
+            let back = poisoned(be, n, DType::F32)?;
+            be.copy(&back, &cast);
+            let ss = up(be, &[1.5], DType::F32)?;
+            be.sum_squares(&ss, &ta);
+            let f = poisoned(be, n, DType::F32)?;
+            be.fill(&f, s);
+            Ok(vec![
+                ("add", down(be, &o)?),
+                ("acc,scale,clamp", down(be, &acc)?),
+                ("cast f32>bf16>f32", down(be, &back)?),
+                ("sum_squares", down(be, &ss)?),
+                ("fill", down(be, &f)?),
+            ])
+        });
+        compare(res, "elementwise", &size, TOL_BF16.min(4e-3), out);
+    }
+}
+
+fn linear(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let sizes: &[(usize, usize, usize)] = if quick {
+        &[(7, 64, 40), (77, 512, 512)]
+    } else {
+        &[(7, 64, 40), (77, 512, 512), (394, 768, 3072), (50, 3072, 768)]
+    };
+    for &(n, c, oc) in sizes {
+        let size = format!("n={n} c={c} oc={oc}");
+        let x = rng.vec_bf16(n * c, 1.0);
+        let w = rng.vec_bf16(oc * c, 1.0 / (c as f32).sqrt());
+        let bias = rng.vec(oc, 0.5);
+        let dy = rng.vec_bf16(n * oc, 1.0);
+        let (g0, gw0, gb0) = (rng.vec(n * c, 0.1), rng.vec(oc * c, 0.1), rng.vec(oc, 0.1));
+        let out = both!(cuda, |be| {
+            let tx = up(be, &x, DType::Bf16)?;
+            let tw = up(be, &w, DType::Bf16)?;
+            let tb = up(be, &bias, DType::F32)?;
+            let y = poisoned(be, n * oc, DType::F32)?;
+            be.linear_fwd(&y, &tx, &tw, Some(&tb), n, c, oc);
+            let y2 = poisoned(be, n * oc, DType::Bf16)?;
+            be.linear_fwd(&y2, &tx, &tw, None, n, c, oc);
+            let tdy = up(be, &dy, DType::Bf16)?;
+            let dx = up(be, &g0, DType::F32)?;
+            let dw = up(be, &gw0, DType::F32)?;
+            let db = up(be, &gb0, DType::F32)?;
+            be.linear_bwd(Some(&dx), Some(&dw), Some(&db), &tdy, &tx, &tw, n, c, oc);
+            Ok(vec![
+                ("out (bias, f32)", down(be, &y)?),
+                ("out (bf16)", down(be, &y2)?),
+                ("dinp", down(be, &dx)?),
+                ("dw", down(be, &dw)?),
+                ("dbias", down(be, &db)?),
+            ])
+        });
+        compare(res, "linear", &size, TOL_BF16, out);
+    }
+}
+
+fn norms(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let sizes: &[(usize, usize)] =
+        if quick { &[(5, 100), (197, 768)] } else { &[(5, 100), (197, 768), (3 * 257, 1024)] };
+    for &(n, c) in sizes {
+        let size = format!("n={n} c={c}");
+        let x: Vec<f32> = rng.vec_bf16(n * c, 2.0).iter().map(|v| v + 0.3).collect();
+        let gamma = rng.vec(c, 1.0);
+        let beta = rng.vec(c, 0.5);
+        let dy = rng.vec_bf16(n * c, 1.0);
+        let (g0, gg0, gb0) = (rng.vec(n * c, 0.1), rng.vec(c, 0.1), rng.vec(c, 0.1));
+        let out = both!(cuda, |be| {
+            let tx = up(be, &x, DType::Bf16)?;
+            let tg = up(be, &gamma, DType::F32)?;
+            let tb = up(be, &beta, DType::F32)?;
+            let y = poisoned(be, n * c, DType::Bf16)?;
+            let mean = poisoned(be, n, DType::F32)?;
+            let rstd = poisoned(be, n, DType::F32)?;
+            be.layernorm_fwd(&y, &mean, &rstd, &tx, &tg, &tb, n, c, 1e-5);
+            let tdy = up(be, &dy, DType::Bf16)?;
+            let dx = up(be, &g0, DType::F32)?;
+            let dg = up(be, &gg0, DType::F32)?;
+            let db = up(be, &gb0, DType::F32)?;
+            be.layernorm_bwd(&dx, Some(&dg), Some(&db), &tdy, &tx, &tg, &mean, &rstd, n, c);
+            let l2 = poisoned(be, n * c, DType::F32)?;
+            let nrm = poisoned(be, n, DType::F32)?;
+            be.l2norm_fwd(&l2, &nrm, &tx, n, c);
+            let dl2 = up(be, &g0, DType::F32)?;
+            be.l2norm_bwd(&dl2, &tdy, &l2, &nrm, n, c);
+            Ok(vec![
+                ("layernorm out", down(be, &y)?),
+                ("mean", down(be, &mean)?),
+                ("rstd", down(be, &rstd)?),
+                ("layernorm dinp", down(be, &dx)?),
+                ("dgamma", down(be, &dg)?),
+                ("dbeta", down(be, &db)?),
+                ("l2norm out", down(be, &l2)?),
+                ("l2norm norm", down(be, &nrm)?),
+                ("l2norm dinp", down(be, &dl2)?),
+            ])
+        });
+        compare(res, "layernorm+l2norm", &size, TOL_BF16, out);
+    }
+}
+
+fn activations(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let n = if quick { 10_001 } else { 1_000_003 };
+    for kind in [Activation::QuickGelu, Activation::Gelu] {
+        let size = format!("n={n} {kind:?}");
+        let x = rng.vec_bf16(n, 4.0);
+        let dy = rng.vec_bf16(n, 1.0);
+        let g0 = rng.vec(n, 0.1);
+        let out = both!(cuda, |be| {
+            let tx = up(be, &x, DType::Bf16)?;
+            let y = poisoned(be, n, DType::F32)?;
+            be.act_fwd(kind, &y, &tx);
+            let tdy = up(be, &dy, DType::Bf16)?;
+            let dx = up(be, &g0, DType::F32)?;
+            be.act_bwd(kind, &dx, &tdy, &tx);
+            Ok(vec![("out", down(be, &y)?), ("dinp", down(be, &dx)?)])
+        });
+        compare(res, "activation", &size, 1e-3, out);
+    }
+}
+
+fn attention(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let sizes: &[(usize, usize, usize, bool)] = if quick {
+        &[(2, 50, 3, false), (2, 77, 2, true), (1, 64, 1, false)]
+    } else {
+        &[
+            (2, 50, 3, false),
+            (2, 77, 2, true),
+            (1, 64, 1, false),
+            (2, 197, 4, false),
+            (1, 257, 2, false),
+            (3, 130, 2, true),
+        ]
+    };
+    let hd = 64;
+    for &(b, t, h, causal) in sizes {
+        let size = format!("b={b} t={t} h={h}{}", if causal { " causal" } else { "" });
+        let qkv = rng.vec_bf16(b * t * 3 * h * hd, 1.5);
+        let dy = rng.vec_bf16(b * t * h * hd, 1.0);
+        let g0 = rng.vec(b * t * 3 * h * hd, 0.1);
+        let out = both!(cuda, |be| {
+            let tq = up(be, &qkv, DType::Bf16)?;
+            let o = poisoned(be, b * t * h * hd, DType::Bf16)?;
+            let saved = poisoned(be, be.attention_saved_len(b, t, h), DType::F32)?;
+            be.attention_fwd(&o, &saved, &tq, b, t, h, hd, causal);
+            let tdy = up(be, &dy, DType::Bf16)?;
+            let dq = up(be, &g0, DType::F32)?;
+            be.attention_bwd(&dq, &tdy, &tq, &o, &saved, b, t, h, hd, causal);
+            Ok(vec![("out", down(be, &o)?), ("dqkv", down(be, &dq)?)])
+        });
+        compare(res, "attention", &size, TOL_BF16, out);
+    }
+}
+
+fn embeddings(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let (b, img, p, d) = if quick { (2, 64, 16, 64) } else { (4, 224, 32, 768) };
+    let np = (img / p) * (img / p);
+    let size = format!("b={b} img={img} p={p} d={d}");
+    let pixels = rng.vec(b * 3 * img * img, 1.0);
+    let patches = rng.vec_bf16(b * np * d, 1.0);
+    let cls = rng.vec(d, 1.0);
+    let pos = rng.vec((np + 1) * d, 1.0);
+    let dy = rng.vec_bf16(b * (np + 1) * d, 1.0);
+    let (gp0, gc0, gpos0) = (rng.vec(b * np * d, 0.1), rng.vec(d, 0.1), rng.vec((np + 1) * d, 0.1));
+    let out = both!(cuda, |be| {
+        let tp = up(be, &pixels, DType::F32)?;
+        let cols = poisoned(be, pixels.len(), DType::Bf16)?;
+        be.im2col(&cols, &tp, b, img, p);
+        let tpa = up(be, &patches, DType::Bf16)?;
+        let tc = up(be, &cls, DType::F32)?;
+        let tpos = up(be, &pos, DType::F32)?;
+        let e = poisoned(be, b * (np + 1) * d, DType::Bf16)?;
+        be.vision_embed_fwd(&e, &tpa, &tc, &tpos, b, np, d);
+        let tdy = up(be, &dy, DType::Bf16)?;
+        let (dp, dc, dpos) = (up(be, &gp0, DType::F32)?, up(be, &gc0, DType::F32)?, up(be, &gpos0, DType::F32)?);
+        be.vision_embed_bwd(Some(&dp), Some(&dc), Some(&dpos), &tdy, b, np, d);
+        Ok(vec![
+            ("im2col", down(be, &cols)?),
+            ("vision embed", down(be, &e)?),
+            ("dpatches", down(be, &dp)?),
+            ("dcls", down(be, &dc)?),
+            ("dpos", down(be, &dpos)?),
+        ])
+    });
+    compare(res, "vision embed", &size, 1e-2, out);
+
+    // col2im (CUDA only): the scatter back of im2col's columns gives the pixels again.
+    let r = (|| -> Result<CheckResult> {
+        let tp = up(cuda, &pixels, DType::F32)?;
+        let cols = poisoned(cuda, pixels.len(), DType::F32)?;
+        cuda.im2col(&cols, &tp, b, img, p);
+        let back = cuda.alloc(pixels.len(), DType::F32)?;
+        cuda.im2col_bwd(&back, &cols, b, img, p);
+        Ok(judge("col2im", &size, "pixels", &pixels, &down(cuda, &back)?, TOL_F32))
+    })();
+    res.push(r.unwrap_or_else(|e| failed("col2im", &size, e)));
+
+    let (bt, t, dt, vocab) = if quick { (3, 77, 64, 1000) } else { (16, 77, 512, 49_408) };
+    let size = format!("b={bt} t={t} d={dt} vocab={vocab}");
+    // Repeated ids on purpose: their gradients must add up.
+    let ids: Vec<i32> = (0..bt * t).map(|_| rng.below(vocab.min(50)) as i32).collect();
+    let wte = rng.vec(vocab * dt, 1.0);
+    let wpe = rng.vec(t * dt, 1.0);
+    let seq = rng.vec_bf16(bt * t * dt, 1.0);
+    let eot: Vec<i32> = (0..bt).map(|_| rng.below(t) as i32).collect();
+    let dpool = rng.vec_bf16(bt * dt, 1.0);
+    let (gwte0, gwpe0, gseq0) = (rng.vec(vocab * dt, 0.1), rng.vec(t * dt, 0.1), rng.vec(bt * t * dt, 0.1));
+    let out = both!(cuda, |be| {
+        let tid = up_i32(be, &ids)?;
+        let te = up(be, &wte, DType::F32)?;
+        let tpe = up(be, &wpe, DType::F32)?;
+        let o = poisoned(be, bt * t * dt, DType::Bf16)?;
+        be.token_embed_fwd(&o, &tid, &te, &tpe, bt, t, dt);
+        let (dwte, dwpe) = (up(be, &gwte0, DType::F32)?, up(be, &gwpe0, DType::F32)?);
+        let tdy = up(be, &seq, DType::Bf16)?;
+        be.token_embed_bwd(Some(&dwte), Some(&dwpe), &tdy, &tid, bt, t, dt);
+        let ts = up(be, &seq, DType::Bf16)?;
+        let ti = up_i32(be, &eot)?;
+        let pooled = poisoned(be, bt * dt, DType::Bf16)?;
+        be.gather_rows(&pooled, &ts, &ti, bt, t, dt);
+        let tdp = up(be, &dpool, DType::Bf16)?;
+        let dseq = up(be, &gseq0, DType::F32)?;
+        be.gather_rows_bwd(&dseq, &tdp, &ti, bt, t, dt);
+        Ok(vec![
+            ("token embed", down(be, &o)?),
+            ("dwte", down(be, &dwte)?),
+            ("dwpe", down(be, &dwpe)?),
+            ("gather", down(be, &pooled)?),
+            ("gather dinp", down(be, &dseq)?),
+        ])
+    });
+    compare(res, "token embed+pool", &size, 1e-2, out);
+}
+
+fn failed(op: &str, size: &str, e: anyhow::Error) -> CheckResult {
+    CheckResult {
+        op: op.into(),
+        size: size.into(),
+        output: "-".into(),
+        rel_err: f64::NAN,
+        worst: f64::NAN,
+        tol: 0.0,
+        passed: false,
+        note: format!("{e:#}"),
+    }
+}
+
+fn normalized_rows(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
+    let mut v = rng.vec(n * d, 1.0);
+    for r in v.chunks_exact_mut(d) {
+        let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+        for x in r.iter_mut() {
+            *x = bf16_to_f32(f32_to_bf16(*x / norm));
+        }
+    }
+    v
+}
+
+fn infonce(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let sizes: &[(usize, usize, usize, usize)] = if quick {
+        &[(64, 128, 64, 64), (100, 300, 128, 150)]
+    } else {
+        &[(64, 128, 64, 64), (100, 300, 128, 150), (256, 1024, 512, 512), (37, 37, 512, 0), (512, 4096, 512, 1024)]
+    };
+    for &(local, global, dim, offset) in sizes {
+        for ls in [(1.0f32 / 0.07).ln(), 100f32.ln()] {
+            let size = format!("local={local} global={global} d={dim} off={offset} scale={:.1}", ls.exp());
+            let all_img = normalized_rows(rng, global, dim);
+            let all_txt = normalized_rows(rng, global, dim);
+            let img = all_img[offset * dim..(offset + local) * dim].to_vec();
+            let txt = all_txt[offset * dim..(offset + local) * dim].to_vec();
+            let dims = InfoNceDims { local, global, dim, offset };
+            let g = |rng: &mut Rng, n| rng.vec(n, 1e-3);
+            let (gi, gt, gai, gat) =
+                (g(rng, local * dim), g(rng, local * dim), g(rng, global * dim), g(rng, global * dim));
+            let out = both!(cuda, |be| {
+                let (ti, tt) = (up(be, &img, DType::Bf16)?, up(be, &txt, DType::Bf16)?);
+                let (tai, tat) = (up(be, &all_img, DType::Bf16)?, up(be, &all_txt, DType::Bf16)?);
+                let tls = up(be, &[ls], DType::F32)?;
+                let loss = poisoned(be, 1, DType::F32)?;
+                let (li, lt) = (poisoned(be, local, DType::F32)?, poisoned(be, local, DType::F32)?);
+                be.infonce_fwd(&loss, &li, &lt, &ti, &tt, &tai, &tat, &tls, dims);
+                let (di, dt) = (up(be, &gi, DType::F32)?, up(be, &gt, DType::F32)?);
+                let (dai, dat) = (up(be, &gai, DType::F32)?, up(be, &gat, DType::F32)?);
+                let dls = up(be, &[0.25], DType::F32)?;
+                be.infonce_bwd(&di, &dt, &dai, &dat, Some(&dls), 1.0, &ti, &tt, &tai, &tat, &tls, &li, &lt, dims);
+                Ok(vec![
+                    ("loss", down(be, &loss)?),
+                    ("lse_img", down(be, &li)?),
+                    ("lse_txt", down(be, &lt)?),
+                    ("d_img", down(be, &di)?),
+                    ("d_txt", down(be, &dt)?),
+                    ("d_all_img", down(be, &dai)?),
+                    ("d_all_txt", down(be, &dat)?),
+                    ("d_logit_scale", down(be, &dls)?),
+                ])
+            });
+            compare(res, "infonce", &size, TOL_BF16, out);
+        }
+    }
+}
+
+fn optimizer(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let n = if quick { 10_007 } else { 3_000_017 };
+    let size = format!("n={n}");
+    let p = rng.vec(n, 1.0);
+    let g = rng.vec(n, 0.1);
+    let m0 = rng.vec(n, 0.01);
+    let v0: Vec<f32> = rng.vec(n, 1e-4).iter().map(|x| x.abs()).collect();
+    let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2, step: 7 };
+    let out = both!(cuda, |be| {
+        let (tp, tg, tm, tv) =
+            (up(be, &p, DType::F32)?, up(be, &g, DType::F32)?, up(be, &m0, DType::F32)?, up(be, &v0, DType::F32)?);
+        be.adamw(&tp, &tg, &tm, &tv, hp);
+        Ok(vec![("param", down(be, &tp)?), ("m", down(be, &tm)?), ("v", down(be, &tv)?)])
+    });
+    compare(res, "adamw", &size, TOL_F32, out);
+
+    // The bf16 weight copy and BCE with logits (CUDA-only entry points) against host references.
+    let r = (|| -> Result<Vec<CheckResult>> {
+        let (tp, tg, tm, tv) = (
+            up(cuda, &p, DType::F32)?,
+            up(cuda, &g, DType::F32)?,
+            up(cuda, &m0, DType::F32)?,
+            up(cuda, &v0, DType::F32)?,
+        );
+        let copy = poisoned(cuda, n, DType::Bf16)?;
+        cuda.adamw_with_bf16_copy(&tp, &tg, &tm, &tv, Some(&copy), hp);
+        let master = down(cuda, &tp)?;
+        let want: Vec<f32> = master.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect();
+        let mut out = vec![judge("adamw", &size, "bf16 copy", &want, &down(cuda, &copy)?, 1e-6)];
+        let x = rng.vec(n, 6.0);
+        let y: Vec<f32> = (0..n).map(|_| (rng.uniform() > 0.0) as i32 as f32).collect();
+        let lref: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(&x, &y)| {
+                let (x, y) = (x as f64, y as f64);
+                x.max(0.0) - x * y + (-x.abs()).exp().ln_1p()
+            })
+            .sum::<f64>()
+            / n as f64;
+        let dref: Vec<f32> =
+            x.iter().zip(&y).map(|(&x, &y)| ((1.0 / (1.0 + (-x).exp()) - y) / n as f32) * 2.0).collect();
+        let (tx, ty) = (up(cuda, &x, DType::F32)?, up(cuda, &y, DType::F32)?);
+        let loss = poisoned(cuda, 1, DType::F32)?;
+        cuda.bce_with_logits_fwd(&loss, &tx, &ty);
+        let dx = cuda.alloc(n, DType::F32)?;
+        cuda.bce_with_logits_bwd(&dx, &tx, &ty, 2.0);
+        out.push(judge("bce_with_logits", &size, "loss", &[lref as f32], &down(cuda, &loss)?, 1e-5));
+        out.push(judge("bce_with_logits", &size, "dlogits", &dref, &down(cuda, &dx)?, 1e-5));
+        Ok(out)
+    })();
+    match r {
+        Ok(v) => res.extend(v),
+        Err(e) => res.push(failed("adamw copy / bce", &size, e)),
+    }
+}
+
+/// The results as a fixed-width table, failures first.
+pub fn table(res: &[CheckResult]) -> String {
+    let mut rows: Vec<&CheckResult> = res.iter().collect();
+    rows.sort_by_key(|r| r.passed);
+    let mut s =
+        format!("{:<18} {:<44} {:<20} {:>10} {:>8} {:>8}  result\n", "op", "size", "output", "rel err", "worst", "tol");
+    for r in rows {
+        s += &format!(
+            "{:<18} {:<44} {:<20} {:>10.2e} {:>8.2} {:>8.0e}  {}{}\n",
+            r.op,
+            r.size,
+            r.output,
+            r.rel_err,
+            r.worst,
+            r.tol,
+            if r.passed { "ok" } else { "FAIL" },
+            if r.note.is_empty() { String::new() } else { format!(" ({})", r.note) }
+        );
+    }
+    s
+}
