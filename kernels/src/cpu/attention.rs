@@ -72,6 +72,9 @@ fn softmax_rows(s: &mut [f32], t: usize, causal: bool) {
 }
 
 pub fn fwd(out: &mut [f32], probs: &mut [f32], qkv: &[f32], b: usize, t: usize, h: usize, hd: usize, causal: bool) {
+    if t == 0 {
+        return; // empty sequences (rayon cannot chunk by 0)
+    }
     let c = h * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let out = SharedOut::new(out);
@@ -103,6 +106,9 @@ pub fn bwd(
     hd: usize,
     _causal: bool,
 ) {
+    if t == 0 {
+        return; // empty sequences (rayon cannot chunk by 0)
+    }
     let c = h * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let dqkv = SharedOut::new(dqkv);

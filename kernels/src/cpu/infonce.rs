@@ -154,6 +154,7 @@ pub fn fwd(
     logit_scale: f32,
     dims: InfoNceDims,
 ) -> f32 {
+    assert!(dims.global > 0 && dims.dim > 0, "infonce over an empty batch or zero-width features: {dims:?}");
     let s = logit_scale.exp();
     let i2t = Direction { x: img, y: all_txt, dims, s };
     let t2i = Direction { x: txt, y: all_img, dims, s };
@@ -178,6 +179,7 @@ pub fn bwd(
     lse_txt: &[f32],
     dims: InfoNceDims,
 ) -> f32 {
+    assert!(dims.global > 0 && dims.dim > 0, "infonce over an empty batch or zero-width features: {dims:?}");
     let s = logit_scale.exp();
     let i2t = Direction { x: img, y: all_txt, dims, s };
     let t2i = Direction { x: txt, y: all_img, dims, s };

@@ -6,6 +6,9 @@ use rayon::prelude::*;
 const PAR_MIN: usize = 1 << 15;
 
 pub fn fwd(out: &mut [f32], norm: &mut [f32], inp: &[f32], n: usize, d: usize) {
+    if n == 0 || d == 0 {
+        return; // no rows (and no chunks of 0)
+    }
     let row = |o: &mut [f32], nm: &mut f32, x: &[f32]| {
         let r = x.iter().map(|&v| v * v).sum::<f32>().sqrt();
         // A zero row gives NaN, as in `CLIPModel`; the model never feeds one.
@@ -31,6 +34,9 @@ pub fn fwd(out: &mut [f32], norm: &mut [f32], inp: &[f32], n: usize, d: usize) {
 /// `dinp += (dout - out * (dout . out)) / norm` (the Jacobian of `x / |x|` is
 /// `(I - y y^T) / |x|` with `y = x / |x|`).
 pub fn bwd(dinp: &mut [f32], dout: &[f32], out: &[f32], norm: &[f32], n: usize, d: usize) {
+    if n == 0 || d == 0 {
+        return;
+    }
     let row = |di: &mut [f32], dy: &[f32], y: &[f32], nm: f32| {
         let dot = dy.iter().zip(y).map(|(a, b)| a * b).sum::<f32>();
         let inv = 1.0 / nm;

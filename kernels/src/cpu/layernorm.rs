@@ -22,6 +22,9 @@ pub fn fwd(
     c: usize,
     eps: f32,
 ) {
+    if n == 0 || c == 0 {
+        return; // nothing to normalise (and no chunks of 0)
+    }
     let row = |o: &mut [f32], m: &mut f32, r: &mut f32, x: &[f32]| {
         // A first estimate of the mean, then one pass over the deviations from it: their sum
         // corrects the estimate and their squares give the variance, free of the
@@ -72,6 +75,28 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
+/// `(sum g, sum g * xhat)` over a row, with `g = gamma * dy` and `xhat = (x - mu) rstd`,
+/// eight lanes at a time as in [`lane_sum`].
+fn lane_sums2(x: &[f32], dy: &[f32], gamma: &[f32], mu: f32, rs: f32) -> (f32, f32) {
+    let (mut a, mut b) = ([0.0f32; 8], [0.0f32; 8]);
+    let (xs, ds, gs) = (x.chunks_exact(8), dy.chunks_exact(8), gamma.chunks_exact(8));
+    let (xr, dr, gr) = (xs.remainder(), ds.remainder(), gs.remainder());
+    for ((xc, dc), gc) in xs.zip(ds).zip(gs) {
+        for l in 0..8 {
+            let g = gc[l] * dc[l];
+            a[l] += g;
+            b[l] += g * (xc[l] - mu) * rs;
+        }
+    }
+    for l in 0..xr.len() {
+        let g = gr[l] * dr[l];
+        a[l] += g;
+        b[l] += g * (xr[l] - mu) * rs;
+    }
+    let fold = |v: [f32; 8]| ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+    (fold(a), fold(b))
+}
+
 /// Accumulates into `dinp`, `dgamma`, `dbeta`.
 pub fn bwd(
     dinp: &mut [f32],
@@ -85,6 +110,9 @@ pub fn bwd(
     n: usize,
     c: usize,
 ) {
+    if n == 0 || c == 0 {
+        return;
+    }
     let want_dgamma = dgamma.is_some();
     let want_dbeta = dbeta.is_some();
     // One block of rows: updates its rows of `dinp` and returns its partial dgamma / dbeta
@@ -99,23 +127,20 @@ pub fn bwd(
             let (mu, rs) = (mean[i], rstd[i]);
             // With xhat = (x - mu) rstd and g = gamma * dy:
             // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
-            let mut g_mean = 0.0f32;
-            let mut gx_mean = 0.0f32;
-            for ((&v, &d), &gm) in x.iter().zip(dy).zip(gamma) {
-                let g = gm * d;
-                g_mean += g;
-                gx_mean += g * (v - mu) * rs;
+            let (g_sum, gx_sum) = lane_sums2(x, dy, gamma, mu, rs);
+            let (g_mean, gx_mean) = (g_sum / c as f32, gx_sum / c as f32);
+            // Separate loops without branches, so that each vectorises.
+            for (((o, &v), &d), &gm) in di.iter_mut().zip(x).zip(dy).zip(gamma) {
+                *o += rs * (gm * d - g_mean - (v - mu) * rs * gx_mean);
             }
-            g_mean /= c as f32;
-            gx_mean /= c as f32;
-            for (j, ((o, &v), &d)) in di.iter_mut().zip(x).zip(dy).enumerate() {
-                let xhat = (v - mu) * rs;
-                *o += rs * (gamma[j] * d - g_mean - xhat * gx_mean);
-                if want_dgamma {
-                    dg[j] += xhat * d;
+            if want_dgamma {
+                for ((a, &v), &d) in dg.iter_mut().zip(x).zip(dy) {
+                    *a += (v - mu) * rs * d;
                 }
-                if want_dbeta {
-                    db[j] += d;
+            }
+            if want_dbeta {
+                for (a, &d) in db.iter_mut().zip(dy) {
+                    *a += d;
                 }
             }
         }
