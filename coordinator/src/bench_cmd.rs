@@ -1,0 +1,150 @@
+//! `coordinator bench ...`: benchmarks that print one JSON object (with `--json`).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use kernels::{Backend, Cpu};
+use model::loss::ContrastiveLoss;
+use model::optim::{AdamW, AdamWConfig};
+use model::{Clip, ClipConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+use crate::device::Device;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchCommand,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// One CLS training step (forward, loss, backward, AdamW) of a small CLIP.
+    TrainStep(TrainStepArgs),
+    /// Fused kernels against their unfused baselines (`--device cuda|cpu`, `--op`, `--json`).
+    Kernels(crate::gpu_cmds::BenchKernelsArgs),
+}
+
+#[derive(Args)]
+pub struct TrainStepArgs {
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    #[arg(long, default_value_t = 64)]
+    pub image: usize,
+    #[arg(long, default_value_t = 8)]
+    pub patch: usize,
+    /// Width of both towers (and the projection).
+    #[arg(long, default_value_t = 256)]
+    pub width: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Timed steps (after warm-up).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.what {
+        BenchCommand::Kernels(a) => crate::gpu_cmds::run_bench_kernels(a),
+        BenchCommand::TrainStep(a) => match a.device {
+            Device::Cpu => train_step(Cpu, &a),
+            other => bail!("bench train-step: device {other:?} is not available in this build yet; use --device cpu"),
+        },
+    }
+}
+
+/// Phases of a step, timed on the host (exact on the synchronous CPU backend; on an
+/// asynchronous backend the phases would need events, so only the total is reported there).
+const PHASES: [&str; 6] = ["vision_fwd", "text_fwd", "loss", "vision_bwd", "text_bwd", "adamw"];
+
+fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
+    let config = ClipConfig::small(a.image, a.patch, a.width, a.layers, a.heads);
+    let b = a.batch;
+    let mut clip = Clip::random(backend, config, b, 0)?;
+    let loss_fn = ContrastiveLoss::new(&clip)?;
+    let mut opt = AdamW::new(&clip, AdamWConfig::default())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let pixels: Vec<f32> = (0..b * 3 * a.image * a.image).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let ctx = clip.context_len();
+    // Every text a full context: start, random tokens, end of text last.
+    let ids: Vec<i32> = (0..b * ctx)
+        .map(|i| match i % ctx {
+            0 => 49406,
+            k if k == ctx - 1 => 49407,
+            _ => rng.random_range(0..49406),
+        })
+        .collect();
+    let mut step_ms = Vec::new();
+    let mut phase_ms = vec![Vec::new(); PHASES.len()];
+    let mut last_loss = f32::NAN;
+    for s in 0..a.warmup + a.steps {
+        let mut marks = Vec::with_capacity(PHASES.len() + 1);
+        let t0 = Instant::now();
+        marks.push(t0);
+        clip.zero_grads();
+        clip.upload_pixels(&pixels, b)?;
+        clip.forward_vision(b)?;
+        marks.push(Instant::now());
+        clip.forward_text(&ids, b)?;
+        marks.push(Instant::now());
+        last_loss = loss_fn.forward_backward(&clip, b)?;
+        marks.push(Instant::now());
+        clip.backward_vision(b);
+        marks.push(Instant::now());
+        clip.backward_text(b);
+        marks.push(Instant::now());
+        opt.step(&clip, 1e-4)?;
+        clip.backend.synchronize()?;
+        marks.push(Instant::now());
+        if s >= a.warmup {
+            step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            for (i, w) in marks.windows(2).enumerate() {
+                phase_ms[i].push((w[1] - w[0]).as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let med = median(&mut step_ms);
+    let min = step_ms[0];
+    let phases: serde_json::Map<String, serde_json::Value> =
+        PHASES.iter().zip(phase_ms.iter_mut()).map(|(n, v)| (n.to_string(), json!(median(v)))).collect();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let out = json!({
+        "device": clip.backend.name(),
+        "image": a.image, "patch": a.patch, "width": a.width, "layers": a.layers, "heads": a.heads,
+        "batch": b, "context": ctx, "steps": a.steps,
+        "step_ms": med, "step_ms_min": min,
+        "images_per_s": b as f64 / (med / 1e3),
+        "phases_ms": phases,
+        "threads": threads,
+        "loss": last_loss,
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "train step: {:.1} ms median ({:.1} min), {:.1} images/s on {} threads; loss {:.4}",
+            med,
+            min,
+            b as f64 / (med / 1e3),
+            threads,
+            last_loss
+        );
+        println!("phases (ms, median): {}", serde_json::Value::Object(phases));
+    }
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! `coordinator init`: a randomly initialised CLIP written as a Hugging Face folder (the
+//! "random init" arm of the study, and a model to try the tools on).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use kernels::Cpu;
+use model::checkpoint::TOKENIZER;
+use model::tokenizer::ClipTokenizer;
+use model::{Clip, ClipConfig};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Preset {
+    /// OpenAI's ViT-B/32 shapes (224 px, patch 32, width 768 / 512).
+    VitB32,
+    /// OpenAI's ViT-B/16 shapes.
+    VitB16,
+    /// The sizes given by --image/--patch/--width/--layers/--heads in both towers.
+    Custom,
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Folder to write (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Preset::Custom)]
+    pub preset: Preset,
+    #[arg(long, default_value_t = 64)]
+    pub image: usize,
+    #[arg(long, default_value_t = 8)]
+    pub patch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub width: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// quick_gelu (OpenAI CLIP) or gelu.
+    #[arg(long, default_value = "quick_gelu")]
+    pub act: String,
+    /// Add bottleneck adapters of this width after every block.
+    #[arg(long)]
+    pub adapter_dim: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn config_for(args: &InitArgs) -> ClipConfig {
+    let mut c = match args.preset {
+        Preset::VitB32 | Preset::VitB16 => {
+            let mut c: ClipConfig = serde_json::from_str("{}").expect("defaults");
+            if matches!(args.preset, Preset::VitB16) {
+                c.vision_config.patch_size = 16;
+            }
+            c
+        }
+        Preset::Custom => {
+            let mut c = ClipConfig::small(args.image, args.patch, args.width, args.layers, args.heads);
+            c.vision_config.hidden_act = args.act.clone();
+            c.text_config.hidden_act = args.act.clone();
+            c
+        }
+    };
+    c.adapter_dim = args.adapter_dim;
+    c
+}
+
+pub fn run(args: InitArgs) -> Result<()> {
+    let config = config_for(&args);
+    let clip = Clip::random(Cpu, config, 1, args.seed)?;
+    let tokenizer = ClipTokenizer::new()?;
+    let json = tokenizer.inner().to_string(false).map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
+    clip.save_pretrained(&args.out, &[(TOKENIZER, json.as_bytes())])
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote a random CLIP ({} parameters) to {}", clip.layout.total, args.out.display());
+    Ok(())
+}
