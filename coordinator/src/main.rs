@@ -1,1 +1,58 @@
-fn main() {}
+//! `coordinator`: the cxrclip command line.
+//!
+//! Subcommands run one job each (a forward/backward check, a benchmark, data tools); the
+//! training run itself arrives with the distributed runtime.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench_cmd;
+mod data_cmds;
+mod device;
+mod fb_cmd;
+mod gpu_cmds;
+mod init_cmd;
+
+#[derive(Parser)]
+#[command(name = "coordinator", version, about = "cxrclip: contrastive language supervision for chest radiographs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    // Each subcommand's arguments and code live in their own module.
+    /// Forward, CLIP loss and backward of a checkpoint on given inputs; writes every gradient.
+    ForwardBackward(fb_cmd::ForwardBackwardArgs),
+    /// Write a randomly initialised CLIP as a Hugging Face folder.
+    Init(init_cmd::InitArgs),
+    /// Benchmarks (`bench train-step`, ...).
+    Bench(bench_cmd::BenchArgs),
+    /// Write a synthetic dataset tree (MIMIC-CXR-JPG, CheXpert or RSNA layout).
+    Synth(data_cmds::SynthArgs),
+    /// Read a dataset root and print a JSON summary (and optionally some pairs).
+    DataStats(data_cmds::DataStatsArgs),
+    /// Every CUDA op against the CPU backend, and a training step (needs a GPU).
+    GpuCheck(gpu_cmds::GpuCheckArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        // One clear line, non-zero exit: the error chain joined, not a backtrace.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::ForwardBackward(a) => fb_cmd::run(a),
+        Command::Bench(a) => bench_cmd::run(a),
+        Command::Init(a) => init_cmd::run(a),
+        Command::Synth(a) => data_cmds::run_synth(a),
+        Command::DataStats(a) => data_cmds::run_data_stats(a),
+        Command::GpuCheck(a) => gpu_cmds::run_gpu_check(a),
+    }
+}

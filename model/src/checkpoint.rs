@@ -58,7 +58,9 @@ fn to_f32(view: &TensorView<'_>, name: &str, file: &Path) -> Result<Vec<f32>> {
     Ok(match view.dtype() {
         Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         Dtype::F16 => data.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
+        Dtype::BF16 => {
+            data.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
+        }
         other => bail!("tensor {name} in {} has dtype {other:?}; expected F32, F16 or BF16", file.display()),
     })
 }
@@ -113,7 +115,12 @@ impl<B: Backend> Clip<B> {
 
     /// As [`Clip::from_pretrained`] with a configuration changed by the caller (e.g. adapters
     /// added to a pretrained model: their tensors are absent and start from `init`).
-    pub fn from_pretrained_with(backend: B, dir: &Path, config: ClipConfig, capacity: usize) -> Result<(Self, LoadReport)> {
+    pub fn from_pretrained_with(
+        backend: B,
+        dir: &Path,
+        config: ClipConfig,
+        capacity: usize,
+    ) -> Result<(Self, LoadReport)> {
         let model = Clip::new(backend, config, capacity)?;
         let report = model.load_weights(&dir.join(WEIGHTS))?;
         Ok((model, report))

@@ -337,15 +337,7 @@ fn head_fwd<B: Backend>(be: &B, h: &HeadActs<B>, ln: &Norm<B>, proj: &Linear<B>,
 }
 
 /// Backward of [`head_fwd`] from `h.d_emb`; writes (not adds) the residual gradient `d_res`.
-fn head_bwd<B: Backend>(
-    be: &B,
-    h: &HeadActs<B>,
-    ln: &Norm<B>,
-    proj: &Linear<B>,
-    d_res: &T<B>,
-    b: usize,
-    t: usize,
-) {
+fn head_bwd<B: Backend>(be: &B, h: &HeadActs<B>, ln: &Norm<B>, proj: &Linear<B>, d_res: &T<B>, b: usize, t: usize) {
     let (c, p) = (proj.inp, proj.out);
     let d_proj = h.d_proj.slice(0, b * p);
     be.fill(&d_proj, 0.0);
@@ -598,7 +590,15 @@ impl<B: Backend> Clip<B> {
         let c = x.encoder.dims.c;
         head_bwd(be, &a.head, &x.final_ln, &x.proj, &a.enc.d_res, b, t);
         x.encoder.backward(be, &a.enc, b);
-        be.token_embed_bwd(x.tok.grad(), x.pos.grad(), &a.enc.d_res.slice(0, b * t * c), &a.ids.slice(0, b * t), b, t, c);
+        be.token_embed_bwd(
+            x.tok.grad(),
+            x.pos.grad(),
+            &a.enc.d_res.slice(0, b * t * c),
+            &a.ids.slice(0, b * t),
+            b,
+            t,
+            c,
+        );
     }
 
     pub fn zero_grads(&self) {
