@@ -60,3 +60,78 @@ pub fn run_synth(a: SynthArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// `coordinator data-stats --dataset mimic|chexpert|rsna --root DIR [--views PA,AP|all]
+/// [--sections paper|impression|findings+impression] [--uncertain zeros|ones|ignore] --json
+/// [--dump-pairs K]`
+#[derive(Args, Debug)]
+pub struct DataStatsArgs {
+    /// Which dataset layout the root holds.
+    #[arg(long)]
+    pub dataset: data::DatasetKind,
+    /// The dataset root as distributed.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Views to keep: a list such as PA,AP (the default) or `all`.
+    #[arg(long, default_value = "PA,AP")]
+    pub views: data::Views,
+    /// Report text policy: paper, impression or findings+impression.
+    #[arg(long, default_value = "paper")]
+    pub sections: data::report::SectionPolicy,
+    /// Uncertain / blank label policy: zeros, ones or ignore (applies to dumped pairs).
+    #[arg(long, default_value = "zeros")]
+    pub uncertain: data::UncertainPolicy,
+    /// MIMIC label file: chexpert or negbio.
+    #[arg(long, default_value = "chexpert")]
+    pub labels: data::dataset::LabelFile,
+    /// MIMIC-CXR reports root, when the reports are not under --root.
+    #[arg(long)]
+    pub reports: Option<PathBuf>,
+    /// Keep only one split (train, validate, test).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Seed of the splits made where a dataset has none (CheXpert validation, RSNA).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the summary as one JSON object (the only output format).
+    #[arg(long)]
+    pub json: bool,
+    /// Also print K pairs, one JSON object a line.
+    #[arg(long, value_name = "K")]
+    pub dump_pairs: Option<usize>,
+}
+
+pub fn run_data_stats(a: DataStatsArgs) -> Result<()> {
+    let opts = data::ReadOptions {
+        views: a.views,
+        sections: a.sections,
+        uncertain: a.uncertain,
+        label_file: a.labels,
+        reports_root: a.reports,
+        seed: a.seed,
+    };
+    let mut ds = data::read(a.dataset, &a.root, &opts)?;
+    if let Some(s) = &a.split {
+        let want =
+            data::Split::parse(s).ok_or_else(|| anyhow::anyhow!("unknown split '{s}' (train, validate, test)"))?;
+        ds.pairs.retain(|p| p.split == want);
+    }
+    // Bad input: each item once with its place, then one summary line (all on stderr, so that
+    // stdout stays machine-readable).
+    let problems = ds.problems.sorted();
+    const SHOW: usize = 50;
+    for p in problems.iter().take(SHOW) {
+        eprintln!("skipped: {}: {} ({})", p.kind, p.place, p.detail);
+    }
+    if problems.len() > SHOW {
+        eprintln!("skipped: ... and {} more", problems.len() - SHOW);
+    }
+    eprintln!("data-stats: {}", ds.problems.summary());
+    println!("{}", data::stats::summary_json(&ds));
+    if let Some(k) = a.dump_pairs {
+        for p in ds.pairs.iter().take(k) {
+            println!("{}", data::stats::pair_json(ds.kind, p, a.uncertain));
+        }
+    }
+    Ok(())
+}

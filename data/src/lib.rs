@@ -8,3 +8,12 @@ pub mod labels;
 pub mod synth;
 
 pub use labels::{LabelValue, UncertainPolicy, LABELS, NUM_LABELS};
+pub mod chexpert;
+pub mod dataset;
+pub mod mimic;
+pub mod report;
+pub mod rsna;
+pub mod splits;
+pub mod stats;
+
+pub use dataset::{read, Dataset, DatasetKind, Pair, ReadOptions, Split, Views};
