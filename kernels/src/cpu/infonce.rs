@@ -60,7 +60,7 @@ impl Direction<'_> {
                         sum[i] = sum[i] * (max[i] - m).exp() + row.iter().map(|&v| (v - m).exp()).sum::<f32>();
                         max[i] = m;
                         // The positive logit comes from the same product as the others, so
-                        // lse - positive >= 0 holds exactly.
+                        // that lse - positive is consistent (non-negative up to rounding).
                         let target = self.dims.offset + r0 + i;
                         if (c0..c0 + cc).contains(&target) {
                             positive[i] = row[target - c0];
