@@ -62,6 +62,25 @@ impl Blas {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        self.matmul_batched(stream, workspace, a, b, d, m, n, alpha, beta, None)
+    }
+
+    /// As [`Blas::matmul`], over `batch.0` products whose A, B and D start `batch.1`,
+    /// `batch.2` and `batch.3` elements apart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_batched(
+        &self,
+        stream: *mut c_void,
+        workspace: u64,
+        a: Operand,
+        b: Operand,
+        d: (u64, DType, i64),
+        m: u64,
+        n: u64,
+        alpha: f32,
+        beta: f32,
+        batch: Option<(i32, i64, i64, i64)>,
+    ) -> Result<()> {
         assert_eq!(a.dtype, b.dtype, "cuBLASLt operands of different storage types");
         let in_ty = data_type(a.dtype)?;
         let out_ty = data_type(d.1)?;
@@ -91,6 +110,24 @@ impl Blas {
             let la = lt::create_matrix_layout(in_ty, a.rows, a.cols, a.ld).map_err(err("layout a"))?;
             let lb = lt::create_matrix_layout(in_ty, b.rows, b.cols, b.ld).map_err(err("layout b"))?;
             let ld = lt::create_matrix_layout(out_ty, m, n, d.2).map_err(err("layout d"))?;
+            if let Some((count, sa, sb, sd)) = batch {
+                for (l, stride) in [(la, sa), (lb, sb), (ld, sd)] {
+                    lt::set_matrix_layout_attribute(
+                        l,
+                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        &count as *const i32 as *const c_void,
+                        4,
+                    )
+                    .map_err(err("batch count"))?;
+                    lt::set_matrix_layout_attribute(
+                        l,
+                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        &stride as *const i64 as *const c_void,
+                        8,
+                    )
+                    .map_err(err("batch stride"))?;
+                }
+            }
             let pref = lt::create_matmul_pref().map_err(err("preference"))?;
             let ws = WORKSPACE_BYTES as u64;
             lt::set_matmul_pref_attribute(

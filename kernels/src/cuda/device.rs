@@ -337,6 +337,18 @@ impl Device {
         Ok(s.0)
     }
 
+    /// Returns the scratch region to the pool (so that a later peak-memory reading counts only
+    /// what the next ops need).
+    pub fn release_scratch(&self) -> Result<()> {
+        let mut s = self.scratch.lock().expect("scratch lock");
+        if s.1 > 0 {
+            self.sync()?;
+            self.pool.release(s.0, s.1);
+            *s = (0, 0);
+        }
+        Ok(())
+    }
+
     /// Milliseconds the work enqueued by `f` takes on the compute stream, by CUDA events.
     pub fn time_ms(&self, f: &mut dyn FnMut()) -> Result<f32> {
         self.bind()?;

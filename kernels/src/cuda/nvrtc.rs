@@ -85,6 +85,11 @@ pub const FAMILIES: &[Family] = &[
         ],
     },
     Family { name: "optimizer", source: include_str!("../../cuda/optimizer.cu"), entries: &["adamw"] },
+    Family {
+        name: "baseline",
+        source: include_str!("../../cuda/baseline.cu"),
+        entries: &["softmax_rows", "softmax_rows_bwd", "infonce_baseline_grad"],
+    },
 ];
 
 /// The number of kernel entry points over all families.
