@@ -49,11 +49,15 @@ impl LabelValue {
         if c.is_empty() {
             return Some(LabelValue::Blank);
         }
-        match c.parse::<f64>() {
-            Ok(v) if v == 1.0 => Some(LabelValue::Positive),
-            Ok(v) if v == 0.0 => Some(LabelValue::Negative),
-            Ok(v) if v == -1.0 => Some(LabelValue::Uncertain),
-            _ => None,
+        let v = c.parse::<f64>().ok()?;
+        if v == 1.0 {
+            Some(LabelValue::Positive)
+        } else if v == 0.0 {
+            Some(LabelValue::Negative)
+        } else if v == -1.0 {
+            Some(LabelValue::Uncertain)
+        } else {
+            None
         }
     }
 

@@ -19,7 +19,10 @@ pub const CHEXPERT: &str = "mimic-cxr-2.0.0-chexpert.csv";
 pub const NEGBIO: &str = "mimic-cxr-2.0.0-negbio.csv";
 
 /// Reads a csv table as header + rows; ragged rows are reported and left out.
-pub(crate) fn read_rows(path: &Path, problems: &Problems) -> Result<(Vec<String>, Vec<(u64, Vec<String>)>)> {
+/// A table: its header and its (line number, cells) rows.
+pub(crate) type Table = (Vec<String>, Vec<(u64, Vec<String>)>);
+
+pub(crate) fn read_rows(path: &Path, problems: &Problems) -> Result<Table> {
     let mut rd = csv_reader(open_table(path)?);
     let header: Vec<String> = rd.headers()?.iter().map(|s| s.trim().to_string()).collect();
     let mut rows = Vec::new();

@@ -452,7 +452,7 @@ fn write_rsna_study(out: &Path, cfg: &SynthConfig, s: &Study) -> Result<Vec<Row>
     let pid = rsna_patient_id(cfg.seed, s.plan.index);
     let img = &s.images[0];
     // Every tenth file is MONOCHROME1 (inverted) so that readers must honour the interpretation.
-    let mono1 = mix(cfg.seed, 0x1, s.plan.index as u64) % 10 == 0;
+    let mono1 = mix(cfg.seed, 0x1, s.plan.index as u64).is_multiple_of(10);
     let dcm = crate::dicom::encode_dicom(
         &img.pixels,
         img.w,

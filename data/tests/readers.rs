@@ -1,0 +1,250 @@
+//! Readers on generated trees of all three layouts, clean and with bad input.
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use data::dataset::ProblemKind;
+use data::report::{select_text, SectionPolicy};
+use data::synth::{generate, Layout, SynthConfig};
+use data::{read, DatasetKind, LabelValue, ReadOptions, Views};
+
+fn tree(dir: &Path, layout: Layout, studies: usize, seed: u64) {
+    let cfg = SynthConfig { studies, layout, seed, size: 64, ..Default::default() };
+    generate(dir, &cfg).unwrap();
+}
+
+fn gunzip(path: &Path) -> String {
+    let mut s = String::new();
+    flate2::read::GzDecoder::new(fs::File::open(path).unwrap()).read_to_string(&mut s).unwrap();
+    s
+}
+
+fn kinds(d: &data::Dataset) -> Vec<ProblemKind> {
+    d.problems.sorted().iter().map(|p| p.kind).collect()
+}
+
+#[test]
+fn mimic_clean_tree_reads_whole() {
+    let t = tempfile::tempdir().unwrap();
+    tree(t.path(), Layout::Mimic, 40, 1);
+    let meta = gunzip(&t.path().join("mimic-cxr-2.0.0-metadata.csv.gz"));
+    let rows: Vec<&str> = meta.lines().skip(1).collect();
+    let frontal = rows.iter().filter(|r| r.contains(",PA,") || r.contains(",AP,")).count();
+    let d = read(DatasetKind::Mimic, t.path(), &ReadOptions::default()).unwrap();
+    assert!(d.problems.is_empty(), "{}", d.problems.summary());
+    assert_eq!(d.pairs.len(), frontal);
+    assert_eq!(d.studies, 40);
+    let all = read(DatasetKind::Mimic, t.path(), &ReadOptions { views: Views::All, ..Default::default() }).unwrap();
+    assert_eq!(all.pairs.len(), rows.len());
+    assert!(all.pairs.iter().any(|p| p.view == "LATERAL"));
+    // Paper text drops technique and comparison; impression text is shorter.
+    for p in &d.pairs {
+        assert!(!p.text.contains("Chest PA and lateral") && !p.text.contains("FINAL REPORT"), "{}", p.text);
+        assert!(d.image_path(p).is_file());
+    }
+    // The labels read back as the labeller would from the report's impression (else findings).
+    for p in &d.pairs {
+        let rep = fs::read_to_string(t.path().join(format!(
+            "files/p{}/p{}/s{}.txt",
+            &p.subject_id[..2],
+            p.subject_id,
+            p.study_id
+        )))
+        .unwrap();
+        let imp = select_text(&rep, SectionPolicy::Impression).to_lowercase();
+        if p.labels[10] == LabelValue::Positive {
+            assert!(imp.contains("effusion"), "effusion label without mention: {imp}");
+        }
+        if p.labels[2] == LabelValue::Positive {
+            assert!(imp.contains("cardiomegaly") || imp.contains("heart") || imp.contains("cardiac"), "{imp}");
+        }
+        if p.labels[0] == LabelValue::Positive {
+            assert!((1..13).all(|i| !matches!(p.labels[i], LabelValue::Positive | LabelValue::Uncertain)));
+        }
+    }
+    // Negbio labels are read from their own file.
+    let nb = read(
+        DatasetKind::Mimic,
+        t.path(),
+        &ReadOptions { label_file: "negbio".parse().unwrap(), ..Default::default() },
+    )
+    .unwrap();
+    assert_eq!(nb.pairs.len(), d.pairs.len());
+}
+
+#[test]
+fn mimic_bad_input_is_counted_reported_and_skipped() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    tree(root, Layout::Mimic, 30, 2);
+    let clean = read(DatasetKind::Mimic, root, &ReadOptions::default()).unwrap();
+    let n = clean.pairs.len();
+    let imgs: Vec<_> = clean.pairs.iter().map(|p| clean.image_path(p)).collect();
+    // Truncated, corrupt, missing.
+    let bytes = fs::read(&imgs[0]).unwrap();
+    fs::write(&imgs[0], &bytes[..bytes.len() / 2]).unwrap();
+    fs::write(&imgs[1], b"this is not a jpeg at all").unwrap();
+    fs::remove_file(&imgs[2]).unwrap();
+    // Plain csv files take precedence over the .gz ones: add a malformed line and a row naming
+    // no file to the metadata, and an unknown label value to the labels.
+    let mut meta = gunzip(&root.join("mimic-cxr-2.0.0-metadata.csv.gz"));
+    meta.push_str("broken,line\n");
+    meta.push_str(
+        ",10000032,50000014,CHEST (PA AND LAT),PA,64,64,21000101,000000.000,Chest X-Ray,postero-anterior,Erect\n",
+    );
+    fs::write(root.join("mimic-cxr-2.0.0-metadata.csv"), meta).unwrap();
+    let labels = gunzip(&root.join("mimic-cxr-2.0.0-chexpert.csv.gz"));
+    let mut lines: Vec<String> = labels.lines().map(String::from).collect();
+    // Pick a study whose images are untouched above.
+    let bad_study =
+        clean.pairs.iter().rev().find(|p| !imgs[..3].contains(&clean.image_path(p))).unwrap().study_id.clone();
+    let li = lines.iter().position(|l| l.split(',').nth(1) == Some(bad_study.as_str())).unwrap();
+    let mut cells: Vec<String> = lines[li].split(',').map(String::from).collect();
+    cells[2] = "2.0".into();
+    lines[li] = cells.join(",");
+    fs::write(root.join("mimic-cxr-2.0.0-chexpert.csv"), lines.join("\n") + "\n").unwrap();
+
+    let d = read(DatasetKind::Mimic, root, &ReadOptions::default()).unwrap();
+    let k = kinds(&d);
+    for want in [
+        ProblemKind::CorruptImage,
+        ProblemKind::MissingFile,
+        ProblemKind::MalformedRow,
+        ProblemKind::NoFileNamed,
+        ProblemKind::UnknownLabel,
+    ] {
+        assert!(k.contains(&want), "{want:?} not reported: {}", d.problems.summary());
+    }
+    assert_eq!(k.iter().filter(|x| **x == ProblemKind::CorruptImage).count(), 2);
+    let in_bad_study = clean.pairs.iter().filter(|p| p.study_id == bad_study).count();
+    assert_eq!(d.pairs.len(), n - 3 - in_bad_study);
+    // Each problem names its place.
+    let probs = d.problems.sorted();
+    assert!(probs.iter().any(|p| p.place.ends_with(&imgs[1].file_name().unwrap().to_string_lossy().to_string())));
+    assert!(probs.iter().any(|p| p.kind == ProblemKind::MalformedRow && p.place.contains("metadata.csv:")));
+    let json: serde_json::Value = serde_json::from_str(&data::stats::summary_json(&d)).unwrap();
+    assert_eq!(json["skipped"].as_u64().unwrap() as usize, d.problems.len());
+    assert_eq!(json["pairs"].as_u64().unwrap() as usize, d.pairs.len());
+}
+
+#[test]
+fn missing_layout_is_one_clear_error() {
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("mimic-cxr-2.0.0-split.csv"), "dicom_id,study_id,subject_id,split\n").unwrap();
+    let e = read(DatasetKind::Mimic, t.path(), &ReadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("not a MIMIC-CXR-JPG root"), "{e}");
+    assert!(e.contains("mimic-cxr-2.0.0-metadata.csv") && e.contains("files/") && !e.contains("split.csv"), "{e}");
+    let e = read(DatasetKind::Chexpert, t.path(), &ReadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("train.csv"), "{e}");
+    let e = read(DatasetKind::Rsna, t.path(), &ReadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("stage_2_train_labels.csv") && e.contains("stage_2_train_images/"), "{e}");
+}
+
+#[test]
+fn chexpert_tree_reads_with_splits_and_bad_rows() {
+    let t = tempfile::tempdir().unwrap();
+    tree(t.path(), Layout::Chexpert, 120, 3);
+    let d = read(DatasetKind::Chexpert, t.path(), &ReadOptions::default()).unwrap();
+    assert!(d.problems.is_empty(), "{}", d.problems.summary());
+    assert!(d.pairs.iter().all(|p| p.view == "AP" || p.view == "PA"));
+    assert!(d.pairs.iter().any(|p| p.split == data::Split::Test), "valid.csv is the test split");
+    // Reading the dataset folder itself gives the same pairs.
+    let d2 = read(DatasetKind::Chexpert, &t.path().join("CheXpert-v1.0-small"), &ReadOptions::default()).unwrap();
+    assert_eq!(d.pairs.len(), d2.pairs.len());
+    // No patient in two splits.
+    let mut seen = std::collections::HashMap::new();
+    for p in &d.pairs {
+        assert_eq!(*seen.entry(p.subject_id.clone()).or_insert(p.split), p.split);
+    }
+    let csv = t.path().join("CheXpert-v1.0-small/train.csv");
+    let mut s = fs::read_to_string(&csv).unwrap();
+    s.push_str("CheXpert-v1.0-small/train/patient99999/study1/view1_frontal.jpg,Male,50,Frontal,PA,1.0,,,,,,,,,,,,,\n");
+    s.push_str("short,row\n");
+    fs::write(&csv, s).unwrap();
+    let d3 = read(DatasetKind::Chexpert, t.path(), &ReadOptions::default()).unwrap();
+    let k = kinds(&d3);
+    assert!(
+        k.contains(&ProblemKind::MissingFile) && k.contains(&ProblemKind::MalformedRow),
+        "{}",
+        d3.problems.summary()
+    );
+    assert_eq!(d3.pairs.len(), d.pairs.len());
+}
+
+#[test]
+fn rsna_tree_reads_dicom_groups_patients_and_skips_truncated() {
+    let t = tempfile::tempdir().unwrap();
+    tree(t.path(), Layout::Rsna, 80, 4);
+    let d = read(DatasetKind::Rsna, t.path(), &ReadOptions::default()).unwrap();
+    assert!(d.problems.is_empty(), "{}", d.problems.summary());
+    assert_eq!(d.pairs.len(), 80);
+    let csv = fs::read_to_string(t.path().join("stage_2_train_labels.csv")).unwrap();
+    let boxes = csv.lines().filter(|l| l.ends_with(",1")).count();
+    assert_eq!(d.pairs.iter().map(|p| p.boxes.len()).sum::<usize>(), boxes);
+    assert!(d.pairs.iter().any(|p| p.labels[7] == LabelValue::Positive));
+    // Every pair decodes; MONOCHROME1 files come back with bone white (mean like the others).
+    for p in d.pairs.iter().take(12) {
+        let img = data::dicom::read_dicom(&d.image_path(p)).unwrap();
+        assert_eq!((img.w, img.h), (64, 64));
+        let mean = img.pixels.iter().map(|&x| x as f64).sum::<f64>() / img.pixels.len() as f64;
+        // Radiographs are dark around the body: the corners are darker than the middle.
+        assert!((img.pixels[0] as f64) < mean + 10.0, "inverted image? {} vs {mean}", img.pixels[0]);
+    }
+    let victim = d.image_path(&d.pairs[0]);
+    let bytes = fs::read(&victim).unwrap();
+    fs::write(&victim, &bytes[..bytes.len() - 500]).unwrap();
+    let d2 = read(DatasetKind::Rsna, t.path(), &ReadOptions::default()).unwrap();
+    assert_eq!(d2.pairs.len(), 79);
+    assert_eq!(kinds(&d2), vec![ProblemKind::CorruptImage]);
+}
+
+#[test]
+fn dicom_round_trip_both_photometrics() {
+    let px: Vec<u8> = (0..48 * 40).map(|i| (i % 251) as u8).collect();
+    for mono1 in [false, true] {
+        let m = data::dicom::DicomMeta {
+            patient_id: "x".into(),
+            sex: "F".into(),
+            age: 40,
+            view: "PA".into(),
+            monochrome1: mono1,
+            uid_seed: 9,
+        };
+        let bytes = data::dicom::encode_dicom(&px, 48, 40, &m).unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("a.dcm");
+        fs::write(&p, bytes).unwrap();
+        let img = data::dicom::read_dicom(&p).unwrap();
+        assert_eq!((img.w, img.h), (48, 40));
+        assert_eq!(img.pixels, px, "monochrome1={mono1}");
+    }
+}
+
+#[test]
+fn generator_is_deterministic_and_seed_sensitive() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let c = tempfile::tempdir().unwrap();
+    tree(a.path(), Layout::Mimic, 12, 5);
+    tree(b.path(), Layout::Mimic, 12, 5);
+    tree(c.path(), Layout::Mimic, 12, 6);
+    let list = |d: &Path| {
+        let mut v = Vec::new();
+        let mut stack = vec![d.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            for e in fs::read_dir(&p).unwrap() {
+                let e = e.unwrap().path();
+                if e.is_dir() {
+                    stack.push(e);
+                } else {
+                    v.push((e.strip_prefix(d).unwrap().to_path_buf(), fs::read(&e).unwrap()));
+                }
+            }
+        }
+        v.sort();
+        v
+    };
+    assert_eq!(list(a.path()), list(b.path()));
+    assert_ne!(list(a.path()), list(c.path()));
+}
