@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The GPU check in one call, for a machine with an NVIDIA GPU and CUDA 13 but no Rust: runs
+# the carried release binary's `gpu-check` (every CUDA op against the CPU backend, and a CLS
+# training step), the kernel bench (fused against unfused, with measured ceilings), a short
+# training run, and PyTorch's scaled_dot_product_attention at the bench's sizes when PyTorch
+# is there; prints a summary table last. Budget: under 8 minutes.
+#
+#   scripts/gpu-check.sh [path/to/coordinator] [--quick]
+#
+# Build and carry the binary as README's "GPU" section says. Logs and JSON go to $OUT when it
+# is set (the device tool's output folder), else to a temporary folder.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bin="$root/target/release/coordinator"
+quick=""
+for a in "$@"; do
+    case "$a" in
+        --quick) quick="--quick" ;;
+        *) bin="$a" ;;
+    esac
+done
+out="${OUT:-$(mktemp -d)}"
+mkdir -p "$out"
+tmp="$(mktemp -d)"
+start=$(date +%s)
+summary=()
+note() { summary+=("$(printf '%-22s %-6s %5ss  %s' "$1" "$2" "$3" "$4")"); }
+
+if [ ! -x "$bin" ]; then
+    echo "gpu-check: no coordinator binary at $bin (cargo build --release -p coordinator, then carry target/release)"
+    exit 2
+fi
+
+# --- libraries: the driver, NVRTC + headers, cuBLAS(Lt), NCCL ------------------------------
+libdirs=()
+for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu; do
+    [ -d "$d" ] && libdirs+=("$d")
+done
+pyroots="$(python3 - 2>/dev/null <<'PY'
+import importlib.util, os
+spec = importlib.util.find_spec("nvidia")
+for p in (spec.submodule_search_locations or []) if spec else []:
+    print(p)
+PY
+)"
+for r in $pyroots "$root/.cache/nvidia/nvidia"; do
+    for d in "$r"/*/lib; do [ -d "$d" ] && libdirs+=("$d"); done
+done
+find_lib() { # name -> first path
+    local n="$1" d
+    for d in "${libdirs[@]}"; do
+        if [ -e "$d/$n" ]; then echo "$d/$n"; return 0; fi
+    done
+    ldconfig -p 2>/dev/null | awk -v n="$n" '$1 == n { print $NF; exit }'
+}
+report=()
+for n in libcuda.so.1 libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
+    p="$(find_lib "$n")"
+    report+=("$(printf '%-18s %s' "$n" "${p:-MISSING}")")
+done
+nccl="$(find_lib libnccl.so.2)"
+if [ -n "$nccl" ]; then
+    # cudarc opens libnccl.so; the wheel ships only libnccl.so.2.
+    mkdir -p "$tmp/lib" && ln -sf "$nccl" "$tmp/lib/libnccl.so" && libdirs=("$tmp/lib" "${libdirs[@]}")
+fi
+LD_LIBRARY_PATH="$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH
+for inc in /usr/local/cuda/include $(for r in $pyroots; do echo "$r"/*/include; done); do
+    if [ -f "$inc/cuda_bf16.h" ]; then export CXRCLIP_CUDA_INCLUDE="$inc"; break; fi
+done
+export CXRCLIP_KERNEL_CACHE="$tmp/kernels"
+printf '%s\n' "${report[@]}"
+echo "headers            ${CXRCLIP_CUDA_INCLUDE:-MISSING}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | sed 's/^/gpu                /'
+
+run_step() { # name timeout_s log command...
+    local name="$1" limit="$2" log="$3"; shift 3
+    local t0=$(date +%s)
+    echo "=== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$log"
+    local rc=${PIPESTATUS[0]}
+    local dt=$(( $(date +%s) - t0 ))
+    local last; last="$(grep -v '^\s*$' "$out/$log" | tail -n 1 | cut -c1-90)"
+    if [ "$rc" = 0 ]; then note "$name" ok "$dt" "$last"; elif [ "$rc" = 124 ]; then note "$name" TIME "$dt" "stopped after ${limit}s"; else note "$name" FAIL "$dt" "$last"; fi
+}
+
+run_step "gpu-check" 200 gpu-check.log "$bin" gpu-check $quick
+"$bin" gpu-check --quick --json >"$out/gpu-check.json" 2>/dev/null || true
+run_step "bench kernels" 180 bench-kernels.log "$bin" bench kernels $quick
+run_step "bench train-step cuda" 60 train-step.log "$bin" bench train-step --device cuda --steps 10
+
+if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    run_step "torch sdpa" 60 torch-sdpa.log python3 - <<'PY'
+import torch, torch.nn.functional as F
+def bench(bh, t, causal):
+    q, k, v = (torch.randn(1, bh, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, bh, t, 64, device="cuda", dtype=torch.bfloat16)
+    def step():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        o.backward(g)
+    for _ in range(3): step()
+    ts = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); step(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b))
+    ts.sort()
+    print(f"torch sdpa fwd+bwd {bh}x{t}x64{' causal' if causal else ''}: {ts[len(ts)//2]:.3f} ms median")
+bench(1536, 197, False)
+bench(6144, 77, True)
+PY
+fi
+
+echo
+echo "=== summary ($(( $(date +%s) - start ))s; logs in $out)"
+printf '%-22s %-6s %6s  %s\n' step result time "last line"
+printf '%s\n' "${summary[@]}"
+rm -rf "$tmp"
