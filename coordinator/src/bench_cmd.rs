@@ -52,6 +52,9 @@ pub struct TrainStepArgs {
     pub warmup: usize,
     #[arg(long)]
     pub json: bool,
+    /// Also time every CPU op (a table of ms per step, `ops_ms` in the JSON).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -89,6 +92,7 @@ fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
     let mut phase_ms = vec![Vec::new(); PHASES.len()];
     let mut last_loss = f32::NAN;
     for s in 0..a.warmup + a.steps {
+        kernels::cpu::profile::enable(a.profile && s >= a.warmup);
         let mut marks = Vec::with_capacity(PHASES.len() + 1);
         let t0 = Instant::now();
         marks.push(t0);
@@ -114,6 +118,11 @@ fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
             }
         }
     }
+    kernels::cpu::profile::enable(false);
+    let ops: serde_json::Map<String, serde_json::Value> = kernels::cpu::profile::take()
+        .into_iter()
+        .map(|(op, _, secs)| (op.to_string(), json!(secs * 1e3 / a.steps as f64)))
+        .collect();
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -133,6 +142,10 @@ fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
         "threads": threads,
         "loss": last_loss,
     });
+    let mut out = out;
+    if a.profile {
+        out["ops_ms"] = serde_json::Value::Object(ops.clone());
+    }
     if a.json {
         println!("{out}");
     } else {
@@ -145,6 +158,12 @@ fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
             last_loss
         );
         println!("phases (ms, median): {}", serde_json::Value::Object(phases));
+        if a.profile {
+            println!("ops (ms per step, largest first):");
+            for (op, ms) in &ops {
+                println!("  {op:<18} {:>9.1}", ms.as_f64().unwrap_or(0.0));
+            }
+        }
     }
     Ok(())
 }

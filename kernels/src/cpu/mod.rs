@@ -14,6 +14,7 @@ pub mod infonce;
 pub mod l2norm;
 pub mod layernorm;
 pub mod linear;
+pub mod profile;
 
 use std::cell::UnsafeCell;
 use std::sync::Arc;
@@ -132,16 +133,19 @@ impl Backend for Cpu {
     }
 
     fn fill(&self, t: &T, value: f32) {
+        let _p = profile::scope("fill");
         elementwise::fill(f32s_mut(t), value);
     }
 
     fn copy(&self, dst: &T, src: &T) {
+        let _p = profile::scope("copy");
         outputs(&[dst], &[src]);
         check_len("copy", dst, src.len());
         elementwise::copy(f32s_mut(dst), f32s(src));
     }
 
     fn add(&self, out: &T, a: &T, b: &T) {
+        let _p = profile::scope("add");
         check_len("add a", a, out.len());
         check_len("add b", b, out.len());
         if out.overlaps(a) {
@@ -155,27 +159,32 @@ impl Backend for Cpu {
     }
 
     fn accumulate(&self, acc: &T, x: &T) {
+        let _p = profile::scope("accumulate");
         outputs(&[acc], &[x]);
         check_len("accumulate", x, acc.len());
         elementwise::accumulate(f32s_mut(acc), f32s(x));
     }
 
     fn scale(&self, t: &T, s: f32) {
+        let _p = profile::scope("scale");
         elementwise::scale(f32s_mut(t), s);
     }
 
     fn sum_squares(&self, out: &T, t: &T) {
+        let _p = profile::scope("sum_squares");
         outputs(&[out], &[t]);
         f32s_mut(out)[0] += elementwise::sum_squares(f32s(t)) as f32;
     }
 
     fn clamp_max(&self, t: &T, max: f32) {
+        let _p = profile::scope("clamp_max");
         for x in f32s_mut(t) {
             *x = x.min(max);
         }
     }
 
     fn linear_fwd(&self, out: &T, inp: &T, w: &T, bias: Option<&T>, n: usize, c: usize, oc: usize) {
+        let _p = profile::scope("linear_fwd");
         check_len("linear inp", inp, n * c);
         check_len("linear w", w, oc * c);
         check_len("linear out", out, n * oc);
@@ -200,6 +209,7 @@ impl Backend for Cpu {
         c: usize,
         oc: usize,
     ) {
+        let _p = profile::scope("linear_bwd");
         check_len("linear dout", dout, n * oc);
         check_len("linear inp", inp, n * c);
         check_len("linear w", w, oc * c);
@@ -212,6 +222,7 @@ impl Backend for Cpu {
     }
 
     fn layernorm_fwd(&self, out: &T, mean: &T, rstd: &T, inp: &T, gamma: &T, beta: &T, n: usize, c: usize, eps: f32) {
+        let _p = profile::scope("layernorm_fwd");
         check_len("layernorm inp", inp, n * c);
         check_len("layernorm out", out, n * c);
         check_len("layernorm mean", mean, n);
@@ -235,6 +246,7 @@ impl Backend for Cpu {
         n: usize,
         c: usize,
     ) {
+        let _p = profile::scope("layernorm_bwd");
         check_len("layernorm dinp", dinp, n * c);
         check_len("layernorm dout", dout, n * c);
         check_len("layernorm inp", inp, n * c);
@@ -257,6 +269,7 @@ impl Backend for Cpu {
     }
 
     fn l2norm_fwd(&self, out: &T, norm: &T, inp: &T, n: usize, d: usize) {
+        let _p = profile::scope("l2norm_fwd");
         check_len("l2norm inp", inp, n * d);
         check_len("l2norm out", out, n * d);
         check_len("l2norm norm", norm, n);
@@ -265,6 +278,7 @@ impl Backend for Cpu {
     }
 
     fn l2norm_bwd(&self, dinp: &T, dout: &T, out: &T, norm: &T, n: usize, d: usize) {
+        let _p = profile::scope("l2norm_bwd");
         check_len("l2norm dinp", dinp, n * d);
         check_len("l2norm dout", dout, n * d);
         outputs(&[dinp], &[dout, out, norm]);
@@ -272,12 +286,14 @@ impl Backend for Cpu {
     }
 
     fn act_fwd(&self, kind: Activation, out: &T, inp: &T) {
+        let _p = profile::scope("act_fwd");
         check_len("activation out", out, inp.len());
         outputs(&[out], &[inp]);
         act::fwd(kind, f32s_mut(out), f32s(inp));
     }
 
     fn act_bwd(&self, kind: Activation, dinp: &T, dout: &T, inp: &T) {
+        let _p = profile::scope("act_bwd");
         check_len("activation dinp", dinp, inp.len());
         check_len("activation dout", dout, inp.len());
         outputs(&[dinp], &[dout, inp]);
@@ -289,6 +305,7 @@ impl Backend for Cpu {
     }
 
     fn attention_fwd(&self, out: &T, saved: &T, qkv: &T, b: usize, t: usize, h: usize, hd: usize, causal: bool) {
+        let _p = profile::scope("attention_fwd");
         check_len("attention qkv", qkv, b * t * 3 * h * hd);
         check_len("attention out", out, b * t * h * hd);
         check_len("attention saved", saved, self.attention_saved_len(b, t, h));
@@ -309,6 +326,7 @@ impl Backend for Cpu {
         hd: usize,
         causal: bool,
     ) {
+        let _p = profile::scope("attention_bwd");
         check_len("attention dqkv", dqkv, b * t * 3 * h * hd);
         check_len("attention dout", dout, b * t * h * hd);
         outputs(&[dqkv], &[dout, qkv, out, saved]);
@@ -316,6 +334,7 @@ impl Backend for Cpu {
     }
 
     fn im2col(&self, cols: &T, pixels: &T, b: usize, img: usize, p: usize) {
+        let _p = profile::scope("im2col");
         assert!(img % p == 0, "image size {img} is not a multiple of the patch size {p}");
         check_len("im2col pixels", pixels, b * 3 * img * img);
         check_len("im2col cols", cols, b * 3 * img * img);
@@ -324,6 +343,7 @@ impl Backend for Cpu {
     }
 
     fn vision_embed_fwd(&self, out: &T, patches: &T, cls: &T, pos: &T, b: usize, np: usize, d: usize) {
+        let _p = profile::scope("vision_embed_fwd");
         check_len("vision embed out", out, b * (np + 1) * d);
         check_len("vision embed patches", patches, b * np * d);
         check_len("vision embed cls", cls, d);
@@ -342,6 +362,7 @@ impl Backend for Cpu {
         np: usize,
         d: usize,
     ) {
+        let _p = profile::scope("vision_embed_bwd");
         check_len("vision embed dout", dout, b * (np + 1) * d);
         dpatches.inspect(|t| check_len("vision embed dpatches", t, b * np * d));
         dcls.inspect(|t| check_len("vision embed dcls", t, d));
@@ -352,6 +373,7 @@ impl Backend for Cpu {
     }
 
     fn token_embed_fwd(&self, out: &T, ids: &T, wte: &T, wpe: &T, b: usize, t: usize, d: usize) {
+        let _p = profile::scope("token_embed_fwd");
         check_len("token embed out", out, b * t * d);
         check_len("token embed ids", ids, b * t);
         assert!(wpe.len() >= t * d, "position embedding has fewer than {t} rows");
@@ -360,6 +382,7 @@ impl Backend for Cpu {
     }
 
     fn token_embed_bwd(&self, dwte: Option<&T>, dwpe: Option<&T>, dout: &T, ids: &T, b: usize, t: usize, d: usize) {
+        let _p = profile::scope("token_embed_bwd");
         check_len("token embed dout", dout, b * t * d);
         check_len("token embed ids", ids, b * t);
         let outs: Vec<&T> = [dwte, dwpe].into_iter().flatten().collect();
@@ -368,6 +391,7 @@ impl Backend for Cpu {
     }
 
     fn gather_rows(&self, out: &T, inp: &T, index: &T, b: usize, t: usize, d: usize) {
+        let _p = profile::scope("gather_rows");
         check_len("gather out", out, b * d);
         check_len("gather inp", inp, b * t * d);
         check_len("gather index", index, b);
@@ -376,6 +400,7 @@ impl Backend for Cpu {
     }
 
     fn gather_rows_bwd(&self, dinp: &T, dout: &T, index: &T, b: usize, t: usize, d: usize) {
+        let _p = profile::scope("gather_rows_bwd");
         check_len("gather dinp", dinp, b * t * d);
         check_len("gather dout", dout, b * d);
         outputs(&[dinp], &[dout]);
@@ -394,6 +419,7 @@ impl Backend for Cpu {
         logit_scale: &T,
         dims: InfoNceDims,
     ) {
+        let _p = profile::scope("infonce_fwd");
         check_infonce(&dims, img, txt, all_img, all_txt);
         check_len("infonce loss", loss, 1);
         check_len("infonce lse_img", lse_img, dims.local);
@@ -429,6 +455,7 @@ impl Backend for Cpu {
         lse_txt: &T,
         dims: InfoNceDims,
     ) {
+        let _p = profile::scope("infonce_bwd");
         check_infonce(&dims, img, txt, all_img, all_txt);
         check_infonce(&dims, d_img, d_txt, d_all_img, d_all_txt);
         let mut outs = vec![d_img, d_txt, d_all_img, d_all_txt];
@@ -455,6 +482,7 @@ impl Backend for Cpu {
     }
 
     fn adamw(&self, param: &T, grad: &T, m: &T, v: &T, hp: AdamWStep) {
+        let _p = profile::scope("adamw");
         let n = param.len();
         check_len("adamw grad", grad, n);
         check_len("adamw m", m, n);

@@ -1,0 +1,46 @@
+//! Optional per-op timing of the CPU backend ("where does the step's time go?").
+//!
+//! Off by default (one relaxed atomic load per op); `enable()` turns it on, `take()` returns
+//! and clears the table. The CPU backend is synchronous, so wall time per call is the op's.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static TABLE: Mutex<BTreeMap<&'static str, (u64, f64)>> = Mutex::new(BTreeMap::new());
+
+pub fn enable(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// `(op, calls, seconds)` since the last `take`, sorted by time, largest first.
+pub fn take() -> Vec<(&'static str, u64, f64)> {
+    let mut t = TABLE.lock().expect("profile table");
+    let mut rows: Vec<_> = t.iter().map(|(k, (n, s))| (*k, *n, *s)).collect();
+    t.clear();
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    rows
+}
+
+pub struct Scope {
+    name: &'static str,
+    start: Option<Instant>,
+}
+
+pub fn scope(name: &'static str) -> Scope {
+    Scope { name, start: ENABLED.load(Ordering::Relaxed).then(Instant::now) }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if let Some(s) = self.start {
+            let dt = s.elapsed().as_secs_f64();
+            let mut t = TABLE.lock().expect("profile table");
+            let e = t.entry(self.name).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += dt;
+        }
+    }
+}
