@@ -262,7 +262,10 @@ impl ClipConfig {
         }
         activation(&v.hidden_act).context("vision_config")?;
         activation(&t.hidden_act).context("text_config")?;
-        ensure!(t.eos_token_id >= 0 && (t.eos_token_id as usize) < t.vocab_size, "text_config.eos_token_id outside the vocabulary");
+        ensure!(
+            t.eos_token_id >= 0 && (t.eos_token_id as usize) < t.vocab_size,
+            "text_config.eos_token_id outside the vocabulary"
+        );
         Ok(())
     }
 }
@@ -284,7 +287,8 @@ mod tests {
     #[test]
     fn unknown_keys_round_trip() {
         let c: ClipConfig =
-            serde_json::from_str(r#"{"torch_dtype":"float32","text_config":{"dropout":0.0,"hidden_size":64}}"#).unwrap();
+            serde_json::from_str(r#"{"torch_dtype":"float32","text_config":{"dropout":0.0,"hidden_size":64}}"#)
+                .unwrap();
         let back: Value = serde_json::from_str(&c.to_json()).unwrap();
         assert_eq!(back["torch_dtype"], "float32");
         assert_eq!(back["text_config"]["dropout"], 0.0);

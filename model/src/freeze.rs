@@ -60,14 +60,8 @@ impl<B: Backend> Clip<B> {
         let mut mask = self.trainable().to_vec();
         let mut changed = 0;
         for p in patterns {
-            let hits: Vec<usize> = self
-                .layout
-                .specs
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| glob_match(p, &s.name))
-                .map(|(i, _)| i)
-                .collect();
+            let hits: Vec<usize> =
+                self.layout.specs.iter().enumerate().filter(|(_, s)| glob_match(p, &s.name)).map(|(i, _)| i).collect();
             ensure!(!hits.is_empty(), "the pattern {p:?} matches no parameter");
             for i in hits {
                 mask[i] = train;

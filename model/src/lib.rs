@@ -2,15 +2,15 @@
 //! forward and backward written once over `kernels::Backend`, checkpoints, tokenizer,
 //! optimiser and schedules.
 
-pub mod config;
-pub mod tokenizer;
 pub mod checkpoint;
 pub mod clip;
+pub mod config;
 pub mod freeze;
 pub mod loss;
 pub mod optim;
 pub mod params;
 pub mod schedule;
+pub mod tokenizer;
 
 pub use clip::Clip;
 pub use config::ClipConfig;

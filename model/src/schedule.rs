@@ -7,11 +7,20 @@ pub enum Schedule {
     Constant,
     /// Linear warm-up over `warmup` steps to the base rate, then a cosine decay to
     /// `min_ratio * base` at step `total` (open_clip's `cosine_lr` when `min_ratio` is 0).
-    WarmupCosine { warmup: u64, total: u64, min_ratio: f64 },
+    WarmupCosine {
+        warmup: u64,
+        total: u64,
+        min_ratio: f64,
+    },
     /// `torch.optim.lr_scheduler.OneCycleLR` with cosine annealing (two phases): from
     /// `base / div_factor` up to `base` over `pct_start * total` steps, then down to
     /// `base / div_factor / final_div_factor` at the last step.
-    OneCycle { total: u64, pct_start: f64, div_factor: f64, final_div_factor: f64 },
+    OneCycle {
+        total: u64,
+        pct_start: f64,
+        div_factor: f64,
+        final_div_factor: f64,
+    },
 }
 
 fn cos_anneal(start: f64, end: f64, pct: f64) -> f64 {

@@ -36,7 +36,10 @@ fn assert_close(what: &str, ours: &[f32], reference: &[f32], rtol: f64, atol: f6
         assert!(o.is_finite(), "{what}[{i}] = {o} is not finite");
         let ratio = (o - r).abs() / (atol + rtol * r.abs());
         if !(ratio <= 1.0) {
-            panic!("{what}[{i}]: ours {o:e} vs reference {r:e} (|diff| {:e} > {atol:e} + {rtol:e}*|ref|)", (o - r).abs());
+            panic!(
+                "{what}[{i}]: ours {o:e} vs reference {r:e} (|diff| {:e} > {atol:e} + {rtol:e}*|ref|)",
+                (o - r).abs()
+            );
         }
         if ratio > worst.0 {
             worst = (ratio, i);
