@@ -20,6 +20,9 @@ pub struct Scratch {
     vis: Vec<f32>,
     fill: Vec<f32>,
     tmp: Vec<f32>,
+    /// The tone curve of the last site, kept because building it costs thousands of exp/powf.
+    lut: Vec<f32>,
+    lut_key: [u32; 3],
 }
 
 /// A focal opacity in one lung, in lung-local coordinates (u = distance from the midline).
@@ -80,14 +83,18 @@ impl Lung {
     }
     /// Soft inside-ness in [0, 1]; `e` is the edge width in canonical units.
     #[inline]
-    fn mask(&self, u: f32, v: f32, e: f32) -> f32 {
-        if v < self.apex - e || u > self.lmax + e || v > self.dome + 0.12 {
+    fn mask(&self, u: f32, v: f32, e: f32, lat_v: f32) -> f32 {
+        if v < self.apex - e || u > self.lmax + e || v > self.dome + 0.12 || u < 0.035 - e {
             return 0.0;
         }
-        let m1 = ramp((u - 0.035) / e);
-        let m2 = ramp((self.lateral(v) - u) / e);
-        let m3 = ramp((v - self.top(u)) / e);
-        let m4 = ramp((self.bottom(u) - v) / e);
+        let ie = 1.0 / e;
+        let m2 = ramp((lat_v - u) * ie);
+        if m2 <= 0.0 {
+            return 0.0;
+        }
+        let m1 = ramp((u - 0.035) * ie);
+        let m3 = ramp((v - self.top(u)) * ie);
+        let m4 = ramp((self.bottom(u) - v) * ie);
         m1 * m2 * m3 * m4
     }
 }
@@ -257,7 +264,7 @@ pub fn render(
     out: &mut Vec<u8>,
 ) -> Vec<[f32; 4]> {
     let n = w * h;
-    let Scratch { a, vis, fill, tmp } = scratch;
+    let Scratch { a, vis, fill, tmp, lut, lut_key } = scratch;
     a.clear();
     a.resize(n, 0.0);
     vis.clear();
@@ -285,7 +292,12 @@ pub fn render(
     for _ in 0..site.blur_passes {
         blur121(a, w, h, tmp);
     }
-    expose(rng, a, site, out);
+    let key = [site.exposure.to_bits(), site.gamma.to_bits(), site.offset.to_bits()];
+    if lut.is_empty() || *lut_key != key {
+        *lut = tone_curve(site);
+        *lut_key = key;
+    }
+    expose(rng, a, site, lut, out);
     boxes
 }
 
@@ -311,26 +323,37 @@ fn frontal(
     let (hrx, hry) = sc.heart_r;
     let carina = 0.33;
     let bubble = (0.5 + 0.17, sc.lungs[1].dome + 0.065);
+    let ie = 1.0 / e;
     for py in 0..h {
+        let (_, cy) = f.to_canon(0.5, py as f32 + 0.5);
+        // Everything that depends only on the row is computed once per row.
+        let hwb = if cy < 0.0 {
+            0.09
+        } else if cy < 0.12 {
+            0.09 + 0.39 * smooth(cy / 0.12)
+        } else {
+            0.48 - 0.02 * (cy - 0.12)
+        };
+        let inv_hwb = 1.0 / hwb;
+        let lat_v = [sc.lungs[0].lateral(cy), sc.lungs[1].lateral(cy)];
+        let med_w = sc.med_hw * (0.7 + 0.3 * smooth((cy - 0.08) / 0.2));
+        let ph = (cy * 22.0).fract();
+        let spine_vert = if ph < 0.16 { 0.5 } else { 1.0 };
+        let trachea_row = if cy < carina { smooth((cy + 0.1) / 0.15) } else { 0.0 };
+        let (cx0, _) = f.to_canon(0.5, 0.5);
+        let dcx = 1.0 / (f.sc * w as f32);
         for px in 0..w {
-            let (cx, cy) = f.to_canon(px as f32 + 0.5, py as f32 + 0.5);
+            let cx = cx0 + px as f32 * dcx;
             let dx = cx - 0.5;
             let adx = dx.abs();
             // Body outline: neck, shoulders, chest wall; thicker in the middle.
-            let hwb = if cy < 0.0 {
-                0.09
-            } else if cy < 0.12 {
-                0.09 + 0.39 * smooth(cy / 0.12)
-            } else {
-                0.48 - 0.02 * (cy - 0.12)
-            };
-            let body = ramp((hwb - adx) / e);
+            let body = ramp((hwb - adx) * ie);
             let i = py * w + px;
             if body <= 0.0 {
                 a[i] = 0.0;
                 continue;
             }
-            let rr = (1.0 - (adx / hwb) * (adx / hwb)).max(0.0);
+            let rr = (1.0 - (adx * inv_hwb) * (adx * inv_hwb)).max(0.0);
             let mut att = 1.05 * body * (0.45 + 0.55 * rr.sqrt());
             // Heart, mediastinum and the aortic knob hide the lung behind them.
             // The heart's long axis tilts down towards the apex (patient's left, image right).
@@ -338,18 +361,15 @@ fn frontal(
             let (hu, hv) = (hx * 0.95 + hy * 0.31, -hx * 0.31 + hy * 0.95);
             let hq = (hu / hrx).powi(2) + (hv / hry).powi(2);
             let heart = ramp((1.0 - hq.sqrt()) * hrx.min(hry) / (3.5 * e));
-            let med_w = sc.med_hw * (0.7 + 0.3 * smooth((cy - 0.08) / 0.2));
-            let med = if cy < hcy { ramp((med_w - (dx - 0.005).abs()) / (2.0 * e)) } else { 0.0 };
+            let med = if cy < hcy { ramp((med_w - (dx - 0.005).abs()) * 0.5 * ie) } else { 0.0 };
             let kd = ((cx - knob_c.0).powi(2) + (cy - knob_c.1).powi(2)).sqrt();
             let knob = ramp((knob_r - kd) / (2.0 * e));
             let occl = heart.max(med).max(knob);
             att += 0.16 * heart + 0.1 * med;
             // Spine: vertebral bodies with disc spaces, mostly seen through the mediastinum.
             if adx < 0.045 {
-                let sp = ramp((0.032 - adx) / e);
-                let ph = (cy * 22.0).fract();
-                let vert = if ph < 0.16 { 0.5 } else { 1.0 };
-                att += 0.14 * sp * vert;
+                let sp = ramp((0.032 - adx) * ie);
+                att += 0.14 * sp * spine_vert;
                 // Pedicles: paired ovals at each level.
                 let pd = ((adx - 0.022) / 0.008).powi(2) + ((ph - 0.45) / 0.18).powi(2);
                 if pd < 1.0 {
@@ -357,8 +377,8 @@ fn frontal(
                 }
             }
             // Trachea: an air column down to the carina.
-            if cy < carina && (dx - 0.004).abs() < 0.03 {
-                att -= 0.35 * ramp((0.017 - (dx - 0.004).abs()) / e) * smooth((cy + 0.1) / 0.15);
+            if trachea_row > 0.0 && (dx - 0.004).abs() < 0.03 {
+                att -= 0.35 * ramp((0.017 - (dx - 0.004).abs()) * ie) * trachea_row;
             }
             // Gastric bubble under the left hemidiaphragm.
             let bq = ((cx - bubble.0) / 0.055).powi(2) + ((cy - bubble.1) / 0.028).powi(2);
@@ -368,7 +388,7 @@ fn frontal(
             let (side, si) = if dx < 0.0 { (Side::Right, 0) } else { (Side::Left, 1) };
             let lung = &sc.lungs[si];
             let (u, v) = (adx, cy);
-            let m = lung.mask(u, v, e);
+            let m = lung.mask(u, v, e, lat_v[si]);
             if m > 0.0 {
                 let thick = 0.75 + 0.25 * smooth((v - lung.apex) / 0.2);
                 let tx = tex_lo.at(cx, cy);
@@ -387,9 +407,9 @@ fn frontal(
                     let haze = (-(hu * hu + hv * hv) * 0.5).exp();
                     keep *= 1.0 - sc.edema * (0.55 * haze + 0.12) * (0.7 + 0.6 * tx);
                 }
+                let th = tex_hi.at(cx, cy);
                 for b in &sc.blobs {
                     if b.side == side {
-                        let th = tex_hi.at(cx, cy);
                         keep *= 1.0 - b.at(u, v, 0.5 * th + 0.5 * tx);
                     }
                 }
@@ -402,7 +422,7 @@ fn frontal(
                     let d0 = 0.025 + 0.09 * pt;
                     let ext = 0.2 + 0.35 * pt;
                     let dd = d0 * (1.0 - ((v - lung.apex) / ext).clamp(0.0, 1.0).powi(2));
-                    let line_u = lung.lateral(v) - dd;
+                    let line_u = lat_v[si] - dd;
                     let free = ramp((u - line_u) / e) * ramp(dd / e);
                     air = air * (1.0 - free) + m * free * 1.1;
                     mark *= 1.0 - free;
@@ -413,7 +433,7 @@ fn frontal(
                 }
                 att -= 0.68 * air;
                 // Parenchymal mottle: lungs are never a flat grey.
-                att += 0.07 * air * (tex_hi.at(cx, cy) - 0.5);
+                att += 0.07 * air * (th - 0.5);
                 vis[i] = mark;
                 fill[i] = m * (1.0 - occl) * (1.0 - keep);
             }
@@ -749,20 +769,24 @@ fn marker(a: &mut [f32], f: &Frame, view: View, inset: f32) {
     rect(x0, y0 + s - thick, s * 0.7, thick);
 }
 
-/// The detector: exposure tone curve, gamma, offset and grain, to 8-bit.
-fn expose(rng: &mut impl Rng, a: &[f32], site: &Site, out: &mut Vec<u8>) {
-    // A lookup table over attenuation keeps the exp/powf out of the per-pixel loop.
-    const LUT_N: usize = 4096;
-    const A_MIN: f32 = -0.5;
-    const A_MAX: f32 = 4.5;
+const LUT_N: usize = 4096;
+const A_MIN: f32 = -0.5;
+const A_MAX: f32 = 4.5;
+
+/// The detector's response over attenuation: exposure, gamma and offset, in 8-bit units.
+fn tone_curve(site: &Site) -> Vec<f32> {
     let k = 1.2 * site.exposure;
-    let lut: Vec<f32> = (0..LUT_N)
+    (0..LUT_N)
         .map(|j| {
             let x = A_MIN + (A_MAX - A_MIN) * j as f32 / (LUT_N - 1) as f32;
             let v = (1.0 - (-k * x.max(0.0)).exp()).powf(site.gamma) + site.offset;
             v * 255.0
         })
-        .collect();
+        .collect()
+}
+
+/// The detector: tone curve (a lookup table keeps exp/powf out of the pixel loop) and grain.
+fn expose(rng: &mut impl Rng, a: &[f32], site: &Site, lut: &[f32], out: &mut Vec<u8>) {
     let scale = (LUT_N - 1) as f32 / (A_MAX - A_MIN);
     let mut s: u64 = rng.random::<u64>() | 1;
     let amp = site.noise * 255.0 * 1.2;
