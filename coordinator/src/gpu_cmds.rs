@@ -138,7 +138,7 @@ fn one_step<B: Backend>(
     seed: u64,
 ) -> Result<Vec<(&'static str, Vec<f32>)>> {
     let config = ClipConfig::small(image, patch, width, layers, heads);
-    let mut clip = Clip::random(backend, config, b, seed)?;
+    let clip = Clip::random(backend, config, b, seed)?;
     let loss_fn = ContrastiveLoss::new(&clip)?;
     let mut opt = AdamW::new(&clip, AdamWConfig::default())?;
     let mut rng = check::Rng::new(seed ^ 0x5eed);

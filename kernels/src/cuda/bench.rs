@@ -198,6 +198,7 @@ impl Cuda {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn softmax_rows(
         &self,
         x: &Tensor<Cuda>,
@@ -256,7 +257,7 @@ impl Cuda {
         rows.push(BenchRow {
             op: "ceiling".into(),
             variant: "copy".into(),
-            size: format!("{} MiB", len * 4 >> 20),
+            size: format!("{} MiB", (len * 4) >> 20),
             ms,
             tflops: 0.0,
             gbs,

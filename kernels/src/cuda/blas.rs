@@ -38,6 +38,15 @@ fn data_type(d: DType) -> Result<sys::cudaDataType> {
     })
 }
 
+/// The largest power of two (up to 256) dividing a device address.
+fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        (1u64 << ptr.trailing_zeros().min(8)) as u32
+    }
+}
+
 fn err(what: &str) -> impl Fn(lt::CublasError) -> anyhow::Error + '_ {
     move |e| anyhow!("cuBLASLt {what}: {e:?}")
 }
@@ -137,6 +146,19 @@ impl Blas {
                 8,
             )
             .map_err(err("workspace preference"))?;
+            // Tensors are views into larger buffers: tell the heuristic the real alignment of
+            // each pointer (it assumes 256 bytes otherwise).
+            use sys::cublasLtMatmulPreferenceAttributes_t as P;
+            for (attr, ptr) in [
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a.ptr),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b.ptr),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, d.0),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, d.0),
+            ] {
+                let align: u32 = alignment(ptr);
+                lt::set_matmul_pref_attribute(pref, attr, &align as *const u32 as *const c_void, 4)
+                    .map_err(err("alignment preference"))?;
+            }
             let result = lt::get_matmul_algo_heuristic(self.handle.0, desc, la, lb, ld, ld, pref)
                 .map_err(err("no algorithm for this product"))
                 .and_then(|h| {

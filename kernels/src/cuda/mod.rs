@@ -165,6 +165,7 @@ impl Cuda {
 
     /// `out[col] += alpha * sum_rows x[rows, cols]`, deterministic (chunked partial sums
     /// reduced in chunk order); `take` columns of the sums go to `out`.
+    #[allow(clippy::too_many_arguments)]
     fn col_sums(&self, out: &T, x: u64, xbf: i32, rows: usize, cols: usize, take: usize, alpha: f32) -> Result<()> {
         let rpc = 256usize;
         let chunks = rows.div_ceil(rpc).max(1);
@@ -221,14 +222,20 @@ impl Cuda {
         let mut pa = dptr(a.0);
         let mut pb = dptr(b.0);
         let (mut ta, mut tb) = (a.0.dtype(), b.0.dtype());
-        if ta != tb {
-            let need = (if ta == DType::F32 { a.0.len() } else { 0 }) + (if tb == DType::F32 { b.0.len() } else { 0 });
-            let s = self.dev.scratch(need * 2 + 256)?;
+        // cuBLASLt multiplies f32 by f32 into f32, or bf16 by bf16 into bf16 or f32: anything
+        // else runs on bf16 copies of the f32 operands (in scratch).
+        let all_f32 = ta == DType::F32 && tb == DType::F32 && d.dtype() == DType::F32;
+        if !all_f32 && (ta == DType::F32 || tb == DType::F32) {
+            let len = |t: &T, ty| if ty == DType::F32 { t.len() } else { 0 };
+            let (na, nb) = (len(a.0, ta), len(b.0, tb));
+            let s = self.dev.scratch((na + nb) * 2 + 512)?;
             if ta == DType::F32 {
                 pa = self.as_bf16(a.0, s)?;
                 ta = DType::Bf16;
-            } else {
-                pb = self.as_bf16(b.0, s)?;
+            }
+            if tb == DType::F32 {
+                // 256-byte aligned after A's copy.
+                pb = self.as_bf16(b.0, s + ((na * 2).div_ceil(256) * 256) as u64)?;
                 tb = DType::Bf16;
             }
         }
@@ -419,6 +426,9 @@ impl Cuda {
         want_f32("layernorm mean", mean);
         want_f32("layernorm rstd", rstd);
         outputs(&[out, mean, rstd], &[inp, gamma, beta]);
+        if n == 0 {
+            return;
+        }
         let (rp, rb, xp, xb) = match res {
             Some((r, x)) => (dptr(r), is_bf(r), dptr(x), is_bf(x)),
             None => (0, 0, 0, 0),
@@ -970,7 +980,7 @@ impl Backend for Cuda {
     }
 
     fn im2col(&self, cols: &T, pixels: &T, b: usize, img: usize, p: usize) {
-        assert!(img % p == 0, "image size {img} is not a multiple of the patch size {p}");
+        assert!((img / p) * p == img, "image size {img} is not a multiple of the patch size {p}");
         check_len("im2col pixels", pixels, b * 3 * img * img);
         check_len("im2col cols", cols, b * 3 * img * img);
         outputs(&[cols], &[pixels]);
@@ -1384,7 +1394,7 @@ fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T)
         dims.global
     );
     assert!(
-        dims.dim % 64 == 0 && dims.dim > 0 && dims.dim <= 512,
+        dims.dim & 63 == 0 && dims.dim > 0 && dims.dim <= 512,
         "the CUDA InfoNCE kernels take a feature dimension that is a multiple of 64 up to 512 (got {})",
         dims.dim
     );
