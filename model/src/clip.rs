@@ -389,8 +389,6 @@ pub struct Clip<B: Backend> {
     capacity: usize,
     va: VisionActs<B>,
     ta: TextActs<B>,
-    /// Host copy of the end-of-text positions of the last text batch.
-    eos_positions: Vec<i32>,
 }
 
 impl<B: Backend> Clip<B> {
@@ -426,21 +424,7 @@ impl<B: Backend> Clip<B> {
             enc: text.encoder.alloc_acts(be, capacity)?,
             head: HeadActs::new(be, capacity, tc.hidden_size, pd)?,
         };
-        Ok(Self {
-            config,
-            layout,
-            backend,
-            params,
-            grads,
-            trainable,
-            vision,
-            text,
-            logit_scale,
-            capacity,
-            va,
-            ta,
-            eos_positions: Vec::new(),
-        })
+        Ok(Self { config, layout, backend, params, grads, trainable, vision, text, logit_scale, capacity, va, ta })
     }
 
     pub fn capacity(&self) -> usize {
@@ -498,11 +482,6 @@ impl<B: Backend> Clip<B> {
         self.ta.head.d_emb.slice(0, b * self.config.projection_dim)
     }
 
-    /// The end-of-text position of every text of the last text batch.
-    pub fn eos_positions(&self) -> &[i32] {
-        &self.eos_positions
-    }
-
     /// Uploads pixels `[b, 3, image, image]` (normalised) into the model's input buffer.
     pub fn upload_pixels(&self, pixels: &[f32], b: usize) -> Result<()> {
         let s = self.image_size();
@@ -535,7 +514,7 @@ impl<B: Backend> Clip<B> {
     }
 
     /// The text tower on `b` rows of `context_len` token ids.
-    pub fn forward_text(&mut self, ids: &[i32], b: usize) -> Result<()> {
+    pub fn forward_text(&self, ids: &[i32], b: usize) -> Result<()> {
         ensure!(b > 0 && b <= self.capacity, "batch {b} outside 1..={}", self.capacity);
         let t = self.context_len();
         ensure!(ids.len() == b * t, "{} token ids for {b} texts of {t}", ids.len());
@@ -543,13 +522,13 @@ impl<B: Backend> Clip<B> {
         if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= vocab) {
             anyhow::bail!("token id {id} (text {}, position {}) is outside the vocabulary of {vocab}", i / t, i % t);
         }
-        self.eos_positions = ids.chunks(t).map(|row| eos_position(row, self.text.eos)).collect();
+        let eos: Vec<i32> = ids.chunks(t).map(|row| eos_position(row, self.text.eos)).collect();
         let be = &self.backend;
         let x = &self.text;
         let a = &self.ta;
         let c = x.encoder.dims.c;
         be.upload_i32(&a.ids.slice(0, b * t), ids)?;
-        be.upload_i32(&a.head.index.slice(0, b), &self.eos_positions)?;
+        be.upload_i32(&a.head.index.slice(0, b), &eos)?;
         let res0 = a.enc.res[0].slice(0, b * t * c);
         be.token_embed_fwd(&res0, &a.ids.slice(0, b * t), &x.tok.value, &x.pos.value, b, t, c);
         x.encoder.forward(be, &a.enc, b);

@@ -1,0 +1,287 @@
+//! Model-level checks that the transformers fixtures cannot make: adapters (by directional
+//! finite differences), freezing, checkpoint round trips and their error messages.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kernels::{Backend, Cpu};
+use model::checkpoint::{write_f32_safetensors, WEIGHTS};
+use model::freeze::ADAPTERS_AND_NORMS;
+use model::loss::ContrastiveLoss;
+use model::optim::{AdamW, AdamWConfig};
+use model::train_state::{self, RunPosition};
+use model::{Clip, ClipConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn seed() -> u64 {
+    let s = std::env::var("MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
+    eprintln!("seed {s} (rerun with MODEL_SEED={s})");
+    s
+}
+
+fn tiny(adapter: Option<usize>) -> ClipConfig {
+    let mut c = ClipConfig::small(16, 8, 16, 2, 2);
+    c.projection_dim = 8;
+    c.text_config.vocab_size = 50;
+    c.text_config.bos_token_id = 48;
+    c.text_config.eos_token_id = 49;
+    c.text_config.max_position_embeddings = 9;
+    c.vision_config.hidden_act = "gelu".into();
+    c.adapter_dim = adapter;
+    c
+}
+
+struct Batch {
+    b: usize,
+    pixels: Vec<f32>,
+    ids: Vec<i32>,
+}
+
+fn batch(rng: &mut ChaCha8Rng, c: &ClipConfig, b: usize) -> Batch {
+    let s = c.vision_config.image_size;
+    let t = c.text_config.max_position_embeddings;
+    let pixels = (0..b * 3 * s * s).map(|_| rng.random_range(-1.5..1.5)).collect();
+    let mut ids = vec![0i32; b * t];
+    for r in 0..b {
+        let len = rng.random_range(3..=t);
+        ids[r * t] = 48;
+        for k in 1..len - 1 {
+            ids[r * t + k] = rng.random_range(1..48);
+        }
+        ids[r * t + len - 1] = 49;
+    }
+    Batch { b, pixels, ids }
+}
+
+fn loss_and_grads(clip: &Clip<Cpu>, loss: &ContrastiveLoss<Cpu>, x: &Batch, backward: bool) -> f32 {
+    clip.zero_grads();
+    clip.upload_pixels(&x.pixels, x.b).unwrap();
+    clip.forward_vision(x.b).unwrap();
+    clip.forward_text(&x.ids, x.b).unwrap();
+    let l = loss.forward_backward(clip, x.b).unwrap();
+    if backward {
+        clip.backward_vision(x.b);
+        clip.backward_text(x.b);
+    }
+    l
+}
+
+/// Directional finite differences of the whole model's loss along random directions in the
+/// parameters selected by `select`, against the analytic gradient.
+fn check_directional(clip: &Clip<Cpu>, select: impl Fn(&str) -> bool, rng: &mut ChaCha8Rng, what: &str) {
+    let loss = ContrastiveLoss::new(clip).unwrap();
+    let x = batch(rng, &clip.config, 3);
+    let theta = clip.params_to_host().unwrap();
+    loss_and_grads(clip, &loss, &x, true);
+    let g = clip.grads_to_host().unwrap();
+    for trial in 0..3 {
+        let mut v = vec![0.0f64; theta.len()];
+        for s in clip.layout.specs.iter().filter(|s| select(&s.name)) {
+            for x in &mut v[s.offset..s.offset + s.len] {
+                *x = rng.random_range(-1.0..1.0);
+            }
+        }
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(norm > 0.0, "{what}: no parameter selected");
+        v.iter_mut().for_each(|x| *x /= norm);
+        let analytic: f64 = g.iter().zip(&v).map(|(&g, &v)| g as f64 * v).sum();
+        let eps = 2e-3;
+        let at = |sign: f64| {
+            let p: Vec<f32> = theta.iter().zip(&v).map(|(&t, &v)| (t as f64 + sign * eps * v) as f32).collect();
+            clip.params_from_host(&p).unwrap();
+            loss_and_grads(clip, &loss, &x, false) as f64
+        };
+        let fd = (at(1.0) - at(-1.0)) / (2.0 * eps);
+        clip.params_from_host(&theta).unwrap();
+        let tol = 2e-4 + 2e-2 * analytic.abs();
+        assert!(
+            (fd - analytic).abs() <= tol && fd.is_finite(),
+            "{what} direction {trial}: finite differences {fd:e} vs analytic {analytic:e}"
+        );
+    }
+}
+
+fn with_random_adapters(clip: &Clip<Cpu>, rng: &mut ChaCha8Rng) {
+    // A fresh adapter's up projection is zero (the identity); make it non-trivial so that
+    // gradients flow through every adapter weight.
+    let mut p = clip.params_to_host().unwrap();
+    for s in clip.layout.specs.iter().filter(|s| s.name.contains(".adapter.")) {
+        for x in &mut p[s.offset..s.offset + s.len] {
+            *x = rng.random_range(-0.3..0.3);
+        }
+    }
+    clip.params_from_host(&p).unwrap();
+}
+
+#[test]
+fn adapter_gradients_match_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let clip = Clip::random(Cpu, tiny(Some(4)), 3, rng.random()).unwrap();
+    with_random_adapters(&clip, &mut rng);
+    check_directional(&clip, |n| n.contains(".adapter."), &mut rng, "adapters");
+    check_directional(&clip, |_| true, &mut rng, "all parameters");
+}
+
+#[test]
+fn fresh_adapters_are_the_identity() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let s: u64 = rng.random();
+    let plain = Clip::random(Cpu, tiny(None), 2, s).unwrap();
+    let adapted = Clip::random(Cpu, tiny(Some(4)), 2, s).unwrap();
+    // Copy the shared parameters so that only the (fresh) adapters differ.
+    let src = plain.params_to_host().unwrap();
+    let mut dst = adapted.params_to_host().unwrap();
+    for spec in &plain.layout.specs {
+        let d = adapted.layout.spec(&spec.name);
+        dst[d.offset..d.offset + d.len].copy_from_slice(&src[spec.offset..spec.offset + spec.len]);
+    }
+    adapted.params_from_host(&dst).unwrap();
+    let x = batch(&mut rng, &plain.config, 2);
+    let l1 = loss_and_grads(&plain, &ContrastiveLoss::new(&plain).unwrap(), &x, false);
+    let l2 = loss_and_grads(&adapted, &ContrastiveLoss::new(&adapted).unwrap(), &x, false);
+    assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "{l1} vs {l2}");
+}
+
+#[test]
+fn freezing_leaves_frozen_parameters_untouched() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let mut clip = Clip::random(Cpu, tiny(Some(4)), 3, rng.random()).unwrap();
+    with_random_adapters(&clip, &mut rng);
+    let n = clip.train_only(ADAPTERS_AND_NORMS).unwrap();
+    assert!(n > 0);
+    assert!(clip.train_only(&["*no_such_tensor*"]).is_err());
+    clip.train_only(ADAPTERS_AND_NORMS).unwrap();
+    let loss = ContrastiveLoss::new(&clip).unwrap();
+    let mut opt = AdamW::new(&clip, AdamWConfig::default()).unwrap();
+    let x = batch(&mut rng, &clip.config, 3);
+    let before = clip.params_to_host().unwrap();
+    loss_and_grads(&clip, &loss, &x, true);
+    let grads = clip.grads_to_host().unwrap();
+    opt.step(&clip, 1e-2).unwrap();
+    let after = clip.params_to_host().unwrap();
+    for (spec, &train) in clip.layout.specs.iter().zip(clip.trainable()) {
+        let r = spec.offset..spec.offset + spec.len;
+        let moved = before[r.clone()] != after[r.clone()];
+        if train {
+            assert!(moved, "{} trains but did not move", spec.name);
+        } else {
+            assert!(!moved, "{} is frozen but moved", spec.name);
+            // Frozen weights get no gradient at all (their products are skipped), except
+            // the packed q/k/v whose views are shared.
+            if !spec.name.contains("_proj.") {
+                assert!(grads[r].iter().all(|&g| g == 0.0), "{} is frozen but has a gradient", spec.name);
+            }
+        }
+    }
+}
+
+fn tmpdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("cxrclip-model-{tag}-{}-{}", std::process::id(), seed()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn checkpoint_round_trip_and_train_state() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let clip = Clip::random(Cpu, tiny(Some(4)), 2, rng.random()).unwrap();
+    let dir = tmpdir("rt");
+    clip.save_pretrained(&dir, &[("note.txt", b"hello")]).unwrap();
+    let (back, report) = Clip::from_pretrained(Cpu, &dir, 2).unwrap();
+    assert!(report.unused.is_empty() && report.initialised.is_empty());
+    // The written config gains `model_type` and `architectures` for transformers.
+    assert_eq!(back.config.text_config, clip.config.text_config);
+    assert_eq!(back.config.vision_config, clip.config.vision_config);
+    assert_eq!(
+        (back.config.projection_dim, back.config.adapter_dim),
+        (clip.config.projection_dim, clip.config.adapter_dim)
+    );
+    assert_eq!(back.config.extra["model_type"], "clip");
+    assert_eq!(back.params_to_host().unwrap(), clip.params_to_host().unwrap());
+    assert_eq!(std::fs::read(dir.join("note.txt")).unwrap(), b"hello");
+    // Overwriting an existing checkpoint works and leaves no temporary folders behind.
+    clip.save_pretrained(&dir, &[]).unwrap();
+    let parent = dir.parent().unwrap();
+    let stem = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let leftovers = std::fs::read_dir(parent)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(&format!(".{stem}.")))
+        .count();
+    assert_eq!(leftovers, 0);
+
+    // Optimiser moments, step and position survive a save/load.
+    let loss = ContrastiveLoss::new(&clip).unwrap();
+    let mut opt = AdamW::new(&clip, AdamWConfig::default()).unwrap();
+    let x = batch(&mut rng, &clip.config, 2);
+    loss_and_grads(&clip, &loss, &x, true);
+    opt.step(&clip, 1e-3).unwrap();
+    let pos = RunPosition { step: 1, rng: vec![1, 2, 3], data_epoch: 4, data_batch: 5 };
+    let path = dir.join("train_state.safetensors");
+    train_state::save(&path, &clip, &opt, &pos).unwrap();
+    let mut opt2 = AdamW::new(&clip, AdamWConfig::default()).unwrap();
+    assert_eq!(train_state::load(&path, &clip, &mut opt2).unwrap(), pos);
+    let host = |t: &kernels::Tensor<Cpu>| {
+        let mut v = vec![0.0; t.len()];
+        Cpu.download_f32(t, &mut v).unwrap();
+        v
+    };
+    assert_eq!(host(&opt2.m), host(&opt.m));
+    assert_eq!(host(&opt2.v), host(&opt.v));
+    assert_eq!(opt2.step, 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn load_err(dir: &Path) -> String {
+    match Clip::from_pretrained(Cpu, dir, 1) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn bad_checkpoints_are_clear_errors() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let clip = Clip::random(Cpu, tiny(None), 1, rng.random()).unwrap();
+    let dir = tmpdir("bad");
+    clip.save_pretrained(&dir, &[]).unwrap();
+    let weights = dir.join(WEIGHTS);
+    let values = clip.params_to_host().unwrap();
+    let all: Vec<(String, Vec<usize>, &[f32])> = clip
+        .layout
+        .specs
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone(), &values[s.offset..s.offset + s.len]))
+        .collect();
+
+    // A missing tensor is named, with the file.
+    let missing = "text_model.encoder.layers.1.mlp.fc2.bias";
+    let fewer: Vec<_> = all.iter().filter(|t| t.0 != missing).cloned().collect();
+    write_f32_safetensors(&weights, &fewer).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains(missing) && e.contains("model.safetensors"), "{e}");
+
+    // A wrong shape is named with both shapes.
+    let mut wrong = all.clone();
+    let w = wrong.iter_mut().find(|t| t.0 == "visual_projection.weight").unwrap();
+    w.1 = vec![w.1[1], w.1[0]];
+    write_f32_safetensors(&weights, &wrong).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("visual_projection.weight") && e.contains("shape"), "{e}");
+
+    // A truncated file says so.
+    write_f32_safetensors(&weights, &all).unwrap();
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("truncated") && e.contains("model.safetensors"), "{e}");
+
+    // A missing config is named.
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("config.json"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
