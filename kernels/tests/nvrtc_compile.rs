@@ -6,10 +6,21 @@
 //! the test fails when `CI` is set and otherwise skips with one line saying how to get them.
 //! Any NVRTC warning fails the test; so does a spill in the attention or InfoNCE kernels.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kernels::cuda::{libs, nvrtc};
+
+/// Prints past libtest's output capture (straight to the process's stdout), so that the
+/// resource report and the summary line show in every CI log, not only on failure.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, $($t)*);
+        let _ = o.flush();
+    }};
+}
 
 const ARCHES: [(&str, &str); 2] = [("sm_90", "compute_90"), ("sm_80", "compute_80")];
 
@@ -68,7 +79,7 @@ fn nvrtc_compiles_every_kernel() {
         if std::env::var_os("CI").is_some() {
             panic!("CI is set but NVRTC is missing: {e:#} (scripts/test.sh runs scripts/nvidia-wheels.sh first)");
         }
-        println!("nvrtc: skipped, NVRTC not found; run scripts/nvidia-wheels.sh to install it into .cache/nvidia");
+        say!("nvrtc: skipped, NVRTC not found; run scripts/nvidia-wheels.sh to install it into .cache/nvidia");
         return;
     }
     let include = nvrtc::find_include_dir().expect("CUDA headers (the nvidia-cuda-runtime wheel)");
@@ -86,12 +97,10 @@ fn nvrtc_compiles_every_kernel() {
     match ptxas() {
         Some(p) => {
             let mut spilled = Vec::new();
-            println!(
-                "ptxas -arch=sm_90: kernel, registers, spill stores / loads (bytes), static shared memory (bytes)"
-            );
+            say!("ptxas -arch=sm_90: kernel, registers, spill stores / loads (bytes), static shared memory (bytes)");
             for (family, ptx) in &sm90 {
                 for (name, regs, st, ld, smem) in ptxas_report(&p, family, ptx) {
-                    println!("  {family:<11} {name:<26} {regs:>3} regs  spills {st}/{ld}  smem {smem}");
+                    say!("  {family:<11} {name:<26} {regs:>3} regs  spills {st}/{ld}  smem {smem}");
                     if (st > 0 || ld > 0) && (*family == "attention" || *family == "infonce") {
                         spilled.push(name);
                     }
@@ -100,7 +109,7 @@ fn nvrtc_compiles_every_kernel() {
             assert!(spilled.is_empty(), "register spills in {spilled:?}");
         }
         None if std::env::var_os("CI").is_some() => panic!("CI is set but ptxas (nvidia-cuda-nvcc wheel) is missing"),
-        None => println!("ptxas: skipped, not found (scripts/nvidia-wheels.sh installs it)"),
+        None => say!("ptxas: skipped, not found (scripts/nvidia-wheels.sh installs it)"),
     }
-    println!("nvrtc: compiled {} kernels for sm_90 and sm_80", nvrtc::entry_count());
+    say!("nvrtc: compiled {} kernels for sm_90 and sm_80", nvrtc::entry_count());
 }
