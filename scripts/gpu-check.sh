@@ -84,13 +84,13 @@ run_step() { # name timeout_s log command...
     if [ "$rc" = 0 ]; then note "$name" ok "$dt" "$last"; elif [ "$rc" = 124 ]; then note "$name" TIME "$dt" "stopped after ${limit}s"; else note "$name" FAIL "$dt" "$last"; fi
 }
 
-run_step "gpu-check" 200 gpu-check.log "$bin" gpu-check $quick
-"$bin" gpu-check --quick --json >"$out/gpu-check.json" 2>/dev/null || true
-run_step "bench kernels" 180 bench-kernels.log "$bin" bench kernels $quick
-run_step "bench train-step cuda" 60 train-step.log "$bin" bench train-step --device cuda --steps 10
+run_step "gpu-check" 180 gpu-check.log "$bin" gpu-check $quick
+timeout 60 "$bin" gpu-check --quick --json >"$out/gpu-check.json" 2>/dev/null || true
+run_step "bench kernels" 150 bench-kernels.log "$bin" bench kernels $quick
+run_step "bench train-step cuda" 45 train-step.log "$bin" bench train-step --device cuda --steps 10
 
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-    run_step "torch sdpa" 60 torch-sdpa.log python3 - <<'PY'
+    run_step "torch sdpa" 45 torch-sdpa.log python3 - <<'PY'
 import torch, torch.nn.functional as F
 def bench(bh, t, causal):
     q, k, v = (torch.randn(1, bh, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
