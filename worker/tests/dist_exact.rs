@@ -1,0 +1,140 @@
+//! The distributed CLS step is exact: the gradients of one step on 1, 2 and 4 CPU ranks (threads
+//! joined by the TCP ring) equal the single-process gradient of the same global batch, and 20
+//! AdamW steps give the same loss curve.
+
+use std::time::Duration;
+
+use kernels::Cpu;
+use model::loss::ContrastiveLoss;
+use model::optim::{AdamW, AdamWConfig};
+use model::{Clip, ClipConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use worker::comm::ring::loopback_world;
+use worker::comm::Collectives;
+use worker::dist::{forward_backward, train_step, DistLoss, LocalBatch};
+
+const GLOBAL: usize = 8;
+const SEED: u64 = 3;
+
+fn config() -> ClipConfig {
+    ClipConfig::small(32, 8, 64, 2, 2)
+}
+
+/// The global batch of step `step`: pixels and token ids for `GLOBAL` pairs.
+fn batch(step: u64, image: usize, ctx: usize) -> (Vec<f32>, Vec<i32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(1000 + step);
+    let pixels = (0..GLOBAL * 3 * image * image).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    let ids = (0..GLOBAL * ctx)
+        .map(|i| match i % ctx {
+            0 => 49406,
+            // Texts of varying length: end of text, then padding.
+            k if k == 5 + (i / ctx) % 20 => 49407,
+            k if k > 5 + (i / ctx) % 20 => 0,
+            _ => rng.random_range(1..49406),
+        })
+        .collect();
+    (pixels, ids)
+}
+
+fn single_process(steps: u64) -> (Vec<f32>, Vec<f32>) {
+    let clip = Clip::random(Cpu, config(), GLOBAL, SEED).expect("model");
+    let loss = ContrastiveLoss::new(&clip).expect("loss");
+    let mut opt = AdamW::new(&clip, AdamWConfig::default()).expect("adamw");
+    let (s, ctx) = (clip.image_size(), clip.context_len());
+    let mut losses = Vec::new();
+    let mut first_grads = Vec::new();
+    for step in 0..steps {
+        let (px, ids) = batch(step, s, ctx);
+        clip.zero_grads();
+        clip.upload_pixels(&px, GLOBAL).expect("pixels");
+        clip.forward_vision(GLOBAL).expect("vision");
+        clip.forward_text(&ids, GLOBAL).expect("text");
+        losses.push(loss.forward_backward(&clip, GLOBAL).expect("loss"));
+        clip.backward_vision(GLOBAL);
+        clip.backward_text(GLOBAL);
+        if step == 0 {
+            first_grads = clip.grads_to_host().expect("grads");
+        }
+        opt.step(&clip, 1e-3).expect("step");
+    }
+    (losses, first_grads)
+}
+
+/// Rank 0's losses and first-step gradients on a world of `world` threads.
+fn distributed(world: usize, steps: u64) -> (Vec<f32>, Vec<f32>) {
+    let rings = loopback_world(world, Duration::from_secs(30)).expect("ring");
+    let handles: Vec<_> = rings
+        .into_iter()
+        .map(|mut comm| {
+            std::thread::spawn(move || {
+                let b = GLOBAL / world;
+                let r = comm.rank();
+                let mut clip = Clip::random(Cpu, config(), b, SEED).expect("model");
+                let mut loss = DistLoss::new(&clip, world).expect("loss");
+                let mut opt = AdamW::new(&clip, AdamWConfig::default()).expect("adamw");
+                let (s, ctx) = (clip.image_size(), clip.context_len());
+                let (np, nt) = (3 * s * s, ctx);
+                let mut losses = Vec::new();
+                let mut first = Vec::new();
+                for step in 0..steps {
+                    let (px, ids) = batch(step, s, ctx);
+                    let lb = LocalBatch {
+                        pixels: &px[r * b * np..(r + 1) * b * np],
+                        ids: &ids[r * b * nt..(r + 1) * b * nt],
+                        b,
+                    };
+                    if step == 0 {
+                        let l = forward_backward(&mut clip, &mut loss, &mut comm, &lb).expect("fb");
+                        first = clip.grads_to_host().expect("grads");
+                        opt.step(&clip, 1e-3).expect("step");
+                        losses.push(l);
+                    } else {
+                        losses
+                            .push(train_step(&mut clip, &mut opt, &mut loss, &mut comm, &lb, 1e-3).expect("step").loss);
+                    }
+                }
+                (losses, first)
+            })
+        })
+        .collect();
+    let mut out: Vec<_> = handles.into_iter().map(|h| h.join().expect("rank")).collect();
+    // Every rank reports the same global loss.
+    for o in &out[1..] {
+        assert_eq!(o.0, out[0].0);
+    }
+    out.swap_remove(0)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f64) {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs() as f64));
+    assert!(scale > 0.0, "{what}: reference is all zeros");
+    // atol relative to the largest reference value: gradients of unused token rows are zero.
+    let atol = 1e-6 * scale;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (*g as f64, *w as f64);
+        assert!(!g.is_nan() && (g - w).abs() <= atol + rtol * w.abs(), "{what}[{i}]: {g} vs {w}");
+    }
+}
+
+#[test]
+fn gradients_equal_single_process_on_1_2_4_ranks() {
+    let (ref_loss, ref_grads) = single_process(1);
+    for world in [1, 2, 4] {
+        let (loss, grads) = distributed(world, 1);
+        assert_close(&format!("loss on {world} ranks"), &loss, &ref_loss, 1e-5);
+        assert_close(&format!("gradient on {world} ranks"), &grads, &ref_grads, 1e-4);
+    }
+}
+
+#[test]
+fn twenty_steps_same_loss_curve() {
+    let (ref_loss, _) = single_process(20);
+    for world in [2, 4] {
+        let (loss, _) = distributed(world, 20);
+        assert_close(&format!("loss curve on {world} ranks"), &loss, &ref_loss, 1e-4);
+    }
+    // The curve moves: the steps train.
+    assert!(ref_loss[19] < ref_loss[0], "{ref_loss:?}");
+}
