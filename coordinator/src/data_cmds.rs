@@ -135,3 +135,74 @@ pub fn run_data_stats(a: DataStatsArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// `coordinator prepare --dataset mimic --root DIR --out SHARDS`
+#[derive(Args, Debug)]
+pub struct PrepareArgs {
+    /// Which dataset layout the root holds.
+    #[arg(long)]
+    pub dataset: data::DatasetKind,
+    /// The dataset root as distributed.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Shards folder to write (a second run resumes, skipping finished shards).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Views to keep: a list such as PA,AP (the default) or `all`.
+    #[arg(long, default_value = "PA,AP")]
+    pub views: data::Views,
+    /// Report text policy stored in the pairs table.
+    #[arg(long, default_value = "paper")]
+    pub sections: data::report::SectionPolicy,
+    /// MIMIC label file: chexpert or negbio.
+    #[arg(long, default_value = "chexpert")]
+    pub labels: data::dataset::LabelFile,
+    /// MIMIC-CXR reports root, when the reports are not under --root.
+    #[arg(long)]
+    pub reports: Option<PathBuf>,
+    /// Seed of the splits made where a dataset has none.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Smaller image side after resizing (the published setup used 256).
+    #[arg(long, default_value_t = 256)]
+    pub short_side: usize,
+    /// Images per shard file.
+    #[arg(long, default_value_t = 2048)]
+    pub shard_size: usize,
+}
+
+pub fn run_prepare(a: PrepareArgs) -> Result<()> {
+    let opts = data::ReadOptions {
+        views: a.views,
+        sections: a.sections,
+        uncertain: data::UncertainPolicy::Zeros,
+        label_file: a.labels,
+        reports_root: a.reports,
+        seed: a.seed,
+    };
+    let ds = data::read(a.dataset, &a.root, &opts)?;
+    let name = format!("{:?}", a.dataset).to_lowercase();
+    let progress = |done: usize, total: usize| {
+        // A one-line progress bar on stderr.
+        let width = 40;
+        let filled = if total == 0 { width } else { done * width / total };
+        eprint!("\rprepare [{}{}] {done}/{total} shards", "#".repeat(filled), " ".repeat(width - filled));
+        if done == total {
+            eprintln!();
+        }
+    };
+    let s = data::shards::prepare(&ds, &name, &a.out, a.short_side, a.shard_size.max(1), &progress)?;
+    for p in ds.problems.sorted().iter().take(50) {
+        eprintln!("skipped: {}: {} ({})", p.kind, p.place, p.detail);
+    }
+    eprintln!(
+        "prepare: {} images in {} shards ({} already done, skipped) in {:.1} s; {} -> {}",
+        s.images,
+        s.shards,
+        s.shards_skipped,
+        s.seconds,
+        ds.problems.summary(),
+        a.out.display()
+    );
+    Ok(())
+}

@@ -17,3 +17,6 @@ pub mod splits;
 pub mod stats;
 
 pub use dataset::{read, Dataset, DatasetKind, Pair, ReadOptions, Split, Views};
+pub mod imageio;
+pub mod loader;
+pub mod shards;

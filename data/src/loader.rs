@@ -1,0 +1,292 @@
+//! The training loader: a rank's pair ids in, batches out: pixels augmented as published (random
+//! rotation up to ±45°, shift 0.15, scale 0.9-1.1 after resizing the smaller side to the model's
+//! size and centre cropping), CLIP-normalised, grey replicated to 3 channels (NCHW f32), text
+//! sentence-shuffled and tokenised, labels through the uncertain policy. Worker threads fill
+//! batches a few ahead of the consumer; batch order and content depend only on the seed.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Result;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::dataset::Pair;
+use crate::labels::{LabelValue, UncertainPolicy, NUM_LABELS};
+use crate::report::{shuffle_sentences, Tokenize};
+use crate::shards::ShardSet;
+use crate::synth::mix;
+
+/// CLIP's per-channel normalisation.
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// Where the pixels come from.
+#[derive(Clone)]
+pub enum Source {
+    /// Packed shards (the fast path).
+    Shards(Arc<ShardSet>),
+    /// An unpacked tree: JPEG / DICOM decoded per sample.
+    Files { root: PathBuf, pairs: Arc<Vec<Pair>> },
+}
+
+impl Source {
+    fn len(&self) -> usize {
+        match self {
+            Source::Shards(s) => s.pairs.len(),
+            Source::Files { pairs, .. } => pairs.len(),
+        }
+    }
+    fn text(&self, i: usize) -> &str {
+        match self {
+            Source::Shards(s) => &s.pairs[i].text,
+            Source::Files { pairs, .. } => &pairs[i].text,
+        }
+    }
+    fn labels(&self, i: usize) -> [LabelValue; NUM_LABELS] {
+        match self {
+            Source::Shards(s) => s.pairs[i].label_values(),
+            Source::Files { pairs, .. } => pairs[i].labels,
+        }
+    }
+}
+
+/// Loader settings.
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    pub batch: usize,
+    /// The model's input side (224 for ViT-B/32).
+    pub size: usize,
+    /// Random affine and sentence shuffling (training) or resize + centre crop only (evaluation).
+    pub augment: bool,
+    pub seed: u64,
+    /// Epoch, mixed into every sample's randomness.
+    pub epoch: u64,
+    pub workers: usize,
+    /// Batches each worker may hold ready.
+    pub prefetch: usize,
+    pub uncertain: UncertainPolicy,
+    /// Token ids per text.
+    pub context: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch: 64,
+            size: 224,
+            augment: true,
+            seed: 0,
+            epoch: 0,
+            workers: 2,
+            prefetch: 2,
+            uncertain: UncertainPolicy::Zeros,
+            context: 77,
+        }
+    }
+}
+
+/// One batch, ready to copy to a device.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub ids: Vec<usize>,
+    /// `batch x 3 x size x size`, CLIP-normalised.
+    pub pixels: Vec<f32>,
+    /// `batch x context` token ids.
+    pub tokens: Vec<i32>,
+    /// `batch x 14` targets and mask (mask 0 = ignored under the policy).
+    pub targets: Vec<f32>,
+    pub mask: Vec<f32>,
+}
+
+/// The affine of one sample: output pixel -> source pixel.
+#[derive(Clone, Copy, Debug)]
+pub struct Warp {
+    // src = m * (out - c_out) + c_src
+    m: [f32; 4],
+    c_out: (f32, f32),
+    c_src: (f32, f32),
+}
+
+pub fn make_warp(w: usize, h: usize, size: usize, augment: bool, rng: &mut impl Rng) -> Warp {
+    let k0 = size as f32 / w.min(h) as f32;
+    let (theta, scale, tx, ty) = if augment {
+        let s = size as f32;
+        (
+            rng.random_range(-45f32..45.0).to_radians(),
+            rng.random_range(0.9f32..1.1),
+            rng.random_range(-0.15f32..0.15) * s,
+            rng.random_range(-0.15f32..0.15) * s,
+        )
+    } else {
+        (0.0, 1.0, 0.0, 0.0)
+    };
+    let (s, c) = theta.sin_cos();
+    let k = 1.0 / (k0 * scale);
+    // Inverse rotation and scale.
+    let m = [c * k, s * k, -s * k, c * k];
+    let half = size as f32 * 0.5;
+    Warp { m, c_out: (half + tx, half + ty), c_src: (w as f32 * 0.5, h as f32 * 0.5) }
+}
+
+/// Warps grey `src` into three normalised channels of `out` (3 x size x size), bilinear,
+/// black outside the source (air, as at a film's edge).
+pub fn warp_normalise(src: &[u8], w: usize, h: usize, size: usize, wp: &Warp, out: &mut [f32]) {
+    let plane = size * size;
+    let (r, g, b) = {
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        (r, g, b)
+    };
+    // v in [0, 255] -> (v / 255 - mean) / std, per channel: a * v + c.
+    let a = [1.0 / (255.0 * CLIP_STD[0]), 1.0 / (255.0 * CLIP_STD[1]), 1.0 / (255.0 * CLIP_STD[2])];
+    let c = [-CLIP_MEAN[0] / CLIP_STD[0], -CLIP_MEAN[1] / CLIP_STD[1], -CLIP_MEAN[2] / CLIP_STD[2]];
+    let (wf, hf) = (w as f32 - 1.0, h as f32 - 1.0);
+    for oy in 0..size {
+        let dy = oy as f32 + 0.5 - wp.c_out.1;
+        let dx0 = 0.5 - wp.c_out.0;
+        // Source coordinates advance by a constant step along a row.
+        let mut sx = wp.m[0] * dx0 + wp.m[1] * dy + wp.c_src.0 - 0.5;
+        let mut sy = wp.m[2] * dx0 + wp.m[3] * dy + wp.c_src.1 - 0.5;
+        let row = oy * size;
+        for ox in 0..size {
+            let v = if sx >= 0.0 && sy >= 0.0 && sx < wf && sy < hf {
+                let (x0, y0) = (sx as usize, sy as usize);
+                let (fx, fy) = (sx - x0 as f32, sy - y0 as f32);
+                let i = y0 * w + x0;
+                let p00 = src[i] as f32;
+                let p01 = src[i + 1] as f32;
+                let p10 = src[i + w] as f32;
+                let p11 = src[i + w + 1] as f32;
+                let top = p00 + (p01 - p00) * fx;
+                let bot = p10 + (p11 - p10) * fx;
+                top + (bot - top) * fy
+            } else {
+                0.0
+            };
+            r[row + ox] = a[0] * v + c[0];
+            g[row + ox] = a[1] * v + c[1];
+            b[row + ox] = a[2] * v + c[2];
+            sx += wp.m[0];
+            sy += wp.m[2];
+        }
+    }
+}
+
+/// Fills one sample of a batch.
+fn fill_sample(
+    src: &Source,
+    id: usize,
+    cfg: &LoaderConfig,
+    tok: &dyn Tokenize,
+    pixels: &mut [f32],
+    tokens: &mut Vec<i32>,
+) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed, cfg.epoch, id as u64));
+    match src {
+        Source::Shards(s) => {
+            let (px, w, h) = s.image(id);
+            let wp = make_warp(w, h, cfg.size, cfg.augment, &mut rng);
+            warp_normalise(px, w, h, cfg.size, &wp, pixels);
+        }
+        Source::Files { root, pairs } => {
+            let img = crate::imageio::load_grey(&root.join(&pairs[id].image))?;
+            let wp = make_warp(img.w, img.h, cfg.size, cfg.augment, &mut rng);
+            warp_normalise(&img.pixels, img.w, img.h, cfg.size, &wp, pixels);
+        }
+    }
+    let text = src.text(id);
+    let text = if cfg.augment { shuffle_sentences(text, &mut rng) } else { text.to_string() };
+    let mut t = tok.encode(&text);
+    t.resize(cfg.context, 0);
+    tokens.extend_from_slice(&t);
+    Ok(())
+}
+
+/// Builds batch `k` of `ids` (the last batch may be short).
+pub fn build_batch(src: &Source, ids: &[usize], cfg: &LoaderConfig, tok: &dyn Tokenize) -> Result<Batch> {
+    let plane = 3 * cfg.size * cfg.size;
+    let mut b = Batch {
+        ids: ids.to_vec(),
+        pixels: vec![0.0; ids.len() * plane],
+        tokens: Vec::with_capacity(ids.len() * cfg.context),
+        targets: Vec::with_capacity(ids.len() * NUM_LABELS),
+        mask: Vec::with_capacity(ids.len() * NUM_LABELS),
+    };
+    for (j, &id) in ids.iter().enumerate() {
+        fill_sample(src, id, cfg, tok, &mut b.pixels[j * plane..(j + 1) * plane], &mut b.tokens)?;
+        let (t, m) = cfg.uncertain.targets(&src.labels(id));
+        b.targets.extend_from_slice(&t);
+        b.mask.extend_from_slice(&m);
+    }
+    Ok(b)
+}
+
+/// Background batch producer. Iterate it to get batches in order.
+pub struct Loader {
+    rxs: Vec<Receiver<Result<Batch>>>,
+    next: usize,
+    n_batches: usize,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Starts `cfg.workers` threads over `ids` (a rank's pair ids, in the coordinator's order).
+    pub fn new(src: Source, ids: Vec<usize>, cfg: LoaderConfig, tok: Arc<dyn Tokenize>) -> Result<Loader> {
+        if let Some(&bad) = ids.iter().find(|&&i| i >= src.len()) {
+            anyhow::bail!("pair id {bad} out of range ({} pairs)", src.len());
+        }
+        let n_batches = ids.len().div_ceil(cfg.batch.max(1));
+        let workers = cfg.workers.max(1);
+        let ids = Arc::new(ids);
+        let mut rxs = Vec::new();
+        let mut handles = Vec::new();
+        for w in 0..workers {
+            let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+            let (src, ids, cfg, tok) = (src.clone(), ids.clone(), cfg.clone(), tok.clone());
+            handles.push(std::thread::spawn(move || {
+                // Worker w builds batches w, w + workers, ...; the consumer takes them in turn.
+                let mut k = w;
+                while k < n_batches {
+                    let lo = k * cfg.batch;
+                    let hi = (lo + cfg.batch).min(ids.len());
+                    let b = build_batch(&src, &ids[lo..hi], &cfg, tok.as_ref());
+                    if tx.send(b).is_err() {
+                        return; // the loader was dropped
+                    }
+                    k += workers;
+                }
+            }));
+            rxs.push(rx);
+        }
+        Ok(Loader { rxs, next: 0, n_batches, handles })
+    }
+
+    pub fn batches(&self) -> usize {
+        self.n_batches
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.next >= self.n_batches {
+            return None;
+        }
+        let rx = &self.rxs[self.next % self.rxs.len()];
+        self.next += 1;
+        Some(rx.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("loader worker stopped"))))
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Closing the receivers makes blocked workers return; then join them.
+        self.rxs.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
