@@ -75,7 +75,7 @@ fn read_inputs(path: &Path) -> Result<Inputs> {
 pub fn run(args: ForwardBackwardArgs) -> Result<()> {
     match args.device {
         Device::Cpu => run_on(Cpu, &args),
-        other => bail!("forward-backward: device {other:?} is not available in this build yet; use --device cpu"),
+        Device::Cuda => run_on(kernels::Cuda::new(0)?, &args),
     }
 }
 
@@ -117,7 +117,7 @@ fn run_on<B: Backend>(backend: B, args: &ForwardBackwardArgs) -> Result<()> {
             ids[r * ctx + k] = inp.ids[r * inp.len + k] as i32;
         }
     }
-    let (mut clip, _report) = Clip::from_pretrained_with(backend, &args.checkpoint, config, b)
+    let (clip, _report) = Clip::from_pretrained_with(backend, &args.checkpoint, config, b)
         .with_context(|| format!("loading {}", args.checkpoint.display()))?;
     let loss_fn = ContrastiveLoss::new(&clip)?;
     clip.zero_grads();

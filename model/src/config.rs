@@ -247,7 +247,7 @@ impl ClipConfig {
         let t = &self.text_config;
         ensure!(v.num_channels == 3, "vision_config.num_channels is {}, only 3 is supported", v.num_channels);
         ensure!(
-            v.patch_size > 0 && v.image_size % v.patch_size == 0,
+            v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
             "vision_config.image_size {} is not a multiple of patch_size {}",
             v.image_size,
             v.patch_size

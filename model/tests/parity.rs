@@ -35,7 +35,8 @@ fn assert_close(what: &str, ours: &[f32], reference: &[f32], rtol: f64, atol: f6
         let (o, r) = (o as f64, r as f64);
         assert!(o.is_finite(), "{what}[{i}] = {o} is not finite");
         let ratio = (o - r).abs() / (atol + rtol * r.abs());
-        if !(ratio <= 1.0) {
+        // Written so that a NaN ratio fails too.
+        if ratio.is_nan() || ratio > 1.0 {
             panic!(
                 "{what}[{i}]: ours {o:e} vs reference {r:e} (|diff| {:e} > {atol:e} + {rtol:e}*|ref|)",
                 (o - r).abs()

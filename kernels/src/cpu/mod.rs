@@ -335,7 +335,7 @@ impl Backend for Cpu {
 
     fn im2col(&self, cols: &T, pixels: &T, b: usize, img: usize, p: usize) {
         let _p = profile::scope("im2col");
-        assert!(img % p == 0, "image size {img} is not a multiple of the patch size {p}");
+        assert!(img.is_multiple_of(p), "image size {img} is not a multiple of the patch size {p}");
         check_len("im2col pixels", pixels, b * 3 * img * img);
         check_len("im2col cols", cols, b * 3 * img * img);
         outputs(&[cols], &[pixels]);
