@@ -33,6 +33,8 @@ enum Command {
     Synth(data_cmds::SynthArgs),
     /// Read a dataset root and print a JSON summary (and optionally some pairs).
     DataStats(data_cmds::DataStatsArgs),
+    /// Decode a dataset once into memory-mappable shards plus a pairs table (resumable).
+    Prepare(data_cmds::PrepareArgs),
     /// Every CUDA op against the CPU backend, and a training step (needs a GPU).
     GpuCheck(gpu_cmds::GpuCheckArgs),
 }
@@ -53,6 +55,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Init(a) => init_cmd::run(a),
         Command::Synth(a) => data_cmds::run_synth(a),
         Command::DataStats(a) => data_cmds::run_data_stats(a),
+        Command::Prepare(a) => data_cmds::run_prepare(a),
         Command::GpuCheck(a) => gpu_cmds::run_gpu_check(a),
     }
 }
