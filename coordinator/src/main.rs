@@ -1,7 +1,8 @@
 //! `coordinator`: the cxrclip command line.
 //!
-//! Subcommands run one job each (a forward/backward check, a benchmark, data tools); the
-//! training run itself arrives with the distributed runtime.
+//! Subcommands run one job each (a forward/backward check, a benchmark, data tools); without a
+//! subcommand, `coordinator [--gpus N | --workers N --device cpu] [options]` is the training run
+//! (see `run/`).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -12,12 +13,22 @@ mod device;
 mod fb_cmd;
 mod gpu_cmds;
 mod init_cmd;
+mod run;
 
 #[derive(Parser)]
-#[command(name = "coordinator", version, about = "cxrclip: contrastive language supervision for chest radiographs")]
+#[command(
+    name = "coordinator",
+    version,
+    about = "cxrclip: contrastive language supervision for chest radiographs",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// Without a subcommand: a CLS training run.
+    #[command(flatten)]
+    train: run::TrainArgs,
 }
 
 #[derive(Subcommand)]
@@ -49,7 +60,8 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else { return run::run(cli.train) };
+    match command {
         Command::ForwardBackward(a) => fb_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
         Command::Init(a) => init_cmd::run(a),

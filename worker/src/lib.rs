@@ -3,3 +3,4 @@
 
 pub mod comm;
 pub mod dist;
+pub mod job;

@@ -1,0 +1,105 @@
+//! The pair index the coordinator owns, and each rank's shard of an epoch.
+//!
+//! An epoch's order is a permutation of the training pairs seeded by (seed, epoch); step `k`
+//! takes the global batch `order[k*G .. (k+1)*G]` and rank `r` of `W` its slice
+//! `[r*G/W .. (r+1)*G/W]` of it. The pairs a step trains on therefore do not depend on `W`.
+
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use proto::v1::ShardEntry;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+pub struct PairIndex {
+    /// (image path relative to the root, report text) of every training pair.
+    pub pairs: Vec<(String, String)>,
+    pub seed: u64,
+    pub global_batch: usize,
+}
+
+impl PairIndex {
+    /// The training pairs of a MIMIC-CXR-JPG root (official train split, `fraction` of the
+    /// training patients).
+    pub fn read(root: &Path, seed: u64, fraction: f64, global_batch: usize) -> Result<Self> {
+        let opts = data::ReadOptions { seed, ..Default::default() };
+        let ds =
+            data::read(data::DatasetKind::Mimic, root, &opts).with_context(|| format!("reading {}", root.display()))?;
+        if !ds.problems.is_empty() {
+            eprintln!("coordinator: {}: {}", root.display(), ds.problems.summary());
+        }
+        let ids = data::splits::training_fraction(&ds.pairs, fraction, seed);
+        let pairs: Vec<(String, String)> =
+            ids.iter().map(|&i| (ds.pairs[i].image.to_string_lossy().into_owned(), ds.pairs[i].text.clone())).collect();
+        ensure!(
+            pairs.len() >= global_batch,
+            "{} has {} training pairs, fewer than one global batch of {global_batch}",
+            root.display(),
+            pairs.len()
+        );
+        Ok(Self { pairs, seed, global_batch })
+    }
+
+    /// Whole global batches per epoch (the remainder of an epoch is dropped).
+    pub fn steps_per_epoch(&self) -> u64 {
+        (self.pairs.len() / self.global_batch) as u64
+    }
+
+    /// The order of the training pairs in `epoch`.
+    pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.pairs.len() as u32).collect();
+        let key =
+            self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ epoch.wrapping_add(1).wrapping_mul(0xd1b5_4a32_d192_ed03);
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(key));
+        order
+    }
+
+    /// Rank `rank`'s pairs of `epoch`, in step order (`global_batch / world` per step).
+    pub fn shard(&self, epoch: u64, rank: usize, world: usize) -> Vec<ShardEntry> {
+        let order = self.epoch_order(epoch);
+        let g = self.global_batch;
+        let b = g / world;
+        let mut out = Vec::with_capacity(self.steps_per_epoch() as usize * b);
+        for k in 0..self.steps_per_epoch() as usize {
+            for &id in &order[k * g + rank * b..k * g + (rank + 1) * b] {
+                let (image, text) = &self.pairs[id as usize];
+                out.push(ShardEntry { pair_id: id as u64, image: image.clone(), text: text.clone() });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(n: usize, g: usize) -> PairIndex {
+        let pairs = (0..n).map(|i| (format!("img{i}.jpg"), format!("text {i}"))).collect();
+        PairIndex { pairs, seed: 7, global_batch: g }
+    }
+
+    #[test]
+    fn a_step_sees_the_same_pairs_on_any_world() {
+        let ix = index(100, 8);
+        for epoch in 0..3 {
+            let one: Vec<u64> = ix.shard(epoch, 0, 1).iter().map(|e| e.pair_id).collect();
+            for world in [2, 4, 8] {
+                let shards: Vec<Vec<u64>> =
+                    (0..world).map(|r| ix.shard(epoch, r, world).iter().map(|e| e.pair_id).collect()).collect();
+                let b = 8 / world;
+                for k in 0..ix.steps_per_epoch() as usize {
+                    let step: Vec<u64> = shards.iter().flat_map(|s| s[k * b..(k + 1) * b].iter().copied()).collect();
+                    assert_eq!(step, one[k * 8..(k + 1) * 8]);
+                }
+            }
+        }
+        // Epochs differ, and an epoch holds no pair twice.
+        assert_ne!(ix.epoch_order(0), ix.epoch_order(1));
+        let mut e = ix.epoch_order(2);
+        e.sort();
+        e.dedup();
+        assert_eq!(e.len(), 100);
+    }
+}

@@ -1,0 +1,245 @@
+//! `worker`: one rank of a cxrclip run. Registers with the coordinator (with the run's token
+//! from `CXRCLIP_TOKEN`), builds its communicator (a TCP ring on CPUs, NCCL on GPUs), runs the
+//! job it is given, reports metrics and results, and heartbeats from a task of its own so that a
+//! long step never looks dead.
+//!
+//! Exit status: 0 when the job is done or the run was shut down, 1 on an error, 3 when the
+//! coordinator aborted the job (another worker died) and `--rejoin` was not given, 4 when the
+//! coordinator stopped answering.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use proto::tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use proto::v1::coordinator_client::CoordinatorClient;
+use proto::v1::{Command, HeartbeatRequest, NcclId, RegisterReply, RegisterRequest, ResultKind, Session};
+use worker::comm::{self, Collectives, RingHello, TcpRing};
+use worker::job::{self, Link};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "worker",
+    version,
+    about = "One rank of a cxrclip run (started by the coordinator, or by hand on other nodes)"
+)]
+struct Args {
+    /// The coordinator's URL, e.g. http://10.0.0.1:50051 (https:// with --tls-ca).
+    #[arg(long)]
+    coordinator: String,
+    /// cpu, or cuda (the GPU is CUDA_VISIBLE_DEVICES' first, or SLURM_LOCALID's).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Address other ranks reach this one at for the CPU ring (its port is chosen freely).
+    #[arg(long, default_value = "127.0.0.1")]
+    ring_host: String,
+    /// PEM certificate of the authority that signed the coordinator's TLS certificate.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// After an abort (another worker died), register again for the restarted job instead of
+    /// exiting: for workers started by hand on other nodes.
+    #[arg(long)]
+    rejoin: bool,
+    /// Ask for this rank (defaults to SLURM_PROCID under Slurm).
+    #[arg(long)]
+    rank: Option<u32>,
+    /// Seconds without an answer from the coordinator before giving up.
+    #[arg(long, default_value_t = 30)]
+    coordinator_timeout: u64,
+}
+
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+fn main() {
+    let args = Args::parse();
+    let code = match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("worker: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn env_u32(name: &str) -> Option<u32> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+async fn connect(args: &Args) -> Result<CoordinatorClient<Channel>> {
+    let mut ep = Endpoint::from_shared(args.coordinator.clone())
+        .map_err(|e| anyhow!("--coordinator {}: {e}", args.coordinator))?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &args.tls_ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        ep = ep.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
+    }
+    // The coordinator may still be starting: retry for a while.
+    let deadline = Instant::now() + Duration::from_secs(args.coordinator_timeout);
+    let channel = loop {
+        match ep.connect().await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => bail!("cannot reach the coordinator at {}: {e}", args.coordinator),
+        }
+    };
+    Ok(CoordinatorClient::new(channel)
+        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES))
+}
+
+fn run(args: Args) -> Result<i32> {
+    let token = std::env::var("CXRCLIP_TOKEN")
+        .map_err(|_| anyhow!("CXRCLIP_TOKEN is not set: the worker needs the run's token"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let mut client = rt.block_on(connect(&args))?;
+    let listener = TcpListener::bind((args.ring_host.as_str(), 0))
+        .with_context(|| format!("binding the ring listener on {}", args.ring_host))?;
+    let ring_addr = listener.local_addr()?.to_string();
+    let preferred = args.rank.or_else(|| env_u32("SLURM_PROCID")).map_or(-1, |r| r as i32);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    let req = RegisterRequest {
+        protocol_version: proto::PROTOCOL_VERSION,
+        token: token.clone(),
+        host,
+        pid: std::process::id(),
+        device: args.device.clone(),
+        capabilities: vec!["cls-train".into(), if args.device == "cpu" { "tcp-ring" } else { "nccl" }.into()],
+        ring_addr,
+        preferred_rank: preferred,
+    };
+    let reply: RegisterReply =
+        rt.block_on(client.register(req)).map_err(|s| anyhow!("registration refused: {}", s.message()))?.into_inner();
+    let job = reply.job.clone().ok_or_else(|| anyhow!("the coordinator sent no job"))?;
+    if let Some(n) = env_u32("SLURM_NTASKS") {
+        if n != reply.world_size {
+            eprintln!("worker: warning: SLURM_NTASKS is {n} but the run's world has {} ranks", reply.world_size);
+        }
+    }
+    let session = Session { token, run_id: reply.run_id.clone(), rank: reply.rank, generation: reply.generation };
+    spawn_heartbeat(&rt, client.clone(), session.clone(), args.rejoin, args.coordinator_timeout);
+
+    let rank = reply.rank as usize;
+    let world = reply.world_size as usize;
+    let link = Link { client: client.clone(), session: session.clone(), handle: rt.handle().clone() };
+    let result = if args.device == "cpu" {
+        let hello = RingHello { run: run_number(&reply.run_id), generation: reply.generation };
+        let mut ring = TcpRing::connect(rank, listener, &reply.peer_addrs, hello, Duration::from_secs(600))?;
+        job::train(kernels::Cpu, &job, &mut ring, &link)
+    } else if args.device == "cuda" {
+        train_cuda(&rt, &mut client, &session, rank, world, &job, &link)
+    } else {
+        bail!("--device {}: expected cpu or cuda", args.device)
+    };
+    match result {
+        Ok(loss) => {
+            link.report(ResultKind::ResultDone, job.steps, "", "", loss as f64)?;
+            Ok(0)
+        }
+        Err(e) => {
+            // Tell the coordinator why, so that its log says more than "exited with 1".
+            let _ = link.report(ResultKind::ResultFailed, 0, "", &format!("{e:#}"), f64::NAN);
+            Err(e)
+        }
+    }
+}
+
+/// A number naming the run, for the ring's greeting (FNV-1a of its id).
+fn run_number(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+fn train_cuda(
+    rt: &tokio::runtime::Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    session: &Session,
+    rank: usize,
+    world: usize,
+    job: &proto::v1::Job,
+    link: &Link,
+) -> Result<f32> {
+    if !comm::nccl_available() {
+        bail!("--device cuda needs libcuda and libnccl.so (link libnccl.so.2 as libnccl.so on LD_LIBRARY_PATH)");
+    }
+    let ordinal = if std::env::var_os("CUDA_VISIBLE_DEVICES").is_some() {
+        0
+    } else {
+        env_u32("SLURM_LOCALID").unwrap_or(0) as usize
+    };
+    let id = if rank == 0 {
+        let id = comm::nccl::unique_id()?;
+        rt.block_on(client.put_nccl_id(NcclId { session: Some(session.clone()), id: id.clone() }))
+            .map_err(|s| anyhow!("publishing the NCCL id: {}", s.message()))?;
+        id
+    } else {
+        rt.block_on(client.get_nccl_id(session.clone()))
+            .map_err(|s| anyhow!("fetching the NCCL id: {}", s.message()))?
+            .into_inner()
+            .id
+    };
+    let mut nccl = comm::NcclComm::new(ordinal, rank, world, &id)?;
+    let be = kernels::Cuda::new(ordinal)?;
+    let r = job::train(be, job, &mut nccl, link);
+    let _ = nccl.barrier();
+    r
+}
+
+/// Heartbeats every second from the runtime's own thread; acts on the coordinator's command.
+fn spawn_heartbeat(
+    rt: &tokio::runtime::Runtime,
+    mut client: CoordinatorClient<Channel>,
+    session: Session,
+    rejoin: bool,
+    timeout_s: u64,
+) {
+    rt.spawn(async move {
+        let mut last_ok = Instant::now();
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            let req = HeartbeatRequest { session: Some(session.clone()), step: 0 };
+            match client.heartbeat(req).await {
+                Ok(r) => {
+                    last_ok = Instant::now();
+                    match Command::try_from(r.into_inner().command).unwrap_or(Command::Continue) {
+                        Command::Continue => {}
+                        Command::Shutdown => {
+                            eprintln!("worker {}: the coordinator shut the run down", session.rank);
+                            std::process::exit(0);
+                        }
+                        Command::Abort => abort(session.rank, rejoin),
+                    }
+                }
+                Err(s) if s.code() == proto::tonic::Code::Unauthenticated => {
+                    eprintln!("worker {}: the coordinator no longer knows this worker: {}", session.rank, s.message());
+                    abort(session.rank, rejoin);
+                }
+                Err(_) if last_ok.elapsed() > Duration::from_secs(timeout_s) => {
+                    eprintln!("worker {}: no answer from the coordinator for {timeout_s} s; exiting", session.rank);
+                    std::process::exit(4);
+                }
+                Err(_) => {}
+            }
+        }
+    });
+}
+
+/// Stops this job at once: the process image is replaced (rejoining) or the process exits, so
+/// no thread blocked in a collective outlives the job.
+fn abort(rank: u32, rejoin: bool) -> ! {
+    if rejoin {
+        eprintln!("worker {rank}: job aborted; registering again");
+        use std::os::unix::process::CommandExt;
+        if let Ok(exe) = std::env::current_exe() {
+            let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
+            eprintln!("worker {rank}: cannot restart itself: {err}");
+        }
+        std::process::exit(3);
+    }
+    eprintln!("worker {rank}: job aborted by the coordinator");
+    std::process::exit(3);
+}
