@@ -378,7 +378,7 @@ fn frontal(
             }
             // Trachea: an air column down to the carina.
             if trachea_row > 0.0 && (dx - 0.004).abs() < 0.03 {
-                att -= 0.35 * ramp((0.017 - (dx - 0.004).abs()) * ie) * trachea_row;
+                att -= 0.2 * ramp((0.017 - (dx - 0.004).abs()) * ie) * trachea_row;
             }
             // Gastric bubble under the left hemidiaphragm.
             let bq = ((cx - bubble.0) / 0.055).powi(2) + ((cy - bubble.1) / 0.028).powi(2);
@@ -432,6 +432,10 @@ fn frontal(
                     }
                 }
                 att -= 0.68 * air;
+                if t.female {
+                    // Breast shadows over the lower zones.
+                    att += 0.12 * m * smooth((v - lung.dome + 0.22) / 0.12) * smooth((u - 0.12) / 0.1);
+                }
                 // Parenchymal mottle: lungs are never a flat grey.
                 att += 0.07 * air * (th - 0.5);
                 vis[i] = mark;
