@@ -1,0 +1,168 @@
+//! Helpers for the end-to-end tests: build and find the `coordinator` and `worker` binaries,
+//! start runs, read their metrics, find and kill their workers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The folder holding the binaries (`target/debug`), built once per test process: cargo
+/// builds only the test crate's own targets, and these are other packages' binaries.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "coordinator", "-p", "worker"])
+            .current_dir(&root)
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building coordinator and worker failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or(root.join("target"), PathBuf::from);
+        target.join("debug")
+    })
+}
+
+/// One run at a time: the machines these run on have two cores, and concurrent runs would
+/// only slow each other down.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn coordinator() -> Command {
+    let mut c = Command::new(bin_dir().join("coordinator"));
+    c.stdin(Stdio::null());
+    c
+}
+
+pub fn worker() -> Command {
+    let mut c = Command::new(bin_dir().join("worker"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// A fresh run folder under the target folder.
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let d = bin_dir().join("e2e").join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("run dir");
+    d
+}
+
+/// The common flags of the test runs: a small model on a shared generated tree.
+pub fn train_args(run_dir: &Path, workers: usize, steps: u64) -> Vec<String> {
+    let tree = bin_dir().join("e2e").join("synthetic-96");
+    [
+        "--workers",
+        &workers.to_string(),
+        "--device",
+        "cpu",
+        "--synthetic",
+        "96",
+        "--synthetic-dir",
+        tree.to_str().expect("utf-8 path"),
+        "--synthetic-size",
+        "64",
+        "--image",
+        "32",
+        "--patch",
+        "8",
+        "--width",
+        "64",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--global-batch",
+        "16",
+        "--steps",
+        &steps.to_string(),
+        "--checkpoint-every",
+        "4",
+        "--seed",
+        "7",
+        "--run-dir",
+        run_dir.to_str().expect("utf-8 path"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `(step, loss)` of every line of `metrics.jsonl`.
+pub fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| (v["step"].as_u64().expect("step"), v["loss"].as_f64().expect("loss")))
+        .collect()
+}
+
+/// Runs to completion; panics with the output when it fails.
+pub fn run_ok(args: &[String]) -> Output {
+    let out = coordinator().args(args).output().expect("starting coordinator");
+    assert!(
+        out.status.success(),
+        "coordinator {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Pids of the live processes whose parent is `parent`.
+pub fn children(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // "pid (comm) state ppid ...": comm may hold spaces, so read after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let mut f = rest.split_whitespace();
+        let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
+        if ppid == Some(parent) && state != Some("Z") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Kills a process group leader's child with SIGKILL.
+pub fn sigkill(pid: u32) {
+    // SAFETY: sending a signal has no memory-safety concerns.
+    let r = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert_eq!(r, 0, "kill -9 {pid}");
+}
+
+/// Waits for a child, killing it after `timeout`.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("process {} did not finish within {timeout:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn assert_close(what: &str, got: f64, want: f64, rtol: f64) {
+    assert!(!got.is_nan() && (got - want).abs() <= 1e-7 + rtol * want.abs(), "{what}: {got} vs {want}");
+}

@@ -1,0 +1,102 @@
+//! Real coordinator and worker processes on loopback, on a generated tree: world-size
+//! invariance, a worker killed with SIGKILL mid-run, a worker with a wrong token, and resume.
+
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use e2e::*;
+
+const STEPS: u64 = 12;
+
+/// The uninterrupted 2-worker run every other test compares with.
+fn reference() -> &'static Vec<(u64, f64)> {
+    static REF: OnceLock<Vec<(u64, f64)>> = OnceLock::new();
+    REF.get_or_init(|| {
+        let dir = fresh_dir("reference");
+        run_ok(&train_args(&dir, 2, STEPS));
+        let l = losses(&dir);
+        assert_eq!(l.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=STEPS).collect::<Vec<_>>());
+        assert!(dir.join("checkpoints/step-000012/model.safetensors").exists());
+        assert!(dir.join("checkpoints/step-000012/train_state.safetensors").exists());
+        l
+    })
+}
+
+#[test]
+fn one_and_two_workers_give_the_same_losses() {
+    let _g = serial();
+    let two = reference();
+    let dir = fresh_dir("one-worker");
+    run_ok(&train_args(&dir, 1, STEPS));
+    let one = losses(&dir);
+    assert_eq!(one.len(), two.len());
+    for ((s1, l1), (_, l2)) in one.iter().zip(two) {
+        assert_close(&format!("loss of step {s1}"), *l1, *l2, 1e-4);
+    }
+}
+
+#[test]
+fn a_sigkilled_worker_is_replaced_and_the_run_ends_with_the_same_loss() {
+    let _g = serial();
+    let want = reference();
+    let dir = fresh_dir("killed");
+    let mut coord = coordinator().args(train_args(&dir, 2, STEPS)).stderr(Stdio::piped()).spawn().expect("coordinator");
+    // Past the checkpoint of step 4, before the end.
+    assert!(wait_for(Duration::from_secs(60), || losses(&dir).len() >= 6), "the run did not reach step 6");
+    let workers = children(coord.id());
+    assert_eq!(workers.len(), 2, "expected two workers, found {workers:?}");
+    sigkill(workers[1]);
+    let status = wait_child(&mut coord, Duration::from_secs(120));
+    let mut err = String::new();
+    std::io::Read::read_to_string(coord.stderr.as_mut().expect("stderr"), &mut err).expect("stderr");
+    assert!(status.success(), "{status}\n{err}");
+    assert!(err.contains("restarting from step"), "{err}");
+    let got = losses(&dir);
+    assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=STEPS).collect::<Vec<_>>(), "{err}");
+    for ((s, g), (_, w)) in got.iter().zip(want) {
+        assert_close(&format!("loss of step {s}"), *g, *w, 1e-5);
+    }
+
+    // The finished run continues with --resume to more steps, from its last checkpoint.
+    let out = run_ok(&[
+        "--resume".to_string(),
+        dir.to_string_lossy().into_owned(),
+        "--steps".into(),
+        "14".into(),
+        "--workers".into(),
+        "1".into(),
+    ]);
+    let more = losses(&dir);
+    assert_eq!(more.len(), 14, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(&more[..12], &got[..]);
+}
+
+#[test]
+fn a_worker_with_a_wrong_token_is_refused_while_the_run_goes_on() {
+    let _g = serial();
+    let dir = fresh_dir("wrong-token");
+    let mut coord = coordinator().args(train_args(&dir, 1, 10)).stderr(Stdio::null()).spawn().expect("coordinator");
+    assert!(wait_for(Duration::from_secs(60), || !losses(&dir).is_empty()), "the run did not start");
+    let url = std::fs::read_to_string(dir.join("coordinator.url")).expect("coordinator.url");
+    let out = worker()
+        .args(["--coordinator", url.trim(), "--coordinator-timeout", "10"])
+        .env("CXRCLIP_TOKEN", "not-the-token")
+        .output()
+        .expect("worker");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("wrong run token"), "{err}");
+    let status = wait_child(&mut coord, Duration::from_secs(120));
+    assert!(status.success());
+    assert_eq!(losses(&dir).len(), 10);
+}
+
+#[test]
+fn bad_flags_fail_with_one_line() {
+    let out = coordinator().args(["--workers", "3", "--synthetic", "8", "--global-batch", "32"]).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("multiple of the 3 workers"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
