@@ -13,6 +13,8 @@ use crate::tensor::Tensor;
 
 /// Storage type of a buffer. `Bf16` is a request the CPU backend serves in f32: on CUDA,
 /// activations and matrix-unit copies of weights live in bf16, master weights in f32.
+/// Statistics that ops save for their backward (layer-norm mean and 1/std, the attention
+/// state, InfoNCE log-sum-exps, L2 norms), the loss and the logit scale are always `F32`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
