@@ -148,7 +148,7 @@ fn spawn_feed(
 pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives, link: &Link) -> Result<f32> {
     let (rank, world) = (comm.rank(), comm.world());
     let g = job.global_batch as usize;
-    ensure!(g % world == 0, "global batch {g} is not a multiple of the world size {world}");
+    ensure!(g.is_multiple_of(world), "global batch {g} is not a multiple of the world size {world}");
     let b = g / world;
     let run_dir = PathBuf::from(&job.run_dir);
     let (mut clip, start) = if job.resume_step > 0 {
@@ -207,7 +207,7 @@ pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives, link: &Li
             link.handle.block_on(tx.send(m)).map_err(|_| anyhow!("the metrics stream closed"))?;
         }
         let done = step + 1;
-        let due = job.checkpoint_every > 0 && done % job.checkpoint_every == 0;
+        let due = job.checkpoint_every > 0 && done.is_multiple_of(job.checkpoint_every);
         if rank == 0 && (due || done == job.steps) {
             let dir = checkpoint_dir(&run_dir, done);
             let pos = RunPosition {

@@ -263,7 +263,7 @@ fn plan(mut args: TrainArgs) -> Result<Plan> {
     ensure!(device == "cpu" || device == "cuda", "--device {device}: expected cpu or cuda");
     ensure!(args.data.is_some() || args.synthetic.is_some(), "give the data: --data MIMIC_ROOT or --synthetic N");
     ensure!(
-        args.global_batch > 0 && args.global_batch % world == 0,
+        args.global_batch > 0 && args.global_batch.is_multiple_of(world),
         "--global-batch {} must be a positive multiple of the {world} workers",
         args.global_batch
     );
@@ -614,7 +614,7 @@ impl Supervisor<'_> {
                             metrics.flush()?;
                             self.bar.set_position(m.step);
                             self.bar.set_message(format!("loss {:.4}  {:.1} img/s", m.loss, m.images_per_s));
-                            if plain && (m.step % every == 0 || m.step == self.p.steps) {
+                            if plain && (m.step.is_multiple_of(every) || m.step == self.p.steps) {
                                 eprintln!("step {}/{}  loss {:.4}  {:.1} img/s", m.step, self.p.steps, m.loss, m.images_per_s);
                             }
                         }

@@ -217,9 +217,10 @@ impl TcpRing {
                 self.scratch = scratch;
                 return Err(e);
             }
-            // The partial sum that arrived, then this rank's values: the ring order.
+            // The partial sum that arrived plus this rank's values: the ring order (f32
+            // addition commutes, so `+=` is the same sum).
             for (w, x) in work[recv].iter_mut().zip(&scratch) {
-                *w = *x + *w;
+                *w += *x;
             }
         }
         self.scratch = scratch;
