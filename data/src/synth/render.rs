@@ -324,6 +324,9 @@ fn frontal(
     let carina = 0.33;
     let bubble = (0.5 + 0.17, sc.lungs[1].dome + 0.065);
     let ie = 1.0 / e;
+    let heart_reach = hrx.max(hry) * 1.2 + 4.0 * e;
+    let (inv_hrx, inv_hry) = (1.0 / hrx, 1.0 / hry);
+    let heart_edge = hrx.min(hry) / (3.5 * e);
     for py in 0..h {
         let (_, cy) = f.to_canon(0.5, py as f32 + 0.5);
         // Everything that depends only on the row is computed once per row.
@@ -358,9 +361,14 @@ fn frontal(
             // Heart, mediastinum and the aortic knob hide the lung behind them.
             // The heart's long axis tilts down towards the apex (patient's left, image right).
             let (hx, hy) = (cx - hcx, cy - hcy);
-            let (hu, hv) = (hx * 0.95 + hy * 0.31, -hx * 0.31 + hy * 0.95);
-            let hq = (hu / hrx).powi(2) + (hv / hry).powi(2);
-            let heart = ramp((1.0 - hq.sqrt()) * hrx.min(hry) / (3.5 * e));
+            // Outside a generous box around the heart there is nothing to evaluate.
+            let heart = if hx.abs() < heart_reach && hy.abs() < heart_reach {
+                let (hu, hv) = (hx * 0.95 + hy * 0.31, -hx * 0.31 + hy * 0.95);
+                let hq = (hu * inv_hrx).powi(2) + (hv * inv_hry).powi(2);
+                ramp((1.0 - hq.sqrt()) * heart_edge)
+            } else {
+                0.0
+            };
             let med = if cy < hcy { ramp((med_w - (dx - 0.005).abs()) * 0.5 * ie) } else { 0.0 };
             let kd = ((cx - knob_c.0).powi(2) + (cy - knob_c.1).powi(2)).sqrt();
             let knob = ramp((knob_r - kd) / (2.0 * e));
