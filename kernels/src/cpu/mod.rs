@@ -22,6 +22,7 @@ use std::sync::Arc;
 use anyhow::{ensure, Result};
 
 use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
+use crate::checks::{check_infonce, check_len, outputs};
 use crate::tensor::Tensor;
 
 /// Host memory of one CPU buffer. Access goes through raw slices handed out by the
@@ -65,22 +66,6 @@ fn i32s(t: &T) -> &[i32] {
         CpuStorage::I32(v) => unsafe { &(&*v.get())[t.offset()..t.offset() + t.len()] },
         CpuStorage::F32(_) => panic!("expected an i32 tensor, got f32"),
     }
-}
-
-/// Asserts that no output overlaps an input or another output.
-fn outputs(outs: &[&T], ins: &[&T]) {
-    for (i, o) in outs.iter().enumerate() {
-        for x in ins {
-            assert!(!o.overlaps(x), "op output {o:?} overlaps input {x:?}");
-        }
-        for o2 in &outs[i + 1..] {
-            assert!(!o.overlaps(o2), "op outputs {o:?} and {o2:?} overlap");
-        }
-    }
-}
-
-fn check_len(what: &str, t: &T, want: usize) {
-    assert_eq!(t.len(), want, "{what}: tensor of {} elements where the shape needs {want}", t.len());
 }
 
 fn opt_mut(t: Option<&T>) -> Option<&mut [f32]> {
@@ -490,18 +475,4 @@ impl Backend for Cpu {
         outputs(&[param, m, v], &[grad]);
         adamw::step(f32s_mut(param), f32s(grad), f32s_mut(m), f32s_mut(v), hp);
     }
-}
-
-fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T) {
-    assert!(
-        dims.offset + dims.local <= dims.global,
-        "infonce: local rows {}+{} beyond {} global",
-        dims.offset,
-        dims.local,
-        dims.global
-    );
-    check_len("infonce img", img, dims.local * dims.dim);
-    check_len("infonce txt", txt, dims.local * dims.dim);
-    check_len("infonce all_img", all_img, dims.global * dims.dim);
-    check_len("infonce all_txt", all_txt, dims.global * dims.dim);
 }

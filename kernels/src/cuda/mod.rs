@@ -31,6 +31,7 @@ pub use device::CudaStorage;
 use device::{elem_size, Args, Device};
 
 use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
+use crate::checks::{self, check_len, outputs};
 use crate::tensor::Tensor;
 
 type T = Tensor<Cuda>;
@@ -56,23 +57,8 @@ fn is_bf(t: &T) -> i32 {
     (t.dtype() == DType::Bf16) as i32
 }
 
-fn check_len(what: &str, t: &T, want: usize) {
-    assert_eq!(t.len(), want, "{what}: tensor of {} elements where the shape needs {want}", t.len());
-}
-
 fn want_f32(what: &str, t: &T) {
     assert_eq!(t.dtype(), DType::F32, "{what} must be an f32 tensor on CUDA");
-}
-
-fn outputs(outs: &[&T], ins: &[&T]) {
-    for (i, o) in outs.iter().enumerate() {
-        for x in ins {
-            assert!(!o.overlaps(x), "op output {o:?} overlaps input {x:?}");
-        }
-        for o2 in &outs[i + 1..] {
-            assert!(!o.overlaps(o2), "op outputs {o:?} and {o2:?} overlap");
-        }
-    }
 }
 
 fn blocks(n: usize) -> u32 {
@@ -1385,23 +1371,14 @@ impl Cuda {
     }
 }
 
+/// The shared InfoNCE checks plus the CUDA kernels' limit on the feature dimension.
 fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T) {
-    assert!(
-        dims.offset + dims.local <= dims.global,
-        "infonce: local rows {}+{} beyond {} global",
-        dims.offset,
-        dims.local,
-        dims.global
-    );
+    checks::check_infonce(dims, img, txt, all_img, all_txt);
     assert!(
         dims.dim & 63 == 0 && dims.dim > 0 && dims.dim <= 512,
         "the CUDA InfoNCE kernels take a feature dimension that is a multiple of 64 up to 512 (got {})",
         dims.dim
     );
-    check_len("infonce img", img, dims.local * dims.dim);
-    check_len("infonce txt", txt, dims.local * dims.dim);
-    check_len("infonce all_img", all_img, dims.global * dims.dim);
-    check_len("infonce all_txt", all_txt, dims.global * dims.dim);
 }
 
 #[cfg(test)]
