@@ -7,12 +7,13 @@ use clap::{Args, Subcommand};
 use kernels::{Backend, Cpu};
 use model::loss::ContrastiveLoss;
 use model::optim::{AdamW, AdamWConfig};
-use model::{Clip, ClipConfig};
+use model::Clip;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use crate::device::Device;
+use crate::sizes::SizeArgs;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -32,17 +33,8 @@ pub enum BenchCommand {
 pub struct TrainStepArgs {
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
-    #[arg(long, default_value_t = 64)]
-    pub image: usize,
-    #[arg(long, default_value_t = 8)]
-    pub patch: usize,
-    /// Width of both towers (and the projection).
-    #[arg(long, default_value_t = 256)]
-    pub width: usize,
-    #[arg(long, default_value_t = 4)]
-    pub layers: usize,
-    #[arg(long, default_value_t = 4)]
-    pub heads: usize,
+    #[command(flatten)]
+    pub size: SizeArgs,
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Timed steps (after warm-up).
@@ -72,13 +64,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
 const PHASES: [&str; 6] = ["vision_fwd", "text_fwd", "loss", "vision_bwd", "text_bwd", "adamw"];
 
 fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
-    let config = ClipConfig::small(a.image, a.patch, a.width, a.layers, a.heads);
+    let config = a.size.config();
+    let z = &a.size;
     let b = a.batch;
     let clip = Clip::random(backend, config, b, 0)?;
     let loss_fn = ContrastiveLoss::new(&clip)?;
     let mut opt = AdamW::new(&clip, AdamWConfig::default())?;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let pixels: Vec<f32> = (0..b * 3 * a.image * a.image).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let pixels: Vec<f32> = (0..b * 3 * z.image * z.image).map(|_| rng.random_range(-2.0..2.0)).collect();
     let ctx = clip.context_len();
     // Every text a full context: start, random tokens, end of text last.
     let ids: Vec<i32> = (0..b * ctx)
@@ -139,7 +132,7 @@ fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let out = json!({
         "device": clip.backend.name(),
-        "image": a.image, "patch": a.patch, "width": a.width, "layers": a.layers, "heads": a.heads,
+        "image": z.image, "patch": z.patch, "width": z.width, "layers": z.layers, "heads": z.heads,
         "batch": b, "context": ctx, "steps": a.steps,
         "step_ms": med, "step_ms_min": min,
         "images_per_s": b as f64 / (med / 1e3),

@@ -185,7 +185,7 @@ pub fn run_prepare(a: PrepareArgs) -> Result<()> {
     let progress = |done: usize, total: usize| {
         // A one-line progress bar on stderr.
         let width = 40;
-        let filled = if total == 0 { width } else { done * width / total };
+        let filled = (done * width).checked_div(total).unwrap_or(width);
         eprint!("\rprepare [{}{}] {done}/{total} shards", "#".repeat(filled), " ".repeat(width - filled));
         if done == total {
             eprintln!();

@@ -10,6 +10,8 @@ use model::checkpoint::TOKENIZER;
 use model::tokenizer::ClipTokenizer;
 use model::{Clip, ClipConfig};
 
+use crate::sizes::SizeArgs;
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Preset {
     /// OpenAI's ViT-B/32 shapes (224 px, patch 32, width 768 / 512).
@@ -27,16 +29,9 @@ pub struct InitArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = Preset::Custom)]
     pub preset: Preset,
-    #[arg(long, default_value_t = 64)]
-    pub image: usize,
-    #[arg(long, default_value_t = 8)]
-    pub patch: usize,
-    #[arg(long, default_value_t = 256)]
-    pub width: usize,
-    #[arg(long, default_value_t = 4)]
-    pub layers: usize,
-    #[arg(long, default_value_t = 4)]
-    pub heads: usize,
+    /// Sizes for `--preset custom`.
+    #[command(flatten)]
+    pub size: SizeArgs,
     /// quick_gelu (OpenAI CLIP) or gelu.
     #[arg(long, default_value = "quick_gelu")]
     pub act: String,
@@ -57,7 +52,7 @@ pub fn config_for(args: &InitArgs) -> ClipConfig {
             c
         }
         Preset::Custom => {
-            let mut c = ClipConfig::small(args.image, args.patch, args.width, args.layers, args.heads);
+            let mut c = args.size.config();
             c.vision_config.hidden_act = args.act.clone();
             c.text_config.hidden_act = args.act.clone();
             c

@@ -14,6 +14,7 @@ mod fb_cmd;
 mod gpu_cmds;
 mod init_cmd;
 mod run;
+mod sizes;
 
 #[derive(Parser)]
 #[command(

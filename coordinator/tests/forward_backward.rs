@@ -14,12 +14,12 @@ fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("cxrclip-fb-{}-{name}", std::process::id()))
 }
 
-/// Writes tensors given as (name, dtype, shape, little-endian bytes).
-fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+/// A tensor to write: name, dtype, shape, little-endian bytes.
+type Raw<'a> = (&'a str, Dtype, Vec<usize>, Vec<u8>);
+
+fn write(path: &Path, tensors: &[Raw<'_>]) {
+    let views: Vec<(String, TensorView<'_>)> =
+        tensors.iter().map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
@@ -78,7 +78,7 @@ fn bad_inputs_are_one_clear_line() {
     ids[77] = 998;
     ids[80] = 999;
     let good_ids = i64_bytes(&ids);
-    let cases: Vec<(&str, Vec<(&str, Dtype, Vec<usize>, Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Vec<Raw<'_>>, &str)> = vec![
         ("no-ids", vec![("pixel_values", Dtype::F32, vec![b, 3, 32, 32], pixels.clone())], "input_ids"),
         (
             "rank",
