@@ -71,20 +71,24 @@ impl Lung {
         let t = ((0.40 - v) / 0.31).max(0.0);
         self.lmax - 0.20 * t * t
     }
+    /// The hemidiaphragm: a dome peaking near the mid-clavicular line that falls away steeply
+    /// laterally (the cubic term), so it meets the chest wall in a sharp, deep costophrenic angle,
+    /// and gently medially towards the cardiophrenic angle.
     #[inline]
     fn bottom(&self, u: f32) -> f32 {
-        let a = (u - 0.1).max(0.0);
-        let b = (0.1 - u).max(0.0);
-        self.dome + 1.0 * a * a + 0.5 * b * b
+        let a = (u - 0.17).max(0.0);
+        let b = (0.17 - u).max(0.0);
+        self.dome + 0.8 * a * a + 6.0 * a * a * a + 1.5 * b * b
     }
+    /// The apex: a rounded cap rising above the clavicle, highest a little lateral to the spine.
     #[inline]
     fn top(&self, u: f32) -> f32 {
-        self.apex + 0.9 * (u - 0.16) * (u - 0.16)
+        self.apex + 1.8 * (u - 0.15) * (u - 0.15)
     }
     /// Soft inside-ness in [0, 1]; `e` is the edge width in canonical units.
     #[inline]
     fn mask(&self, u: f32, v: f32, e: f32, lat_v: f32) -> f32 {
-        if v < self.apex - e || u > self.lmax + e || v > self.dome + 0.12 || u < 0.035 - e {
+        if v < self.apex - e || u > self.lmax + e || v > self.dome + 0.15 || u < 0.035 - e {
             return 0.0;
         }
         let ie = 1.0 / e;
@@ -102,8 +106,11 @@ impl Lung {
 /// Everything drawn for one image, chosen from the truth and the image's own randomness.
 struct Scene {
     lungs: [Lung; 2],
-    heart_c: (f32, f32),
-    heart_r: (f32, f32),
+    /// Heart extent from the midline to the right-atrial border and to the left-ventricular
+    /// border (their sum over the thoracic width is the cardiothoracic ratio), and its height.
+    heart_rw: f32,
+    heart_lw: f32,
+    heart_h: f32,
     med_hw: f32,
     blobs: Vec<Blob>,
     effusion: [f32; 2],
@@ -157,8 +164,11 @@ fn build_scene(rng: &mut impl Rng, t: &Truth, view: View, vis: f32) -> Scene {
         ctr = 0.53 + 0.12 * sev(CARDIOMEGALY);
     }
     let hw = ctr * thoracic;
-    let heart_r = (hw / 2.0, 0.12 + 0.03 * (ctr - 0.45).max(0.0) / 0.2);
-    let heart_c = (0.5 + 0.17 * hw, lungs[1].dome - heart_r.1 * 0.72);
+    // About a third of the heart lies right of the midline (the right atrium), two thirds left
+    // (the left ventricle); an enlarged heart also grows taller.
+    let heart_rw = hw * rng.random_range(0.32..0.38);
+    let heart_lw = hw - heart_rw;
+    let heart_h = 0.27 + 0.06 * (ctr - 0.45).max(0.0) / 0.2;
     let mut med_hw = rng.random_range(0.055..0.065) + if ap { 0.01 } else { 0.0 };
     if t.present(ECM) {
         med_hw += 0.03 + 0.04 * sev(ECM);
@@ -247,7 +257,7 @@ fn build_scene(rng: &mut impl Rng, t: &Truth, view: View, vis: f32) -> Scene {
         ptx[side_index(t.side[PNEUMOTHORAX])] = sev(PNEUMOTHORAX);
     }
     let edema = if t.present(EDEMA) { sev(EDEMA) } else { 0.0 };
-    Scene { lungs, heart_c, heart_r, med_hw, blobs, effusion, edema, ptx, n_pneumonic }
+    Scene { lungs, heart_rw, heart_lw, heart_h, med_hw, blobs, effusion, edema, ptx, n_pneumonic }
 }
 
 /// Renders one image of `truth` in `view` as 8-bit grey, `w` x `h`, into `out`.
@@ -289,7 +299,10 @@ pub fn render(
     if site.marker {
         marker(a, &frame, view, rng.random_range(0.03..0.08));
     }
-    for _ in 0..site.blur_passes {
+    film(rng, a, w, h, site);
+    // One pass is the focal spot and screen's own point spread, which every film has; the site's
+    // passes make some detectors softer still.
+    for _ in 0..site.blur_passes + 1 {
         blur121(a, w, h, tmp);
     }
     let key = [site.exposure.to_bits(), site.gamma.to_bits(), site.offset.to_bits()];
@@ -317,31 +330,76 @@ fn frontal(
     let e = 1.2 / f.len_px(1.0);
     let tex_lo = ValueNoise::new(rng, 10);
     let tex_hi = ValueNoise::new(rng, 36);
-    let knob_c = (0.5 + sc.med_hw + 0.012, 0.27);
-    let knob_r = 0.03 + (sc.med_hw - 0.06).max(0.0) * 0.5;
-    let (hcx, hcy) = sc.heart_c;
-    let (hrx, hry) = sc.heart_r;
+    // The aortic knob: the arch seen end-on, bulging left of the upper mediastinum.
+    let knob_y = 0.27;
+    let knob_r = 0.028 + (sc.med_hw - 0.06).max(0.0) * 0.5;
+    let knob_x = sc.med_hw + 0.012;
+    // The heart sits on the left hemidiaphragm; below it the abdomen hides it anyway.
+    let heart_bot = sc.lungs[1].dome + 0.03;
+    let heart_top = heart_bot - sc.heart_h;
     let carina = 0.33;
-    let bubble = (0.5 + 0.17, sc.lungs[1].dome + 0.065);
+    let bubble = (0.5 + 0.17, sc.lungs[1].dome + 0.075);
     let ie = 1.0 / e;
-    let heart_reach = hrx.max(hry) * 1.2 + 4.0 * e;
-    let (inv_hrx, inv_hry) = (1.0 / hrx, 1.0 / hry);
-    let heart_edge = hrx.min(hry) / (3.5 * e);
+    // Mediastinal and cardiac borders are curved surfaces seen tangentially: a softer edge than
+    // the pixel-sharp ramp used for the skin line.
+    let ie_sil = 1.0 / (2.2 * e);
+    let breast_v = sc.lungs[1].dome - 0.05;
     for py in 0..h {
         let (_, cy) = f.to_canon(0.5, py as f32 + 0.5);
         // Everything that depends only on the row is computed once per row.
-        let hwb = if cy < 0.0 {
-            0.09
-        } else if cy < 0.12 {
-            0.09 + 0.39 * smooth(cy / 0.12)
+        // Neck, then the trapezius slope out to the shoulders, then the chest wall tapering
+        // slightly towards the waist.
+        let hwb = if cy < -0.06 {
+            0.1
+        } else if cy < 0.1 {
+            0.1 + 0.38 * smooth((cy + 0.06) / 0.16)
         } else {
-            0.48 - 0.02 * (cy - 0.12)
+            0.48 - 0.03 * (cy - 0.1)
         };
         let inv_hwb = 1.0 / hwb;
         let lat_v = [sc.lungs[0].lateral(cy), sc.lungs[1].lateral(cy)];
-        let med_w = sc.med_hw * (0.7 + 0.3 * smooth((cy - 0.08) / 0.2));
-        let ph = (cy * 22.0).fract();
-        let spine_vert = if ph < 0.16 { 0.5 } else { 1.0 };
+        // Cardiomediastinal silhouette, row by row, as its right and left borders measured from
+        // the midline. Right: the SVC above, then the convex right atrium. Left: the aortic knob,
+        // the pulmonary trunk below it, a shallow waist at the left atrial appendage, then the
+        // long convex left ventricle down to the apex on the diaphragm.
+        // The mediastinum widens downwards as the great vessels and hila join it.
+        let med_w = sc.med_hw * (0.6 + 0.3 * smooth((cy - 0.06) / 0.22) + 0.15 * smooth((cy - 0.3) / 0.12));
+        let hs = (cy - heart_top) / sc.heart_h;
+        // Each chamber border swells out from the mediastinum to its widest point in the lower
+        // third, then turns in a little towards the diaphragm (the cardiophrenic angles).
+        let swell = |s0: f32, s1: f32, turn: f32| {
+            if hs < s0 {
+                0.0
+            } else if hs < s1 {
+                (0.5 * PI * (hs - s0) / (s1 - s0)).sin().powf(0.7)
+            } else {
+                1.0 - turn * ((hs - s1) / (1.0 - s1)).powi(2)
+            }
+        };
+        let ra = sc.heart_rw * swell(0.3, 0.74, 0.35);
+        let lv = sc.heart_lw * swell(0.0, 0.72, 0.3);
+        let kq = (cy - knob_y) / knob_r;
+        let knob = if kq.abs() < 1.0 { knob_x + knob_r * (1.0 - kq * kq).sqrt() * 0.55 } else { 0.0 };
+        let pq = (cy - (knob_y + 0.07)) / 0.035;
+        let trunk = if pq.abs() < 1.0 { med_w + 0.012 * (1.0 - pq * pq) } else { 0.0 };
+        let top_off = ramp((cy + 0.02) * ie);
+        let rb = med_w.max(ra) * top_off;
+        let lb = (med_w + 0.006).max(knob).max(trunk).max(lv) * top_off;
+        // Heart muscle and blood are denser in projection than the mediastinal fat above.
+        let sil_dens = 0.1 + 0.07 * smooth(hs * 3.0);
+        let sil_mid = 0.5 * (lb - rb);
+        let sil_inv_half = 1.0 / (0.5 * (lb + rb)).max(1e-3);
+        // Thoracic vertebrae (about 17 per unit height: twelve from the neck to the domes): the
+        // bodies widen downwards; each level has a disc space, bright end plates and pedicles.
+        let ph = (cy * 17.0).fract();
+        let spine_hw = 0.026 + 0.012 * cy.clamp(0.0, 1.0);
+        let spine_vert = if ph < 0.14 {
+            0.45
+        } else if !(0.22..=0.94).contains(&ph) {
+            1.25
+        } else {
+            1.0
+        };
         let trachea_row = if cy < carina { smooth((cy + 0.1) / 0.15) } else { 0.0 };
         let (cx0, _) = f.to_canon(0.5, 0.5);
         let dcx = 1.0 / (f.sc * w as f32);
@@ -356,32 +414,39 @@ fn frontal(
                 a[i] = 0.0;
                 continue;
             }
+            // The trunk is an elliptic cylinder: its path length falls towards the skin, so the
+            // soft tissue fades out at the edge instead of stopping in a step.
             let rr = (1.0 - (adx * inv_hwb) * (adx * inv_hwb)).max(0.0);
-            let mut att = 1.05 * body * (0.45 + 0.55 * rr.sqrt());
-            // Heart, mediastinum and the aortic knob hide the lung behind them.
-            // The heart's long axis tilts down towards the apex (patient's left, image right).
-            let (hx, hy) = (cx - hcx, cy - hcy);
-            // Outside a generous box around the heart there is nothing to evaluate.
-            let heart = if hx.abs() < heart_reach && hy.abs() < heart_reach {
-                let (hu, hv) = (hx * 0.95 + hy * 0.31, -hx * 0.31 + hy * 0.95);
-                let hq = (hu * inv_hrx).powi(2) + (hv * inv_hry).powi(2);
-                ramp((1.0 - hq.sqrt()) * heart_edge)
-            } else {
-                0.0
-            };
-            let med = if cy < hcy { ramp((med_w - (dx - 0.005).abs()) * 0.5 * ie) } else { 0.0 };
-            let kd = ((cx - knob_c.0).powi(2) + (cy - knob_c.1).powi(2)).sqrt();
-            let knob = ramp((knob_r - kd) / (2.0 * e));
-            let occl = heart.max(med).max(knob);
-            att += 0.16 * heart + 0.1 * med;
-            // Spine: vertebral bodies with disc spaces, mostly seen through the mediastinum.
-            if adx < 0.045 {
-                let sp = ramp((0.032 - adx) * ie);
-                att += 0.14 * sp * spine_vert;
-                // Pedicles: paired ovals at each level.
-                let pd = ((adx - 0.022) / 0.008).powi(2) + ((ph - 0.45) / 0.18).powi(2);
+            let mut att = 1.05 * body * (0.3 + 0.7 * rr.sqrt());
+            // The silhouette hides most of the lung behind it; some retrocardiac lung remains.
+            let sil = if dx > 0.0 { ramp((lb - dx) * ie_sil) } else { ramp((rb + dx) * ie_sil) };
+            let (side, si) = if dx < 0.0 { (Side::Right, 0) } else { (Side::Left, 1) };
+            let lung = &sc.lungs[si];
+            let (u, v) = (adx, cy);
+            // Below the hemidiaphragm: liver on the right, spleen and stomach on the left, as
+            // dense as the heart, so the heart's lower border disappears into them.
+            // The dome is the lung's highest floor point, so rows above it skip the evaluation.
+            let abd = if v > lung.dome { smooth((v - lung.bottom(u.min(lung.lmax))) / 0.025) } else { 0.0 };
+            let sil = sil * (1.0 - abd);
+            att += 0.11 * abd;
+            let occl = 0.85 * sil;
+            if sil > 0.0 {
+                let q = (dx - sil_mid) * sil_inv_half;
+                att += sil_dens * sil * (0.55 + 0.45 * (1.0 - q * q).max(0.0).sqrt());
+            }
+            // Spine: rounded vertebral bodies, seen faintly through the heart.
+            if adx < spine_hw + 0.012 {
+                let q = adx / spine_hw;
+                let sp = ramp((spine_hw - adx) * ie) * (1.0 - q * q).max(0.0).sqrt();
+                att += 0.13 * sp * spine_vert;
+                // Pedicles: paired ovals at each level; spinous process: a midline teardrop.
+                let pd = ((adx - 0.7 * spine_hw) / 0.007).powi(2) + ((ph - 0.5) / 0.17).powi(2);
                 if pd < 1.0 {
-                    att += 0.06 * (1.0 - pd);
+                    att += 0.07 * (1.0 - pd);
+                }
+                let sq = (adx / 0.006).powi(2) + ((ph - 0.8) / 0.13).powi(2);
+                if sq < 1.0 {
+                    att += 0.05 * (1.0 - sq);
                 }
             }
             // Trachea: an air column down to the carina.
@@ -393,12 +458,12 @@ fn frontal(
             if bq < 1.0 {
                 att -= 0.45 * smooth((1.0 - bq) * 3.0);
             }
-            let (side, si) = if dx < 0.0 { (Side::Right, 0) } else { (Side::Left, 1) };
-            let lung = &sc.lungs[si];
-            let (u, v) = (adx, cy);
             let m = lung.mask(u, v, e, lat_v[si]);
             if m > 0.0 {
-                let thick = 0.75 + 0.25 * smooth((v - lung.apex) / 0.2);
+                // Air path length: least at the apex, least at the lateral edge where the ribcage
+                // curves away, so lungs darken towards the base and the middle of each field.
+                let thick =
+                    (0.72 + 0.28 * smooth((v - lung.apex) / 0.22)) * (0.78 + 0.22 * smooth((lat_v[si] - u) / 0.06));
                 let tx = tex_lo.at(cx, cy);
                 let mut keep = 1.0f32; // fraction of the air left after opacities
                                        // Effusion: dependent fluid with a meniscus, higher at the lateral wall.
@@ -440,14 +505,18 @@ fn frontal(
                     }
                 }
                 att -= 0.68 * air;
-                if t.female {
-                    // Breast shadows over the lower zones.
-                    att += 0.12 * m * smooth((v - lung.dome + 0.22) / 0.12) * smooth((u - 0.12) / 0.1);
-                }
                 // Parenchymal mottle: lungs are never a flat grey.
                 att += 0.07 * air * (th - 0.5);
                 vis[i] = mark;
                 fill[i] = m * (1.0 - occl) * (1.0 - keep);
+            }
+            if t.female {
+                // Breast shadows: soft tissue over the lower zones and beyond the lungs, fading
+                // upwards and ending below in a curved, fairly sharp inferior margin.
+                let bq = ((u - 0.29) / 0.19).powi(2) + ((v - breast_v) / 0.15).powi(2);
+                if bq < 1.0 {
+                    att += 0.15 * smooth((1.0 - bq) * 5.0) * smooth((v - breast_v + 0.13) / 0.14);
+                }
             }
             // Hila: pulmonary arteries fanning out from the mediastinum.
             let hdx = adx - 0.095;
@@ -574,13 +643,17 @@ fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut i
     } else {
         None
     };
-    let amp = if view == View::Ap { 0.13 } else { 0.16 };
+    let amp = if view == View::Ap { 0.11 } else { 0.135 };
     for (si, sgn) in [(0usize, -1.0f32), (1, 1.0)] {
         let lmax = sc.lungs[si].lmax;
         for k in 0..11 {
             let y0 = start + k as f32 * spacing;
             let frac = fracture.filter(|fr| fr.0 == si && fr.1 == k);
-            let (x0, x1) = (0.5 + sgn * 0.03, 0.5 + sgn * (lmax + 0.045));
+            let (x0, x1) = (0.5 + sgn * 0.03, 0.5 + sgn * (lmax + 0.05));
+            // Posterior ribs leave the transverse process rising a little, then sweep down and out
+            // along the back of the chest; the upper ribs are shorter and curl more tightly.
+            let curl = 1.45 - 0.04 * k as f32;
+            let rib_y = |u: f32| y0 - 0.028 * (PI * (u / 0.14).min(1.0)).sin() + curl * (u - 0.05).max(0.0).powi(2);
             band(
                 a,
                 f,
@@ -588,7 +661,10 @@ fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut i
                 x1,
                 |cx| {
                     let u = (cx - 0.5).abs();
-                    let mut y = y0 - 0.055 * (PI * (u / 0.46).min(1.0)).sin() + 0.42 * u * u;
+                    let mut y = rib_y(u);
+                    // Thickness is across the rib: a sloping rib covers more of each column.
+                    let slope = (rib_y(u + 0.005) - y) / 0.005;
+                    let half = (0.0095 + 0.004 * u / 0.4) * (1.0 + slope * slope).sqrt();
                     if let Some((_, _, uf, s)) = frac {
                         // A break: a gap in the cortex and a step in the lateral fragment.
                         if (u - uf).abs() < 0.004 + 0.004 * s {
@@ -598,15 +674,18 @@ fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut i
                             y += 0.006 + 0.01 * s;
                         }
                     }
-                    Some((y, 0.011 + 0.006 * u / 0.4))
+                    Some((y, half))
                 },
+                // Cortex seen tangentially at both margins is brighter than the medulla.
                 |d| amp * (0.45 + 0.55 * d.powi(4)),
             );
         }
-        // Anterior ribs: fainter, sloping down towards the midline.
+        // Anterior ribs: thinner bone far from the detector, so fainter; they run from the
+        // lateral wall down and in towards the sternum and stop where the costal cartilage,
+        // invisible on film, takes over.
         for k in 0..6 {
-            let y1 = start + 0.1 + k as f32 * 0.07;
-            let (x0, x1) = (0.5 + sgn * 0.13, 0.5 + sgn * lmax);
+            let y1 = start + 0.08 + k as f32 * 0.07;
+            let (x0, x1) = (0.5 + sgn * 0.12, 0.5 + sgn * lmax);
             band(
                 a,
                 f,
@@ -614,10 +693,10 @@ fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut i
                 x1,
                 |cx| {
                     let u = (cx - 0.5).abs();
-                    let s = ((lmax - u) / (lmax - 0.13)).clamp(0.0, 1.0);
-                    Some((y1 + 0.1 * s.powf(1.2), 0.012))
+                    let s = ((lmax - u) / (lmax - 0.12)).clamp(0.0, 1.0);
+                    Some((y1 + 0.11 * s * s.sqrt(), 0.011 * (1.0 + 0.25 * s)))
                 },
-                |_| 0.05,
+                |d| 0.075 * (1.0 - d * d),
             );
         }
     }
@@ -764,6 +843,36 @@ fn lateral(rng: &mut impl Rng, t: &Truth, f: &Frame, vis_scale: f32, a: &mut [f3
     }
 }
 
+/// Exposure falloff and quantum mottle, added before the point spread so the mottle is blurred into
+/// the correlated, blotchy texture of real films (the white grain comes later, in `expose`).
+fn film(rng: &mut impl Rng, a: &mut [f32], w: usize, h: usize, site: &Site) {
+    // Heel effect: the anode side (top) gets fewer photons, so it reads a little denser; and the
+    // beam is weaker towards the corners (inverse square, obliquity): both multiply the density,
+    // which leaves the unattenuated background black.
+    let heel = rng.random_range(0.02..0.06);
+    let inv = 1.0 / w.max(h) as f32;
+    let cols: Vec<f32> = (0..w).map(|x| ((x as f32 - 0.5 * w as f32) * inv).powi(2)).collect();
+    let mut s: u64 = rng.random::<u64>() | 1;
+    let amp = site.noise * 2.2;
+    for (y, row) in a.chunks_exact_mut(w).enumerate() {
+        let yy = (y as f32 - 0.5 * h as f32) * inv;
+        let rf = 1.0 + heel * (0.5 - y as f32 / h as f32) + 0.12 * yy * yy;
+        // One xorshift64* draw gives two 24-bit uniforms, one per pixel of a pair.
+        for (xs, cs) in row.chunks_mut(2).zip(cols.chunks(2)) {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let r = s.wrapping_mul(0x2545F4914F6CDD1D);
+            let ns = [(r >> 40) as f32, ((r >> 16) & 0xFF_FFFF) as f32];
+            for ((x, c), n) in xs.iter_mut().zip(cs).zip(ns) {
+                let n = n * (1.0 / (1u64 << 24) as f32) - 0.5;
+                // Fewer photons get through dense regions: mottle grows with attenuation.
+                *x = *x * (rf + 0.12 * c) + amp * n * x.clamp(0.0, 2.0);
+            }
+        }
+    }
+}
+
 /// A lead side marker ("L" on frontals) burnt into a corner, as technologists place them.
 fn marker(a: &mut [f32], f: &Frame, view: View, inset: f32) {
     let w = f.w as f32;
@@ -812,6 +921,8 @@ fn expose(rng: &mut impl Rng, a: &[f32], site: &Site, lut: &[f32], out: &mut Vec
         let r = s.wrapping_mul(0x2545F4914F6CDD1D);
         let n1 = (r >> 40) as f32 / (1u64 << 24) as f32;
         let n2 = ((r >> 16) & 0xFF_FFFF) as f32 / (1u64 << 24) as f32;
-        (lut[j] + amp * (n1 + n2 - 1.0)).clamp(0.0, 255.0) as u8
+        // Relative quantum noise is largest where few photons arrive: the bright, dense parts.
+        let v = lut[j];
+        (v + amp * (0.45 + v * (1.0 / 255.0)) * (n1 + n2 - 1.0)).clamp(0.0, 255.0) as u8
     }));
 }
