@@ -2,12 +2,11 @@
 //!
 //! The coordinator owns the pair index: for each epoch it streams this rank's pairs in step
 //! order (a permutation seeded by (seed, epoch), cut into global batches, each cut into
-//! per-rank slices), so the data of a step does not depend on the world size. Images are
-//! decoded, centre-cropped to a square, resized to the model's size and CLIP-normalised (grey
-//! replicated to 3 channels); texts are tokenised with the CLIP tokenizer.
+//! per-rank slices), so the data of a step does not depend on the world size. The data crate's
+//! loader turns those pairs into batches ([`crate::feed`]), with the training augmentation on.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, ensure, Context, Result};
@@ -20,13 +19,10 @@ use model::{Clip, ClipConfig};
 use proto::tonic::transport::Channel;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{Job, JobResult, ResultKind, Session, ShardEntry, ShardRequest, StepMetrics};
-use rayon::prelude::*;
 
 use crate::comm::Collectives;
 use crate::dist::{train_step, DistLoss, LocalBatch};
-
-pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+use crate::feed::Feed;
 
 /// The folder of the checkpoint taken after `step` updates.
 pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
@@ -34,6 +30,7 @@ pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
 }
 
 /// What the job needs from the coordinator connection.
+#[derive(Clone)]
 pub struct Link {
     pub client: CoordinatorClient<Channel>,
     pub session: Session,
@@ -41,7 +38,8 @@ pub struct Link {
 }
 
 impl Link {
-    fn shard(&self, epoch: u64) -> Result<Vec<ShardEntry>> {
+    /// This rank's pairs of `epoch`, in step order.
+    pub fn shard(&self, epoch: u64) -> Result<Vec<ShardEntry>> {
         let mut client = self.client.clone();
         let req = ShardRequest { session: Some(self.session.clone()), epoch };
         self.handle
@@ -73,77 +71,6 @@ impl Link {
     }
 }
 
-/// One image as the model's input: `[3, size, size]`, CLIP-normalised.
-pub fn load_pixels(path: &Path, size: usize, out: &mut [f32]) -> Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let img = image::load_from_memory(&bytes).with_context(|| format!("decoding {}", path.display()))?.to_luma8();
-    let (w, h) = img.dimensions();
-    let side = w.min(h);
-    ensure!(side > 0, "{} is an empty image", path.display());
-    let crop = image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
-    let small = image::imageops::resize(&crop, size as u32, size as u32, image::imageops::FilterType::Triangle);
-    let plane = size * size;
-    for (i, p) in small.as_raw().iter().enumerate() {
-        let v = *p as f32 / 255.0;
-        for c in 0..3 {
-            out[c * plane + i] = (v - CLIP_MEAN[c]) / CLIP_STD[c];
-        }
-    }
-    Ok(())
-}
-
-/// A step's local batch on the host.
-struct HostBatch {
-    step: u64,
-    pixels: Vec<f32>,
-    ids: Vec<i32>,
-}
-
-/// Produces the batches of steps `start..steps` in a thread of its own, two ahead.
-fn spawn_feed(
-    link: &Link,
-    job: &Job,
-    b: usize,
-    image: usize,
-    ctx: usize,
-    start: u64,
-) -> Result<mpsc::Receiver<Result<HostBatch>>> {
-    let (tx, rx) = mpsc::sync_channel(2);
-    let link = Link { client: link.client.clone(), session: link.session.clone(), handle: link.handle.clone() };
-    let (root, steps, spe) = (PathBuf::from(&job.data_root), job.steps, job.steps_per_epoch);
-    let tok = ClipTokenizer::new()?;
-    std::thread::Builder::new().name("feed".into()).spawn(move || {
-        let mut shard: Option<(u64, Vec<ShardEntry>)> = None;
-        for step in start..steps {
-            let mut make = || -> Result<HostBatch> {
-                let (epoch, j) = (step / spe, (step % spe) as usize);
-                if shard.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                    shard = Some((epoch, link.shard(epoch)?));
-                }
-                let entries = &shard.as_ref().expect("fetched").1;
-                ensure!(entries.len() >= (j + 1) * b, "the shard of epoch {epoch} is too short for step {step}");
-                let mine = &entries[j * b..(j + 1) * b];
-                let mut pixels = vec![0.0f32; b * 3 * image * image];
-                pixels
-                    .par_chunks_mut(3 * image * image)
-                    .zip(mine.par_iter())
-                    .try_for_each(|(out, e)| load_pixels(&root.join(&e.image), image, out))?;
-                let mut ids = vec![0i32; b * ctx];
-                for (row, e) in ids.chunks_mut(ctx).zip(mine) {
-                    tok.try_encode_into(&e.text, row)?;
-                }
-                Ok(HostBatch { step, pixels, ids })
-            };
-            let item = make();
-            let failed = item.is_err();
-            if tx.send(item).is_err() || failed {
-                return;
-            }
-        }
-    })?;
-    Ok(rx)
-}
-
 /// Runs the job on backend `be` with communicator `comm`; returns the last step's loss.
 pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives, link: &Link) -> Result<f32> {
     let (rank, world) = (comm.rank(), comm.world());
@@ -172,7 +99,15 @@ pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives, link: &Li
     let mut loss = DistLoss::new(&clip, world)?;
     let schedule = Schedule::WarmupCosine { warmup: job.warmup, total: job.steps, min_ratio: 0.0 };
     let (image, ctx) = (clip.image_size(), clip.context_len());
-    let feed = spawn_feed(link, job, b, image, ctx, start)?;
+    // The tokenizer frames every text in exactly CONTEXT_LEN ids; a model with a shorter context
+    // would lose the end token, which its text pooling reads.
+    ensure!(
+        ctx == model::tokenizer::CONTEXT_LEN,
+        "the model's text context is {ctx} tokens; the CLIP tokenizer needs {}",
+        model::tokenizer::CONTEXT_LEN
+    );
+    let tok = ClipTokenizer::new()?;
+    let mut feed = Feed::new(link.clone(), job, b, image, ctx, Arc::new(move |t: &str| tok.encode(t)))?;
 
     // Rank 0 streams its metrics for the whole job; the stream ends when `tx` is dropped.
     let (tx, rx) = tokio::sync::mpsc::channel::<StepMetrics>(1024);
@@ -182,12 +117,12 @@ pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives, link: &Li
     });
     let mut last = f32::NAN;
     for step in start..job.steps {
-        let batch = feed.recv().map_err(|_| anyhow!("the data feed stopped"))??;
-        debug_assert_eq!(batch.step, step);
+        let batch = feed.batch(step)?;
         let t0 = Instant::now();
         let lr = schedule.lr(job.lr, step) as f32;
-        let lb = LocalBatch { pixels: &batch.pixels, ids: &batch.ids, b };
+        let lb = LocalBatch { pixels: &batch.pixels, ids: &batch.tokens, b };
         let out = train_step(&mut clip, &mut opt, &mut loss, comm, &lb, lr)?;
+        feed.recycle(batch);
         ensure!(out.loss.is_finite(), "step {}: the loss is {}", step + 1, out.loss);
         last = out.loss;
         let secs = t0.elapsed().as_secs_f64();

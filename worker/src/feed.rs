@@ -1,0 +1,137 @@
+//! The data feed of a training job: this rank's pairs of every epoch, as the coordinator streams
+//! them, through the data crate's loader (decode, the published augmentation, CLIP normalisation,
+//! grey to 3 channels, sentence shuffling and tokenisation, on background threads a few batches
+//! ahead of the step loop).
+//!
+//! Determinism: the loader seeds each sample's randomness from (seed, epoch, sample id), where the
+//! id indexes its source. The source built here is indexed by the pair's id in the coordinator's
+//! index, not by its position in this rank's shard, so a pair gets the same crop, rotation and
+//! sentence order whatever the world size, and a job resumed at step k draws what an
+//! uninterrupted one drew at step k.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, ensure, Result};
+use data::loader::{Batch, Loader, LoaderConfig, Source};
+use data::report::Tokenize;
+use data::{LabelValue, Pair, Split, NUM_LABELS};
+use proto::v1::{Job, ShardEntry};
+
+use crate::job::Link;
+
+/// Loader threads per rank: two keep a CPU rank's small batches ahead of its steps, and on a GPU
+/// node (2 cores per GPU) they are what a rank can spare beside its own host thread.
+const LOADER_THREADS: usize = 2;
+/// Batches each loader thread may hold ready.
+const PREFETCH: usize = 2;
+
+/// The batches of steps `start..end`, in order.
+pub struct Feed {
+    link: Link,
+    root: PathBuf,
+    cfg: LoaderConfig,
+    tok: Arc<dyn Tokenize>,
+    steps_per_epoch: u64,
+    end: u64,
+    /// The loader of the epoch being consumed.
+    current: Option<(u64, Loader)>,
+}
+
+impl Feed {
+    /// A feed of `job`'s local batches of `b` pairs at `size` pixels, `context` ids per text.
+    pub fn new(link: Link, job: &Job, b: usize, size: usize, context: usize, tok: Arc<dyn Tokenize>) -> Result<Feed> {
+        ensure!(job.steps_per_epoch > 0, "the job has no steps per epoch");
+        let cfg = LoaderConfig {
+            batch: b,
+            size,
+            augment: true,
+            seed: job.seed,
+            epoch: 0,
+            workers: LOADER_THREADS,
+            prefetch: PREFETCH,
+            context,
+            ..LoaderConfig::default()
+        };
+        Ok(Feed {
+            link,
+            root: PathBuf::from(&job.data_root),
+            cfg,
+            tok,
+            steps_per_epoch: job.steps_per_epoch,
+            end: job.steps,
+            current: None,
+        })
+    }
+
+    /// The local batch of `step`. Steps must be asked for in order (from any first step).
+    pub fn batch(&mut self, step: u64) -> Result<Batch> {
+        let spe = self.steps_per_epoch;
+        let epoch = step / spe;
+        if self.current.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.current = Some((epoch, self.start_epoch(epoch, step % spe)?));
+        }
+        let (_, loader) = self.current.as_mut().expect("started above");
+        let batch = loader.next().ok_or_else(|| anyhow!("the loader of epoch {epoch} ran out at step {step}"))??;
+        // The epoch's last batch is out: start the next epoch's loader now, so that its first
+        // batches are made while this step trains rather than after it.
+        if (step + 1).is_multiple_of(spe) && step + 1 < self.end {
+            self.current = Some((epoch + 1, self.start_epoch(epoch + 1, 0)?));
+        }
+        Ok(batch)
+    }
+
+    /// Hands a consumed batch back, so that the loader refills its buffers instead of allocating.
+    pub fn recycle(&self, b: Batch) {
+        if let Some((_, loader)) = &self.current {
+            loader.recycle(b);
+        }
+    }
+
+    /// Fetches this rank's shard of `epoch` and starts a loader from its batch `first` on.
+    fn start_epoch(&self, epoch: u64, first: u64) -> Result<Loader> {
+        let entries = self.link.shard(epoch)?;
+        let b = self.cfg.batch;
+        let need = self.steps_per_epoch as usize * b;
+        ensure!(
+            entries.len() >= need,
+            "the shard of epoch {epoch} has {} pairs, fewer than {} steps of {b}",
+            entries.len(),
+            self.steps_per_epoch
+        );
+        let (source, ids) = epoch_source(&self.root, &entries[first as usize * b..need])?;
+        Loader::new(source, ids, LoaderConfig { epoch, ..self.cfg.clone() }, self.tok.clone())
+    }
+}
+
+/// The loader's source and ids for `entries`: a table indexed by pair id, where the ids this rank
+/// does not hold are empty placeholders the loader never reads (see the module note).
+pub fn epoch_source(root: &Path, entries: &[ShardEntry]) -> Result<(Source, Vec<usize>)> {
+    let ids = entries
+        .iter()
+        .map(|e| usize::try_from(e.pair_id).map_err(|_| anyhow!("pair id {} is out of range", e.pair_id)))
+        .collect::<Result<Vec<usize>>>()?;
+    let len = ids.iter().max().map_or(0, |&m| m + 1);
+    let mut table = vec![placeholder(); len];
+    for (e, &id) in entries.iter().zip(&ids) {
+        table[id].image = PathBuf::from(&e.image);
+        table[id].text.clone_from(&e.text);
+    }
+    Ok((Source::Files { root: root.to_path_buf(), pairs: Arc::new(table) }, ids))
+}
+
+/// A pair with no image or text; empty strings and paths do not allocate, so the table costs a
+/// few words per pair of the index.
+fn placeholder() -> Pair {
+    Pair {
+        subject_id: String::new(),
+        study_id: String::new(),
+        image: PathBuf::new(),
+        split: Split::Train,
+        view: String::new(),
+        // Contrastive training reads no labels; the loader's targets of these are unused.
+        labels: [LabelValue::Blank; NUM_LABELS],
+        text: String::new(),
+        boxes: Vec::new(),
+    }
+}
