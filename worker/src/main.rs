@@ -75,22 +75,59 @@ async fn connect(args: &Args) -> Result<CoordinatorClient<Channel>> {
     if let Some(ca) = &args.tls_ca {
         let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
         ep = ep.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
+    } else if args.coordinator.starts_with("https://") {
+        // No system roots are compiled in, so this could only fail later as "transport error".
+        bail!(
+            "the coordinator at {} serves TLS: give the certificate of the authority that signed its \
+             certificate with --tls-ca",
+            args.coordinator
+        );
     }
     // The coordinator may still be starting: retry for a while.
     let deadline = Instant::now() + Duration::from_secs(args.coordinator_timeout);
     let channel = loop {
         match ep.connect().await {
             Ok(c) => break c,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            // A failed TLS handshake (the certificate is not trusted, or the coordinator does not
+            // speak TLS) will fail the same way on every try: say why now.
+            Err(e) if is_tls_failure(&e) => {
+                bail!("TLS with the coordinator at {} failed: {}", args.coordinator, error_chain(&e))
             }
-            Err(e) => bail!("cannot reach the coordinator at {}: {e}", args.coordinator),
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => bail!("cannot reach the coordinator at {}: {}", args.coordinator, error_chain(&e)),
         }
     };
     Ok(CoordinatorClient::new(channel)
         .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(proto::MAX_MESSAGE_BYTES))
+}
+
+/// An error and its sources, "a: b: c" (tonic's own text is only "transport error").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Whether a connection failed in the TLS handshake: the TLS stack reports its errors (an
+/// untrusted certificate, a peer that is not TLS) as I/O errors of kind `InvalidData`, while a
+/// coordinator that is not up yet gives `ConnectionRefused`.
+fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn run(args: Args) -> Result<i32> {
