@@ -114,7 +114,8 @@ pub struct TrainArgs {
     /// Seconds to wait for the whole world to register.
     #[arg(long, default_value_t = 300)]
     pub register_timeout: u64,
-    /// PEM certificate chain and key: serve over TLS (workers then need --tls-ca).
+    /// PEM certificate chain and key: serve over TLS (remote workers then need --tls-ca;
+    /// local workers are given this chain as theirs).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
@@ -557,6 +558,11 @@ impl Supervisor<'_> {
             cmd.args(["--coordinator", self.url, "--device", &self.p.device])
                 .env("CXRCLIP_TOKEN", self.token)
                 .stdin(Stdio::null());
+            // Local workers trust the certificate chain the coordinator serves (a self-signed
+            // certificate is its own authority; a chain file that ends in its root works too).
+            if let Some(cert) = &self.p.args.tls_cert {
+                cmd.arg("--tls-ca").arg(cert);
+            }
             if self.p.device == "cuda" {
                 cmd.env("CUDA_VISIBLE_DEVICES", i.to_string());
             } else {
