@@ -8,9 +8,20 @@ use std::time::{Duration, Instant};
 
 /// The folder holding the binaries (`target/debug`), built once per test process: cargo
 /// builds only the test crate's own targets, and these are other packages' binaries.
+/// `scripts/test.sh` runs `cargo test --workspace`, which has already built both (the
+/// coordinator's and the worker's own integration tests need them), and says so with
+/// `CXRCLIP_E2E_BIN_DIR`: a second build there would compile the tree again under another
+/// feature set.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("CXRCLIP_E2E_BIN_DIR") {
+            let dir = PathBuf::from(dir);
+            for bin in ["coordinator", "worker"] {
+                assert!(dir.join(bin).is_file(), "CXRCLIP_E2E_BIN_DIR has no {bin}: {}", dir.display());
+            }
+            return dir;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
         let status = Command::new(cargo)
