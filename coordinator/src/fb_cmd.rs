@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use kernels::{Backend, Cpu};
-use model::checkpoint::{parse_safetensors, read_safetensors, write_f32_safetensors};
+use model::checkpoint::{parse_safetensors, read_safetensors, to_f32, write_f32_safetensors};
 use model::loss::{logits_per_image, ContrastiveLoss};
 use model::Clip;
 use safetensors::tensor::Dtype;
@@ -48,11 +48,7 @@ fn read_inputs(path: &Path) -> Result<Inputs> {
         "pixel_values in {} has shape {shape:?}; expected [B, 3, H, H]",
         path.display()
     );
-    let pixels: Vec<f32> = match pv.dtype() {
-        Dtype::F32 => pv.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-        Dtype::F64 => pv.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-        d => bail!("pixel_values in {} is {d:?}; expected F32", path.display()),
-    };
+    let pixels = to_f32(&pv, "pixel_values", path)?;
     let ii = st.tensor("input_ids").map_err(|_| anyhow::anyhow!("{} has no tensor input_ids", path.display()))?;
     let ishape = ii.shape().to_vec();
     ensure!(ishape.len() == 2, "input_ids in {} has shape {ishape:?}; expected [B, 77]", path.display());

@@ -53,15 +53,17 @@ pub fn standard_normal(rng: &mut impl Rng) -> f32 {
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
-fn to_f32(view: &TensorView<'_>, name: &str, file: &Path) -> Result<Vec<f32>> {
+/// A floating-point tensor of any width as f32 values, with errors that name it and its file.
+pub fn to_f32(view: &TensorView<'_>, name: &str, file: &Path) -> Result<Vec<f32>> {
     let data = view.data();
     Ok(match view.dtype() {
         Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F64 => data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(),
         Dtype::F16 => data.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
         Dtype::BF16 => {
             data.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
         }
-        other => bail!("tensor {name} in {} has dtype {other:?}; expected F32, F16 or BF16", file.display()),
+        other => bail!("tensor {name} in {} has dtype {other:?}; expected F32, F64, F16 or BF16", file.display()),
     })
 }
 
