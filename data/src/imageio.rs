@@ -7,8 +7,15 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::dicom::GreyImage;
 
-/// Decodes a JPEG to 8-bit grey with zune-jpeg.
+/// Decodes a JPEG to 8-bit grey with zune-jpeg. A file without its end-of-image marker is an
+/// error: zune-jpeg fills the rows a truncated scan lacks instead of failing, and a half-grey
+/// radiograph must not be trained on.
 pub fn decode_jpeg(bytes: &[u8]) -> Result<GreyImage> {
+    // Some encoders pad after the marker with zeros.
+    let end = bytes.iter().rposition(|&b| b != 0).unwrap_or(0);
+    if end == 0 || bytes[end] != 0xD9 || bytes[end - 1] != 0xFF {
+        bail!("truncated JPEG: no end-of-image marker");
+    }
     let opts = zune_jpeg::zune_core::options::DecoderOptions::default()
         .jpeg_set_out_colorspace(zune_jpeg::zune_core::colorspace::ColorSpace::Luma);
     let mut d = zune_jpeg::JpegDecoder::new_with_options(bytes, opts);

@@ -3,13 +3,22 @@
 //! size and centre cropping), CLIP-normalised, grey replicated to 3 channels (NCHW f32), text
 //! sentence-shuffled and tokenised, labels through the uncertain policy. Worker threads fill
 //! batches a few ahead of the consumer; batch order and content depend only on the seed.
+//!
+//! Bad images: a training batch must hold exactly `batch` pairs (every rank of a step takes the
+//! same number), so a sample whose image cannot be read (corrupt or truncated file, missing file,
+//! an image that failed when packed) is replaced by a substitute drawn from a pool of pair ids
+//! (by default the loader's own ids) by a hash of (seed, epoch, id, attempt): the same choice on
+//! every run, whatever the thread count. Up to [`MAX_SUBSTITUTES`] substitutes are tried. Each bad
+//! image is recorded once in a shared [`Skips`], with its path and the reason, so that a caller
+//! can report it once and summarise at the end; later epochs do not decode it again.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -50,6 +59,94 @@ impl Source {
             Source::Shards(s) => s.pairs[i].label_values(),
             Source::Files { pairs, .. } => pairs[i].labels,
         }
+    }
+    /// Where sample `i`'s image lives, for messages: the file, or (packed) the image's path
+    /// relative to the dataset root it was packed from.
+    pub fn path(&self, i: usize) -> PathBuf {
+        match self {
+            Source::Shards(s) => PathBuf::from(&s.pairs[i].image),
+            Source::Files { root, pairs } => root.join(&pairs[i].image),
+        }
+    }
+}
+
+/// How many substitutes a bad sample may try before the batch fails.
+pub const MAX_SUBSTITUTES: u64 = 8;
+
+/// One unreadable image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// Its sample (pair) id in the source.
+    pub id: usize,
+    pub path: PathBuf,
+    /// Why it could not be read (the decoder's or the file system's message).
+    pub reason: String,
+}
+
+/// The unreadable images met so far, each once, shared by a run's loaders (one per epoch).
+#[derive(Debug, Default)]
+pub struct Skips {
+    inner: Mutex<SkipsInner>,
+}
+
+#[derive(Debug, Default)]
+struct SkipsInner {
+    by_id: BTreeMap<usize, Skipped>,
+    /// Ids recorded but not yet handed out by [`Skips::take_new`].
+    fresh: Vec<usize>,
+}
+
+impl Skips {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SkipsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn record(&self, id: usize, path: PathBuf, reason: String) {
+        let mut g = self.lock();
+        if let std::collections::btree_map::Entry::Vacant(e) = g.by_id.entry(id) {
+            e.insert(Skipped { id, path, reason });
+            g.fresh.push(id);
+        }
+    }
+    fn is_bad(&self, id: usize) -> bool {
+        self.lock().by_id.contains_key(&id)
+    }
+    /// Distinct unreadable images so far.
+    pub fn count(&self) -> usize {
+        self.lock().by_id.len()
+    }
+    /// All of them, by id.
+    pub fn list(&self) -> Vec<Skipped> {
+        self.lock().by_id.values().cloned().collect()
+    }
+    /// Those recorded since the last call (by id): for reporting each one once, as met.
+    pub fn take_new(&self) -> Vec<Skipped> {
+        let mut g = self.lock();
+        let mut fresh = std::mem::take(&mut g.fresh);
+        fresh.sort_unstable();
+        fresh.iter().map(|id| g.by_id[id].clone()).collect()
+    }
+    /// "2 unreadable images skipped (replaced by substitutes): a.jpg (reason); b.jpg (reason)".
+    pub fn summary(&self) -> String {
+        let v = self.list();
+        let places: Vec<String> = v.iter().map(|s| format!("{} ({})", s.path.display(), s.reason)).collect();
+        let noun = if v.len() == 1 { "image" } else { "images" };
+        format!("{} unreadable {noun} skipped (replaced by substitutes): {}", v.len(), places.join("; "))
+    }
+}
+
+/// What a loader does with a bad sample: draw a substitute from `pool`, record it in `skips`.
+#[derive(Clone, Debug)]
+pub struct Recovery {
+    /// Ids a substitute may be drawn from. Give a training loader the same pool for the whole
+    /// epoch (not only the ids left after a resume), so that a resumed run substitutes as an
+    /// uninterrupted one did; keep other splits out of it.
+    pub pool: Arc<Vec<usize>>,
+    pub skips: Arc<Skips>,
+}
+
+impl Recovery {
+    pub fn new(pool: Arc<Vec<usize>>) -> Recovery {
+        Recovery { pool, skips: Arc::default() }
     }
 }
 
@@ -200,34 +297,83 @@ pub fn warp_normalise(src: &[u8], w: usize, h: usize, size: usize, wp: &Warp, ou
     }
 }
 
-/// Fills one sample of a batch.
+/// Decodes sample `id`'s image and warps it into `pixels` with `rng`'s augmentation.
+fn fill_pixels(src: &Source, id: usize, cfg: &LoaderConfig, rng: &mut ChaCha8Rng, pixels: &mut [f32]) -> Result<()> {
+    match src {
+        Source::Shards(s) => {
+            let (px, w, h) = s.image(id);
+            if w == 0 || h == 0 {
+                bail!("the image failed to decode when the shards were packed");
+            }
+            let wp = make_warp(w, h, cfg.size, cfg.augment, rng);
+            warp_normalise(px, w, h, cfg.size, &wp, pixels);
+        }
+        Source::Files { root, pairs } => {
+            let img = crate::imageio::load_grey(&root.join(&pairs[id].image))?;
+            if img.w == 0 || img.h == 0 {
+                bail!("the image is empty ({}x{})", img.w, img.h);
+            }
+            let wp = make_warp(img.w, img.h, cfg.size, cfg.augment, rng);
+            warp_normalise(&img.pixels, img.w, img.h, cfg.size, &wp, pixels);
+        }
+    }
+    Ok(())
+}
+
+/// Fills one sample of a batch; returns the id whose pair it holds: `id`, or with `rec` a
+/// substitute when `id`'s image cannot be read. Without `rec` a bad image is an error.
+///
+/// The augmentation and sentence order come from (seed, epoch, id) of the slot, also when a
+/// substitute fills it, so a substitute that is in the batch already is not an exact duplicate.
 fn fill_sample(
     src: &Source,
     id: usize,
     cfg: &LoaderConfig,
     tok: &dyn Tokenize,
+    rec: Option<&Recovery>,
     pixels: &mut [f32],
     tokens: &mut Vec<i32>,
-) -> Result<()> {
-    let mut rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed, cfg.epoch, id as u64));
-    match src {
-        Source::Shards(s) => {
-            let (px, w, h) = s.image(id);
-            let wp = make_warp(w, h, cfg.size, cfg.augment, &mut rng);
-            warp_normalise(px, w, h, cfg.size, &wp, pixels);
+) -> Result<usize> {
+    let slot_seed = mix(cfg.seed, cfg.epoch, id as u64);
+    let mut rng = ChaCha8Rng::seed_from_u64(slot_seed);
+    let mut used = id;
+    let mut attempt = 0u64;
+    loop {
+        let known_bad = rec.is_some_and(|r| r.skips.is_bad(used));
+        let err = if known_bad {
+            None
+        } else {
+            match fill_pixels(src, used, cfg, &mut rng, pixels) {
+                Ok(()) => break,
+                Err(e) => Some(e),
+            }
+        };
+        let Some(rec) = rec else {
+            let e = err.expect("no skips without a recovery");
+            return Err(e.context(format!("sample {used}: {}", src.path(used).display())));
+        };
+        if let Some(e) = err {
+            rec.skips.record(used, src.path(used), format!("{e:#}"));
         }
-        Source::Files { root, pairs } => {
-            let img = crate::imageio::load_grey(&root.join(&pairs[id].image))?;
-            let wp = make_warp(img.w, img.h, cfg.size, cfg.augment, &mut rng);
-            warp_normalise(&img.pixels, img.w, img.h, cfg.size, &wp, pixels);
+        if attempt == MAX_SUBSTITUTES || rec.pool.is_empty() {
+            bail!(
+                "sample {id} ({}): unreadable, and {attempt} substitutes drawn for it were unreadable too",
+                src.path(id).display()
+            );
         }
+        // A fresh rng from the slot: what the substitute gets does not depend on how far the
+        // failed decode went.
+        let pick = mix(slot_seed, 0x5B5B_0000 + attempt, rec.pool.len() as u64);
+        used = rec.pool[(pick % rec.pool.len() as u64) as usize];
+        rng = ChaCha8Rng::seed_from_u64(slot_seed);
+        attempt += 1;
     }
-    let text = src.text(id);
+    let text = src.text(used);
     let text = if cfg.augment { shuffle_sentences(text, &mut rng) } else { text.to_string() };
     let mut t = tok.encode(&text);
     t.resize(cfg.context, 0);
     tokens.extend_from_slice(&t);
-    Ok(())
+    Ok(used)
 }
 
 /// Builds the batch of `ids` into fresh buffers.
@@ -239,17 +385,31 @@ pub fn build_batch(src: &Source, ids: &[usize], cfg: &LoaderConfig, tok: &dyn To
 
 /// Builds the batch of `ids` into `b`, reusing its buffers: a fresh 38 MB pixel buffer per batch
 /// (64 x 3 x 224 x 224 f32) costs thousands of page faults, more than the augmentation itself.
+/// A bad image is an error here; see [`fill_batch_recovering`].
 pub fn fill_batch(b: &mut Batch, src: &Source, ids: &[usize], cfg: &LoaderConfig, tok: &dyn Tokenize) -> Result<()> {
+    fill_batch_recovering(b, src, ids, cfg, tok, None)
+}
+
+/// [`fill_batch`], where with `rec` a sample whose image cannot be read is replaced by a
+/// substitute (see the module note); `b.ids` then names the pairs the batch really holds.
+pub fn fill_batch_recovering(
+    b: &mut Batch,
+    src: &Source,
+    ids: &[usize],
+    cfg: &LoaderConfig,
+    tok: &dyn Tokenize,
+    rec: Option<&Recovery>,
+) -> Result<()> {
     let plane = 3 * cfg.size * cfg.size;
     b.ids.clear();
-    b.ids.extend_from_slice(ids);
     b.pixels.resize(ids.len() * plane, 0.0);
     b.tokens.clear();
     b.targets.clear();
     b.mask.clear();
     for (j, &id) in ids.iter().enumerate() {
-        fill_sample(src, id, cfg, tok, &mut b.pixels[j * plane..(j + 1) * plane], &mut b.tokens)?;
-        let (t, m) = cfg.uncertain.targets(&src.labels(id));
+        let used = fill_sample(src, id, cfg, tok, rec, &mut b.pixels[j * plane..(j + 1) * plane], &mut b.tokens)?;
+        b.ids.push(used);
+        let (t, m) = cfg.uncertain.targets(&src.labels(used));
         b.targets.extend_from_slice(&t);
         b.mask.extend_from_slice(&m);
     }
@@ -264,13 +424,27 @@ pub struct Loader {
     next: usize,
     n_batches: usize,
     handles: Vec<JoinHandle<()>>,
+    skips: Arc<Skips>,
 }
 
 impl Loader {
     /// Starts `cfg.workers` threads over `ids` (a rank's pair ids, in the coordinator's order).
+    /// A bad image is replaced by a substitute drawn from `ids` (see the module note).
     pub fn new(src: Source, ids: Vec<usize>, cfg: LoaderConfig, tok: Arc<dyn Tokenize>) -> Result<Loader> {
-        if let Some(&bad) = ids.iter().find(|&&i| i >= src.len()) {
-            anyhow::bail!("pair id {bad} out of range ({} pairs)", src.len());
+        let rec = Recovery::new(Arc::new(ids.clone()));
+        Loader::with_recovery(src, ids, cfg, tok, rec)
+    }
+
+    /// [`Loader::new`] with the substitutes' pool and the record of bad images given.
+    pub fn with_recovery(
+        src: Source,
+        ids: Vec<usize>,
+        cfg: LoaderConfig,
+        tok: Arc<dyn Tokenize>,
+        rec: Recovery,
+    ) -> Result<Loader> {
+        if let Some(&bad) = ids.iter().chain(rec.pool.iter()).find(|&&i| i >= src.len()) {
+            bail!("pair id {bad} out of range ({} pairs)", src.len());
         }
         let n_batches = ids.len().div_ceil(cfg.batch.max(1));
         let workers = cfg.workers.max(1);
@@ -281,7 +455,7 @@ impl Loader {
         let recycle_rx = Arc::new(std::sync::Mutex::new(recycle_rx));
         for w in 0..workers {
             let (tx, rx) = sync_channel(cfg.prefetch.max(1));
-            let (src, ids, cfg, tok) = (src.clone(), ids.clone(), cfg.clone(), tok.clone());
+            let (src, ids, cfg, tok, rec) = (src.clone(), ids.clone(), cfg.clone(), tok.clone(), rec.clone());
             let recycled = recycle_rx.clone();
             handles.push(std::thread::spawn(move || {
                 // Worker w builds batches w, w + workers, ...; the consumer takes them in turn.
@@ -290,7 +464,8 @@ impl Loader {
                     let lo = k * cfg.batch;
                     let hi = (lo + cfg.batch).min(ids.len());
                     let mut b = recycled.lock().ok().and_then(|r| r.try_recv().ok()).unwrap_or_default();
-                    let b = fill_batch(&mut b, &src, &ids[lo..hi], &cfg, tok.as_ref()).map(|_| b);
+                    let b =
+                        fill_batch_recovering(&mut b, &src, &ids[lo..hi], &cfg, tok.as_ref(), Some(&rec)).map(|_| b);
                     if tx.send(b).is_err() {
                         return; // the loader was dropped
                     }
@@ -299,7 +474,7 @@ impl Loader {
             }));
             rxs.push(rx);
         }
-        Ok(Loader { rxs, recycle_tx, next: 0, n_batches, handles })
+        Ok(Loader { rxs, recycle_tx, next: 0, n_batches, handles, skips: rec.skips })
     }
 
     /// Hands a consumed batch back so that a worker refills its buffers instead of allocating.
@@ -309,6 +484,11 @@ impl Loader {
 
     pub fn batches(&self) -> usize {
         self.n_batches
+    }
+
+    /// The unreadable images met so far (shared with the [`Recovery`] it was started with).
+    pub fn skips(&self) -> &Arc<Skips> {
+        &self.skips
     }
 }
 
@@ -320,7 +500,7 @@ impl Iterator for Loader {
         }
         let rx = &self.rxs[self.next % self.rxs.len()];
         self.next += 1;
-        Some(rx.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("loader worker stopped"))))
+        Some(rx.recv().unwrap_or_else(|_| Err(anyhow!("loader worker stopped"))))
     }
 }
 

@@ -8,12 +8,19 @@
 //! index, not by its position in this rank's shard, so a pair gets the same crop, rotation and
 //! sentence order whatever the world size, and a job resumed at step k draws what an
 //! uninterrupted one drew at step k.
+//!
+//! Unreadable images: the loader replaces one by a substitute drawn, by a hash of (seed, epoch,
+//! pair id), from this rank's pairs of the same epoch (all of them, so a resumed job draws what an
+//! uninterrupted one drew), since the step needs exactly `b` pairs on every rank. Each bad image
+//! is written to stderr once, when met, and the feed's [`Skips`] holds them all for a summary,
+//! printed when the feed ends. The substitute depends on which pairs this rank holds, so with a
+//! bad image the data of that step differs between world sizes; without one it does not.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, ensure, Result};
-use data::loader::{Batch, Loader, LoaderConfig, Source};
+use data::loader::{Batch, Loader, LoaderConfig, Recovery, Skips, Source};
 use data::report::Tokenize;
 use data::{LabelValue, Pair, Split, NUM_LABELS};
 use proto::v1::{Job, ShardEntry};
@@ -36,6 +43,10 @@ pub struct Feed {
     end: u64,
     /// The loader of the epoch being consumed.
     current: Option<(u64, Loader)>,
+    /// Unreadable images of the whole job, shared by the epochs' loaders.
+    skips: Arc<Skips>,
+    /// Prefix of the stderr lines ("worker 3").
+    who: String,
 }
 
 impl Feed {
@@ -54,6 +65,7 @@ impl Feed {
             ..LoaderConfig::default()
         };
         Ok(Feed {
+            who: format!("worker {}", link.session.rank),
             link,
             root: PathBuf::from(&job.data_root),
             cfg,
@@ -61,6 +73,7 @@ impl Feed {
             steps_per_epoch: job.steps_per_epoch,
             end: job.steps,
             current: None,
+            skips: Arc::default(),
         })
     }
 
@@ -73,12 +86,20 @@ impl Feed {
         }
         let (_, loader) = self.current.as_mut().expect("started above");
         let batch = loader.next().ok_or_else(|| anyhow!("the loader of epoch {epoch} ran out at step {step}"))??;
+        for s in self.skips.take_new() {
+            eprintln!("{}: skipping unreadable image {}: {}", self.who, s.path.display(), s.reason);
+        }
         // The epoch's last batch is out: start the next epoch's loader now, so that its first
         // batches are made while this step trains rather than after it.
         if (step + 1).is_multiple_of(spe) && step + 1 < self.end {
             self.current = Some((epoch + 1, self.start_epoch(epoch + 1, 0)?));
         }
         Ok(batch)
+    }
+
+    /// The unreadable images met so far, each once (see the module note).
+    pub fn skips(&self) -> &Arc<Skips> {
+        &self.skips
     }
 
     /// Hands a consumed batch back, so that the loader refills its buffers instead of allocating.
@@ -99,8 +120,21 @@ impl Feed {
             entries.len(),
             self.steps_per_epoch
         );
-        let (source, ids) = epoch_source(&self.root, &entries[first as usize * b..need])?;
-        Loader::new(source, ids, LoaderConfig { epoch, ..self.cfg.clone() }, self.tok.clone())
+        let (source, ids) = epoch_source(&self.root, &entries[..need])?;
+        let rec = Recovery { pool: Arc::new(ids.clone()), skips: self.skips.clone() };
+        let ids = ids[first as usize * b..].to_vec();
+        Loader::with_recovery(source, ids, LoaderConfig { epoch, ..self.cfg.clone() }, self.tok.clone(), rec)
+    }
+}
+
+impl Drop for Feed {
+    /// The summary: how many images were skipped and where (nothing when none was).
+    fn drop(&mut self) {
+        // Stop the loaders first, so that no image is recorded after the summary.
+        self.current = None;
+        if self.skips.count() > 0 {
+            eprintln!("{}: {}", self.who, self.skips.summary());
+        }
     }
 }
 
