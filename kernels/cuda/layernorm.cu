@@ -1,6 +1,9 @@
 // Layer norm over the last dimension (biased variance, as torch), one warp per row, with an
-// optional fused residual add: x = inp + res (written to xout when given), out = LN(x).
-// Statistics in f32, two passes over the row (no E[x^2] - E[x]^2 cancellation).
+// optional fused residual add: x = inp + res (written to xout when given; xout may be inp
+// itself, since each element is read before the same thread overwrites it), out = LN(x).
+// The row is normalised as stored in xout (rounded to bf16 when xout is bf16), which is what
+// the backward reads. Statistics in f32, two passes over the row (no E[x^2] - E[x]^2
+// cancellation).
 
 #define LN_ROWS_PER_BLOCK 32
 
@@ -17,6 +20,7 @@ extern "C" __global__ void layernorm_fwd(void* out, int ob, float* mean, float* 
         if (res) {
             x += ldf(res, rb, base + j);
             stf(xout, xb, base + j, x);
+            if (xb) x = __bfloat162float(__float2bfloat16(x));
         }
         s += x;
     }

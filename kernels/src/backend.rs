@@ -147,6 +147,47 @@ pub trait Backend: Sized + 'static {
         n: usize,
         c: usize,
     );
+    /// Layer norm fused with the residual add before it (pre-LN blocks: `x = x + attn;
+    /// h = ln2(x)`): writes `x = a + b`, then `out = LN(x)` over rows of `c`, saving `mean[n]`
+    /// and `rstd[n]` as [`Backend::layernorm_fwd`] does. `x` is the layer norm's input that the
+    /// backward reads (on CUDA it is stored in `x`'s dtype and normalised as stored). `x` may
+    /// be `a` itself (the residual add in place); no other output may overlap an input.
+    #[allow(clippy::too_many_arguments)]
+    fn add_layernorm_fwd(
+        &self,
+        out: &Tensor<Self>,
+        x: &Tensor<Self>,
+        mean: &Tensor<Self>,
+        rstd: &Tensor<Self>,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    );
+    /// Backward of [`Backend::add_layernorm_fwd`]. A sum hands its gradient unchanged to both
+    /// addends, so the residual stream needs one gradient buffer: `dx` holds, on entry, the
+    /// gradient that the other readers of `x` added into it, and receives the layer norm's
+    /// input gradient, added as every backward does; it is then the gradient of `a` and of
+    /// `b` alike. `dgamma` and `dbeta` as in [`Backend::layernorm_bwd`], which this is.
+    #[allow(clippy::too_many_arguments)]
+    fn add_layernorm_bwd(
+        &self,
+        dx: &Tensor<Self>,
+        dgamma: Option<&Tensor<Self>>,
+        dbeta: Option<&Tensor<Self>>,
+        dout: &Tensor<Self>,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        mean: &Tensor<Self>,
+        rstd: &Tensor<Self>,
+        n: usize,
+        c: usize,
+    ) {
+        self.layernorm_bwd(dx, dgamma, dbeta, dout, x, gamma, mean, rstd, n, c);
+    }
     /// `out[i] = inp[i] / ||inp[i]||_2` for `n` rows of `d`; saves `norm[n]`.
     fn l2norm_fwd(&self, out: &Tensor<Self>, norm: &Tensor<Self>, inp: &Tensor<Self>, n: usize, d: usize);
     /// Uses the forward's output `out` and `norm`.

@@ -41,3 +41,75 @@ pub fn check_infonce<B: Backend>(
     check_len("infonce all_img", all_img, dims.global * dims.dim);
     check_len("infonce all_txt", all_txt, dims.global * dims.dim);
 }
+
+/// The lengths of a layer norm's forward tensors: `inp` and `out` of `n * c`, `mean` and
+/// `rstd` of `n`, `gamma` and `beta` of `c`.
+#[allow(clippy::too_many_arguments)]
+pub fn check_layernorm_fwd<B: Backend>(
+    out: &Tensor<B>,
+    mean: &Tensor<B>,
+    rstd: &Tensor<B>,
+    inp: &Tensor<B>,
+    gamma: &Tensor<B>,
+    beta: &Tensor<B>,
+    n: usize,
+    c: usize,
+) {
+    check_len("layernorm inp", inp, n * c);
+    check_len("layernorm out", out, n * c);
+    check_len("layernorm mean", mean, n);
+    check_len("layernorm rstd", rstd, n);
+    check_len("layernorm gamma", gamma, c);
+    check_len("layernorm beta", beta, c);
+}
+
+/// The lengths of a layer norm's backward tensors (the statistics as in the forward).
+#[allow(clippy::too_many_arguments)]
+pub fn check_layernorm_bwd<B: Backend>(
+    dinp: &Tensor<B>,
+    dgamma: Option<&Tensor<B>>,
+    dbeta: Option<&Tensor<B>>,
+    dout: &Tensor<B>,
+    inp: &Tensor<B>,
+    gamma: &Tensor<B>,
+    mean: &Tensor<B>,
+    rstd: &Tensor<B>,
+    n: usize,
+    c: usize,
+) {
+    check_len("layernorm dinp", dinp, n * c);
+    check_len("layernorm dout", dout, n * c);
+    check_len("layernorm inp", inp, n * c);
+    check_len("layernorm mean", mean, n);
+    check_len("layernorm rstd", rstd, n);
+    check_len("layernorm gamma", gamma, c);
+    dgamma.inspect(|t| check_len("layernorm dgamma", t, c));
+    dbeta.inspect(|t| check_len("layernorm dbeta", t, c));
+    let outs: Vec<&Tensor<B>> = [Some(dinp), dgamma, dbeta].into_iter().flatten().collect();
+    outputs(&outs, &[dout, inp, gamma, mean, rstd]);
+}
+
+/// Aliasing of an op whose first output `out` may be its first input `a` itself (an update
+/// in place, as `add` and `add_layernorm_fwd` allow) but must not overlap anything else:
+/// checks `outs` (which hold `out`) against `ins` (which do not hold `a`) and `a`. Returns
+/// whether the op runs in place.
+pub fn in_place_or_disjoint<B: Backend>(
+    out: &Tensor<B>,
+    a: &Tensor<B>,
+    outs: &[&Tensor<B>],
+    ins: &[&Tensor<B>],
+) -> bool {
+    let in_place = out.overlaps(a);
+    if in_place {
+        assert!(
+            out.offset() == a.offset() && out.len() == a.len(),
+            "op output {out:?} partially overlaps its input {a:?}"
+        );
+        outputs(outs, ins);
+    } else {
+        let mut all: Vec<&Tensor<B>> = ins.to_vec();
+        all.push(a);
+        outputs(outs, &all);
+    }
+    in_place
+}

@@ -25,22 +25,7 @@ pub fn fwd(
     if n == 0 || c == 0 {
         return; // nothing to normalise (and no chunks of 0)
     }
-    let row = |o: &mut [f32], m: &mut f32, r: &mut f32, x: &[f32]| {
-        // A first estimate of the mean, then one pass over the deviations from it: their sum
-        // corrects the estimate and their squares give the variance, free of the
-        // cancellation of E[x^2] - E[x]^2 even for rows far from zero mean.
-        let mu0 = lane_sum(x, |v| v) / c as f32;
-        let dev = lane_sum(x, |v| v - mu0) / c as f32;
-        let sq = lane_sum(x, |v| (v - mu0) * (v - mu0)) / c as f32;
-        let mu = mu0 + dev;
-        let var = (sq - dev * dev).max(0.0);
-        let rs = 1.0 / (var + eps).sqrt();
-        for (((o, &v), &g), &b) in o.iter_mut().zip(x).zip(gamma).zip(beta) {
-            *o = (v - mu) * rs * g + b;
-        }
-        *m = mu;
-        *r = rs;
-    };
+    let row = |o: &mut [f32], m: &mut f32, r: &mut f32, x: &[f32]| norm_row(o, m, r, x, gamma, beta, eps);
     if n * c < PAR_MIN {
         for (((o, m), r), x) in
             out.chunks_exact_mut(c).zip(mean.iter_mut()).zip(rstd.iter_mut()).zip(inp.chunks_exact(c))
@@ -55,6 +40,77 @@ pub fn fwd(
             .with_min_len(ROWS_PER_TASK)
             .for_each(|(((o, m), r), x)| row(o, m, r, x));
     }
+}
+
+/// Layer norm fused with the residual add before it: `x = a + b` (or `x += b` in place when
+/// `a` is `None`), then `out = LN(x)`, row by row, so each row of `x` is normalised while it
+/// is still in cache. Statistics as [`fwd`].
+pub fn add_fwd(
+    out: &mut [f32],
+    x: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    a: Option<&[f32]>,
+    b: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    n: usize,
+    c: usize,
+    eps: f32,
+) {
+    if n == 0 || c == 0 {
+        return;
+    }
+    let row = |i: usize, o: &mut [f32], xr: &mut [f32], m: &mut f32, r: &mut f32| {
+        let br = &b[i * c..(i + 1) * c];
+        match a {
+            Some(a) => {
+                for ((xv, &av), &bv) in xr.iter_mut().zip(&a[i * c..(i + 1) * c]).zip(br) {
+                    *xv = av + bv;
+                }
+            }
+            None => {
+                for (xv, &bv) in xr.iter_mut().zip(br) {
+                    *xv += bv;
+                }
+            }
+        }
+        norm_row(o, m, r, xr, gamma, beta, eps);
+    };
+    if n * c < PAR_MIN {
+        for (i, (((o, xr), m), r)) in
+            out.chunks_exact_mut(c).zip(x.chunks_exact_mut(c)).zip(mean.iter_mut()).zip(rstd.iter_mut()).enumerate()
+        {
+            row(i, o, xr, m, r);
+        }
+    } else {
+        out.par_chunks_exact_mut(c)
+            .zip(x.par_chunks_exact_mut(c))
+            .zip(mean.par_iter_mut())
+            .zip(rstd.par_iter_mut())
+            .enumerate()
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(i, (((o, xr), m), r))| row(i, o, xr, m, r));
+    }
+}
+
+/// One row: `o = (x - mean) * rstd * gamma + beta`, saving the mean and rstd.
+fn norm_row(o: &mut [f32], m: &mut f32, r: &mut f32, x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let c = x.len();
+    // A first estimate of the mean, then one pass over the deviations from it: their sum
+    // corrects the estimate and their squares give the variance, free of the
+    // cancellation of E[x^2] - E[x]^2 even for rows far from zero mean.
+    let mu0 = lane_sum(x, |v| v) / c as f32;
+    let dev = lane_sum(x, |v| v - mu0) / c as f32;
+    let sq = lane_sum(x, |v| (v - mu0) * (v - mu0)) / c as f32;
+    let mu = mu0 + dev;
+    let var = (sq - dev * dev).max(0.0);
+    let rs = 1.0 / (var + eps).sqrt();
+    for (((o, &v), &g), &b) in o.iter_mut().zip(x).zip(gamma).zip(beta) {
+        *o = (v - mu) * rs * g + b;
+    }
+    *m = mu;
+    *r = rs;
 }
 
 /// Sums with eight independent accumulators: the compiler can keep them in one vector

@@ -22,7 +22,9 @@ use std::sync::Arc;
 use anyhow::{ensure, Result};
 
 use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
-use crate::checks::{check_infonce, check_len, outputs};
+use crate::checks::{
+    check_infonce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs,
+};
 use crate::tensor::Tensor;
 
 /// Host memory of one CPU buffer. Access goes through raw slices handed out by the
@@ -133,12 +135,9 @@ impl Backend for Cpu {
         let _p = profile::scope("add");
         check_len("add a", a, out.len());
         check_len("add b", b, out.len());
-        if out.overlaps(a) {
-            assert!(out.offset() == a.offset(), "add: out partially overlaps a");
-            outputs(&[out], &[b]);
+        if in_place_or_disjoint(out, a, &[out], &[b]) {
             elementwise::accumulate(f32s_mut(out), f32s(b));
         } else {
-            outputs(&[out], &[a, b]);
             elementwise::add(f32s_mut(out), f32s(a), f32s(b));
         }
     }
@@ -208,14 +207,33 @@ impl Backend for Cpu {
 
     fn layernorm_fwd(&self, out: &T, mean: &T, rstd: &T, inp: &T, gamma: &T, beta: &T, n: usize, c: usize, eps: f32) {
         let _p = profile::scope("layernorm_fwd");
-        check_len("layernorm inp", inp, n * c);
-        check_len("layernorm out", out, n * c);
-        check_len("layernorm mean", mean, n);
-        check_len("layernorm rstd", rstd, n);
-        check_len("layernorm gamma", gamma, c);
-        check_len("layernorm beta", beta, c);
+        check_layernorm_fwd(out, mean, rstd, inp, gamma, beta, n, c);
         outputs(&[out, mean, rstd], &[inp, gamma, beta]);
         layernorm::fwd(f32s_mut(out), f32s_mut(mean), f32s_mut(rstd), f32s(inp), f32s(gamma), f32s(beta), n, c, eps);
+    }
+
+    fn add_layernorm_fwd(
+        &self,
+        out: &T,
+        x: &T,
+        mean: &T,
+        rstd: &T,
+        a: &T,
+        b: &T,
+        gamma: &T,
+        beta: &T,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) {
+        let _p = profile::scope("add_layernorm_fwd");
+        check_layernorm_fwd(out, mean, rstd, x, gamma, beta, n, c);
+        check_len("add+layernorm a", a, n * c);
+        check_len("add+layernorm b", b, n * c);
+        let in_place = in_place_or_disjoint(x, a, &[x, out, mean, rstd], &[b, gamma, beta]);
+        let a = (!in_place).then(|| f32s(a));
+        let (g, be) = (f32s(gamma), f32s(beta));
+        layernorm::add_fwd(f32s_mut(out), f32s_mut(x), f32s_mut(mean), f32s_mut(rstd), a, f32s(b), g, be, n, c, eps);
     }
 
     fn layernorm_bwd(
@@ -232,13 +250,7 @@ impl Backend for Cpu {
         c: usize,
     ) {
         let _p = profile::scope("layernorm_bwd");
-        check_len("layernorm dinp", dinp, n * c);
-        check_len("layernorm dout", dout, n * c);
-        check_len("layernorm inp", inp, n * c);
-        dgamma.inspect(|t| check_len("layernorm dgamma", t, c));
-        dbeta.inspect(|t| check_len("layernorm dbeta", t, c));
-        let outs: Vec<&T> = [Some(dinp), dgamma, dbeta].into_iter().flatten().collect();
-        outputs(&outs, &[dout, inp, gamma, mean, rstd]);
+        check_layernorm_bwd(dinp, dgamma, dbeta, dout, inp, gamma, mean, rstd, n, c);
         layernorm::bwd(
             f32s_mut(dinp),
             opt_mut(dgamma),

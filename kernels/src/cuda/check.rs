@@ -189,6 +189,7 @@ pub fn run_all(cuda: &Cuda, quick: bool) -> (u64, Vec<CheckResult>) {
     elementwise(cuda, &mut rng, &mut res, quick);
     linear(cuda, &mut rng, &mut res, quick);
     norms(cuda, &mut rng, &mut res, quick);
+    add_layernorm(cuda, &mut rng, &mut res, quick);
     activations(cuda, &mut rng, &mut res, quick);
     attention(cuda, &mut rng, &mut res, quick);
     embeddings(cuda, &mut rng, &mut res, quick);
@@ -311,6 +312,51 @@ fn norms(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
             ])
         });
         compare(res, "layernorm+l2norm", &size, TOL_BF16, out);
+    }
+}
+
+/// The residual add fused with the layer norm after it, in place (`x` is `a`, the model's
+/// way) and into a separate `x`, at row counts that are not multiples of the kernel's 8 rows
+/// per block and widths that are not multiples of the warp.
+fn add_layernorm(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let sizes: &[(usize, usize)] =
+        if quick { &[(5, 100), (13, 37), (197, 768)] } else { &[(5, 100), (13, 37), (197, 768), (3 * 257, 1024)] };
+    for &(n, c) in sizes {
+        for in_place in [true, false] {
+            let size = format!("n={n} c={c}{}", if in_place { " in place" } else { "" });
+            let a: Vec<f32> = rng.vec_bf16(n * c, 2.0).iter().map(|v| v + 0.3).collect();
+            let b = rng.vec_bf16(n * c, 1.0);
+            let gamma = rng.vec(c, 1.0);
+            let beta = rng.vec(c, 0.5);
+            let dy = rng.vec_bf16(n * c, 1.0);
+            let (g0, gg0, gb0) = (rng.vec(n * c, 0.1), rng.vec(c, 0.1), rng.vec(c, 0.1));
+            let out = both!(cuda, |be| {
+                let ta = up(be, &a, DType::Bf16)?;
+                let tb = up(be, &b, DType::Bf16)?;
+                let tg = up(be, &gamma, DType::F32)?;
+                let tbe = up(be, &beta, DType::F32)?;
+                let x = if in_place { ta.clone() } else { poisoned(be, n * c, DType::Bf16)? };
+                let y = poisoned(be, n * c, DType::Bf16)?;
+                let mean = poisoned(be, n, DType::F32)?;
+                let rstd = poisoned(be, n, DType::F32)?;
+                be.add_layernorm_fwd(&y, &x, &mean, &rstd, &ta, &tb, &tg, &tbe, n, c, 1e-5);
+                let tdy = up(be, &dy, DType::Bf16)?;
+                let dx = up(be, &g0, DType::F32)?;
+                let dg = up(be, &gg0, DType::F32)?;
+                let db = up(be, &gb0, DType::F32)?;
+                be.add_layernorm_bwd(&dx, Some(&dg), Some(&db), &tdy, &x, &tg, &mean, &rstd, n, c);
+                Ok(vec![
+                    ("x = a + b", down(be, &x)?),
+                    ("out", down(be, &y)?),
+                    ("mean", down(be, &mean)?),
+                    ("rstd", down(be, &rstd)?),
+                    ("d(a, b)", down(be, &dx)?),
+                    ("dgamma", down(be, &dg)?),
+                    ("dbeta", down(be, &db)?),
+                ])
+            });
+            compare(res, "add+layernorm", &size, TOL_BF16, out);
+        }
     }
 }
 

@@ -31,7 +31,7 @@ pub use device::CudaStorage;
 use device::{elem_size, Args, Device};
 
 use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
-use crate::checks::{self, check_len, outputs};
+use crate::checks::{self, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs};
 use crate::tensor::Tensor;
 
 type T = Tensor<Cuda>;
@@ -367,28 +367,6 @@ impl Cuda {
         );
     }
 
-    /// Layer norm fused with the residual add: `x = inp + res` (written to `xout`), then
-    /// `out = LN(x)` with the statistics saved as [`Backend::layernorm_fwd`] does.
-    #[allow(clippy::too_many_arguments)]
-    pub fn add_layernorm_fwd(
-        &self,
-        out: &T,
-        xout: &T,
-        mean: &T,
-        rstd: &T,
-        inp: &T,
-        res: &T,
-        gamma: &T,
-        beta: &T,
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) {
-        check_len("add+layernorm res", res, n * c);
-        check_len("add+layernorm xout", xout, n * c);
-        self.layernorm_impl(out, mean, rstd, inp, Some((res, xout)), gamma, beta, n, c, eps);
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn layernorm_impl(
         &self,
@@ -403,22 +381,25 @@ impl Cuda {
         c: usize,
         eps: f32,
     ) {
-        check_len("layernorm inp", inp, n * c);
-        check_len("layernorm out", out, n * c);
-        check_len("layernorm mean", mean, n);
-        check_len("layernorm rstd", rstd, n);
-        check_len("layernorm gamma", gamma, c);
-        check_len("layernorm beta", beta, c);
+        check_layernorm_fwd(out, mean, rstd, inp, gamma, beta, n, c);
         want_f32("layernorm mean", mean);
         want_f32("layernorm rstd", rstd);
-        outputs(&[out, mean, rstd], &[inp, gamma, beta]);
-        if n == 0 {
+        let (rp, rb, xp, xb) = match res {
+            Some((r, x)) => {
+                check_len("add+layernorm b", r, n * c);
+                check_len("add+layernorm x", x, n * c);
+                // x = inp + r may be written over inp (each thread reads its element first).
+                in_place_or_disjoint(x, inp, &[x, out, mean, rstd], &[r, gamma, beta]);
+                (dptr(r), is_bf(r), dptr(x), is_bf(x))
+            }
+            None => {
+                outputs(&[out, mean, rstd], &[inp, gamma, beta]);
+                (0, 0, 0, 0)
+            }
+        };
+        if n == 0 || c == 0 {
             return;
         }
-        let (rp, rb, xp, xb) = match res {
-            Some((r, x)) => (dptr(r), is_bf(r), dptr(x), is_bf(x)),
-            None => (0, 0, 0, 0),
-        };
         self.launch(
             "layernorm_fwd",
             (n.div_ceil(8) as u32, 1, 1),
@@ -562,12 +543,7 @@ impl Backend for Cuda {
     fn add(&self, out: &T, a: &T, b: &T) {
         check_len("add a", a, out.len());
         check_len("add b", b, out.len());
-        if out.overlaps(a) {
-            assert!(out.offset() == a.offset(), "add: out partially overlaps a");
-            outputs(&[out], &[b]);
-        } else {
-            outputs(&[out], &[a, b]);
-        }
+        in_place_or_disjoint(out, a, &[out], &[b]);
         self.ew(
             "add",
             out.len(),
@@ -703,6 +679,23 @@ impl Backend for Cuda {
         self.layernorm_impl(out, mean, rstd, inp, None, gamma, beta, n, c, eps);
     }
 
+    fn add_layernorm_fwd(
+        &self,
+        out: &T,
+        x: &T,
+        mean: &T,
+        rstd: &T,
+        a: &T,
+        b: &T,
+        gamma: &T,
+        beta: &T,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) {
+        self.layernorm_impl(out, mean, rstd, a, Some((b, x)), gamma, beta, n, c, eps);
+    }
+
     fn layernorm_bwd(
         &self,
         dinp: &T,
@@ -716,16 +709,10 @@ impl Backend for Cuda {
         n: usize,
         c: usize,
     ) {
-        check_len("layernorm dinp", dinp, n * c);
-        check_len("layernorm dout", dout, n * c);
-        check_len("layernorm inp", inp, n * c);
-        dgamma.inspect(|t| check_len("layernorm dgamma", t, c));
-        dbeta.inspect(|t| check_len("layernorm dbeta", t, c));
+        check_layernorm_bwd(dinp, dgamma, dbeta, dout, inp, gamma, mean, rstd, n, c);
         want_f32("layernorm mean", mean);
         want_f32("layernorm rstd", rstd);
-        let outs: Vec<&T> = [Some(dinp), dgamma, dbeta].into_iter().flatten().collect();
-        outputs(&outs, &[dout, inp, gamma, mean, rstd]);
-        if n == 0 {
+        if n == 0 || c == 0 {
             return;
         }
         let nb = n.div_ceil(32);

@@ -74,6 +74,37 @@ fn perf_attention_and_layernorm() {
     );
 }
 
+/// The residual add fused with the layer norm after it, against the two ops it replaces in
+/// the model's forward (`add` in place, then `layernorm::fwd`), in the same run.
+#[test]
+#[ignore = "timing"]
+fn perf_add_layernorm() {
+    use kernels::cpu::elementwise;
+    let mut cx = ctx();
+    for (n, c) in [(64 * 77, 512), (64 * 50, 768), (16 * 197, 768)] {
+        let (a, y, g, be) = (cx.vec(n * c), cx.vec(n * c), cx.vec(c), cx.vec(c));
+        let (mut x, mut out, mut mean, mut rstd) = (a.clone(), vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        let unfused = best(7, || {
+            x.copy_from_slice(&a);
+            elementwise::accumulate(&mut x, &y);
+            layernorm::fwd(&mut out, &mut mean, &mut rstd, &x, &g, &be, n, c, 1e-5);
+        });
+        let fused = best(7, || {
+            x.copy_from_slice(&a);
+            layernorm::add_fwd(&mut out, &mut x, &mut mean, &mut rstd, None, &y, &g, &be, n, c, 1e-5);
+        });
+        let copy = best(7, || x.copy_from_slice(&a));
+        println!(
+            "add+layernorm n={n} c={c}: unfused {:.2} ms, fused {:.2} ms (each includes a {:.2} ms reset copy): \
+             fused/unfused {:.2} without the copy",
+            unfused * 1e3,
+            fused * 1e3,
+            copy * 1e3,
+            (fused - copy) / (unfused - copy)
+        );
+    }
+}
+
 #[test]
 #[ignore = "timing"]
 fn perf_infonce() {
