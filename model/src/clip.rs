@@ -73,6 +73,11 @@ impl<B: Backend> Norm<B> {
     fn fwd(&self, be: &B, a: &NormActs<B>, inp: &T<B>, n: usize) {
         be.layernorm_fwd(&a.out, &a.mean, &a.rstd, inp, &self.g.value, &self.b.value, n, self.c, self.eps);
     }
+    /// The residual add in place and this norm in one op: `x += y`, then the norm of `x`
+    /// (saved as [`Norm::fwd`] saves it, so [`Norm::bwd`] with input `x` is its backward).
+    fn add_fwd(&self, be: &B, a: &NormActs<B>, x: &T<B>, y: &T<B>, n: usize) {
+        be.add_layernorm_fwd(&a.out, x, &a.mean, &a.rstd, x, y, &self.g.value, &self.b.value, n, self.c, self.eps);
+    }
     fn bwd(&self, be: &B, dinp: &T<B>, dout: &T<B>, a: &NormActs<B>, inp: &T<B>, n: usize) {
         be.layernorm_bwd(dinp, self.g.grad(), self.b.grad(), dout, inp, &self.g.value, &a.mean, &a.rstd, n, self.c);
     }
@@ -175,15 +180,21 @@ impl<B: Backend> Encoder<B> {
     }
 
     /// Runs every block on `acts.res[0]` (rows `b * t`), leaving the output in `acts.res[L]`.
+    /// A residual add that a layer norm reads next runs fused with it (one pass over the
+    /// rows instead of two): the attention half's add with `ln2`, and a block's last add with
+    /// the next block's `ln1`. The saved state is what the unfused ops would save.
     fn forward(&self, be: &B, acts: &EncoderActs<B>, b: usize) {
         let Dims { t, c, heads, inner, adapter, causal, act } = self.dims;
         let n = b * t;
         let cut = |x: &T<B>, per_row: usize| x.slice(0, n * per_row);
+        if let (Some(blk), Some(a)) = (self.blocks.first(), acts.blocks.first()) {
+            blk.ln1.fwd(be, &a.ln1.rows(n, c), &cut(&acts.res[0], c), n);
+        }
         for (l, (blk, a)) in self.blocks.iter().zip(&acts.blocks).enumerate() {
             let res_in = cut(&acts.res[l], c);
             let res_out = cut(&acts.res[l + 1], c);
+            // ln1 of this block ran already (above, or fused with the previous block's last add).
             let ln1 = a.ln1.rows(n, c);
-            blk.ln1.fwd(be, &ln1, &res_in, n);
             let qkv = cut(&a.qkv, 3 * c);
             blk.qkv.fwd(be, &qkv, &ln1.out, n);
             let att = cut(&a.att, c);
@@ -191,14 +202,14 @@ impl<B: Backend> Encoder<B> {
             be.attention_fwd(&att, &saved, &qkv, b, t, heads, c / heads, causal);
             let mid = cut(&a.mid, c);
             blk.proj.fwd(be, &mid, &att, n);
-            be.add(&mid, &mid, &res_in);
             let ln2 = a.ln2.rows(n, c);
-            blk.ln2.fwd(be, &ln2, &mid, n);
+            blk.ln2.add_fwd(be, &ln2, &mid, &res_in, n);
             let fc1 = cut(&a.fc1, inner);
             let h = cut(&a.act, inner);
             blk.fc1.fwd(be, &fc1, &ln2.out, n);
             be.act_fwd(act, &h, &fc1);
-            match (&blk.adapter, &a.block_out, &a.ad_down, &a.ad_act) {
+            // The block's last residual add, res_out += skip.
+            let skip = match (&blk.adapter, &a.block_out, &a.ad_down, &a.ad_act) {
                 (Some((down, up)), Some(bo), Some(dd), Some(da)) => {
                     let bo = cut(bo, c);
                     blk.fc2.fwd(be, &bo, &h, n);
@@ -207,12 +218,16 @@ impl<B: Backend> Encoder<B> {
                     down.fwd(be, &dd, &bo, n);
                     be.act_fwd(act, &da, &dd);
                     up.fwd(be, &res_out, &da, n);
-                    be.add(&res_out, &res_out, &bo);
+                    bo
                 }
                 _ => {
                     blk.fc2.fwd(be, &res_out, &h, n);
-                    be.add(&res_out, &res_out, &mid);
+                    mid
                 }
+            };
+            match (self.blocks.get(l + 1), acts.blocks.get(l + 1)) {
+                (Some(next), Some(na)) => next.ln1.add_fwd(be, &na.ln1.rows(n, c), &res_out, &skip, n),
+                _ => be.add(&res_out, &res_out, &skip),
             }
         }
     }
