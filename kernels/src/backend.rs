@@ -353,6 +353,30 @@ pub trait Backend: Sized + 'static {
         dims: InfoNceDims,
     );
 
+    // ---------------------------------------------------------------- the label loss
+
+    /// Binary cross-entropy with logits (the label fine-tuning loss, as
+    /// `torch.nn.BCEWithLogitsLoss`): `loss[0] = sum_i w_i l_i / sum_i w_i` with
+    /// `l_i = max(x_i, 0) - x_i y_i + log(1 + exp(-|x_i|))` over every element of `logits`,
+    /// targets `y` in [0, 1], and `w = mask` (1 or 0: a 0 leaves an element out of the mean,
+    /// the `ignore` label policy) or all ones without a mask. 0 when no element counts.
+    fn bce_with_logits_fwd(
+        &self,
+        loss: &Tensor<Self>,
+        logits: &Tensor<Self>,
+        targets: &Tensor<Self>,
+        mask: Option<&Tensor<Self>>,
+    );
+    /// `dlogits += dloss * w_i (sigmoid(x_i) - y_i) / sum_i w_i` (nothing when no element counts).
+    fn bce_with_logits_bwd(
+        &self,
+        dlogits: &Tensor<Self>,
+        logits: &Tensor<Self>,
+        targets: &Tensor<Self>,
+        mask: Option<&Tensor<Self>>,
+        dloss: f32,
+    );
+
     // ---------------------------------------------------------------- optimiser
 
     /// One AdamW update of `param` in place (moments `m`, `v` updated too):

@@ -113,3 +113,9 @@ pub fn in_place_or_disjoint<B: Backend>(
     }
     in_place
 }
+
+/// The tensors of the BCE-with-logits loss: targets and mask as long as the logits.
+pub fn check_bce<B: Backend>(logits: &Tensor<B>, targets: &Tensor<B>, mask: Option<&Tensor<B>>) {
+    check_len("bce targets", targets, logits.len());
+    mask.inspect(|m| check_len("bce mask", m, logits.len()));
+}

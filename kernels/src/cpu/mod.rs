@@ -8,6 +8,7 @@
 pub mod act;
 pub mod adamw;
 pub mod attention;
+pub mod bce;
 pub mod elementwise;
 pub mod embed;
 pub mod infonce;
@@ -23,7 +24,7 @@ use anyhow::{ensure, Result};
 
 use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
 use crate::checks::{
-    check_infonce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs,
+    check_bce, check_infonce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs,
 };
 use crate::tensor::Tensor;
 
@@ -476,6 +477,26 @@ impl Backend for Cpu {
         if let Some(t) = d_logit_scale {
             f32s_mut(t)[0] += d_scale;
         }
+    }
+
+    fn bce_with_logits_fwd(&self, loss: &T, logits: &T, targets: &T, mask: Option<&T>) {
+        let _p = profile::scope("bce_with_logits_fwd");
+        check_bce(logits, targets, mask);
+        check_len("bce loss", loss, 1);
+        let mut ins = vec![logits, targets];
+        ins.extend(mask);
+        outputs(&[loss], &ins);
+        f32s_mut(loss)[0] = bce::fwd(f32s(logits), f32s(targets), mask.map(f32s));
+    }
+
+    fn bce_with_logits_bwd(&self, dlogits: &T, logits: &T, targets: &T, mask: Option<&T>, dloss: f32) {
+        let _p = profile::scope("bce_with_logits_bwd");
+        check_bce(logits, targets, mask);
+        check_len("bce dlogits", dlogits, logits.len());
+        let mut ins = vec![logits, targets];
+        ins.extend(mask);
+        outputs(&[dlogits], &ins);
+        bce::bwd(f32s_mut(dlogits), f32s(logits), f32s(targets), mask.map(f32s), dloss);
     }
 
     fn adamw(&self, param: &T, grad: &T, m: &T, v: &T, hp: AdamWStep) {

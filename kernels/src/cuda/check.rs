@@ -195,6 +195,7 @@ pub fn run_all(cuda: &Cuda, quick: bool) -> (u64, Vec<CheckResult>) {
     embeddings(cuda, &mut rng, &mut res, quick);
     infonce(cuda, &mut rng, &mut res, quick);
     optimizer(cuda, &mut rng, &mut res, quick);
+    bce(cuda, &mut rng, &mut res, quick);
     (seed, res)
 }
 
@@ -578,7 +579,7 @@ fn optimizer(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool
     compare(res, "adamw", &size, TOL_F32, out);
 
     // The bf16 weight copy and BCE with logits (CUDA-only entry points) against host references.
-    let r = (|| -> Result<Vec<CheckResult>> {
+    let r = (|| -> Result<CheckResult> {
         let (tp, tg, tm, tv) = (
             up(cuda, &p, DType::F32)?,
             up(cuda, &g, DType::F32)?,
@@ -589,32 +590,64 @@ fn optimizer(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool
         cuda.adamw_with_bf16_copy(&tp, &tg, &tm, &tv, Some(&copy), hp);
         let master = down(cuda, &tp)?;
         let want: Vec<f32> = master.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect();
-        let mut out = vec![judge("adamw", &size, "bf16 copy", &want, &down(cuda, &copy)?, 1e-6)];
-        let x = rng.vec(n, 6.0);
-        let y: Vec<f32> = (0..n).map(|_| (rng.uniform() > 0.0) as i32 as f32).collect();
-        let lref: f64 = x
-            .iter()
-            .zip(&y)
-            .map(|(&x, &y)| {
-                let (x, y) = (x as f64, y as f64);
-                x.max(0.0) - x * y + (-x.abs()).exp().ln_1p()
-            })
-            .sum::<f64>()
-            / n as f64;
-        let dref: Vec<f32> =
-            x.iter().zip(&y).map(|(&x, &y)| ((1.0 / (1.0 + (-x).exp()) - y) / n as f32) * 2.0).collect();
-        let (tx, ty) = (up(cuda, &x, DType::F32)?, up(cuda, &y, DType::F32)?);
+        Ok(judge("adamw", &size, "bf16 copy", &want, &down(cuda, &copy)?, 1e-6))
+    })();
+    res.push(r.unwrap_or_else(|e| failed("adamw bf16 copy", &size, e)));
+}
+
+/// BCE with logits, plain and masked (about a third of the entries left out), f32 and bf16
+/// logits, at lengths that are not multiples of the 256-thread block; then a mask of zeros
+/// only, whose loss must be exactly 0 and whose backward must add nothing.
+fn bce(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let sizes: &[usize] = if quick { &[14, 14 * 37, 70_001] } else { &[14, 14 * 37, 70_001, 14 * 4096 + 3] };
+    for &n in sizes {
+        for (masked, dt) in [(false, DType::F32), (true, DType::F32), (true, DType::Bf16)] {
+            let size =
+                format!("n={n}{}{}", if masked { " masked" } else { "" }, if dt == DType::Bf16 { " bf16" } else { "" });
+            let x = rng.vec_bf16(n, 6.0);
+            // Soft targets too: any value in [0, 1].
+            let y: Vec<f32> =
+                (0..n).map(|_| if rng.below(4) == 0 { rng.uniform().abs() } else { rng.below(2) as f32 }).collect();
+            let mut mask: Vec<f32> = (0..n).map(|_| (rng.below(3) != 0) as i32 as f32).collect();
+            mask[0] = 1.0;
+            let g0 = rng.vec(n, 1e-3);
+            let out = both!(cuda, |be| {
+                let (tx, ty) = (up(be, &x, dt)?, up(be, &y, DType::F32)?);
+                let tm = if masked { Some(up(be, &mask, DType::F32)?) } else { None };
+                let loss = poisoned(be, 1, DType::F32)?;
+                be.bce_with_logits_fwd(&loss, &tx, &ty, tm.as_ref());
+                let dx = up(be, &g0, DType::F32)?;
+                be.bce_with_logits_bwd(&dx, &tx, &ty, tm.as_ref(), 3.0);
+                Ok(vec![("loss", down(be, &loss)?), ("dlogits", down(be, &dx)?)])
+            });
+            compare(res, "bce_with_logits", &size, 1e-4, out);
+        }
+    }
+    let n = 1000;
+    let size = format!("n={n} all masked");
+    let r = (|| -> Result<Vec<CheckResult>> {
+        let (tx, ty) = (up(cuda, &rng.vec(n, 4.0), DType::F32)?, up(cuda, &rng.vec(n, 1.0), DType::F32)?);
+        let tm = up(cuda, &vec![0.0; n], DType::F32)?;
         let loss = poisoned(cuda, 1, DType::F32)?;
-        cuda.bce_with_logits_fwd(&loss, &tx, &ty);
-        let dx = cuda.alloc(n, DType::F32)?;
-        cuda.bce_with_logits_bwd(&dx, &tx, &ty, 2.0);
-        out.push(judge("bce_with_logits", &size, "loss", &[lref as f32], &down(cuda, &loss)?, 1e-5));
-        out.push(judge("bce_with_logits", &size, "dlogits", &dref, &down(cuda, &dx)?, 1e-5));
-        Ok(out)
+        cuda.bce_with_logits_fwd(&loss, &tx, &ty, Some(&tm));
+        let g0 = rng.vec(n, 1.0);
+        let dx = up(cuda, &g0, DType::F32)?;
+        cuda.bce_with_logits_bwd(&dx, &tx, &ty, Some(&tm), 1.0);
+        let exact = |output: &str, ok: bool| CheckResult {
+            op: "bce_with_logits".into(),
+            size: size.clone(),
+            output: output.into(),
+            rel_err: 0.0,
+            worst: 0.0,
+            tol: 0.0,
+            passed: ok,
+            note: if ok { String::new() } else { "expected exactly 0 / unchanged".into() },
+        };
+        Ok(vec![exact("loss is 0", down(cuda, &loss)? == [0.0]), exact("dlogits unchanged", down(cuda, &dx)? == g0)])
     })();
     match r {
         Ok(v) => res.extend(v),
-        Err(e) => res.push(failed("adamw copy / bce", &size, e)),
+        Err(e) => res.push(failed("bce_with_logits", &size, e)),
     }
 }
 

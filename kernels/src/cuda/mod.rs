@@ -31,7 +31,9 @@ pub use device::CudaStorage;
 use device::{elem_size, Args, Device};
 
 use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
-use crate::checks::{self, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs};
+use crate::checks::{
+    self, check_bce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs,
+};
 use crate::tensor::Tensor;
 
 type T = Tensor<Cuda>;
@@ -298,55 +300,38 @@ impl Cuda {
         );
     }
 
-    /// `loss[0] = mean(BCE(sigmoid(logits), targets))`, the label fine-tuning loss.
-    pub fn bce_with_logits_fwd(&self, loss: &T, logits: &T, targets: &T) {
-        want_f32("bce loss", loss);
-        check_len("bce targets", targets, logits.len());
+    /// The masked BCE partial sums and their in-order total: the loss into `loss` when given,
+    /// and the mask's sum into a scratch slot whose device address is returned (valid until
+    /// the next op's scratch).
+    fn bce_sums(&self, loss: Option<&T>, logits: &T, targets: &T, mask: Option<&T>) -> Result<u64> {
         let n = logits.len();
         let k = blocks(n).min(1024) as usize;
-        let r = self.dev.scratch(k * 8).and_then(|part| {
-            self.dev.launch(
-                "bce_logits_partial",
-                (k as u32, 1, 1),
-                BLOCK,
-                0,
-                Args::new()
-                    .ptr(part)
-                    .ptr(dptr(logits))
-                    .i32(is_bf(logits))
-                    .ptr(dptr(targets))
-                    .i32(is_bf(targets))
-                    .i64(n as i64),
-            )?;
-            self.dev.launch(
-                "bce_logits_final",
-                (1, 1, 1),
-                32,
-                0,
-                Args::new().ptr(dptr(loss)).ptr(part).i32(k as i32).i64(n as i64),
-            )
-        });
-        self.run(r);
-    }
-
-    /// `dlogits += dloss / n * (sigmoid(logits) - targets)`.
-    pub fn bce_with_logits_bwd(&self, dlogits: &T, logits: &T, targets: &T, dloss: f32) {
-        let n = logits.len();
-        check_len("bce dlogits", dlogits, n);
-        check_len("bce targets", targets, n);
-        self.ew(
-            "bce_logits_bwd",
-            n,
+        let part = self.dev.scratch(k * 16 + 16)?;
+        let wsum = part + (k * 16) as u64;
+        self.dev.launch(
+            "bce_logits_partial",
+            (k as u32, 1, 1),
+            BLOCK,
+            0,
             Args::new()
-                .ptr(dptr(dlogits))
-                .i32(is_bf(dlogits))
+                .ptr(part)
                 .ptr(dptr(logits))
                 .i32(is_bf(logits))
                 .ptr(dptr(targets))
                 .i32(is_bf(targets))
-                .i64(n as i64)
-                .f32(dloss),
-        );
+                .ptr(mask.map_or(0, dptr))
+                .i32(mask.map_or(0, is_bf))
+                .i64(n as i64),
+        )?;
+        let out = loss.map_or(0, dptr);
+        self.dev.launch(
+            "bce_logits_final",
+            (1, 1, 1),
+            32,
+            0,
+            Args::new().ptr(out).ptr(wsum).ptr(part).i32(k as i32),
+        )?;
+        Ok(wsum)
     }
 
     /// `dpixels += col2im(dcols)`, the backward of [`Backend::im2col`].
@@ -1336,6 +1321,56 @@ impl Backend for Cuda {
                 )?;
             }
             Ok(())
+        })();
+        self.run(r);
+    }
+
+    fn bce_with_logits_fwd(&self, loss: &T, logits: &T, targets: &T, mask: Option<&T>) {
+        check_bce(logits, targets, mask);
+        check_len("bce loss", loss, 1);
+        want_f32("bce loss", loss);
+        let mut ins = vec![logits, targets];
+        ins.extend(mask);
+        outputs(&[loss], &ins);
+        if logits.is_empty() {
+            self.fill(loss, 0.0);
+            return;
+        }
+        let r = self.bce_sums(Some(loss), logits, targets, mask);
+        self.run(r.map(|_| ()));
+    }
+
+    fn bce_with_logits_bwd(&self, dlogits: &T, logits: &T, targets: &T, mask: Option<&T>, dloss: f32) {
+        check_bce(logits, targets, mask);
+        check_len("bce dlogits", dlogits, logits.len());
+        let mut ins = vec![logits, targets];
+        ins.extend(mask);
+        outputs(&[dlogits], &ins);
+        let n = logits.len();
+        if n == 0 {
+            return;
+        }
+        let r = (|| {
+            // With a mask, the kernel reads the denominator (the mask's sum) from the device.
+            let wsum = if mask.is_some() { self.bce_sums(None, logits, targets, mask)? } else { 0 };
+            self.dev.launch(
+                "bce_logits_bwd",
+                (blocks(n).min(self.dev.sm_count * 16), 1, 1),
+                BLOCK,
+                0,
+                Args::new()
+                    .ptr(dptr(dlogits))
+                    .i32(is_bf(dlogits))
+                    .ptr(dptr(logits))
+                    .i32(is_bf(logits))
+                    .ptr(dptr(targets))
+                    .i32(is_bf(targets))
+                    .ptr(mask.map_or(0, dptr))
+                    .i32(mask.map_or(0, is_bf))
+                    .ptr(wsum)
+                    .i64(n as i64)
+                    .f32(dloss),
+            )
         })();
         self.run(r);
     }

@@ -9,6 +9,7 @@ mod common;
 mod act;
 mod adamw;
 mod attention;
+mod bce;
 mod embed;
 mod infonce;
 mod l2norm;
