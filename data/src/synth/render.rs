@@ -7,7 +7,8 @@
 
 use std::f32::consts::PI;
 
-use rand::Rng;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use super::draw::{band, blur121, ellipse, polyline, ramp, segment, smooth, Frame, ValueNoise};
 use super::site::Site;
@@ -143,7 +144,9 @@ fn sides(s: Side) -> &'static [Side] {
     }
 }
 
-fn build_scene(rng: &mut impl Rng, t: &Truth, view: View, vis: f32) -> Scene {
+/// The scene of a frontal film. Anatomy draws from `rng`, findings from `fr`: the anatomy of a
+/// study is the same whichever findings it has (see [`render`]).
+fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis: f32) -> Scene {
     let sev = |i: usize| (t.severity[i] * vis).min(1.2);
     let ap = view == View::Ap;
     // Portable AP films are taken with less inspiration: higher domes, broader-looking heart.
@@ -198,13 +201,13 @@ fn build_scene(rng: &mut impl Rng, t: &Truth, view: View, vis: f32) -> Scene {
         for s in sides(t.side[i]) {
             let lung = lungs[side_index(*s)];
             let v0 = zone_v(t.zone[i], &lung);
-            let n = rng.random_range(1..=count);
+            let n = fr.random_range(1..=count);
             for _ in 0..n {
-                let u = rng.random_range(0.14..lung.lmax - 0.06);
-                let v = v0 + rng.random_range(-0.05..0.05);
+                let u = fr.random_range(0.14..lung.lmax - 0.06);
+                let v = v0 + fr.random_range(-0.05..0.05);
                 let r = size * (0.7 + 0.6 * sev(i));
-                let r = (r * rng.random_range(0.8..1.3), r * rng.random_range(0.7..1.1));
-                push(&mut blobs, rng, *s, u, v, r, dens * (0.5 + 0.5 * sev(i)), 0.5);
+                let r = (r * fr.random_range(0.8..1.3), r * fr.random_range(0.7..1.1));
+                push(&mut blobs, fr, *s, u, v, r, dens * (0.5 + 0.5 * sev(i)), 0.5);
             }
         }
     }
@@ -212,20 +215,20 @@ fn build_scene(rng: &mut impl Rng, t: &Truth, view: View, vis: f32) -> Scene {
         // Plate-like (discoid) atelectasis: a thin, slightly oblique band at the base.
         for s in sides(t.side[ATELECTASIS]) {
             let lung = lungs[side_index(*s)];
-            let u = rng.random_range(0.17..0.27);
-            let v = lung.dome - rng.random_range(0.05..0.1);
+            let u = fr.random_range(0.17..0.27);
+            let v = lung.dome - fr.random_range(0.05..0.1);
             let r = (0.08 + 0.04 * sev(ATELECTASIS), 0.009 + 0.006 * sev(ATELECTASIS));
-            push(&mut blobs, rng, *s, u, v, r, 0.8 * sev(ATELECTASIS).min(1.0), 0.35);
+            push(&mut blobs, fr, *s, u, v, r, 0.8 * sev(ATELECTASIS).min(1.0), 0.35);
         }
     }
     if t.present(LESION) {
         let s = t.side[LESION];
         let lung = lungs[side_index(s)];
-        let r = 0.012 + 0.03 * sev(LESION) * rng.random::<f32>();
-        let u = rng.random_range(0.14..lung.lmax - 0.05);
-        let v = zone_v(t.zone[LESION], &lung) + rng.random_range(-0.04..0.04);
-        let rv = r * rng.random_range(0.85..1.0);
-        push(&mut blobs, rng, s, u, v, (r, rv), 0.9, 0.12);
+        let r = 0.012 + 0.03 * sev(LESION) * fr.random::<f32>();
+        let u = fr.random_range(0.14..lung.lmax - 0.05);
+        let v = zone_v(t.zone[LESION], &lung) + fr.random_range(-0.04..0.04);
+        let rv = r * fr.random_range(0.85..1.0);
+        push(&mut blobs, fr, s, u, v, (r, rv), 0.9, 0.12);
     }
     if t.present(PLEURAL_OTHER) {
         // Pleural thickening / plaque: a lentiform density hugging the lateral chest wall.
@@ -325,7 +328,8 @@ fn frontal(
     vis: &mut [f32],
     fill: &mut [f32],
 ) -> Vec<[f32; 4]> {
-    let sc = build_scene(rng, t, view, visibility);
+    let mut fr = ChaCha8Rng::seed_from_u64(rng.random());
+    let sc = build_scene(rng, &mut fr, t, view, visibility);
     let (w, h) = (f.w, f.h);
     let e = 1.2 / f.len_px(1.0);
     let tex_lo = ValueNoise::new(rng, 10);
@@ -541,10 +545,10 @@ fn frontal(
         // Kerley B lines: short horizontal septal lines at the lateral bases.
         if sc.edema > 0.3 {
             for _ in 0..(4.0 + 8.0 * sc.edema) as usize {
-                let v = lung.dome - rng.random_range(0.0..0.14);
+                let v = lung.dome - fr.random_range(0.0..0.14);
                 let ul = lung.lateral(v);
-                let u0 = ul - rng.random_range(0.0..0.01);
-                let u1 = u0 - rng.random_range(0.015..0.03);
+                let u0 = ul - fr.random_range(0.0..0.01);
+                let u1 = u0 - fr.random_range(0.015..0.03);
                 segment(a, f, (0.5 + sgn * u0, v), (0.5 + sgn * u1, v), 0.0015, 0.3 * sc.edema, Some(vis));
             }
         }
@@ -554,16 +558,16 @@ fn frontal(
         for b in sc.blobs.iter().filter(|b| b.dens > 0.55 && b.soft > 0.4) {
             let sgn = if b.side == Side::Right { -1.0 } else { 1.0 };
             for _ in 0..3 {
-                let p0 = (0.5 + sgn * (b.u - 0.5 * b.ru), b.v + rng.random_range(-0.3..0.3) * b.rv);
-                let ang: f32 = rng.random_range(-0.5..0.5);
-                let l = b.ru * rng.random_range(0.6..1.1);
+                let p0 = (0.5 + sgn * (b.u - 0.5 * b.ru), b.v + fr.random_range(-0.3..0.3) * b.rv);
+                let ang: f32 = fr.random_range(-0.5..0.5);
+                let l = b.ru * fr.random_range(0.6..1.1);
                 let p1 = (p0.0 + sgn * l * ang.cos(), p0.1 + l * ang.sin());
                 segment(a, f, p0, p1, 0.003, -0.5, Some(fill));
             }
         }
     }
 
-    ribs(a, f, t, &sc, view, rng);
+    ribs(a, f, t, &sc, view, rng, &mut fr);
     // Clavicles: S-shaped bones from the sternal notch up and out to the shoulders.
     let clav_y = if view == View::Ap { 0.115 } else { 0.145 };
     let clav_rise = if view == View::Ap { 0.02 } else { 0.05 };
@@ -590,7 +594,7 @@ fn frontal(
     for sgn in [-1.0f32, 1.0] {
         ellipse(a, f, (0.5 + sgn * 0.45, 0.085), (0.045, 0.055), 0.0, 0.25, 3.0);
     }
-    devices(a, f, t, &sc, rng);
+    devices(a, f, t, &sc, &mut fr);
     // Bounding boxes of the pneumonic opacities, in pixels (x, y, width, height).
     sc.blobs[..sc.n_pneumonic]
         .iter()
@@ -630,16 +634,16 @@ fn branch(
     }
 }
 
-fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut impl Rng) {
+fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut impl Rng, fr: &mut impl Rng) {
     let spacing = rng.random_range(0.053..0.06);
     let start = rng.random_range(0.1..0.12);
     let fracture = if t.present(FRACTURE) {
         let k = match t.zone[FRACTURE] {
-            Zone::Upper => rng.random_range(2..4),
-            Zone::Middle => rng.random_range(4..6),
-            Zone::Lower => rng.random_range(6..8),
+            Zone::Upper => fr.random_range(2..4),
+            Zone::Middle => fr.random_range(4..6),
+            Zone::Lower => fr.random_range(6..8),
         };
-        Some((side_index(t.side[FRACTURE]), k, rng.random_range(0.27..0.36), t.severity[FRACTURE]))
+        Some((side_index(t.side[FRACTURE]), k, fr.random_range(0.27..0.36), t.severity[FRACTURE]))
     } else {
         None
     };
@@ -755,6 +759,7 @@ fn lateral(rng: &mut impl Rng, t: &Truth, f: &Frame, vis_scale: f32, a: &mut [f3
     let dome = rng.random_range(0.66..0.72);
     let heart_r = if t.present(CARDIOMEGALY) { 0.15 + 0.04 * sev(CARDIOMEGALY) } else { 0.14 };
     let heart_c = (0.36, dome - 0.09);
+    let mut fr = ChaCha8Rng::seed_from_u64(rng.random());
     let tex = ValueNoise::new(rng, 24);
     let eff = if t.present(EFFUSION) { sev(EFFUSION) } else { 0.0 };
     let mut blobs = Vec::new();
@@ -768,7 +773,7 @@ fn lateral(rng: &mut impl Rng, t: &Truth, f: &Frame, vis_scale: f32, a: &mut [f3
             let r = if i == LESION { 0.02 } else { 0.06 + 0.04 * sev(i) };
             blobs.push(Blob {
                 side: Side::Both,
-                u: rng.random_range(0.45..0.7),
+                u: fr.random_range(0.45..0.7),
                 v,
                 ru: r,
                 rv: r * 0.8,
