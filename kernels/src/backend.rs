@@ -381,5 +381,46 @@ pub trait Backend: Sized + 'static {
 
     /// One AdamW update of `param` in place (moments `m`, `v` updated too):
     /// `param -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * param)`.
-    fn adamw(&self, param: &Tensor<Self>, grad: &Tensor<Self>, m: &Tensor<Self>, v: &Tensor<Self>, hp: AdamWStep);
+    fn adamw(&self, param: &Tensor<Self>, grad: &Tensor<Self>, m: &Tensor<Self>, v: &Tensor<Self>, hp: AdamWStep) {
+        self.adamw_with_bf16_copy(param, grad, m, v, None, hp);
+    }
+    /// [`Backend::adamw`] that also writes the updated weights, rounded to nearest even bf16,
+    /// into `copy` (a `Bf16` tensor as long as `param`): in the same pass over the f32 master
+    /// weights, the copy that the matrix units read. The CPU stores bf16 tensors in f32, so
+    /// its copy holds the f32 values the weights round to.
+    fn adamw_with_bf16_copy(
+        &self,
+        param: &Tensor<Self>,
+        grad: &Tensor<Self>,
+        m: &Tensor<Self>,
+        v: &Tensor<Self>,
+        copy: Option<&Tensor<Self>>,
+        hp: AdamWStep,
+    );
+}
+
+/// The per-step constants of an AdamW update, computed once on the host (the bias
+/// corrections in f64: `beta2^t` for `t` in the tens of thousands is where f32 drifts).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConsts {
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `1 / sqrt(1 - beta2^t)`.
+    pub inv_sqrt_bc2: f32,
+}
+
+impl AdamWConsts {
+    pub fn new(hp: AdamWStep) -> Self {
+        assert!(hp.step >= 1, "AdamW step numbers start at 1 (got 0)");
+        let t = hp.step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - (hp.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (hp.beta2 as f64).powi(t);
+        Self {
+            decay: 1.0 - hp.lr * hp.weight_decay,
+            step_size: (hp.lr as f64 / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+        }
+    }
 }

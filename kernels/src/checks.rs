@@ -119,3 +119,22 @@ pub fn check_bce<B: Backend>(logits: &Tensor<B>, targets: &Tensor<B>, mask: Opti
     check_len("bce targets", targets, logits.len());
     mask.inspect(|m| check_len("bce mask", m, logits.len()));
 }
+
+/// The tensors of an AdamW update: gradient, moments and the optional bf16 copy as long as
+/// the parameters; the parameters, moments and copy are outputs, the gradient an input.
+pub fn check_adamw<B: Backend>(
+    param: &Tensor<B>,
+    grad: &Tensor<B>,
+    m: &Tensor<B>,
+    v: &Tensor<B>,
+    copy: Option<&Tensor<B>>,
+) {
+    let n = param.len();
+    check_len("adamw grad", grad, n);
+    check_len("adamw m", m, n);
+    check_len("adamw v", v, n);
+    copy.inspect(|c| check_len("adamw bf16 copy", c, n));
+    let mut outs = vec![param, m, v];
+    outs.extend(copy);
+    outputs(&outs, &[grad]);
+}

@@ -9,6 +9,7 @@
 //! Shapes are passed explicitly (llm.c style) and checked against tensor lengths.
 
 pub mod backend;
+pub mod bf16;
 pub mod checks;
 pub mod cpu;
 pub mod cuda;

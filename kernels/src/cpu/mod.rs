@@ -24,7 +24,8 @@ use anyhow::{ensure, Result};
 
 use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
 use crate::checks::{
-    check_bce, check_infonce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs,
+    check_adamw, check_bce, check_infonce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint,
+    outputs,
 };
 use crate::tensor::Tensor;
 
@@ -499,13 +500,9 @@ impl Backend for Cpu {
         bce::bwd(f32s_mut(dlogits), f32s(logits), f32s(targets), mask.map(f32s), dloss);
     }
 
-    fn adamw(&self, param: &T, grad: &T, m: &T, v: &T, hp: AdamWStep) {
+    fn adamw_with_bf16_copy(&self, param: &T, grad: &T, m: &T, v: &T, copy: Option<&T>, hp: AdamWStep) {
         let _p = profile::scope("adamw");
-        let n = param.len();
-        check_len("adamw grad", grad, n);
-        check_len("adamw m", m, n);
-        check_len("adamw v", v, n);
-        outputs(&[param, m, v], &[grad]);
-        adamw::step(f32s_mut(param), f32s(grad), f32s_mut(m), f32s_mut(v), hp);
+        check_adamw(param, grad, m, v, copy);
+        adamw::step_with_copy(f32s_mut(param), f32s(grad), f32s_mut(m), f32s_mut(v), opt_mut(copy), hp);
     }
 }

@@ -30,9 +30,9 @@ use cudarc::driver::result as drv;
 pub use device::CudaStorage;
 use device::{elem_size, Args, Device};
 
-use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
+use crate::backend::{Activation, AdamWConsts, AdamWStep, Backend, DType, InfoNceDims};
 use crate::checks::{
-    self, check_bce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs,
+    self, check_adamw, check_bce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs,
 };
 use crate::tensor::Tensor;
 
@@ -67,19 +67,7 @@ fn blocks(n: usize) -> u32 {
     n.div_ceil(BLOCK as usize).clamp(1, 65_535) as u32
 }
 
-/// f32 to bf16 bits, rounding to nearest even (NaN stays NaN).
-pub fn f32_to_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    let round = 0x7fff + ((b >> 16) & 1);
-    (b.wrapping_add(round) >> 16) as u16
-}
-
-pub fn bf16_to_f32(x: u16) -> f32 {
-    f32::from_bits((x as u32) << 16)
-}
+pub use crate::bf16::{bf16_to_f32, f32_to_bf16};
 
 /// Dynamic shared memory of the InfoNCE tile kernels for a feature dimension.
 fn infonce_smem(dim: usize) -> u32 {
@@ -258,46 +246,6 @@ impl Cuda {
             anyhow::bail!("a token id or pooling index was outside its range (the outputs hold NaN there)");
         }
         Ok(())
-    }
-
-    /// AdamW that also writes a bf16 copy of the updated weights (the matrix units' copy).
-    pub fn adamw_with_bf16_copy(&self, param: &T, grad: &T, m: &T, v: &T, copy: Option<&T>, hp: AdamWStep) {
-        let n = param.len();
-        want_f32("adamw param", param);
-        want_f32("adamw m", m);
-        want_f32("adamw v", v);
-        check_len("adamw grad", grad, n);
-        check_len("adamw m", m, n);
-        check_len("adamw v", v, n);
-        if let Some(c) = copy {
-            check_len("adamw bf16 copy", c, n);
-            assert_eq!(c.dtype(), DType::Bf16, "adamw copy must be a bf16 tensor");
-        }
-        assert!(hp.step >= 1, "AdamW step numbers start at 1 (got 0)");
-        let t = hp.step.min(i32::MAX as u64) as i32;
-        let bc1 = 1.0 - (hp.beta1 as f64).powi(t);
-        let bc2 = 1.0 - (hp.beta2 as f64).powi(t);
-        let step_size = (hp.lr as f64 / bc1) as f32;
-        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-        let decay = 1.0 - hp.lr * hp.weight_decay;
-        self.ew(
-            "adamw",
-            n,
-            Args::new()
-                .ptr(dptr(param))
-                .ptr(dptr(grad))
-                .i32(is_bf(grad))
-                .ptr(dptr(m))
-                .ptr(dptr(v))
-                .ptr(copy.map(dptr).unwrap_or(0))
-                .i64(n as i64)
-                .f32(hp.beta1)
-                .f32(hp.beta2)
-                .f32(hp.eps)
-                .f32(decay)
-                .f32(step_size)
-                .f32(inv_sqrt_bc2),
-        );
     }
 
     /// The masked BCE partial sums and their in-order total: the loss into `loss` when given,
@@ -1375,9 +1323,34 @@ impl Backend for Cuda {
         self.run(r);
     }
 
-    fn adamw(&self, param: &T, grad: &T, m: &T, v: &T, hp: AdamWStep) {
-        outputs(&[param, m, v], &[grad]);
-        self.adamw_with_bf16_copy(param, grad, m, v, None, hp);
+    fn adamw_with_bf16_copy(&self, param: &T, grad: &T, m: &T, v: &T, copy: Option<&T>, hp: AdamWStep) {
+        let n = param.len();
+        want_f32("adamw param", param);
+        want_f32("adamw m", m);
+        want_f32("adamw v", v);
+        check_adamw(param, grad, m, v, copy);
+        if let Some(c) = copy {
+            assert_eq!(c.dtype(), DType::Bf16, "adamw copy must be a bf16 tensor");
+        }
+        let AdamWConsts { decay, step_size, inv_sqrt_bc2 } = AdamWConsts::new(hp);
+        self.ew(
+            "adamw",
+            n,
+            Args::new()
+                .ptr(dptr(param))
+                .ptr(dptr(grad))
+                .i32(is_bf(grad))
+                .ptr(dptr(m))
+                .ptr(dptr(v))
+                .ptr(copy.map(dptr).unwrap_or(0))
+                .i64(n as i64)
+                .f32(hp.beta1)
+                .f32(hp.beta2)
+                .f32(hp.eps)
+                .f32(decay)
+                .f32(step_size)
+                .f32(inv_sqrt_bc2),
+        );
     }
 }
 
@@ -1401,17 +1374,4 @@ fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T)
         "the CUDA InfoNCE kernels take a feature dimension that is a multiple of 64 up to 512 (got {})",
         dims.dim
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bf16_rounding() {
-        assert_eq!(f32_to_bf16(1.0), 0x3f80);
-        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 512.0)), 1.0); // ties to even
-        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 3.0 / 512.0)), 1.0 + 4.0 / 512.0);
-        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
-    }
 }

@@ -59,3 +59,45 @@ fn adamw_late_step() {
     reference(&mut p64, &to64(&g), &mut m64, &mut v64, hp);
     assert_close(&cx, "adamw param", &p, &p64, 1e-7, 1e-6);
 }
+
+/// The update that also writes the bf16 copy: the master weights as without a copy, bit for
+/// bit, and the copy each updated weight rounded to nearest even as `half` rounds it,
+/// including values on rounding ties and above the parallel threshold.
+#[test]
+fn adamw_bf16_copy_rounds_to_nearest_even() {
+    let mut cx = ctx();
+    for n in [1000, 70_000] {
+        let p0 = cx.vec(n);
+        let g = cx.vec(n);
+        let (m0, v0) = (cx.uniform(n, -0.1, 0.1), cx.uniform(n, 0.01, 0.1));
+        let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.1, step: 3 };
+        let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+        adamw::step(&mut p, &g, &mut m, &mut v, hp);
+        let (mut pc, mut mc, mut vc) = (p0.clone(), m0.clone(), v0.clone());
+        let mut copy = vec![f32::NAN; n];
+        adamw::step_with_copy(&mut pc, &g, &mut mc, &mut vc, Some(&mut copy), hp);
+        assert!(pc == p && mc == m && vc == v, "the copy changed the update (seed {})", cx.seed);
+        for (i, (&c, &w)) in copy.iter().zip(&pc).enumerate() {
+            let want = half::bf16::from_f32(w).to_f32();
+            assert_eq!(c.to_bits(), want.to_bits(), "copy[{i}] of {w:e} is {c:e}, not {want:e} (seed {})", cx.seed);
+        }
+    }
+    // Exact ties and the edges: 1 + 2^-8 is halfway between two bf16 neighbours.
+    for w in [1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -1.0 - 1.0 / 256.0, 3.0e38, 1.0e-40, 0.0, -0.0] {
+        let got = kernels::bf16::round_bf16(w);
+        assert_eq!(got.to_bits(), half::bf16::from_f32(w).to_f32().to_bits(), "round_bf16({w:e}) = {got:e}");
+    }
+}
+
+/// Through the backend: the copy is a `Bf16` tensor (f32 storage on the CPU) and the checks
+/// refuse a copy of the wrong length.
+#[test]
+#[should_panic(expected = "adamw bf16 copy")]
+fn adamw_copy_of_the_wrong_length_panics() {
+    use kernels::{Backend, Cpu, DType};
+    let cpu = Cpu;
+    let t = |n| cpu.alloc(n, DType::F32).unwrap();
+    let copy = cpu.alloc(9, DType::Bf16).unwrap();
+    let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.1, step: 1 };
+    cpu.adamw_with_bf16_copy(&t(10), &t(10), &t(10), &t(10), Some(&copy), hp);
+}
