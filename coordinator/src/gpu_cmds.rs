@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use kernels::cuda::{bench, check, libs};
+use kernels::cuda::{bench, check, libs, nvtx};
 use kernels::{Backend, Cpu, Cuda};
 use model::loss::ContrastiveLoss;
 use model::optim::{AdamW, AdamWConfig};
@@ -58,10 +58,15 @@ fn result_json(r: &check::CheckResult) -> serde_json::Value {
 
 /// `coordinator gpu-check`: libraries, device, every op against the CPU, one training step.
 pub fn run_gpu_check(a: GpuCheckArgs) -> Result<()> {
-    let libs_found: Vec<(&str, String)> = libs::report()
+    let mut libs_found: Vec<(&str, String)> = libs::report()
         .into_iter()
         .map(|(n, r)| (n, r.err().map(|e| format!("{e:#}")).unwrap_or_else(|| "found".into())))
         .collect();
+    // Optional: NVTX ranges for nsys / ncu (see README's GPU section).
+    libs_found.push((
+        "nvtx (optional)",
+        nvtx::library().unwrap_or_else(|| format!("none of {} found: no op ranges", nvtx::LIBRARIES.join(", "))),
+    ));
     if !a.json {
         for (n, s) in &libs_found {
             println!("{n:<16} {s}");

@@ -196,6 +196,7 @@ pub fn run_all(cuda: &Cuda, quick: bool) -> (u64, Vec<CheckResult>) {
     infonce(cuda, &mut rng, &mut res, quick);
     optimizer(cuda, &mut rng, &mut res, quick);
     bce(cuda, &mut rng, &mut res, quick);
+    res.push(op_timing(cuda));
     (seed, res)
 }
 
@@ -650,6 +651,52 @@ fn bce(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
         Ok(v) => res.extend(v),
         Err(e) => res.push(failed("bce_with_logits", &size, e)),
     }
+}
+
+/// The per-op profiler on CUDA: with `cpu::profile` on, each op is timed by a pair of CUDA
+/// events and lands in the profiler's table at the next synchronisation, as
+/// `coordinator bench train-step --profile --device cuda` reads it.
+fn op_timing(cuda: &Cuda) -> CheckResult {
+    use crate::cpu::profile;
+    let size = "n=4194304, 3 launches";
+    let r = (|| -> Result<Vec<(&'static str, u64, f64)>> {
+        let t = cuda.alloc(1 << 22, DType::F32)?;
+        cuda.synchronize()?;
+        let _ = profile::take();
+        profile::enable(true);
+        for _ in 0..3 {
+            cuda.fill(&t, 1.5);
+        }
+        cuda.scale(&t, 2.0);
+        profile::enable(false);
+        cuda.synchronize()?;
+        Ok(profile::take())
+    })();
+    profile::enable(false);
+    let mut out = CheckResult {
+        op: "op timing".into(),
+        size: size.into(),
+        output: "profiler rows".into(),
+        rel_err: 0.0,
+        worst: 0.0,
+        tol: 0.0,
+        passed: false,
+        note: String::new(),
+    };
+    match r {
+        Ok(rows) => {
+            let get = |op: &str| rows.iter().find(|r| r.0 == op).map(|r| (r.1, r.2));
+            match (get("fill"), get("scale")) {
+                (Some((3, tf)), Some((1, ts))) if tf > 0.0 && ts > 0.0 && tf.is_finite() && ts.is_finite() => {
+                    out.passed = true;
+                    out.note = format!("fill 3 calls {:.3} ms, scale 1 call {:.3} ms", tf * 1e3, ts * 1e3);
+                }
+                _ => out.note = format!("unexpected profiler rows {rows:?}"),
+            }
+        }
+        Err(e) => out.note = format!("{e:#}"),
+    }
+    out
 }
 
 /// The results as a fixed-width table, failures first.

@@ -21,8 +21,10 @@ pub mod check;
 mod device;
 pub mod libs;
 pub mod nvrtc;
+pub mod nvtx;
 
-use std::sync::Arc;
+use std::ffi::CStr;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, ensure, Result};
 use cudarc::driver::result as drv;
@@ -34,6 +36,7 @@ use crate::backend::{Activation, AdamWConsts, AdamWStep, Backend, DType, InfoNce
 use crate::checks::{
     self, check_adamw, check_bce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs,
 };
+use crate::cpu;
 use crate::tensor::Tensor;
 
 type T = Tensor<Cuda>;
@@ -48,6 +51,37 @@ pub struct Cuda {
     /// Device flag set by kernels that meet an out-of-range index.
     bad: u64,
     _keep: Vec<T>,
+    timing: Mutex<Timing>,
+}
+
+/// Event pairs around ops while the profiler is on, resolved into its table at the next
+/// synchronisation; spent events are kept for reuse.
+#[derive(Default)]
+struct Timing {
+    free: Vec<device::Raw<cudarc::driver::sys::CUevent>>,
+    pending: Vec<(&'static CStr, device::Raw<cudarc::driver::sys::CUevent>, device::Raw<cudarc::driver::sys::CUevent>)>,
+}
+
+/// One op's NVTX range and, while the profiler is on, its start event; closed on drop.
+struct OpScope<'a> {
+    cuda: &'a Cuda,
+    name: &'static CStr,
+    start: Option<device::Raw<cudarc::driver::sys::CUevent>>,
+    nvtx: bool,
+}
+
+impl Drop for OpScope<'_> {
+    fn drop(&mut self) {
+        if let Some(start) = self.start.take() {
+            match self.cuda.record_event() {
+                Some(end) => self.cuda.timing.lock().expect("timing").pending.push((self.name, start, end)),
+                None => self.cuda.timing.lock().expect("timing").free.push(start),
+            }
+        }
+        if self.nvtx {
+            nvtx::pop();
+        }
+    }
 }
 
 /// The device pointer of a tensor's first element.
@@ -82,7 +116,8 @@ impl Cuda {
         libs::ensure_cublas()?;
         dev.bind()?;
         let blas = blas::Blas::new()?;
-        let mut me = Cuda { dev, blas, blas_workspace: 0, bad: 0, _keep: Vec::new() };
+        let mut me =
+            Cuda { dev, blas, blas_workspace: 0, bad: 0, _keep: Vec::new(), timing: Mutex::new(Timing::default()) };
         // The workspace and the index flag are ordinary pool buffers kept alive with the backend.
         let ws = me.alloc(blas::WORKSPACE_BYTES / 4, DType::F32)?;
         let bad = me.alloc(1, DType::I32)?;
@@ -121,6 +156,46 @@ impl Cuda {
 
     pub fn reset_peak_memory(&self) {
         self.dev.pool.reset_peak()
+    }
+
+    /// Opens an op's scope: an NVTX range when a profiler asked for ranges, and a start event
+    /// when the per-op profiler (`cpu::profile`) is on. Both checks are one atomic load.
+    fn op(&self, name: &'static CStr) -> OpScope<'_> {
+        let nvtx = nvtx::push(name);
+        let start = if cpu::profile::enabled() { self.record_event() } else { None };
+        OpScope { cuda: self, name, start, nvtx }
+    }
+
+    /// An event recorded on the compute stream now (from the spent ones when there are any);
+    /// `None` if the driver refused (the op then goes untimed).
+    fn record_event(&self) -> Option<device::Raw<cudarc::driver::sys::CUevent>> {
+        let reuse = self.timing.lock().expect("timing").free.pop();
+        let ev = match reuse {
+            Some(e) => e.0,
+            None => drv::event::create(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT).ok()?,
+        };
+        // SAFETY: an event and the stream of this backend's context (bound by every op).
+        match unsafe { drv::event::record(ev, self.dev.stream.0) } {
+            Ok(()) => Some(device::Raw(ev)),
+            Err(_) => {
+                self.timing.lock().expect("timing").free.push(device::Raw(ev));
+                None
+            }
+        }
+    }
+
+    /// After a synchronisation: the timed ops' device milliseconds into the profiler's table.
+    fn resolve_timings(&self) {
+        let mut t = self.timing.lock().expect("timing");
+        let pending = std::mem::take(&mut t.pending);
+        for (name, start, end) in pending {
+            // SAFETY: both events were recorded on the stream, which has been synchronised.
+            if let Ok(ms) = unsafe { drv::event::elapsed(start.0, end.0) } {
+                cpu::profile::record(name.to_str().unwrap_or("?"), ms as f64 / 1e3);
+            }
+            t.free.push(start);
+            t.free.push(end);
+        }
     }
 
     fn run(&self, r: Result<()>) {
@@ -284,6 +359,7 @@ impl Cuda {
 
     /// `dpixels += col2im(dcols)`, the backward of [`Backend::im2col`].
     pub fn im2col_bwd(&self, dpixels: &T, dcols: &T, b: usize, img: usize, p: usize) {
+        let _op = self.op(c"im2col_bwd");
         check_len("col2im dpixels", dpixels, b * 3 * img * img);
         check_len("col2im dcols", dcols, b * 3 * img * img);
         self.ew(
@@ -357,6 +433,21 @@ impl Cuda {
                 .i32(c as i32)
                 .f32(eps),
         );
+    }
+}
+
+impl Drop for Cuda {
+    /// Destroys the timing events (the device and its pool drop after this).
+    fn drop(&mut self) {
+        if self.dev.sync().is_err() {
+            return;
+        }
+        let t = self.timing.get_mut().expect("timing");
+        let pending = t.pending.drain(..).flat_map(|(_, a, b)| [a, b]);
+        for e in t.free.drain(..).chain(pending) {
+            // SAFETY: events created by this backend, idle after the synchronisation.
+            let _ = unsafe { drv::event::destroy(e.0) };
+        }
     }
 }
 
@@ -444,16 +535,19 @@ impl Backend for Cuda {
 
     fn synchronize(&self) -> Result<()> {
         self.dev.sync()?;
+        self.resolve_timings();
         self.dev.take_error()?;
         self.check_bad()
     }
 
     fn fill(&self, t: &T, value: f32) {
+        let _op = self.op(c"fill");
         assert_ne!(t.dtype(), DType::I32, "fill of an i32 tensor");
         self.ew("fill", t.len(), Args::new().ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64).f32(value));
     }
 
     fn copy(&self, dst: &T, src: &T) {
+        let _op = self.op(c"copy");
         outputs(&[dst], &[src]);
         check_len("copy", dst, src.len());
         if dst.dtype() == DType::I32 || src.dtype() == DType::I32 {
@@ -474,6 +568,7 @@ impl Backend for Cuda {
     }
 
     fn add(&self, out: &T, a: &T, b: &T) {
+        let _op = self.op(c"add");
         check_len("add a", a, out.len());
         check_len("add b", b, out.len());
         in_place_or_disjoint(out, a, &[out], &[b]);
@@ -492,6 +587,7 @@ impl Backend for Cuda {
     }
 
     fn accumulate(&self, acc: &T, x: &T) {
+        let _op = self.op(c"accumulate");
         outputs(&[acc], &[x]);
         check_len("accumulate", x, acc.len());
         self.ew(
@@ -502,10 +598,12 @@ impl Backend for Cuda {
     }
 
     fn scale(&self, t: &T, s: f32) {
+        let _op = self.op(c"scale");
         self.ew("scale", t.len(), Args::new().ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64).f32(s));
     }
 
     fn sum_squares(&self, out: &T, t: &T) {
+        let _op = self.op(c"sum_squares");
         outputs(&[out], &[t]);
         want_f32("sum_squares out", out);
         let n = t.len();
@@ -524,10 +622,12 @@ impl Backend for Cuda {
     }
 
     fn clamp_max(&self, t: &T, max: f32) {
+        let _op = self.op(c"clamp_max");
         self.ew("clamp_max", t.len(), Args::new().ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64).f32(max));
     }
 
     fn linear_fwd(&self, out: &T, inp: &T, w: &T, bias: Option<&T>, n: usize, c: usize, oc: usize) {
+        let _op = self.op(c"linear_fwd");
         check_len("linear inp", inp, n * c);
         check_len("linear w", w, oc * c);
         check_len("linear out", out, n * oc);
@@ -578,6 +678,7 @@ impl Backend for Cuda {
         c: usize,
         oc: usize,
     ) {
+        let _op = self.op(c"linear_bwd");
         check_len("linear dout", dout, n * oc);
         check_len("linear inp", inp, n * c);
         check_len("linear w", w, oc * c);
@@ -609,6 +710,7 @@ impl Backend for Cuda {
     }
 
     fn layernorm_fwd(&self, out: &T, mean: &T, rstd: &T, inp: &T, gamma: &T, beta: &T, n: usize, c: usize, eps: f32) {
+        let _op = self.op(c"layernorm_fwd");
         self.layernorm_impl(out, mean, rstd, inp, None, gamma, beta, n, c, eps);
     }
 
@@ -626,6 +728,7 @@ impl Backend for Cuda {
         c: usize,
         eps: f32,
     ) {
+        let _op = self.op(c"add_layernorm_fwd");
         self.layernorm_impl(out, mean, rstd, a, Some((b, x)), gamma, beta, n, c, eps);
     }
 
@@ -642,6 +745,7 @@ impl Backend for Cuda {
         n: usize,
         c: usize,
     ) {
+        let _op = self.op(c"layernorm_bwd");
         check_layernorm_bwd(dinp, dgamma, dbeta, dout, inp, gamma, mean, rstd, n, c);
         want_f32("layernorm mean", mean);
         want_f32("layernorm rstd", rstd);
@@ -698,6 +802,7 @@ impl Backend for Cuda {
     }
 
     fn l2norm_fwd(&self, out: &T, norm: &T, inp: &T, n: usize, d: usize) {
+        let _op = self.op(c"l2norm_fwd");
         check_len("l2norm inp", inp, n * d);
         check_len("l2norm out", out, n * d);
         check_len("l2norm norm", norm, n);
@@ -720,6 +825,7 @@ impl Backend for Cuda {
     }
 
     fn l2norm_bwd(&self, dinp: &T, dout: &T, out: &T, norm: &T, n: usize, d: usize) {
+        let _op = self.op(c"l2norm_bwd");
         check_len("l2norm dinp", dinp, n * d);
         check_len("l2norm dout", dout, n * d);
         want_f32("l2norm norm", norm);
@@ -743,6 +849,7 @@ impl Backend for Cuda {
     }
 
     fn act_fwd(&self, kind: Activation, out: &T, inp: &T) {
+        let _op = self.op(c"act_fwd");
         check_len("activation out", out, inp.len());
         outputs(&[out], &[inp]);
         let k = (kind == Activation::Gelu) as i32;
@@ -763,6 +870,7 @@ impl Backend for Cuda {
     }
 
     fn act_bwd(&self, kind: Activation, dinp: &T, dout: &T, inp: &T) {
+        let _op = self.op(c"act_bwd");
         check_len("activation dinp", dinp, inp.len());
         check_len("activation dout", dout, inp.len());
         outputs(&[dinp], &[dout, inp]);
@@ -790,6 +898,7 @@ impl Backend for Cuda {
     }
 
     fn attention_fwd(&self, out: &T, saved: &T, qkv: &T, b: usize, t: usize, h: usize, hd: usize, causal: bool) {
+        let _op = self.op(c"attention_fwd");
         assert_eq!(hd, 64, "the CUDA attention kernels take head dimension 64 (got {hd})");
         check_len("attention qkv", qkv, b * t * 3 * h * hd);
         check_len("attention out", out, b * t * h * hd);
@@ -831,6 +940,7 @@ impl Backend for Cuda {
         hd: usize,
         causal: bool,
     ) {
+        let _op = self.op(c"attention_bwd");
         assert_eq!(hd, 64, "the CUDA attention kernels take head dimension 64 (got {hd})");
         check_len("attention dqkv", dqkv, b * t * 3 * h * hd);
         check_len("attention dout", dout, b * t * h * hd);
@@ -886,6 +996,7 @@ impl Backend for Cuda {
     }
 
     fn im2col(&self, cols: &T, pixels: &T, b: usize, img: usize, p: usize) {
+        let _op = self.op(c"im2col");
         assert!((img / p) * p == img, "image size {img} is not a multiple of the patch size {p}");
         check_len("im2col pixels", pixels, b * 3 * img * img);
         check_len("im2col cols", cols, b * 3 * img * img);
@@ -905,6 +1016,7 @@ impl Backend for Cuda {
     }
 
     fn vision_embed_fwd(&self, out: &T, patches: &T, cls: &T, pos: &T, b: usize, np: usize, d: usize) {
+        let _op = self.op(c"vision_embed_fwd");
         check_len("vision embed out", out, b * (np + 1) * d);
         check_len("vision embed patches", patches, b * np * d);
         check_len("vision embed cls", cls, d);
@@ -938,6 +1050,7 @@ impl Backend for Cuda {
         np: usize,
         d: usize,
     ) {
+        let _op = self.op(c"vision_embed_bwd");
         check_len("vision embed dout", dout, b * (np + 1) * d);
         dpatches.inspect(|t| check_len("vision embed dpatches", t, b * np * d));
         dcls.inspect(|t| check_len("vision embed dcls", t, d));
@@ -1003,6 +1116,7 @@ impl Backend for Cuda {
     }
 
     fn token_embed_fwd(&self, out: &T, ids: &T, wte: &T, wpe: &T, b: usize, t: usize, d: usize) {
+        let _op = self.op(c"token_embed_fwd");
         check_len("token embed out", out, b * t * d);
         check_len("token embed ids", ids, b * t);
         assert_eq!(ids.dtype(), DType::I32, "token ids must be an i32 tensor");
@@ -1028,6 +1142,7 @@ impl Backend for Cuda {
     }
 
     fn token_embed_bwd(&self, dwte: Option<&T>, dwpe: Option<&T>, dout: &T, ids: &T, b: usize, t: usize, d: usize) {
+        let _op = self.op(c"token_embed_bwd");
         check_len("token embed dout", dout, b * t * d);
         check_len("token embed ids", ids, b * t);
         let outs: Vec<&T> = [dwte, dwpe].into_iter().flatten().collect();
@@ -1056,6 +1171,7 @@ impl Backend for Cuda {
     }
 
     fn gather_rows(&self, out: &T, inp: &T, index: &T, b: usize, t: usize, d: usize) {
+        let _op = self.op(c"gather_rows");
         check_len("gather out", out, b * d);
         check_len("gather inp", inp, b * t * d);
         check_len("gather index", index, b);
@@ -1078,6 +1194,7 @@ impl Backend for Cuda {
     }
 
     fn gather_rows_bwd(&self, dinp: &T, dout: &T, index: &T, b: usize, t: usize, d: usize) {
+        let _op = self.op(c"gather_rows_bwd");
         check_len("gather dinp", dinp, b * t * d);
         check_len("gather dout", dout, b * d);
         outputs(&[dinp], &[dout]);
@@ -1108,6 +1225,7 @@ impl Backend for Cuda {
         logit_scale: &T,
         dims: InfoNceDims,
     ) {
+        let _op = self.op(c"infonce_fwd");
         check_infonce(&dims, img, txt, all_img, all_txt);
         check_len("infonce loss", loss, 1);
         check_len("infonce lse_img", lse_img, dims.local);
@@ -1182,6 +1300,7 @@ impl Backend for Cuda {
         lse_txt: &T,
         dims: InfoNceDims,
     ) {
+        let _op = self.op(c"infonce_bwd");
         check_infonce(&dims, img, txt, all_img, all_txt);
         check_infonce(&dims, d_img, d_txt, d_all_img, d_all_txt);
         for (w, t) in [("lse_img", lse_img), ("lse_txt", lse_txt), ("logit_scale", logit_scale)] {
@@ -1274,6 +1393,7 @@ impl Backend for Cuda {
     }
 
     fn bce_with_logits_fwd(&self, loss: &T, logits: &T, targets: &T, mask: Option<&T>) {
+        let _op = self.op(c"bce_with_logits_fwd");
         check_bce(logits, targets, mask);
         check_len("bce loss", loss, 1);
         want_f32("bce loss", loss);
@@ -1289,6 +1409,7 @@ impl Backend for Cuda {
     }
 
     fn bce_with_logits_bwd(&self, dlogits: &T, logits: &T, targets: &T, mask: Option<&T>, dloss: f32) {
+        let _op = self.op(c"bce_with_logits_bwd");
         check_bce(logits, targets, mask);
         check_len("bce dlogits", dlogits, logits.len());
         let mut ins = vec![logits, targets];
@@ -1324,6 +1445,7 @@ impl Backend for Cuda {
     }
 
     fn adamw_with_bf16_copy(&self, param: &T, grad: &T, m: &T, v: &T, copy: Option<&T>, hp: AdamWStep) {
+        let _op = self.op(c"adamw");
         let n = param.len();
         want_f32("adamw param", param);
         want_f32("adamw m", m);
