@@ -138,3 +138,80 @@ pub fn check_adamw<B: Backend>(
     outs.extend(copy);
     outputs(&outs, &[grad]);
 }
+
+/// `out[n, oc] = inp[n, c] . w[oc, c]^T + bias[oc]`: lengths and aliasing.
+#[allow(clippy::too_many_arguments)]
+pub fn check_linear_fwd<B: Backend>(
+    out: &Tensor<B>,
+    inp: &Tensor<B>,
+    w: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    check_len("linear inp", inp, n * c);
+    check_len("linear w", w, oc * c);
+    check_len("linear out", out, n * oc);
+    bias.inspect(|b| check_len("linear bias", b, oc));
+    let mut ins = vec![inp, w];
+    ins.extend(bias);
+    outputs(&[out], &ins);
+}
+
+/// The linear backward's gradients (each optional) against the forward's shapes.
+#[allow(clippy::too_many_arguments)]
+pub fn check_linear_bwd<B: Backend>(
+    dinp: Option<&Tensor<B>>,
+    dw: Option<&Tensor<B>>,
+    dbias: Option<&Tensor<B>>,
+    dout: &Tensor<B>,
+    inp: &Tensor<B>,
+    w: &Tensor<B>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    check_len("linear dout", dout, n * oc);
+    check_len("linear inp", inp, n * c);
+    check_len("linear w", w, oc * c);
+    dinp.inspect(|t| check_len("linear dinp", t, n * c));
+    dw.inspect(|t| check_len("linear dw", t, oc * c));
+    dbias.inspect(|t| check_len("linear dbias", t, oc));
+    let outs: Vec<&Tensor<B>> = [dinp, dw, dbias].into_iter().flatten().collect();
+    outputs(&outs, &[dout, inp, w]);
+}
+
+/// The vision embedding: `b` sequences of a class token and `np` patches of width `d`.
+pub fn check_vision_embed_fwd<B: Backend>(
+    out: &Tensor<B>,
+    patches: &Tensor<B>,
+    cls: &Tensor<B>,
+    pos: &Tensor<B>,
+    b: usize,
+    np: usize,
+    d: usize,
+) {
+    check_len("vision embed out", out, b * (np + 1) * d);
+    check_len("vision embed patches", patches, b * np * d);
+    check_len("vision embed cls", cls, d);
+    check_len("vision embed pos", pos, (np + 1) * d);
+    outputs(&[out], &[patches, cls, pos]);
+}
+
+pub fn check_vision_embed_bwd<B: Backend>(
+    dpatches: Option<&Tensor<B>>,
+    dcls: Option<&Tensor<B>>,
+    dpos: Option<&Tensor<B>>,
+    dout: &Tensor<B>,
+    b: usize,
+    np: usize,
+    d: usize,
+) {
+    check_len("vision embed dout", dout, b * (np + 1) * d);
+    dpatches.inspect(|t| check_len("vision embed dpatches", t, b * np * d));
+    dcls.inspect(|t| check_len("vision embed dcls", t, d));
+    dpos.inspect(|t| check_len("vision embed dpos", t, (np + 1) * d));
+    let outs: Vec<&Tensor<B>> = [dpatches, dcls, dpos].into_iter().flatten().collect();
+    outputs(&outs, &[dout]);
+}

@@ -24,8 +24,8 @@ use anyhow::{ensure, Result};
 
 use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
 use crate::checks::{
-    check_adamw, check_bce, check_infonce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint,
-    outputs,
+    check_adamw, check_bce, check_infonce, check_layernorm_bwd, check_layernorm_fwd, check_len, check_linear_bwd,
+    check_linear_fwd, check_vision_embed_bwd, check_vision_embed_fwd, in_place_or_disjoint, outputs,
 };
 use crate::tensor::Tensor;
 
@@ -171,15 +171,7 @@ impl Backend for Cpu {
 
     fn linear_fwd(&self, out: &T, inp: &T, w: &T, bias: Option<&T>, n: usize, c: usize, oc: usize) {
         let _p = profile::scope("linear_fwd");
-        check_len("linear inp", inp, n * c);
-        check_len("linear w", w, oc * c);
-        check_len("linear out", out, n * oc);
-        if let Some(b) = bias {
-            check_len("linear bias", b, oc);
-            outputs(&[out], &[inp, w, b]);
-        } else {
-            outputs(&[out], &[inp, w]);
-        }
+        check_linear_fwd(out, inp, w, bias, n, c, oc);
         linear::fwd(f32s_mut(out), f32s(inp), f32s(w), bias.map(f32s), n, c, oc);
     }
 
@@ -196,14 +188,7 @@ impl Backend for Cpu {
         oc: usize,
     ) {
         let _p = profile::scope("linear_bwd");
-        check_len("linear dout", dout, n * oc);
-        check_len("linear inp", inp, n * c);
-        check_len("linear w", w, oc * c);
-        dinp.inspect(|t| check_len("linear dinp", t, n * c));
-        dw.inspect(|t| check_len("linear dw", t, oc * c));
-        dbias.inspect(|t| check_len("linear dbias", t, oc));
-        let outs: Vec<&T> = [dinp, dw, dbias].into_iter().flatten().collect();
-        outputs(&outs, &[dout, inp, w]);
+        check_linear_bwd(dinp, dw, dbias, dout, inp, w, n, c, oc);
         linear::bwd(opt_mut(dinp), opt_mut(dw), opt_mut(dbias), f32s(dout), f32s(inp), f32s(w), n, c, oc);
     }
 
@@ -343,11 +328,7 @@ impl Backend for Cpu {
 
     fn vision_embed_fwd(&self, out: &T, patches: &T, cls: &T, pos: &T, b: usize, np: usize, d: usize) {
         let _p = profile::scope("vision_embed_fwd");
-        check_len("vision embed out", out, b * (np + 1) * d);
-        check_len("vision embed patches", patches, b * np * d);
-        check_len("vision embed cls", cls, d);
-        check_len("vision embed pos", pos, (np + 1) * d);
-        outputs(&[out], &[patches, cls, pos]);
+        check_vision_embed_fwd(out, patches, cls, pos, b, np, d);
         embed::vision_fwd(f32s_mut(out), f32s(patches), f32s(cls), f32s(pos), b, np, d);
     }
 
@@ -362,12 +343,7 @@ impl Backend for Cpu {
         d: usize,
     ) {
         let _p = profile::scope("vision_embed_bwd");
-        check_len("vision embed dout", dout, b * (np + 1) * d);
-        dpatches.inspect(|t| check_len("vision embed dpatches", t, b * np * d));
-        dcls.inspect(|t| check_len("vision embed dcls", t, d));
-        dpos.inspect(|t| check_len("vision embed dpos", t, (np + 1) * d));
-        let outs: Vec<&T> = [dpatches, dcls, dpos].into_iter().flatten().collect();
-        outputs(&outs, &[dout]);
+        check_vision_embed_bwd(dpatches, dcls, dpos, dout, b, np, d);
         embed::vision_bwd(opt_mut(dpatches), opt_mut(dcls), opt_mut(dpos), f32s(dout), b, np, d);
     }
 

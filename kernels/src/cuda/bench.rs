@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 
 use super::blas::Operand;
 use super::check::Rng;
-use super::Cuda;
+use super::{Cuda, TensorArgs};
 use crate::backend::{Backend, DType, InfoNceDims};
 use crate::cpu::Cpu;
 use crate::tensor::Tensor;
@@ -66,7 +66,57 @@ impl Cuda {
         Ok(median(times))
     }
 
-    /// `Z[r1, r2] = alpha X[r1, d] . Y[r2, d]^T` (row-major, batched with the given strides).
+    /// Row-major `Z[m, n] = alpha op(A)[m, k] . op(B)[k, n]`, `op` transposing a matrix stored
+    /// `[k, m]` (A) or `[n, k]` (B) when `ta` / `tb`; `batch` products of consecutive matrices.
+    /// cuBLASLt is column-major: a row-major `[r, c]` matrix is a column-major `[c, r]` one, so
+    /// this computes `Z^T[n, m] = op(B)^T . op(A)^T` with B first.
+    #[allow(clippy::too_many_arguments)]
+    fn mm(
+        &self,
+        a: &Tensor<Cuda>,
+        ta: bool,
+        b: &Tensor<Cuda>,
+        tb: bool,
+        z: &Tensor<Cuda>,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        batch: usize,
+    ) -> Result<()> {
+        // Each operand as stored (column-major rows x cols, leading dimension = rows).
+        let (br, bc) = if tb { (k, n) } else { (n, k) };
+        let (ar, ac) = if ta { (m, k) } else { (k, m) };
+        let first = Operand {
+            ptr: super::dptr(b),
+            dtype: b.dtype(),
+            rows: br as u64,
+            cols: bc as u64,
+            ld: br as i64,
+            trans: tb,
+        };
+        let second = Operand {
+            ptr: super::dptr(a),
+            dtype: a.dtype(),
+            rows: ar as u64,
+            cols: ac as u64,
+            ld: ar as i64,
+            trans: ta,
+        };
+        let bt = (batch > 1).then_some((batch as i32, (k * n) as i64, (m * k) as i64, (m * n) as i64));
+        self.blas.matmul_batched(
+            self.dev.stream.0 as _,
+            self.blas_workspace,
+            first,
+            second,
+            (super::dptr(z), z.dtype(), n as i64),
+            n as u64,
+            m as u64,
+            alpha,
+            0.0,
+            bt,
+        )
+    }
+
+    /// `Z[r1, r2] = alpha X[r1, d] . Y[r2, d]^T`.
     #[allow(clippy::too_many_arguments)]
     fn abt(
         &self,
@@ -79,35 +129,7 @@ impl Cuda {
         alpha: f32,
         batch: usize,
     ) -> Result<()> {
-        let a = Operand {
-            ptr: super::dptr(y),
-            dtype: y.dtype(),
-            rows: d as u64,
-            cols: r2 as u64,
-            ld: d as i64,
-            trans: true,
-        };
-        let b = Operand {
-            ptr: super::dptr(x),
-            dtype: x.dtype(),
-            rows: d as u64,
-            cols: r1 as u64,
-            ld: d as i64,
-            trans: false,
-        };
-        let bt = (batch > 1).then_some((batch as i32, (r2 * d) as i64, (r1 * d) as i64, (r1 * r2) as i64));
-        self.blas.matmul_batched(
-            self.dev.stream.0 as _,
-            self.blas_workspace,
-            a,
-            b,
-            (super::dptr(z), z.dtype(), r2 as i64),
-            r2 as u64,
-            r1 as u64,
-            alpha,
-            0.0,
-            bt,
-        )
+        self.mm(x, false, y, true, z, (r1, r2, d), alpha, batch)
     }
 
     /// `Z[r1, d] = alpha P[r1, r2] . V[r2, d]`.
@@ -123,35 +145,7 @@ impl Cuda {
         alpha: f32,
         batch: usize,
     ) -> Result<()> {
-        let a = Operand {
-            ptr: super::dptr(v),
-            dtype: v.dtype(),
-            rows: d as u64,
-            cols: r2 as u64,
-            ld: d as i64,
-            trans: false,
-        };
-        let b = Operand {
-            ptr: super::dptr(p),
-            dtype: p.dtype(),
-            rows: r2 as u64,
-            cols: r1 as u64,
-            ld: r2 as i64,
-            trans: false,
-        };
-        let bt = (batch > 1).then_some((batch as i32, (r2 * d) as i64, (r1 * r2) as i64, (r1 * d) as i64));
-        self.blas.matmul_batched(
-            self.dev.stream.0 as _,
-            self.blas_workspace,
-            a,
-            b,
-            (super::dptr(z), z.dtype(), d as i64),
-            d as u64,
-            r1 as u64,
-            alpha,
-            0.0,
-            bt,
-        )
+        self.mm(p, false, v, false, z, (r1, d, r2), alpha, batch)
     }
 
     /// `Z[r2, d] = alpha P[r1, r2]^T . X[r1, d]`.
@@ -167,35 +161,7 @@ impl Cuda {
         alpha: f32,
         batch: usize,
     ) -> Result<()> {
-        let a = Operand {
-            ptr: super::dptr(x),
-            dtype: x.dtype(),
-            rows: d as u64,
-            cols: r1 as u64,
-            ld: d as i64,
-            trans: false,
-        };
-        let b = Operand {
-            ptr: super::dptr(p),
-            dtype: p.dtype(),
-            rows: r2 as u64,
-            cols: r1 as u64,
-            ld: r2 as i64,
-            trans: true,
-        };
-        let bt = (batch > 1).then_some((batch as i32, (r1 * d) as i64, (r1 * r2) as i64, (r2 * d) as i64));
-        self.blas.matmul_batched(
-            self.dev.stream.0 as _,
-            self.blas_workspace,
-            a,
-            b,
-            (super::dptr(z), z.dtype(), d as i64),
-            d as u64,
-            r2 as u64,
-            alpha,
-            0.0,
-            bt,
-        )
+        self.mm(p, true, x, false, z, (r2, d, r1), alpha, batch)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -215,8 +181,7 @@ impl Cuda {
             256,
             0,
             super::Args::new()
-                .ptr(super::dptr(x))
-                .i32(super::is_bf(x))
+                .t(x)
                 .ptr(lse.map(super::dptr).unwrap_or(0))
                 .i64(rows as i64)
                 .i32(cols as i32)

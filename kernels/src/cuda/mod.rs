@@ -34,7 +34,8 @@ use device::{elem_size, Args, Device};
 
 use crate::backend::{Activation, AdamWConsts, AdamWStep, Backend, DType, InfoNceDims};
 use crate::checks::{
-    self, check_adamw, check_bce, check_layernorm_bwd, check_layernorm_fwd, check_len, in_place_or_disjoint, outputs,
+    self, check_adamw, check_bce, check_layernorm_bwd, check_layernorm_fwd, check_len, check_linear_bwd,
+    check_linear_fwd, check_vision_embed_bwd, check_vision_embed_fwd, in_place_or_disjoint, outputs,
 };
 use crate::cpu;
 use crate::tensor::Tensor;
@@ -95,6 +96,24 @@ fn is_bf(t: &T) -> i32 {
 
 fn want_f32(what: &str, t: &T) {
     assert_eq!(t.dtype(), DType::F32, "{what} must be an f32 tensor on CUDA");
+}
+
+/// Kernel arguments from tensors: every kernel takes a float tensor as its device pointer
+/// followed by its storage flag (1 for bf16, 0 for f32; see `common.cuh`).
+trait TensorArgs {
+    /// A tensor's pointer and storage flag.
+    fn t(self, t: &T) -> Self;
+    /// An optional tensor's pointer and flag, `(0, 0)` when absent (kernels test for null).
+    fn opt(self, t: Option<&T>) -> Self;
+}
+
+impl TensorArgs for Args {
+    fn t(self, t: &T) -> Self {
+        self.ptr(dptr(t)).i32(is_bf(t))
+    }
+    fn opt(self, t: Option<&T>) -> Self {
+        self.ptr(t.map_or(0, dptr)).i32(t.map_or(0, is_bf))
+    }
 }
 
 fn blocks(n: usize) -> u32 {
@@ -233,14 +252,7 @@ impl Cuda {
             (blocks(take), 1, 1),
             BLOCK,
             0,
-            Args::new()
-                .ptr(dptr(out))
-                .i32(is_bf(out))
-                .ptr(part)
-                .i64(chunks as i64)
-                .i64(take as i64)
-                .i64(cols as i64)
-                .f32(alpha),
+            Args::new().t(out).ptr(part).i64(chunks as i64).i64(take as i64).i64(cols as i64).f32(alpha),
         )
     }
 
@@ -252,7 +264,7 @@ impl Cuda {
             (blocks(t.len()).min(self.dev.sm_count * 16), 1, 1),
             BLOCK,
             0,
-            Args::new().ptr(base).i32(1).ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64),
+            Args::new().ptr(base).i32(1).t(t).i64(t.len() as i64),
         )?;
         Ok(base)
     }
@@ -336,15 +348,7 @@ impl Cuda {
             (k as u32, 1, 1),
             BLOCK,
             0,
-            Args::new()
-                .ptr(part)
-                .ptr(dptr(logits))
-                .i32(is_bf(logits))
-                .ptr(dptr(targets))
-                .i32(is_bf(targets))
-                .ptr(mask.map_or(0, dptr))
-                .i32(mask.map_or(0, is_bf))
-                .i64(n as i64),
+            Args::new().ptr(part).t(logits).t(targets).opt(mask).i64(n as i64),
         )?;
         let out = loss.map_or(0, dptr);
         self.dev.launch(
@@ -362,18 +366,7 @@ impl Cuda {
         let _op = self.op(c"im2col_bwd");
         check_len("col2im dpixels", dpixels, b * 3 * img * img);
         check_len("col2im dcols", dcols, b * 3 * img * img);
-        self.ew(
-            "col2im",
-            dpixels.len(),
-            Args::new()
-                .ptr(dptr(dpixels))
-                .i32(is_bf(dpixels))
-                .ptr(dptr(dcols))
-                .i32(is_bf(dcols))
-                .i64(b as i64)
-                .i32(img as i32)
-                .i32(p as i32),
-        );
+        self.ew("col2im", dpixels.len(), Args::new().t(dpixels).t(dcols).i64(b as i64).i32(img as i32).i32(p as i32));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -415,20 +408,16 @@ impl Cuda {
             256,
             0,
             Args::new()
-                .ptr(dptr(out))
-                .i32(is_bf(out))
+                .t(out)
                 .ptr(dptr(mean))
                 .ptr(dptr(rstd))
-                .ptr(dptr(inp))
-                .i32(is_bf(inp))
+                .t(inp)
                 .ptr(rp)
                 .i32(rb)
                 .ptr(xp)
                 .i32(xb)
-                .ptr(dptr(gamma))
-                .i32(is_bf(gamma))
-                .ptr(dptr(beta))
-                .i32(is_bf(beta))
+                .t(gamma)
+                .t(beta)
                 .i64(n as i64)
                 .i32(c as i32)
                 .f32(eps),
@@ -543,7 +532,7 @@ impl Backend for Cuda {
     fn fill(&self, t: &T, value: f32) {
         let _op = self.op(c"fill");
         assert_ne!(t.dtype(), DType::I32, "fill of an i32 tensor");
-        self.ew("fill", t.len(), Args::new().ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64).f32(value));
+        self.ew("fill", t.len(), Args::new().t(t).i64(t.len() as i64).f32(value));
     }
 
     fn copy(&self, dst: &T, src: &T) {
@@ -560,11 +549,7 @@ impl Backend for Cuda {
             self.run(r);
             return;
         }
-        self.ew(
-            "copy_cast",
-            src.len(),
-            Args::new().ptr(dptr(dst)).i32(is_bf(dst)).ptr(dptr(src)).i32(is_bf(src)).i64(src.len() as i64),
-        );
+        self.ew("copy_cast", src.len(), Args::new().t(dst).t(src).i64(src.len() as i64));
     }
 
     fn add(&self, out: &T, a: &T, b: &T) {
@@ -572,34 +557,19 @@ impl Backend for Cuda {
         check_len("add a", a, out.len());
         check_len("add b", b, out.len());
         in_place_or_disjoint(out, a, &[out], &[b]);
-        self.ew(
-            "add",
-            out.len(),
-            Args::new()
-                .ptr(dptr(out))
-                .i32(is_bf(out))
-                .ptr(dptr(a))
-                .i32(is_bf(a))
-                .ptr(dptr(b))
-                .i32(is_bf(b))
-                .i64(out.len() as i64),
-        );
+        self.ew("add", out.len(), Args::new().t(out).t(a).t(b).i64(out.len() as i64));
     }
 
     fn accumulate(&self, acc: &T, x: &T) {
         let _op = self.op(c"accumulate");
         outputs(&[acc], &[x]);
         check_len("accumulate", x, acc.len());
-        self.ew(
-            "accumulate",
-            acc.len(),
-            Args::new().ptr(dptr(acc)).i32(is_bf(acc)).ptr(dptr(x)).i32(is_bf(x)).i64(acc.len() as i64),
-        );
+        self.ew("accumulate", acc.len(), Args::new().t(acc).t(x).i64(acc.len() as i64));
     }
 
     fn scale(&self, t: &T, s: f32) {
         let _op = self.op(c"scale");
-        self.ew("scale", t.len(), Args::new().ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64).f32(s));
+        self.ew("scale", t.len(), Args::new().t(t).i64(t.len() as i64).f32(s));
     }
 
     fn sum_squares(&self, out: &T, t: &T) {
@@ -614,7 +584,7 @@ impl Backend for Cuda {
                 (k as u32, 1, 1),
                 BLOCK,
                 0,
-                Args::new().ptr(part).ptr(dptr(t)).i32(is_bf(t)).i64(n as i64),
+                Args::new().ptr(part).t(t).i64(n as i64),
             )?;
             self.dev.launch("sum_partials_f64", (1, 1, 1), 32, 0, Args::new().ptr(dptr(out)).ptr(part).i32(k as i32))
         });
@@ -623,21 +593,12 @@ impl Backend for Cuda {
 
     fn clamp_max(&self, t: &T, max: f32) {
         let _op = self.op(c"clamp_max");
-        self.ew("clamp_max", t.len(), Args::new().ptr(dptr(t)).i32(is_bf(t)).i64(t.len() as i64).f32(max));
+        self.ew("clamp_max", t.len(), Args::new().t(t).i64(t.len() as i64).f32(max));
     }
 
     fn linear_fwd(&self, out: &T, inp: &T, w: &T, bias: Option<&T>, n: usize, c: usize, oc: usize) {
         let _op = self.op(c"linear_fwd");
-        check_len("linear inp", inp, n * c);
-        check_len("linear w", w, oc * c);
-        check_len("linear out", out, n * oc);
-        match bias {
-            Some(b) => {
-                check_len("linear bias", b, oc);
-                outputs(&[out], &[inp, w, b]);
-            }
-            None => outputs(&[out], &[inp, w]),
-        }
+        check_linear_fwd(out, inp, w, bias, n, c, oc);
         if n == 0 || oc == 0 {
             return;
         }
@@ -648,7 +609,7 @@ impl Backend for Cuda {
                     (blocks(n * oc).min(self.dev.sm_count * 16), 1, 1),
                     BLOCK,
                     0,
-                    Args::new().ptr(dptr(out)).i32(is_bf(out)).ptr(dptr(b)).i32(is_bf(b)).i64(n as i64).i64(oc as i64),
+                    Args::new().t(out).t(b).i64(n as i64).i64(oc as i64),
                 )?;
             }
             // Column-major: out^T[oc, n] = (w stored [c, oc])^T . (inp stored [c, n]).
@@ -679,14 +640,7 @@ impl Backend for Cuda {
         oc: usize,
     ) {
         let _op = self.op(c"linear_bwd");
-        check_len("linear dout", dout, n * oc);
-        check_len("linear inp", inp, n * c);
-        check_len("linear w", w, oc * c);
-        dinp.inspect(|t| check_len("linear dinp", t, n * c));
-        dw.inspect(|t| check_len("linear dw", t, oc * c));
-        dbias.inspect(|t| check_len("linear dbias", t, oc));
-        let outs: Vec<&T> = [dinp, dw, dbias].into_iter().flatten().collect();
-        outputs(&outs, &[dout, inp, w]);
+        check_linear_bwd(dinp, dw, dbias, dout, inp, w, n, c, oc);
         if n == 0 {
             return;
         }
@@ -763,16 +717,12 @@ impl Backend for Cuda {
                 256,
                 0,
                 Args::new()
-                    .ptr(dptr(dinp))
-                    .i32(is_bf(dinp))
+                    .t(dinp)
                     .ptr(pg)
                     .ptr(pb)
-                    .ptr(dptr(dout))
-                    .i32(is_bf(dout))
-                    .ptr(dptr(inp))
-                    .i32(is_bf(inp))
-                    .ptr(dptr(gamma))
-                    .i32(is_bf(gamma))
+                    .t(dout)
+                    .t(inp)
+                    .t(gamma)
                     .ptr(dptr(mean))
                     .ptr(dptr(rstd))
                     .i64(n as i64)
@@ -785,14 +735,7 @@ impl Backend for Cuda {
                         (blocks(c), 1, 1),
                         BLOCK,
                         0,
-                        Args::new()
-                            .ptr(dptr(t))
-                            .i32(is_bf(t))
-                            .ptr(p)
-                            .i64(nb as i64)
-                            .i64(c as i64)
-                            .i64(c as i64)
-                            .f32(1.0),
+                        Args::new().t(t).ptr(p).i64(nb as i64).i64(c as i64).i64(c as i64).f32(1.0),
                     )?;
                 }
             }
@@ -813,14 +756,7 @@ impl Backend for Cuda {
             (n.div_ceil(8).max(1) as u32, 1, 1),
             256,
             0,
-            Args::new()
-                .ptr(dptr(out))
-                .i32(is_bf(out))
-                .ptr(dptr(norm))
-                .ptr(dptr(inp))
-                .i32(is_bf(inp))
-                .i64(n as i64)
-                .i32(d as i32),
+            Args::new().t(out).ptr(dptr(norm)).t(inp).i64(n as i64).i32(d as i32),
         );
     }
 
@@ -835,16 +771,7 @@ impl Backend for Cuda {
             (n.div_ceil(8).max(1) as u32, 1, 1),
             256,
             0,
-            Args::new()
-                .ptr(dptr(dinp))
-                .i32(is_bf(dinp))
-                .ptr(dptr(dout))
-                .i32(is_bf(dout))
-                .ptr(dptr(out))
-                .i32(is_bf(out))
-                .ptr(dptr(norm))
-                .i64(n as i64)
-                .i32(d as i32),
+            Args::new().t(dinp).t(dout).t(out).ptr(dptr(norm)).i64(n as i64).i32(d as i32),
         );
     }
 
@@ -853,20 +780,7 @@ impl Backend for Cuda {
         check_len("activation out", out, inp.len());
         outputs(&[out], &[inp]);
         let k = (kind == Activation::Gelu) as i32;
-        self.ew(
-            "act_fwd",
-            inp.len(),
-            Args::new()
-                .i32(k)
-                .ptr(dptr(out))
-                .i32(is_bf(out))
-                .ptr(dptr(inp))
-                .i32(is_bf(inp))
-                .ptr(0)
-                .i32(0)
-                .i64(inp.len() as i64)
-                .i64(1),
-        );
+        self.ew("act_fwd", inp.len(), Args::new().i32(k).t(out).t(inp).ptr(0).i32(0).i64(inp.len() as i64).i64(1));
     }
 
     fn act_bwd(&self, kind: Activation, dinp: &T, dout: &T, inp: &T) {
@@ -878,18 +792,7 @@ impl Backend for Cuda {
         self.ew(
             "act_bwd",
             inp.len(),
-            Args::new()
-                .i32(k)
-                .ptr(dptr(dinp))
-                .i32(is_bf(dinp))
-                .ptr(dptr(dout))
-                .i32(is_bf(dout))
-                .ptr(dptr(inp))
-                .i32(is_bf(inp))
-                .ptr(0)
-                .i32(0)
-                .i64(inp.len() as i64)
-                .i64(1),
+            Args::new().i32(k).t(dinp).t(dout).t(inp).ptr(0).i32(0).i64(inp.len() as i64).i64(1),
         );
     }
 
@@ -914,11 +817,9 @@ impl Backend for Cuda {
             128,
             0,
             Args::new()
-                .ptr(dptr(out))
-                .i32(is_bf(out))
+                .t(out)
                 .ptr(dptr(saved))
-                .ptr(dptr(qkv))
-                .i32(is_bf(qkv))
+                .t(qkv)
                 .i32(b as i32)
                 .i32(t as i32)
                 .i32(h as i32)
@@ -958,15 +859,7 @@ impl Backend for Cuda {
                 (rows.div_ceil(8) as u32, 1, 1),
                 256,
                 0,
-                Args::new()
-                    .ptr(dsum)
-                    .ptr(dptr(dout))
-                    .i32(is_bf(dout))
-                    .ptr(dptr(out))
-                    .i32(is_bf(out))
-                    .i32(b as i32)
-                    .i32(t as i32)
-                    .i32(h as i32),
+                Args::new().ptr(dsum).t(dout).t(out).i32(b as i32).i32(t as i32).i32(h as i32),
             )?;
             for entry in ["attn_bwd_dq", "attn_bwd_dkv"] {
                 self.dev.launch(
@@ -975,12 +868,9 @@ impl Backend for Cuda {
                     128,
                     0,
                     Args::new()
-                        .ptr(dptr(dqkv))
-                        .i32(is_bf(dqkv))
-                        .ptr(dptr(dout))
-                        .i32(is_bf(dout))
-                        .ptr(dptr(qkv))
-                        .i32(is_bf(qkv))
+                        .t(dqkv)
+                        .t(dout)
+                        .t(qkv)
                         .ptr(dptr(saved))
                         .ptr(dsum)
                         .i32(b as i32)
@@ -1001,42 +891,16 @@ impl Backend for Cuda {
         check_len("im2col pixels", pixels, b * 3 * img * img);
         check_len("im2col cols", cols, b * 3 * img * img);
         outputs(&[cols], &[pixels]);
-        self.ew(
-            "im2col",
-            cols.len(),
-            Args::new()
-                .ptr(dptr(cols))
-                .i32(is_bf(cols))
-                .ptr(dptr(pixels))
-                .i32(is_bf(pixels))
-                .i64(b as i64)
-                .i32(img as i32)
-                .i32(p as i32),
-        );
+        self.ew("im2col", cols.len(), Args::new().t(cols).t(pixels).i64(b as i64).i32(img as i32).i32(p as i32));
     }
 
     fn vision_embed_fwd(&self, out: &T, patches: &T, cls: &T, pos: &T, b: usize, np: usize, d: usize) {
         let _op = self.op(c"vision_embed_fwd");
-        check_len("vision embed out", out, b * (np + 1) * d);
-        check_len("vision embed patches", patches, b * np * d);
-        check_len("vision embed cls", cls, d);
-        check_len("vision embed pos", pos, (np + 1) * d);
-        outputs(&[out], &[patches, cls, pos]);
+        check_vision_embed_fwd(out, patches, cls, pos, b, np, d);
         self.ew(
             "vision_embed_fwd",
             out.len(),
-            Args::new()
-                .ptr(dptr(out))
-                .i32(is_bf(out))
-                .ptr(dptr(patches))
-                .i32(is_bf(patches))
-                .ptr(dptr(cls))
-                .i32(is_bf(cls))
-                .ptr(dptr(pos))
-                .i32(is_bf(pos))
-                .i64(b as i64)
-                .i32(np as i32)
-                .i32(d as i32),
+            Args::new().t(out).t(patches).t(cls).t(pos).i64(b as i64).i32(np as i32).i32(d as i32),
         );
     }
 
@@ -1051,24 +915,12 @@ impl Backend for Cuda {
         d: usize,
     ) {
         let _op = self.op(c"vision_embed_bwd");
-        check_len("vision embed dout", dout, b * (np + 1) * d);
-        dpatches.inspect(|t| check_len("vision embed dpatches", t, b * np * d));
-        dcls.inspect(|t| check_len("vision embed dcls", t, d));
-        dpos.inspect(|t| check_len("vision embed dpos", t, (np + 1) * d));
-        let outs: Vec<&T> = [dpatches, dcls, dpos].into_iter().flatten().collect();
-        outputs(&outs, &[dout]);
+        check_vision_embed_bwd(dpatches, dcls, dpos, dout, b, np, d);
         if let Some(dp) = dpatches {
             self.ew(
                 "vision_embed_bwd_patches",
                 dp.len(),
-                Args::new()
-                    .ptr(dptr(dp))
-                    .i32(is_bf(dp))
-                    .ptr(dptr(dout))
-                    .i32(is_bf(dout))
-                    .i64(b as i64)
-                    .i32(np as i32)
-                    .i32(d as i32),
+                Args::new().t(dp).t(dout).i64(b as i64).i32(np as i32).i32(d as i32),
             );
         }
         let seq = (np + 1) * d;
@@ -1083,13 +935,7 @@ impl Backend for Cuda {
                     (seq.div_ceil(256) as u32, chunks as u32, 1),
                     256,
                     0,
-                    Args::new()
-                        .ptr(part)
-                        .ptr(dptr(dout))
-                        .i32(is_bf(dout))
-                        .i64(b as i64)
-                        .i64(seq as i64)
-                        .i64(rpc as i64),
+                    Args::new().ptr(part).t(dout).i64(b as i64).i64(seq as i64).i64(rpc as i64),
                 )?;
                 for (t, take) in [(dcls, d), (dpos, seq)] {
                     if let Some(t) = t {
@@ -1098,14 +944,7 @@ impl Backend for Cuda {
                             (blocks(take), 1, 1),
                             BLOCK,
                             0,
-                            Args::new()
-                                .ptr(dptr(t))
-                                .i32(is_bf(t))
-                                .ptr(part)
-                                .i64(chunks as i64)
-                                .i64(take as i64)
-                                .i64(seq as i64)
-                                .f32(1.0),
+                            Args::new().t(t).ptr(part).i64(chunks as i64).i64(take as i64).i64(seq as i64).f32(1.0),
                         )?;
                     }
                 }
@@ -1126,13 +965,10 @@ impl Backend for Cuda {
             "token_embed_fwd",
             out.len(),
             Args::new()
-                .ptr(dptr(out))
-                .i32(is_bf(out))
+                .t(out)
                 .ptr(dptr(ids))
-                .ptr(dptr(wte))
-                .i32(is_bf(wte))
-                .ptr(dptr(wpe))
-                .i32(is_bf(wpe))
+                .t(wte)
+                .t(wpe)
                 .i64(b as i64)
                 .i32(t as i32)
                 .i32(d as i32)
@@ -1153,15 +989,7 @@ impl Backend for Cuda {
                 (d.div_ceil(128) as u32, 1, 1),
                 128,
                 0,
-                Args::new()
-                    .ptr(dptr(e))
-                    .i32(is_bf(e))
-                    .ptr(dptr(dout))
-                    .i32(is_bf(dout))
-                    .ptr(dptr(ids))
-                    .i64((b * t) as i64)
-                    .i32(d as i32)
-                    .i32((e.len() / d) as i32),
+                Args::new().t(e).t(dout).ptr(dptr(ids)).i64((b * t) as i64).i32(d as i32).i32((e.len() / d) as i32),
             );
         }
         if let Some(p) = dwpe {
@@ -1180,16 +1008,7 @@ impl Backend for Cuda {
         self.ew(
             "gather_rows",
             out.len(),
-            Args::new()
-                .ptr(dptr(out))
-                .i32(is_bf(out))
-                .ptr(dptr(inp))
-                .i32(is_bf(inp))
-                .ptr(dptr(index))
-                .i64(b as i64)
-                .i32(t as i32)
-                .i32(d as i32)
-                .ptr(self.bad),
+            Args::new().t(out).t(inp).ptr(dptr(index)).i64(b as i64).i32(t as i32).i32(d as i32).ptr(self.bad),
         );
     }
 
@@ -1201,15 +1020,7 @@ impl Backend for Cuda {
         self.ew(
             "gather_rows_bwd",
             dout.len(),
-            Args::new()
-                .ptr(dptr(dinp))
-                .i32(is_bf(dinp))
-                .ptr(dptr(dout))
-                .i32(is_bf(dout))
-                .ptr(dptr(index))
-                .i64(b as i64)
-                .i32(t as i32)
-                .i32(d as i32),
+            Args::new().t(dinp).t(dout).ptr(dptr(index)).i64(b as i64).i32(t as i32).i32(d as i32),
         );
     }
 
@@ -1248,11 +1059,9 @@ impl Backend for Cuda {
                     256,
                     infonce_smem(dim),
                     Args::new()
-                        .ptr(dptr(fx))
-                        .i32(is_bf(fx))
+                        .t(fx)
                         .i64(local as i64)
-                        .ptr(dptr(sx))
-                        .i32(is_bf(sx))
+                        .t(sx)
                         .i64(global as i64)
                         .i32(dim as i32)
                         .i64(chunk as i64)
@@ -1329,11 +1138,9 @@ impl Backend for Cuda {
                     256,
                     infonce_smem(dim),
                     Args::new()
-                        .ptr(dptr(x))
-                        .i32(is_bf(x))
+                        .t(x)
                         .i64(local as i64)
-                        .ptr(dptr(y))
-                        .i32(is_bf(y))
+                        .t(y)
                         .i64(global as i64)
                         .i32(dim as i32)
                         .i64(chunk as i64)
@@ -1349,13 +1156,7 @@ impl Backend for Cuda {
                     (blocks(local * dim).min(self.dev.sm_count * 16), 1, 1),
                     BLOCK,
                     0,
-                    Args::new()
-                        .ptr(dptr(dx))
-                        .i32(is_bf(dx))
-                        .ptr(base)
-                        .i32(splits as i32)
-                        .i64((local * dim) as i64)
-                        .ptr(dptr(logit_scale)),
+                    Args::new().t(dx).ptr(base).i32(splits as i32).i64((local * dim) as i64).ptr(dptr(logit_scale)),
                 )?;
                 self.dev.launch(
                     "infonce_bwd_cols",
@@ -1363,19 +1164,16 @@ impl Backend for Cuda {
                     256,
                     infonce_smem(dim),
                     Args::new()
-                        .ptr(dptr(y))
-                        .i32(is_bf(y))
+                        .t(y)
                         .i64(global as i64)
-                        .ptr(dptr(x))
-                        .i32(is_bf(x))
+                        .t(x)
                         .i64(local as i64)
                         .i32(dim as i32)
                         .i64(offset as i64)
                         .ptr(dptr(lse))
                         .ptr(dptr(logit_scale))
                         .f32(coef)
-                        .ptr(dptr(dy))
-                        .i32(is_bf(dy)),
+                        .t(dy),
                 )?;
             }
             if let Some(t) = d_logit_scale {
@@ -1427,18 +1225,7 @@ impl Backend for Cuda {
                 (blocks(n).min(self.dev.sm_count * 16), 1, 1),
                 BLOCK,
                 0,
-                Args::new()
-                    .ptr(dptr(dlogits))
-                    .i32(is_bf(dlogits))
-                    .ptr(dptr(logits))
-                    .i32(is_bf(logits))
-                    .ptr(dptr(targets))
-                    .i32(is_bf(targets))
-                    .ptr(mask.map_or(0, dptr))
-                    .i32(mask.map_or(0, is_bf))
-                    .ptr(wsum)
-                    .i64(n as i64)
-                    .f32(dloss),
+                Args::new().t(dlogits).t(logits).t(targets).opt(mask).ptr(wsum).i64(n as i64).f32(dloss),
             )
         })();
         self.run(r);
@@ -1460,8 +1247,7 @@ impl Backend for Cuda {
             n,
             Args::new()
                 .ptr(dptr(param))
-                .ptr(dptr(grad))
-                .i32(is_bf(grad))
+                .t(grad)
                 .ptr(dptr(m))
                 .ptr(dptr(v))
                 .ptr(copy.map(dptr).unwrap_or(0))
