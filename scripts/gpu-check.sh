@@ -85,15 +85,15 @@ run_step() { # name timeout_s log command...
 }
 
 run_step "gpu-check" 180 gpu-check.log "$bin" gpu-check $quick
-timeout 45 "$bin" gpu-check --quick --json >"$out/gpu-check.json" 2>/dev/null || true
+timeout 40 "$bin" gpu-check --quick --json >"$out/gpu-check.json" 2>/dev/null || true
 run_step "bench kernels" 150 bench-kernels.log "$bin" bench kernels $quick
-run_step "bench train-step cuda" 45 train-step.log "$bin" bench train-step --device cuda --steps 10
+run_step "bench train-step cuda" 40 train-step.log "$bin" bench train-step --device cuda --steps 10
 # Per-op device times (CUDA events) and the NVTX hook (CXRCLIP_NVTX=1 loads the library even
 # without a profiler: its line "nvtx: op ranges through ..." shows it was found and called).
 run_step "train-step ops cuda" 30 train-step-ops.log env CXRCLIP_NVTX=1 "$bin" bench train-step --device cuda --steps 3 --warmup 1 --profile
 
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-    run_step "torch sdpa" 45 torch-sdpa.log python3 - <<'PY'
+    run_step "torch sdpa" 40 torch-sdpa.log python3 - <<'PY'
 import torch, torch.nn.functional as F
 def bench(bh, t, causal):
     q, k, v = (torch.randn(1, bh, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
