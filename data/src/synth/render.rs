@@ -371,17 +371,19 @@ fn frontal(
         let hs = (cy - heart_top) / sc.heart_h;
         // Each chamber border swells out from the mediastinum to its widest point in the lower
         // third, then turns in a little towards the diaphragm (the cardiophrenic angles).
-        let swell = |s0: f32, s1: f32, turn: f32| {
+        let swell = |s0: f32, s1: f32, turn: f32, sharp: f32| {
             if hs < s0 {
                 0.0
             } else if hs < s1 {
-                (0.5 * PI * (hs - s0) / (s1 - s0)).sin().powf(0.7)
+                (0.5 * PI * (hs - s0) / (s1 - s0)).sin().powf(sharp)
             } else {
                 1.0 - turn * ((hs - s1) / (1.0 - s1)).powi(2)
             }
         };
-        let ra = sc.heart_rw * swell(0.3, 0.74, 0.35);
-        let lv = sc.heart_lw * swell(0.0, 0.72, 0.3);
+        let ra = sc.heart_rw * swell(0.3, 0.74, 0.35, 0.7);
+        // The left ventricle leaves the mediastinum below the pulmonary trunk and slopes down and
+        // out to its widest point (a rounded shoulder at the top reads as a second bulge).
+        let lv = sc.heart_lw * swell(0.1, 0.74, 0.3, 1.0);
         let kq = (cy - knob_y) / knob_r;
         let knob = if kq.abs() < 1.0 { knob_x + knob_r * (1.0 - kq * kq).sqrt() * 0.55 } else { 0.0 };
         let pq = (cy - (knob_y + 0.07)) / 0.035;
