@@ -8,11 +8,13 @@
 //!
 //! Activations are preallocated for a batch capacity (llm.c's way): a step allocates nothing.
 
+use std::ops::Range;
+
 use anyhow::{ensure, Result};
 use kernels::{Activation, Backend, DType, Tensor};
 
 use crate::config::{activation, ClipConfig};
-use crate::params::Layout;
+use crate::params::{GradOrder, Layout};
 
 type T<B> = Tensor<B>;
 
@@ -233,8 +235,9 @@ impl<B: Backend> Encoder<B> {
     }
 
     /// Backward through every block: on entry `acts.d_res` holds the gradient of the
-    /// output `res[L]`; on exit, the gradient of the input `res[0]`.
-    fn backward(&self, be: &B, acts: &EncoderActs<B>, b: usize) {
+    /// output `res[L]`; on exit, the gradient of the input `res[0]`. `block_done(l)` runs once
+    /// block `l`'s parameter gradients are final (last block first).
+    fn backward(&self, be: &B, acts: &EncoderActs<B>, b: usize, block_done: &mut dyn FnMut(usize)) {
         let Dims { t, c, heads, inner, adapter, causal, act } = self.dims;
         let n = b * t;
         let cut = |x: &T<B>, per_row: usize| x.slice(0, n * per_row);
@@ -281,6 +284,7 @@ impl<B: Backend> Encoder<B> {
             be.fill(&d_ln, 0.0);
             blk.qkv.bwd(be, Some(&d_ln), &d_qkv, &ln1.out, n);
             blk.ln1.bwd(be, &dres, &d_ln, &ln1, &res_in, n);
+            block_done(l);
         }
     }
 }
@@ -404,6 +408,7 @@ pub struct Clip<B: Backend> {
     capacity: usize,
     va: VisionActs<B>,
     ta: TextActs<B>,
+    grad_order: GradOrder,
 }
 
 impl<B: Backend> Clip<B> {
@@ -439,7 +444,22 @@ impl<B: Backend> Clip<B> {
             enc: text.encoder.alloc_acts(be, capacity)?,
             head: HeadActs::new(be, capacity, tc.hidden_size, pd)?,
         };
-        Ok(Self { config, layout, backend, params, grads, trainable, vision, text, logit_scale, capacity, va, ta })
+        let grad_order = GradOrder::new(&layout, vc.num_hidden_layers, tc.num_hidden_layers);
+        Ok(Self {
+            config,
+            layout,
+            backend,
+            params,
+            grads,
+            trainable,
+            vision,
+            text,
+            logit_scale,
+            capacity,
+            va,
+            ta,
+            grad_order,
+        })
     }
 
     pub fn capacity(&self) -> usize {
@@ -553,14 +573,23 @@ impl<B: Backend> Clip<B> {
 
     /// Backward of the vision tower from [`Clip::image_embeds_grad`], adding into `grads`.
     pub fn backward_vision(&self, b: usize) {
+        self.backward_vision_with(b, &mut |_| {});
+    }
+
+    /// [`Clip::backward_vision`], calling `ready` with each range of `grads` as soon as no op
+    /// of the step writes it any more (see [`GradOrder`]), so that its sum over the ranks can
+    /// start while the rest of the backward runs.
+    pub fn backward_vision_with(&self, b: usize, ready: &mut dyn FnMut(Range<usize>)) {
         let be = &self.backend;
+        let order = &self.grad_order;
         let v = &self.vision;
         let a = &self.va;
         let (img, p, c) = (v.image, v.patch_size, v.encoder.dims.c);
         let np = (img / p) * (img / p);
         let t = np + 1;
         head_bwd(be, &a.head, &v.post_ln, &v.proj, &a.enc.d_res, b, t);
-        v.encoder.backward(be, &a.enc, b);
+        order.vision_head.iter().for_each(|r| ready(r.clone()));
+        v.encoder.backward(be, &a.enc, b, &mut |l| ready(order.vision_blocks[l].clone()));
         let pre = a.pre.rows(b * t, c);
         let d_emb = a.d_emb.slice(0, b * t * c);
         be.fill(&d_emb, 0.0);
@@ -573,17 +602,26 @@ impl<B: Backend> Clip<B> {
         if let Some(d) = &d_patches {
             v.patch.bwd(be, None, d, &a.cols.slice(0, b * 3 * img * img), b * np);
         }
+        ready(order.vision_embed.clone());
     }
 
     /// Backward of the text tower from [`Clip::text_embeds_grad`], adding into `grads`.
     pub fn backward_text(&self, b: usize) {
+        self.backward_text_with(b, &mut |_| {});
+    }
+
+    /// [`Clip::backward_text`], reporting finished gradient ranges as
+    /// [`Clip::backward_vision_with`] does.
+    pub fn backward_text_with(&self, b: usize, ready: &mut dyn FnMut(Range<usize>)) {
         let be = &self.backend;
+        let order = &self.grad_order;
         let x = &self.text;
         let a = &self.ta;
         let t = self.context_len();
         let c = x.encoder.dims.c;
         head_bwd(be, &a.head, &x.final_ln, &x.proj, &a.enc.d_res, b, t);
-        x.encoder.backward(be, &a.enc, b);
+        order.text_head.iter().for_each(|r| ready(r.clone()));
+        x.encoder.backward(be, &a.enc, b, &mut |l| ready(order.text_blocks[l].clone()));
         be.token_embed_bwd(
             x.tok.grad(),
             x.pos.grad(),
@@ -593,6 +631,12 @@ impl<B: Backend> Clip<B> {
             t,
             c,
         );
+        ready(order.text_embed.clone());
+    }
+
+    /// The order in which a step finishes the gradient ranges.
+    pub fn grad_order(&self) -> &GradOrder {
+        &self.grad_order
     }
 
     pub fn zero_grads(&self) {

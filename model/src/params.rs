@@ -6,6 +6,7 @@
 //! so that the three projections run as one matrix product with a packed `[3C, C]` weight.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use crate::config::ClipConfig;
 
@@ -165,6 +166,62 @@ impl Layout {
     /// The spec of `name`; the layout is built from the config, so a miss is a bug.
     pub fn spec(&self, name: &str) -> &ParamSpec {
         self.get(name).unwrap_or_else(|| panic!("no parameter {name} in the layout"))
+    }
+
+    /// The range of the flat buffer that `name` occupies.
+    pub fn range(&self, name: &str) -> Range<usize> {
+        let s = self.spec(name);
+        s.offset..s.offset + s.len
+    }
+
+    /// The one contiguous range of every parameter whose name starts with `prefix` (a block's
+    /// tensors are pushed together, so this is the block).
+    pub fn span(&self, prefix: &str) -> Range<usize> {
+        let mut hit = self.specs.iter().filter(|s| s.name.starts_with(prefix));
+        let first = hit.next().unwrap_or_else(|| panic!("no parameter starts with {prefix}"));
+        let (start, mut end, mut len) = (first.offset, first.offset + first.len, first.len);
+        for s in hit {
+            end = end.max(s.offset + s.len);
+            len += s.len;
+        }
+        assert_eq!(len, end - start, "the parameters under {prefix} are not contiguous");
+        start..end
+    }
+}
+
+/// The ranges of the flat gradient buffer in the order a training step finishes them: the
+/// logit scale (by the loss), the vision head, the vision blocks last to first, the vision
+/// embeddings, then the same for the text tower. Each range is written by nothing after it
+/// is reported, so a data-parallel runtime may start summing it over the ranks while the rest
+/// of the backward runs. Together the ranges cover the buffer exactly once.
+#[derive(Clone, Debug)]
+pub struct GradOrder {
+    pub logit_scale: Range<usize>,
+    pub vision_head: Vec<Range<usize>>,
+    /// By block index (backward reports them from the last).
+    pub vision_blocks: Vec<Range<usize>>,
+    pub vision_embed: Range<usize>,
+    pub text_head: Vec<Range<usize>>,
+    pub text_blocks: Vec<Range<usize>>,
+    pub text_embed: Range<usize>,
+}
+
+impl GradOrder {
+    pub fn new(layout: &Layout, vision_layers: usize, text_layers: usize) -> Self {
+        let blocks = |tower: &str, n: usize| -> Vec<Range<usize>> {
+            (0..n).map(|l| layout.span(&format!("{tower}_model.encoder.layers.{l}."))).collect()
+        };
+        let embed_start = layout.range("vision_model.embeddings.class_embedding").start;
+        let embed_end = layout.range("vision_model.pre_layrnorm.bias").end;
+        Self {
+            logit_scale: layout.range("logit_scale"),
+            vision_head: vec![layout.span("vision_model.post_layernorm."), layout.range("visual_projection.weight")],
+            vision_blocks: blocks("vision", vision_layers),
+            vision_embed: embed_start..embed_end,
+            text_head: vec![layout.span("text_model.final_layer_norm."), layout.range("text_projection.weight")],
+            text_blocks: blocks("text", text_layers),
+            text_embed: layout.span("text_model.embeddings."),
+        }
     }
 }
 

@@ -285,3 +285,49 @@ fn bad_checkpoints_are_clear_errors() {
     assert!(e.contains("config.json"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every gradient range is reported exactly once, after the last op that writes it: a range's
+/// values when reported equal its values at the end of the step (with and without adapters,
+/// and with part of the model frozen).
+#[test]
+fn backward_reports_each_gradient_range_once_when_final() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    for (adapter, frozen) in [(None, false), (Some(4), false), (Some(4), true)] {
+        let mut clip = Clip::random(Cpu, tiny(adapter), 3, rng.random()).unwrap();
+        with_random_adapters(&clip, &mut rng);
+        if frozen {
+            clip.train_only(ADAPTERS_AND_NORMS).unwrap();
+        }
+        let loss = ContrastiveLoss::new(&clip).unwrap();
+        let x = batch(&mut rng, &clip.config, 3);
+        clip.zero_grads();
+        clip.upload_pixels(&x.pixels, x.b).unwrap();
+        clip.forward_vision(x.b).unwrap();
+        clip.forward_text(&x.ids, x.b).unwrap();
+        loss.forward_backward(&clip, x.b).unwrap();
+        let mut seen: Vec<(std::ops::Range<usize>, Vec<f32>)> = Vec::new();
+        let order = clip.grad_order().clone();
+        let snap = |clip: &Clip<Cpu>, r: std::ops::Range<usize>| {
+            let mut v = vec![0.0; r.len()];
+            clip.backend.download_f32(&clip.grads.slice(r.start, r.len()), &mut v).unwrap();
+            (r, v)
+        };
+        // Each range is copied when it is reported, before the rest of the backward runs.
+        seen.push(snap(&clip, order.logit_scale.clone()));
+        clip.backward_vision_with(x.b, &mut |r| seen.push(snap(&clip, r)));
+        let vision_done = seen.len();
+        clip.backward_text_with(x.b, &mut |r| seen.push(snap(&clip, r)));
+        assert!(vision_done > 2 && seen.len() > vision_done);
+        let end = clip.grads_to_host().unwrap();
+        let mut covered = vec![0u8; clip.layout.total];
+        for (r, v) in &seen {
+            for i in r.clone() {
+                covered[i] += 1;
+            }
+            assert_eq!(&end[r.clone()], &v[..], "range {r:?} changed after it was reported");
+        }
+        assert!(covered.iter().all(|&c| c == 1), "ranges do not cover the gradient exactly once");
+        // The step really wrote gradients (a test on zeros would prove nothing).
+        assert!(end.iter().filter(|g| g.abs() > 0.0).count() > clip.layout.total / 20);
+    }
+}

@@ -4,9 +4,9 @@
 //! all-gathered; each rank computes the InfoNCE terms of its own rows against all columns with
 //! the fused kernels (`offset = rank * b`), so the per-rank losses sum to the global mean loss;
 //! the column gradients go back to the ranks that own those features by reduce-scatter and are
-//! added to the row gradients; after both towers' backward the parameter gradients are summed
-//! over the ranks. The gradient of a step is thus the single-process gradient of the global
-//! batch, whatever the world size.
+//! added to the row gradients; the parameter gradients are summed over the ranks in buckets
+//! while the backward runs ([`crate::grad_sum`]). The gradient of a step is thus the
+//! single-process gradient of the global batch, whatever the world size.
 
 use anyhow::{ensure, Result};
 use kernels::{Backend, DType, InfoNceDims, Tensor};
@@ -14,6 +14,7 @@ use model::optim::AdamW;
 use model::Clip;
 
 use crate::comm::Collectives;
+use crate::grad_sum::{backward_host_overlap, Buckets, DeviceSum, DEFAULT_BUCKET_VALUES};
 
 type T<B> = Tensor<B>;
 
@@ -35,7 +36,14 @@ pub struct DistLoss<B: Backend> {
     d_cols: T<B>,
     host_local: Vec<f32>,
     host_all: Vec<f32>,
-    host_grads: Vec<f32>,
+    /// The gradient buckets, for the trainable set they were made for.
+    buckets: Buckets,
+    bucket_values: usize,
+    buckets_for: Vec<bool>,
+    /// Host buffers of the buckets, kept from step to step.
+    spare: Vec<Vec<f32>>,
+    /// Sums the buckets on the device instead of through the host (NCCL on a GPU).
+    device_sum: Option<Box<dyn DeviceSum<B>>>,
 }
 
 impl<B: Backend> DistLoss<B> {
@@ -59,8 +67,25 @@ impl<B: Backend> DistLoss<B> {
             d_cols: be.alloc(cap * d, DType::F32)?,
             host_local: Vec::new(),
             host_all: Vec::new(),
-            host_grads: Vec::new(),
+            buckets: Buckets::new(model, DEFAULT_BUCKET_VALUES),
+            bucket_values: DEFAULT_BUCKET_VALUES,
+            buckets_for: model.trainable().to_vec(),
+            spare: Vec::new(),
+            device_sum: None,
         })
+    }
+
+    /// Gradient buckets of at least `values` values (0: one per finished range).
+    pub fn with_bucket_values(mut self, model: &Clip<B>, values: usize) -> Self {
+        self.bucket_values = values;
+        self.buckets = Buckets::new(model, values);
+        self
+    }
+
+    /// Sums the gradient buckets with `sum` (on the device) instead of through the host.
+    pub fn with_device_sum(mut self, sum: Box<dyn DeviceSum<B>>) -> Self {
+        self.device_sum = Some(sum);
+        self
     }
 
     /// All-gathers one tower's local features into `all`.
@@ -134,15 +159,50 @@ impl<B: Backend> DistLoss<B> {
         Ok(loss[0])
     }
 
-    /// Sums the parameter gradients over the ranks (after both towers' backward).
-    pub fn all_reduce_grads(&mut self, model: &Clip<B>, comm: &mut dyn Collectives) -> Result<()> {
+    /// Both towers' backward from the embeddings' gradients, with the trainable gradient summed
+    /// over the ranks bucket by bucket as the backward finishes it.
+    pub fn backward_and_sum(&mut self, model: &Clip<B>, comm: &mut dyn Collectives, b: usize) -> Result<()> {
         if comm.world() == 1 {
+            model.backward_vision(b);
+            model.backward_text(b);
             return Ok(());
         }
-        self.host_grads.resize(model.layout.total, 0.0);
-        model.backend.download_f32(&model.grads, &mut self.host_grads)?;
-        comm.all_reduce(&mut self.host_grads)?;
-        model.backend.upload_f32(&model.grads, &self.host_grads)
+        if self.buckets_for != model.trainable() {
+            self.buckets = Buckets::new(model, self.bucket_values);
+            self.buckets_for = model.trainable().to_vec();
+        }
+        // The loss wrote the logit scale's gradient: it is final before the towers start.
+        let scale = model.grad_order().logit_scale.clone();
+        let Some(dev) = self.device_sum.as_mut() else {
+            return backward_host_overlap(model, comm, &mut self.buckets, &mut self.spare, |ready| {
+                ready(scale);
+                model.backward_vision_with(b, ready);
+                model.backward_text_with(b, ready);
+            });
+        };
+        let be = &model.backend;
+        let mut failed: Option<anyhow::Error> = None;
+        let mut enqueue = |ranges: Vec<std::ops::Range<usize>>| {
+            if failed.is_none() {
+                failed = dev.bucket(be, &model.grads, &ranges).err();
+            }
+        };
+        let buckets = &mut self.buckets;
+        let mut ready = |r| {
+            if let Some(bucket) = buckets.push(r) {
+                enqueue(bucket);
+            }
+        };
+        ready(scale);
+        model.backward_vision_with(b, &mut ready);
+        model.backward_text_with(b, &mut ready);
+        if let Some(bucket) = buckets.flush() {
+            enqueue(bucket);
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        dev.finish(be)
     }
 }
 
@@ -174,9 +234,7 @@ pub fn forward_backward<B: Backend>(
     model.forward_vision(b)?;
     model.forward_text(batch.ids, b)?;
     let l = loss.forward_backward(model, comm, b)?;
-    model.backward_vision(b);
-    model.backward_text(b);
-    loss.all_reduce_grads(model, comm)?;
+    loss.backward_and_sum(model, comm, b)?;
     Ok(l)
 }
 

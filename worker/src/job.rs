@@ -23,6 +23,7 @@ use proto::v1::{Job, JobResult, ResultKind, Session, ShardEntry, ShardRequest, S
 use crate::comm::Collectives;
 use crate::dist::{train_step, DistLoss, LocalBatch};
 use crate::feed::Feed;
+use crate::grad_sum::DeviceSum;
 
 /// The folder of the checkpoint taken after `step` updates.
 pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
@@ -72,7 +73,15 @@ impl Link {
 }
 
 /// Runs the job on backend `be` with communicator `comm`; returns the last step's loss.
-pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives, link: &Link) -> Result<f32> {
+/// `device_sum` sums the gradient buckets on the device (NCCL); without it they go through the
+/// host and `comm`.
+pub fn train<B: Backend>(
+    be: B,
+    job: &Job,
+    comm: &mut dyn Collectives,
+    device_sum: Option<Box<dyn DeviceSum<B>>>,
+    link: &Link,
+) -> Result<f32> {
     let (rank, world) = (comm.rank(), comm.world());
     let g = job.global_batch as usize;
     ensure!(g.is_multiple_of(world), "global batch {g} is not a multiple of the world size {world}");
@@ -97,6 +106,9 @@ pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives, link: &Li
         ensure!(pos.step == start, "checkpoint {} holds step {}, expected {start}", job.resume_dir, pos.step);
     }
     let mut loss = DistLoss::new(&clip, world)?;
+    if let Some(sum) = device_sum {
+        loss = loss.with_device_sum(sum);
+    }
     let schedule = Schedule::WarmupCosine { warmup: job.warmup, total: job.steps, min_ratio: 0.0 };
     let (image, ctx) = (clip.image_size(), clip.context_len());
     // The tokenizer frames every text in exactly CONTEXT_LEN ids; a model with a shorter context

@@ -4,4 +4,5 @@
 pub mod comm;
 pub mod dist;
 pub mod feed;
+pub mod grad_sum;
 pub mod job;

@@ -167,7 +167,7 @@ fn run(args: Args) -> Result<i32> {
     let result = if args.device == "cpu" {
         let hello = RingHello { run: run_number(&reply.run_id), generation: reply.generation };
         let mut ring = TcpRing::connect(rank, listener, &reply.peer_addrs, hello, Duration::from_secs(600))?;
-        job::train(kernels::Cpu, &job, &mut ring, &link)
+        job::train(kernels::Cpu, &job, &mut ring, None, &link)
     } else if args.device == "cuda" {
         train_cuda(&rt, &mut client, &session, rank, world, &job, &link)
     } else {
@@ -221,7 +221,8 @@ fn train_cuda(
     };
     let mut nccl = comm::NcclComm::new(ordinal, rank, world, &id)?;
     let be = kernels::Cuda::new(ordinal)?;
-    let r = job::train(be, job, &mut nccl, link);
+    let sum = Box::new(nccl.device_sum());
+    let r = job::train(be, job, &mut nccl, Some(sum), link);
     let _ = nccl.barrier();
     r
 }

@@ -63,6 +63,11 @@ fn single_process(steps: u64) -> (Vec<f32>, Vec<f32>) {
 
 /// Rank 0's losses and first-step gradients on a world of `world` threads.
 fn distributed(world: usize, steps: u64) -> (Vec<f32>, Vec<f32>) {
+    distributed_buckets(world, steps, None)
+}
+
+/// [`distributed`] with gradient buckets of at least `bucket` values (the default if `None`).
+fn distributed_buckets(world: usize, steps: u64, bucket: Option<usize>) -> (Vec<f32>, Vec<f32>) {
     let rings = loopback_world(world, Duration::from_secs(30)).expect("ring");
     let handles: Vec<_> = rings
         .into_iter()
@@ -72,6 +77,9 @@ fn distributed(world: usize, steps: u64) -> (Vec<f32>, Vec<f32>) {
                 let r = comm.rank();
                 let mut clip = Clip::random(Cpu, config(), b, SEED).expect("model");
                 let mut loss = DistLoss::new(&clip, world).expect("loss");
+                if let Some(v) = bucket {
+                    loss = loss.with_bucket_values(&clip, v);
+                }
                 let mut opt = AdamW::new(&clip, AdamWConfig::default()).expect("adamw");
                 let (s, ctx) = (clip.image_size(), clip.context_len());
                 let (np, nt) = (3 * s * s, ctx);
@@ -137,4 +145,16 @@ fn twenty_steps_same_loss_curve() {
     }
     // The curve moves: the steps train.
     assert!(ref_loss[19] < ref_loss[0], "{ref_loss:?}");
+}
+
+/// The gradient summed bucket by bucket while the backward runs (one bucket per finished range,
+/// or a few mid-sized ones) is still the single-process gradient.
+#[test]
+fn bucketed_gradient_sums_equal_single_process() {
+    let (ref_loss, ref_grads) = single_process(1);
+    for (world, bucket) in [(2, 0), (4, 0), (2, 20_000), (4, 20_000)] {
+        let (loss, grads) = distributed_buckets(world, 1, Some(bucket));
+        assert_close(&format!("loss on {world} ranks, buckets of {bucket}"), &loss, &ref_loss, 1e-5);
+        assert_close(&format!("gradient on {world} ranks, buckets of {bucket}"), &grads, &ref_grads, 1e-4);
+    }
 }

@@ -18,6 +18,7 @@
 pub mod bench;
 mod blas;
 pub mod check;
+mod comm;
 mod device;
 pub mod libs;
 pub mod nvrtc;
