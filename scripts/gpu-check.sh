@@ -2,8 +2,9 @@
 # The GPU check in one call, for a machine with an NVIDIA GPU and CUDA 13 but no Rust: runs
 # the carried release binary's `gpu-check` (every CUDA op against the CPU backend, and a CLS
 # training step), the kernel bench (fused against unfused, with measured ceilings), a short
-# training run, and PyTorch's scaled_dot_product_attention at the bench's sizes when PyTorch
-# is there; prints a summary table last. Budget: under 8 minutes.
+# training run through coordinator and worker (--gpus 1: NCCL, a world of one; the worker
+# binary must sit next to the coordinator), and PyTorch's scaled_dot_product_attention at the
+# bench's sizes when PyTorch is there; prints a summary table last. Budget: under 8 minutes.
 #
 #   scripts/gpu-check.sh [path/to/coordinator] [--quick]
 #
@@ -84,13 +85,22 @@ run_step() { # name timeout_s log command...
     if [ "$rc" = 0 ]; then note "$name" ok "$dt" "$last"; elif [ "$rc" = 124 ]; then note "$name" TIME "$dt" "stopped after ${limit}s"; else note "$name" FAIL "$dt" "$last"; fi
 }
 
-run_step "gpu-check" 180 gpu-check.log "$bin" gpu-check $quick
+run_step "gpu-check" 160 gpu-check.log "$bin" gpu-check $quick
 timeout 40 "$bin" gpu-check --quick --json >"$out/gpu-check.json" 2>/dev/null || true
-run_step "bench kernels" 150 bench-kernels.log "$bin" bench kernels $quick
+run_step "bench kernels" 130 bench-kernels.log "$bin" bench kernels $quick
 run_step "bench train-step cuda" 40 train-step.log "$bin" bench train-step --device cuda --steps 10
 # Per-op device times (CUDA events) and the NVTX hook (CXRCLIP_NVTX=1 loads the library even
 # without a profiler: its line "nvtx: op ranges through ..." shows it was found and called).
 run_step "train-step ops cuda" 30 train-step-ops.log env CXRCLIP_NVTX=1 "$bin" bench train-step --device cuda --steps 3 --warmup 1 --profile
+# The runtime on a GPU: coordinator + one worker process, NCCL (a world of one), the device
+# gradient sum, a checkpoint. Needs the worker binary carried next to the coordinator.
+if [ -x "$(dirname "$bin")/worker" ]; then
+    run_step "train run --gpus 1" 40 train-run.log "$bin" --gpus 1 --synthetic 64 --synthetic-dir "$tmp/synth" \
+        --steps 10 --global-batch 16 --seed 7 --checkpoint-every 5 --run-dir "$tmp/run"
+    [ -f "$tmp/run/metrics.jsonl" ] && cp "$tmp/run/metrics.jsonl" "$out/train-run-metrics.jsonl"
+else
+    note "train run --gpus 1" SKIP 0 "no worker binary next to $bin: carry target/release/worker too"
+fi
 
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     run_step "torch sdpa" 40 torch-sdpa.log python3 - <<'PY'

@@ -67,8 +67,8 @@ impl<B: Backend> DistLoss<B> {
             d_cols: be.alloc(cap * d, DType::F32)?,
             host_local: Vec::new(),
             host_all: Vec::new(),
-            buckets: Buckets::new(model, DEFAULT_BUCKET_VALUES),
-            bucket_values: DEFAULT_BUCKET_VALUES,
+            buckets: Buckets::new(model, bucket_values()?),
+            bucket_values: bucket_values()?,
             buckets_for: model.trainable().to_vec(),
             spare: Vec::new(),
             device_sum: None,
@@ -203,6 +203,21 @@ impl<B: Backend> DistLoss<B> {
             return Err(e);
         }
         dev.finish(be)
+    }
+}
+
+/// Values per gradient bucket: `CXRCLIP_GRAD_BUCKET_MB` (MiB of f32, 0 = one bucket per
+/// finished range), else [`DEFAULT_BUCKET_VALUES`]. A huge value gives one bucket summed after
+/// the whole backward (no overlap).
+fn bucket_values() -> Result<usize> {
+    match std::env::var("CXRCLIP_GRAD_BUCKET_MB") {
+        Err(_) => Ok(DEFAULT_BUCKET_VALUES),
+        Ok(v) => {
+            let mb: f64 =
+                v.trim().parse().map_err(|_| anyhow::anyhow!("CXRCLIP_GRAD_BUCKET_MB={v:?} is not a number"))?;
+            ensure!(mb.is_finite() && mb >= 0.0, "CXRCLIP_GRAD_BUCKET_MB={v:?} must be a size in MiB, 0 or more");
+            Ok((mb * (1 << 20) as f64 / 4.0).min(usize::MAX as f64) as usize)
+        }
     }
 }
 
