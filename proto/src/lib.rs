@@ -16,4 +16,5 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Pair entries per shard chunk: an epoch's shard is streamed in chunks of this many.
 pub const SHARD_CHUNK: usize = 1024;
 
+pub use prost;
 pub use tonic;

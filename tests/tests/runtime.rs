@@ -100,3 +100,60 @@ fn bad_flags_fail_with_one_line() {
     assert!(err.contains("multiple of the 3 workers"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// Unreadable images in the tree: the runs go on, say which files they skipped, and a step's
+/// substitute (drawn from the epoch's spares, the same on every rank) does not depend on the
+/// world size, so 1 and 2 workers still give the same losses.
+#[test]
+fn unreadable_images_are_skipped_alike_on_any_world_size() {
+    let _g = serial();
+    let tree = fresh_dir("bad-images-tree");
+    let out = coordinator()
+        .args(["synth", "--out", tree.to_str().expect("utf-8"), "--studies", "96", "--layout", "mimic"])
+        .args(["--seed", "11", "--size", "64"])
+        .output()
+        .expect("synth");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Break a third of the images so that they still pass the index's cheap check (start and
+    // end markers in place) and fail only when decoded, in the workers: most steps meet one.
+    let mut images: Vec<_> =
+        walk(&tree.join("files")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
+    images.sort();
+    assert!(images.len() > 90, "{} images", images.len());
+    for (k, p) in images.iter().enumerate().filter(|(k, _)| k % 3 == 1) {
+        let mut broken = vec![0xFF, 0xD8, 0xFF, 0x01];
+        broken.extend(format!("not a radiograph {k}").bytes());
+        broken.extend([0xFF, 0xD9]);
+        std::fs::write(p, broken).expect("break");
+    }
+    let mut runs = Vec::new();
+    for workers in [1, 2] {
+        let dir = fresh_dir(&format!("bad-images-{workers}"));
+        let mut args = train_args(&dir, workers, 6);
+        // The generated tree of the other tests, replaced by this one.
+        let at = args.iter().position(|a| a == "--synthetic").expect("--synthetic");
+        args.drain(at..at + 6);
+        args.extend(["--data".to_string(), tree.to_str().expect("utf-8").to_string()]);
+        let out = run_ok(&args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("skipping unreadable image"), "{err}");
+        runs.push(losses(&dir));
+    }
+    assert_eq!(runs[0].len(), 6);
+    for ((s, one), (_, two)) in runs[0].iter().zip(&runs[1]) {
+        assert_close(&format!("loss of step {s}"), *one, *two, 1e-4);
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

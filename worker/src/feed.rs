@@ -10,11 +10,11 @@
 //! uninterrupted one drew at step k.
 //!
 //! Unreadable images: the loader replaces one by a substitute drawn, by a hash of (seed, epoch,
-//! pair id), from this rank's pairs of the same epoch (all of them, so a resumed job draws what an
-//! uninterrupted one drew), since the step needs exactly `b` pairs on every rank. Each bad image
-//! is written to stderr once, when met, and the feed's [`Skips`] holds them all for a summary,
-//! printed when the feed ends. The substitute depends on which pairs this rank holds, so with a
-//! bad image the data of that step differs between world sizes; without one it does not.
+//! pair id), from the epoch's spares, a list of training pairs the coordinator sends every rank
+//! alike (so the substitute, like everything else a step sees, does not depend on the world size
+//! or on where a job resumed), since the step needs exactly `b` pairs on every rank. Each bad
+//! image is written to stderr once, when met, and the feed's [`Skips`] holds them all for a
+//! summary, printed when the feed ends.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -111,7 +111,7 @@ impl Feed {
 
     /// Fetches this rank's shard of `epoch` and starts a loader from its batch `first` on.
     fn start_epoch(&self, epoch: u64, first: u64) -> Result<Loader> {
-        let entries = self.link.shard(epoch)?;
+        let (entries, spares) = self.link.shard(epoch)?;
         let b = self.cfg.batch;
         let need = self.steps_per_epoch as usize * b;
         ensure!(
@@ -120,8 +120,11 @@ impl Feed {
             entries.len(),
             self.steps_per_epoch
         );
-        let (source, ids) = epoch_source(&self.root, &entries[..need])?;
-        let rec = Recovery { pool: Arc::new(ids.clone()), skips: self.skips.clone() };
+        ensure!(!spares.is_empty(), "the coordinator sent no spares for epoch {epoch}");
+        let all: Vec<ShardEntry> = entries[..need].iter().chain(&spares).cloned().collect();
+        let (source, mut ids) = epoch_source(&self.root, &all)?;
+        let pool = ids.split_off(need);
+        let rec = Recovery { pool: Arc::new(pool), skips: self.skips.clone() };
         let ids = ids[first as usize * b..].to_vec();
         Loader::with_recovery(source, ids, LoaderConfig { epoch, ..self.cfg.clone() }, self.tok.clone(), rec)
     }

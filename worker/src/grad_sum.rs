@@ -101,6 +101,9 @@ pub trait DeviceSum<B: Backend>: Send {
     fn finish(&mut self, be: &B) -> Result<()>;
 }
 
+/// A bucket's ranges and their values, copied out of the gradient (summed once back).
+type Summed = (Vec<Range<usize>>, Vec<f32>);
+
 /// Runs `backward` (which reports finished ranges to the closure it is given) and sums the
 /// trainable gradient over the ranks of `comm`, bucket by bucket, on a thread of its own while
 /// the backward goes on. `spare` keeps host buffers from step to step.
@@ -114,8 +117,8 @@ pub fn backward_host_overlap<B: Backend>(
     let be = &model.backend;
     let grads = &model.grads;
     std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::channel::<(Vec<Range<usize>>, Vec<f32>)>();
-        let summer = scope.spawn(move || -> Result<Vec<(Vec<Range<usize>>, Vec<f32>)>> {
+        let (tx, rx) = mpsc::channel::<Summed>();
+        let summer = scope.spawn(move || -> Result<Vec<Summed>> {
             let mut done = Vec::new();
             for (ranges, mut buf) in rx {
                 comm.all_reduce(&mut buf)?;
@@ -149,7 +152,6 @@ pub fn backward_host_overlap<B: Backend>(
         if let Some(b) = buckets.flush() {
             send(b);
         }
-        drop(send);
         drop(tx);
         let done = summer.join().map_err(|_| anyhow!("the gradient-sum thread panicked"))??;
         if let Some(e) = copy_err {

@@ -39,18 +39,20 @@ pub struct Link {
 }
 
 impl Link {
-    /// This rank's pairs of `epoch`, in step order.
-    pub fn shard(&self, epoch: u64) -> Result<Vec<ShardEntry>> {
+    /// This rank's pairs of `epoch`, in step order, and the epoch's spares (the same on every
+    /// rank).
+    pub fn shard(&self, epoch: u64) -> Result<(Vec<ShardEntry>, Vec<ShardEntry>)> {
         let mut client = self.client.clone();
         let req = ShardRequest { session: Some(self.session.clone()), epoch };
         self.handle
             .block_on(async move {
                 let mut stream = client.get_shard(req).await?.into_inner();
-                let mut out = Vec::new();
+                let (mut out, mut spares) = (Vec::new(), Vec::new());
                 while let Some(chunk) = stream.message().await? {
                     out.extend(chunk.entries);
+                    spares.extend(chunk.spares);
                 }
-                Ok::<_, proto::tonic::Status>(out)
+                Ok::<_, proto::tonic::Status>((out, spares))
             })
             .map_err(|s| anyhow!("fetching the shard of epoch {epoch}: {}", s.message()))
     }

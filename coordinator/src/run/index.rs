@@ -12,6 +12,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+/// Spares per epoch: enough that eight draws (the loader's tries) almost never all meet bad
+/// images, few enough to cost nothing in the shard stream.
+pub const SPARES: usize = 64;
+
 pub struct PairIndex {
     /// (image path relative to the root, report text) of every training pair.
     pub pairs: Vec<(String, String)>,
@@ -55,6 +59,22 @@ impl PairIndex {
         order
     }
 
+    /// The spares of `epoch`: up to [`SPARES`] training pairs drawn by (seed, epoch), the same
+    /// for every rank, from which a rank draws a substitute for an unreadable image.
+    pub fn spares(&self, epoch: u64) -> Vec<ShardEntry> {
+        let mut order: Vec<u32> = (0..self.pairs.len() as u32).collect();
+        let key = (self.seed ^ 0x5bd1_e995_5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ epoch.wrapping_add(1).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+        let (picked, _) = order.partial_shuffle(&mut ChaCha8Rng::seed_from_u64(key), SPARES);
+        picked
+            .iter()
+            .map(|&id| {
+                let (image, text) = &self.pairs[id as usize];
+                ShardEntry { pair_id: id as u64, image: image.clone(), text: text.clone() }
+            })
+            .collect()
+    }
+
     /// Rank `rank`'s pairs of `epoch`, in step order (`global_batch / world` per step).
     pub fn shard(&self, epoch: u64, rank: usize, world: usize) -> Vec<ShardEntry> {
         let order = self.epoch_order(epoch);
@@ -95,6 +115,16 @@ mod tests {
                 }
             }
         }
+        // Spares: the same whatever asks, distinct, drawn anew each epoch.
+        let sp: Vec<u64> = ix.spares(0).iter().map(|e| e.pair_id).collect();
+        assert_eq!(sp.len(), SPARES);
+        assert_eq!(sp, ix.spares(0).iter().map(|e| e.pair_id).collect::<Vec<_>>());
+        assert_ne!(sp, ix.spares(1).iter().map(|e| e.pair_id).collect::<Vec<_>>());
+        let mut d = sp.clone();
+        d.sort();
+        d.dedup();
+        assert_eq!(d.len(), SPARES);
+        assert_eq!(index(10, 2).spares(0).len(), 10);
         // Epochs differ, and an epoch holds no pair twice.
         assert_ne!(ix.epoch_order(0), ix.epoch_order(1));
         let mut e = ix.epoch_order(2);

@@ -14,7 +14,7 @@ use proto::tonic;
 use proto::v1::coordinator_server::Coordinator;
 use proto::v1::{
     Ack, Command, HeartbeatReply, HeartbeatRequest, Job, JobResult, NcclId, RegisterReply, RegisterRequest, ResultKind,
-    Session, ShardChunk, ShardRequest, StepMetrics,
+    Session, ShardChunk, ShardEntry, ShardRequest, StepMetrics,
 };
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc::UnboundedSender;
@@ -217,8 +217,12 @@ impl Coordinator for Service {
         }
         let rank = s.map_or(0, |s| s.rank as usize);
         let entries = self.shared.index.shard(r.epoch, rank, self.shared.world);
-        let chunks: Vec<Result<ShardChunk, Status>> =
-            entries.chunks(proto::SHARD_CHUNK).map(|c| Ok(ShardChunk { entries: c.to_vec() })).collect();
+        // The spares first, in a chunk of their own, then the entries in chunks of bounded size.
+        let spares = ShardChunk { entries: Vec::new(), spares: self.shared.index.spares(r.epoch) };
+        let chunks: Vec<Result<ShardChunk, Status>> = std::iter::once(spares)
+            .chain(shard_chunks(entries).into_iter().map(|entries| ShardChunk { entries, spares: Vec::new() }))
+            .map(Ok)
+            .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
@@ -267,5 +271,53 @@ impl Coordinator for Service {
         };
         let _ = self.shared.events.send(ev);
         Ok(Response::new(Ack {}))
+    }
+}
+
+/// Text and path bytes per shard chunk: a quarter of the message bound, so that long reports
+/// never make a chunk the worker must refuse.
+const CHUNK_BYTES: usize = proto::MAX_MESSAGE_BYTES / 4;
+
+/// `entries` cut into chunks of at most [`proto::SHARD_CHUNK`] entries and about [`CHUNK_BYTES`].
+fn shard_chunks(entries: Vec<ShardEntry>) -> Vec<Vec<ShardEntry>> {
+    let mut out = Vec::new();
+    let (mut cur, mut bytes) = (Vec::new(), 0);
+    for e in entries {
+        let size = e.text.len() + e.image.len() + 16;
+        if !cur.is_empty() && (cur.len() == proto::SHARD_CHUNK || bytes + size > CHUNK_BYTES) {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+        bytes += size;
+        cur.push(e);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+
+    #[test]
+    fn chunks_keep_order_and_stay_under_the_message_bound() {
+        let long = "x".repeat(20_000);
+        let entries: Vec<ShardEntry> = (0..3000u64)
+            .map(|i| ShardEntry {
+                pair_id: i,
+                image: format!("files/p10/p100/s{i}/a.jpg"),
+                text: if i % 3 == 0 { long.clone() } else { "short".into() },
+            })
+            .collect();
+        let chunks = shard_chunks(entries.clone());
+        assert!(chunks.len() > 3000 / proto::SHARD_CHUNK);
+        assert_eq!(chunks.concat(), entries);
+        for c in &chunks {
+            assert!(c.len() <= proto::SHARD_CHUNK);
+            let msg = ShardChunk { entries: c.clone(), spares: Vec::new() };
+            assert!(proto::prost::Message::encoded_len(&msg) < proto::MAX_MESSAGE_BYTES / 2);
+        }
     }
 }
