@@ -157,3 +157,60 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Workers started by hand as Slurm starts them (`SLURM_PROCID`, `SLURM_NTASKS`,
+/// `SLURM_LOCALID`), rank 1 first, against a coordinator that waits for them: each gets the rank
+/// Slurm gave it, their ring connects without the coordinator in the middle, and the losses are
+/// those of the run whose workers the coordinator spawned.
+#[test]
+fn slurm_style_workers_get_their_procid_and_the_same_losses() {
+    let _g = serial();
+    let want = reference();
+    let dir = fresh_dir("slurm");
+    let mut args = train_args(&dir, 2, STEPS);
+    let at = args.iter().position(|a| a == "--workers").expect("--workers");
+    args[at] = "--expect-workers".into();
+    let mut coord = coordinator().args(&args).stderr(Stdio::piped()).spawn().expect("coordinator");
+    let url_file = dir.join("coordinator.url");
+    assert!(
+        wait_for(Duration::from_secs(60), || std::fs::read_to_string(&url_file).is_ok_and(|u| u.ends_with('\n'))),
+        "the coordinator did not start serving"
+    );
+    let url = std::fs::read_to_string(&url_file).expect("url").trim().to_string();
+    let token = std::fs::read_to_string(dir.join("token")).expect("token").trim().to_string();
+    let start = |procid: u32| {
+        worker()
+            .args(["--coordinator", &url, "--ring-host", "127.0.0.1"])
+            .env("CXRCLIP_TOKEN", &token)
+            .env("SLURM_PROCID", procid.to_string())
+            .env("SLURM_NTASKS", "2")
+            .env("SLURM_LOCALID", procid.to_string())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("worker")
+    };
+    let mut second = start(1);
+    // Rank 1 is already registered when rank 0 arrives: ranks follow SLURM_PROCID, not arrival.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut first = start(0);
+    for w in [&mut first, &mut second] {
+        let status = wait_child(w, Duration::from_secs(120));
+        let mut err = String::new();
+        std::io::Read::read_to_string(w.stderr.as_mut().expect("stderr"), &mut err).expect("stderr");
+        assert!(status.success(), "{status}\n{err}");
+        assert!(!err.contains("SLURM_NTASKS is"), "{err}");
+    }
+    let status = wait_child(&mut coord, Duration::from_secs(60));
+    let mut err = String::new();
+    std::io::Read::read_to_string(coord.stderr.as_mut().expect("stderr"), &mut err).expect("stderr");
+    assert!(status.success(), "{status}\n{err}");
+    for (rank, pid) in [(0, first.id()), (1, second.id())] {
+        let line = err.lines().find(|l| l.contains(&format!("rank {rank} joined"))).unwrap_or_default();
+        assert!(line.ends_with(&format!("(pid {pid})")), "rank {rank} should be pid {pid}:\n{err}");
+    }
+    let got = losses(&dir);
+    assert_eq!(got.len(), want.len(), "{err}");
+    for ((s, g), (_, w)) in got.iter().zip(want) {
+        assert_close(&format!("loss of step {s}"), *g, *w, 1e-6);
+    }
+}
