@@ -54,9 +54,19 @@ pub fn worker() -> Command {
     c
 }
 
-/// A fresh run folder under the target folder.
+/// A fresh run folder under the target folder. Folders that earlier test processes left (a
+/// failed test's, kept to look at) go once their process is gone, so they do not pile up.
 pub fn fresh_dir(name: &str) -> PathBuf {
-    let d = bin_dir().join("e2e").join(format!("{name}-{}", std::process::id()));
+    let root = bin_dir().join("e2e");
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let file = e.file_name();
+        let Some((tag, pid)) = file.to_str().and_then(|f| f.rsplit_once('-')) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if tag == name && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let d = root.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("run dir");
     d
