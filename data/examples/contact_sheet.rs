@@ -1,7 +1,10 @@
-//! Renders 16 synthetic radiographs into a 4 x 4 contact sheet PNG with their positive labels.
+//! Renders 16 synthetic radiographs into a 4 x 4 contact sheet PNG with their positive labels:
+//! three rows of frontal films and a last row of laterals (captions start with LAT).
 //! `cargo run --release -p data --example contact_sheet -- docs/synthetic-contact-sheet.png [layout] [seed]`
+//! With a fourth argument K, writes only image K (12 and up are laterals) at three times the size,
+//! to look at details.
 
-use data::synth::{render_one, Layout, SynthConfig};
+use data::synth::{render_view, Layout, SynthConfig};
 use data::{LabelValue, LABELS};
 
 fn main() -> anyhow::Result<()> {
@@ -11,13 +14,26 @@ fn main() -> anyhow::Result<()> {
         args.get(2).map(|s| s.parse().map_err(anyhow::Error::msg)).transpose()?.unwrap_or(Layout::Mimic);
     let seed: u64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(7);
     let cfg = SynthConfig { layout, seed, size: 256, ..Default::default() };
+    if let Some(k) = args.get(4) {
+        let k: usize = k.parse()?;
+        let (px, w, h, _, _) = render_view(&cfg, k, k >= 12);
+        // A fifth argument "top" zooms into the upper half (shoulders, apices) at six times.
+        let top = args.get(5).is_some_and(|s| s == "top");
+        let (z, h) = if top { (6, h / 2) } else { (3, h) };
+        let big: Vec<u8> =
+            (0..h * z).flat_map(|y| (0..w * z).map(move |x| (y, x))).map(|(y, x)| px[(y / z) * w + x / z]).collect();
+        image::save_buffer(&out, &big, (w * z) as u32, (h * z) as u32, image::ExtendedColorType::L8)?;
+        println!("wrote {out}");
+        return Ok(());
+    }
     let cell = 256usize;
     let cap_h = 34usize;
     let (cols, rows) = (4usize, 4usize);
     let (sw, sh) = (cols * cell, rows * (cell + cap_h));
     let mut sheet = vec![0u8; sw * sh];
     for k in 0..16 {
-        let (px, w, h, labels, _text) = render_one(&cfg, k);
+        let lateral = k >= 12;
+        let (px, w, h, labels, _text) = render_view(&cfg, k, lateral);
         let (cx, cy) = ((k % cols) * cell, (k / cols) * (cell + cap_h));
         // Centre-crop tall images to the square cell.
         let off = (h - w.min(h)) / 2;
@@ -30,7 +46,7 @@ fn main() -> anyhow::Result<()> {
             LABELS.iter().zip(labels.iter()).filter(|(_, v)| **v == LabelValue::Positive).map(|(l, _)| *l).collect();
         let unc: Vec<&str> =
             LABELS.iter().zip(labels.iter()).filter(|(_, v)| **v == LabelValue::Uncertain).map(|(l, _)| *l).collect();
-        let mut line = pos.join(", ");
+        let mut line = if lateral { "LAT: ".to_string() } else { String::new() } + &pos.join(", ");
         if !unc.is_empty() {
             line += &format!(" | ?{}", unc.join(", ?"));
         }
@@ -75,6 +91,7 @@ mod text {
             '?' => [0b110, 0b001, 0b010, 0b000, 0b010],
             ',' => [0b000, 0b000, 0b000, 0b010, 0b100],
             '|' => [0b010, 0b010, 0b010, 0b010, 0b010],
+            ':' => [0b000, 0b010, 0b000, 0b010, 0b000],
             _ => [0; 5],
         }
     }

@@ -90,6 +90,7 @@ fn mirror(r: [f32; 4]) -> [f32; 4] {
 /// narrowing apices, the run is the mediastinum and the clavicles).
 fn measured_ctr(img: &[u8]) -> f64 {
     const LUNG: u8 = 125; // aerated lung is darker; heart, chest wall and abdomen brighter
+    const AIR: u8 = 40; // but not as dark as the air around the patient
     let px = |x: usize, y: usize| img[y * W + x];
     let mut rows = Vec::new(); // (y, lung span l0..=l1, heart run width)
     for y in W / 8..W * 7 / 8 {
@@ -97,10 +98,27 @@ fn measured_ctr(img: &[u8]) -> f64 {
         // Inside the body: from the first to the last pixel brighter than the air around it.
         let Some(b0) = row.iter().position(|&v| v > 100) else { continue };
         let b1 = row.iter().rposition(|&v| v > 100).unwrap();
-        // The chest wall's soft-tissue edge fades to black over a few pixels: not lung.
+        // The chest wall's soft-tissue edge fades to black over a few pixels, and between the
+        // arm and the chest wall there may be a narrow strip of air: not lung. Lung is a wide
+        // dark run walled in by bright tissue on both sides (chest wall, mediastinum), and not
+        // black: the air outside the body, above the shoulders, is.
         let edge = W / 32;
-        let lung: Vec<usize> = (b0 + edge..=b1.saturating_sub(edge)).filter(|&x| row[x] < LUNG).collect();
-        let (Some(&l0), Some(&l1)) = (lung.first(), lung.last()) else { continue };
+        let mut runs = Vec::new();
+        let mut x = b0 + edge;
+        while x <= b1.saturating_sub(edge) {
+            if (AIR..LUNG).contains(&row[x]) {
+                let s = x;
+                while x < b1.saturating_sub(edge) && (AIR..LUNG).contains(&row[x + 1]) {
+                    x += 1;
+                }
+                let walled = s > 0 && row[s - 1] >= LUNG && x + 1 < W && row[x + 1] >= LUNG;
+                if x - s + 1 >= W / 24 && walled {
+                    runs.push((s, x));
+                }
+            }
+            x += 1;
+        }
+        let (Some(&(l0, _)), Some(&(_, l1))) = (runs.first(), runs.last()) else { continue };
         let mid = (l0 + l1) / 2;
         let mut heart = 0;
         if row[mid] >= LUNG {
@@ -117,6 +135,11 @@ fn measured_ctr(img: &[u8]) -> f64 {
         }
         rows.push((y, l0, l1, heart));
     }
+    // The thorax is widest towards the bases: the upper third of the rows with lung-like runs
+    // (the apices, and the soft tissue over the shoulders on either side of the neck) is not
+    // measured.
+    let (y_first, y_last) = (rows.first().map_or(0, |r| r.0), rows.last().map_or(0, |r| r.0));
+    rows.retain(|r| r.0 >= y_first + (y_last - y_first) / 3);
     let thorax = rows.iter().map(|r| r.2 - r.1 + 1).max().unwrap_or(1);
     // The right hemidiaphragm: going down the right lung's mid-clavicular line from mid-height,
     // the first row that turns bright for good (a rib is a few rows; the liver is many).

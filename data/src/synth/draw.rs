@@ -125,6 +125,97 @@ pub fn band(
     }
 }
 
+/// A long bone (or, with `p0 == p1`, a round one) seen in projection: a capsule whose radius goes
+/// from `r0` at `p0` to `r1` at `p1`, drawn as a tube of cortex around marrow. The path through
+/// the cortex is longest where the beam grazes it, so the margins are brighter than the middle,
+/// as on a film. `cortex` is the cortical thickness as a fraction of the radius, `marrow` the
+/// density of the medulla relative to the cortex.
+#[allow(clippy::too_many_arguments)]
+pub fn bone(
+    buf: &mut [f32],
+    f: &Frame,
+    p0: (f32, f32),
+    p1: (f32, f32),
+    r0: f32,
+    r1: f32,
+    cortex: f32,
+    marrow: f32,
+    amp: f32,
+) {
+    let (x0, y0) = f.to_px(p0.0, p0.1);
+    let (x1, y1) = f.to_px(p1.0, p1.1);
+    let (rp0, rp1) = (f.len_px(r0).max(0.8), f.len_px(r1).max(0.8));
+    let rm = rp0.max(rp1);
+    let (w, h) = (f.w as i32, f.h as i32);
+    let xa = ((x0.min(x1) - rm - 1.0).floor() as i32).max(0);
+    let xb = ((x0.max(x1) + rm + 1.0).ceil() as i32).min(w - 1);
+    let ya = ((y0.min(y1) - rm - 1.0).floor() as i32).max(0);
+    let yb = ((y0.max(y1) + rm + 1.0).ceil() as i32).min(h - 1);
+    if xa > xb || ya > yb {
+        return;
+    }
+    let (dx, dy) = (x1 - x0, y1 - y0);
+    let len2 = (dx * dx + dy * dy).max(1e-6);
+    let k2 = (1.0 - cortex).max(0.0).powi(2);
+    for py in ya..=yb {
+        let fy = py as f32 + 0.5;
+        let row = py as usize * f.w;
+        for px in xa..=xb {
+            let fx = px as f32 + 0.5;
+            let t = (((fx - x0) * dx + (fy - y0) * dy) / len2).clamp(0.0, 1.0);
+            let ex = fx - (x0 + t * dx);
+            let ey = fy - (y0 + t * dy);
+            let r = rp0 + (rp1 - rp0) * t;
+            let d2 = (ex * ex + ey * ey) / (r * r);
+            if d2 < 1.0 {
+                let outer = (1.0 - d2).sqrt();
+                let inner = (k2 - d2).max(0.0).sqrt();
+                buf[row + px as usize] += amp * (outer - inner + marrow * inner);
+            }
+        }
+    }
+}
+
+/// A filled convex polygon (canonical points, either winding), soft edge of `soft_px` pixels.
+pub fn convex(buf: &mut [f32], f: &Frame, pts: &[(f32, f32)], amp: f32, soft_px: f32) {
+    let px: Vec<(f32, f32)> = pts.iter().map(|p| f.to_px(p.0, p.1)).collect();
+    let n = px.len();
+    if n < 3 {
+        return;
+    }
+    // Signed area picks the winding, so each edge's inward normal points inside.
+    let area: f32 = (0..n).map(|i| px[i].0 * px[(i + 1) % n].1 - px[(i + 1) % n].0 * px[i].1).sum();
+    let sgn = if area > 0.0 { 1.0 } else { -1.0 };
+    let edges: Vec<(f32, f32, f32)> = (0..n)
+        .map(|i| {
+            let (a, b) = (px[i], px[(i + 1) % n]);
+            let (ex, ey) = (b.0 - a.0, b.1 - a.1);
+            let l = (ex * ex + ey * ey).sqrt().max(1e-6);
+            let (nx, ny) = (-ey * sgn / l, ex * sgn / l);
+            (nx, ny, -(nx * a.0 + ny * a.1))
+        })
+        .collect();
+    let xa = (px.iter().map(|p| p.0).fold(f32::MAX, f32::min) - soft_px).floor().max(0.0) as usize;
+    let xb = (px.iter().map(|p| p.0).fold(f32::MIN, f32::max) + soft_px).ceil().min(f.w as f32 - 1.0);
+    let ya = (px.iter().map(|p| p.1).fold(f32::MAX, f32::min) - soft_px).floor().max(0.0) as usize;
+    let yb = (px.iter().map(|p| p.1).fold(f32::MIN, f32::max) + soft_px).ceil().min(f.h as f32 - 1.0);
+    if xb < 0.0 || yb < 0.0 {
+        return;
+    }
+    let inv = 1.0 / soft_px.max(0.5);
+    for py in ya..=yb as usize {
+        let fy = py as f32 + 0.5;
+        for px_ in xa..=xb as usize {
+            let fx = px_ as f32 + 0.5;
+            let d = edges.iter().map(|e| e.0 * fx + e.1 * fy + e.2).fold(f32::MAX, f32::min);
+            let m = (d * inv + 0.5).clamp(0.0, 1.0);
+            if m > 0.0 {
+                buf[py * f.w + px_] += amp * m;
+            }
+        }
+    }
+}
+
 /// Filled ellipse (rotated by `ang`), soft edge of `soft_px` pixels.
 #[allow(clippy::too_many_arguments)]
 pub fn ellipse(buf: &mut [f32], f: &Frame, c: (f32, f32), r: (f32, f32), ang: f32, amp: f32, soft_px: f32) {

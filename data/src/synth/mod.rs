@@ -151,8 +151,18 @@ struct Study {
     images: Vec<Image>,
 }
 
-/// One study: truth, report and its images (all of them, or with `frontal_only` the first).
-fn make_study(cfg: &SynthConfig, site: &Site, p: Planned, scratch: &mut Scratch, frontal_only: bool) -> Study {
+/// Which of a study's images [`make_study`] renders.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    All,
+    /// The first (frontal) image only.
+    Frontal,
+    /// The lateral only (drawn even for a study that has none).
+    Lateral,
+}
+
+/// One study: truth, report and the images `want` asks for.
+fn make_study(cfg: &SynthConfig, site: &Site, p: Planned, scratch: &mut Scratch, want: Want) -> Study {
     let mut rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed, 1, p.index as u64));
     let truth = truth::sample(&mut rng, site, cfg.prevalence);
     let report = report::write(&mut rng, &truth);
@@ -166,12 +176,20 @@ fn make_study(cfg: &SynthConfig, site: &Site, p: Planned, scratch: &mut Scratch,
             views.push(View::Lateral);
         }
     }
-    if frontal_only {
-        views.truncate(1);
+    match want {
+        Want::All => {}
+        Want::Frontal => views.truncate(1),
+        Want::Lateral => {
+            if views.last() != Some(&View::Lateral) {
+                views.push(View::Lateral);
+            }
+        }
     }
+    let skip = if want == Want::Lateral { views.len() - 1 } else { 0 };
     let images = views
         .into_iter()
         .enumerate()
+        .skip(skip)
         .map(|(k, view)| {
             let id = mix(cfg.seed, 2 + k as u64, p.index as u64);
             let mut irng = ChaCha8Rng::seed_from_u64(id);
@@ -243,7 +261,7 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
     let rows: Vec<Result<Vec<Row>>> = plan
         .par_iter()
         .map_init(Scratch::default, |scratch, p| {
-            let study = make_study(cfg, site, *p, scratch, false);
+            let study = make_study(cfg, site, *p, scratch, Want::All);
             write_study(out, cfg, &study)
         })
         .collect();
@@ -512,6 +530,16 @@ fn write_rsna_tables(out: &Path, rows: &[Row]) -> Result<()> {
 
 /// Renders one image in memory (no files): for benchmarks and the contact sheet.
 pub fn render_one(cfg: &SynthConfig, index: usize) -> (Vec<u8>, usize, usize, [LabelValue; NUM_LABELS], String) {
+    render_view(cfg, index, false)
+}
+
+/// Like [`render_one`], but with `lateral` the study's lateral view (drawn even for a study that
+/// has none), for the contact sheet.
+pub fn render_view(
+    cfg: &SynthConfig,
+    index: usize,
+    lateral: bool,
+) -> (Vec<u8>, usize, usize, [LabelValue; NUM_LABELS], String) {
     let site = site::for_layout(match cfg.layout {
         Layout::Mimic => "mimic",
         Layout::Chexpert => "chexpert",
@@ -520,7 +548,8 @@ pub fn render_one(cfg: &SynthConfig, index: usize) -> (Vec<u8>, usize, usize, [L
     let mut scratch = Scratch::default();
     // Only the frontal: rendering the study's other views here would cost time for images that
     // are thrown away (benchmarks count one image per call).
-    let s = make_study(cfg, site, Planned { patient: index, ordinal: 1, index }, &mut scratch, true);
+    let want = if lateral { Want::Lateral } else { Want::Frontal };
+    let s = make_study(cfg, site, Planned { patient: index, ordinal: 1, index }, &mut scratch, want);
     let img = s.images.into_iter().next().expect("every study has a frontal image");
     (img.pixels, img.w, img.h, s.report.chexpert, s.report.text)
 }

@@ -10,7 +10,7 @@ use std::f32::consts::PI;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::draw::{band, blur121, ellipse, polyline, ramp, segment, smooth, Frame, ValueNoise};
+use super::draw::{band, blur121, bone, convex, ellipse, polyline, ramp, segment, smooth, Frame, ValueNoise};
 use super::site::Site;
 use super::truth::{idx::*, Side, Truth, View, Zone};
 
@@ -84,7 +84,7 @@ impl Lung {
     /// The apex: a rounded cap rising above the clavicle, highest a little lateral to the spine.
     #[inline]
     fn top(&self, u: f32) -> f32 {
-        self.apex + 1.8 * (u - 0.15) * (u - 0.15)
+        self.apex + 2.6 * (u - 0.15) * (u - 0.15)
     }
     /// Soft inside-ness in [0, 1]; `e` is the edge width in canonical units.
     #[inline]
@@ -119,6 +119,8 @@ struct Scene {
     ptx: [f32; 2],
     /// The first `n_pneumonic` blobs are consolidation / pneumonia (the RSNA boxes).
     n_pneumonic: usize,
+    /// Centre of the humeral head (lateral offset from the midline, height).
+    shoulder: (f32, f32),
 }
 
 fn side_index(s: Side) -> usize {
@@ -173,6 +175,11 @@ fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis
     let heart_lw = hw - heart_rw;
     let heart_h = 0.27 + 0.06 * (ctr - 0.45).max(0.0) / 0.2;
     let mut med_hw = rng.random_range(0.055..0.065) + if ap { 0.01 } else { 0.0 };
+    // Supine AP films catch the shoulders higher and closer in.
+    let shoulder = (
+        rng.random_range(0.445..0.47) - if ap { 0.01 } else { 0.0 },
+        rng.random_range(0.145..0.17) - if ap { 0.015 } else { 0.0 },
+    );
     if t.present(ECM) {
         med_hw += 0.03 + 0.04 * sev(ECM);
     }
@@ -260,7 +267,7 @@ fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis
         ptx[side_index(t.side[PNEUMOTHORAX])] = sev(PNEUMOTHORAX);
     }
     let edema = if t.present(EDEMA) { sev(EDEMA) } else { 0.0 };
-    Scene { lungs, heart_rw, heart_lw, heart_h, med_hw, blobs, effusion, edema, ptx, n_pneumonic }
+    Scene { lungs, heart_rw, heart_lw, heart_h, med_hw, blobs, effusion, edema, ptx, n_pneumonic, shoulder }
 }
 
 /// Renders one image of `truth` in `view` as 8-bit grey, `w` x `h`, into `out`.
@@ -289,7 +296,9 @@ pub fn render(
         h,
         xc: 0.5 + rng.random_range(-0.02..0.02),
         yc: 0.5 + rng.random_range(-0.015..0.03),
-        sc: if truth.female { rng.random_range(0.86..0.97) } else { rng.random_range(0.92..1.03) },
+        // The film is a little wider than the chest: the shoulders and the humeral heads show at the
+        // upper corners.
+        sc: if truth.female { rng.random_range(0.8..0.9) } else { rng.random_range(0.85..0.95) },
         y0: (h as f32 - w as f32) * 0.5,
     };
     let boxes = match view {
@@ -348,19 +357,31 @@ fn frontal(
     // the pixel-sharp ramp used for the skin line.
     let ie_sil = 1.0 / (2.2 * e);
     let breast_v = sc.lungs[1].dome - 0.05;
+    // The upper arm: its axis starts over the humeral head (lateral offset from the midline,
+    // height) and then hugs the chest wall, out of the film; its soft-tissue radius.
+    let arm_p = (sc.shoulder.0 + 0.015, sc.shoulder.1 - 0.05);
+    let arm_r = 0.08;
+    let inv_arm_r2 = 1.0 / (arm_r * arm_r);
     for py in 0..h {
         let (_, cy) = f.to_canon(0.5, py as f32 + 0.5);
         // Everything that depends only on the row is computed once per row.
         // Neck, then the trapezius slope out to the shoulders, then the chest wall tapering
         // slightly towards the waist.
-        let hwb = if cy < -0.06 {
+        // The arms and the deltoids (drawn apart) fill out the shoulders beyond the trapezius.
+        let hwb = if cy < -0.08 {
             0.1
-        } else if cy < 0.1 {
-            0.1 + 0.38 * smooth((cy + 0.06) / 0.16)
+        } else if cy < 0.08 {
+            0.1 + 0.33 * smooth((cy + 0.08) / 0.16)
+        } else if cy < 0.26 {
+            0.43 + 0.05 * smooth((cy - 0.08) / 0.18)
         } else {
-            0.48 - 0.03 * (cy - 0.1)
+            0.48 - 0.03 * (cy - 0.26)
         };
         let inv_hwb = 1.0 / hwb;
+        // Above the shoulder the arm is the rounded deltoid cap; below it the axis leaves the
+        // humeral head to run along the chest wall, its inner edge overlapping it (no gap of air).
+        let arm_ey = (cy - arm_p.1).min(0.0);
+        let arm_x = arm_p.0 + (hwb + 0.045 - arm_p.0) * smooth((cy - arm_p.1) / 0.2);
         let lat_v = [sc.lungs[0].lateral(cy), sc.lungs[1].lateral(cy)];
         // Cardiomediastinal silhouette, row by row, as its right and left borders measured from
         // the midline. Right: the SVC above, then the convex right atrium. Left: the aortic knob,
@@ -416,14 +437,30 @@ fn frontal(
             // Body outline: neck, shoulders, chest wall; thicker in the middle.
             let body = ramp((hwb - adx) * ie);
             let i = py * w + px;
-            if body <= 0.0 {
+            // The arms hang beside the chest: the deltoid caps the shoulder and the upper arm runs
+            // down and out of the film, overlapping the chest wall at the axilla.
+            let arm = if adx > arm_x - arm_r {
+                let (ex, ey) = (adx - arm_x, arm_ey);
+                let d2 = ex * ex + ey * ey;
+                let q = d2 * inv_arm_r2;
+                if q < 1.0 {
+                    (0.35 + 0.65 * (1.0 - q).sqrt()) * ramp((arm_r - d2.sqrt()) * ie)
+                } else {
+                    0.0
+                }
+            } else {
+                0.0
+            };
+            if body <= 0.0 && arm <= 0.0 {
                 a[i] = 0.0;
                 continue;
             }
             // The trunk is an elliptic cylinder: its path length falls towards the skin, so the
             // soft tissue fades out at the edge instead of stopping in a step.
             let rr = (1.0 - (adx * inv_hwb) * (adx * inv_hwb)).max(0.0);
-            let mut att = 1.05 * body * (0.3 + 0.7 * rr.sqrt());
+            let trunk = 1.05 * body * (0.3 + 0.7 * rr.sqrt());
+            let arm = 0.6 * arm;
+            let mut att = trunk.max(arm) + 0.3 * trunk.min(arm);
             // The silhouette hides most of the lung behind it; some retrocardiac lung remains.
             let sil = if dx > 0.0 { ramp((lb - dx) * ie_sil) } else { ramp((rb + dx) * ie_sil) };
             let (side, si) = if dx < 0.0 { (Side::Right, 0) } else { (Side::Left, 1) };
@@ -570,32 +607,7 @@ fn frontal(
     }
 
     ribs(a, f, t, &sc, view, rng, &mut fr);
-    // Clavicles: S-shaped bones from the sternal notch up and out to the shoulders.
-    let clav_y = if view == View::Ap { 0.115 } else { 0.145 };
-    let clav_rise = if view == View::Ap { 0.02 } else { 0.05 };
-    for sgn in [-1.0f32, 1.0] {
-        let (x0, x1) = if sgn < 0.0 { (0.5 - 0.34, 0.5 - 0.035) } else { (0.5 + 0.035, 0.5 + 0.34) };
-        band(
-            a,
-            f,
-            x0,
-            x1,
-            |cx| {
-                let u = (cx - 0.5).abs();
-                let s = (u - 0.035) / 0.3;
-                Some((clav_y - clav_rise * s + 0.012 * (2.0 * PI * s).sin(), 0.012 + 0.004 * (1.0 - s)))
-            },
-            |d| 0.2 + 0.12 * d * d,
-        );
-        if view == View::Ap {
-            // The scapulae project over the lateral lungs on AP films.
-            segment(a, f, (0.5 + sgn * 0.37, 0.13), (0.5 + sgn * 0.31, 0.36), 0.004, 0.12, None);
-        }
-    }
-    // Humeral heads at the upper corners.
-    for sgn in [-1.0f32, 1.0] {
-        ellipse(a, f, (0.5 + sgn * 0.45, 0.085), (0.045, 0.055), 0.0, 0.25, 3.0);
-    }
+    shoulders(a, f, &sc, view);
     devices(a, f, t, &sc, &mut fr);
     // Bounding boxes of the pneumonic opacities, in pixels (x, y, width, height).
     sc.blobs[..sc.n_pneumonic]
@@ -609,6 +621,82 @@ fn frontal(
             [x0, y0, (px + r).min(f.w as f32) - x0, (py + r).min(f.h as f32) - y0]
         })
         .collect()
+}
+
+/// Clavicles, scapulae and the proximal humeri. The humeral head sits in the glenoid of the
+/// scapula, the clavicle runs from the sternal notch out to the acromion above it, the scapula's
+/// body is a thin plate whose thick lateral border runs down from the glenoid, and the humeral
+/// shaft leaves the film down and out. On PA films the shoulders are rolled forward, which draws
+/// the scapulae off the lungs; on supine AP films they overlap the lateral lung.
+fn shoulders(a: &mut [f32], f: &Frame, sc: &Scene, view: View) {
+    let ap = view == View::Ap;
+    let (hu, hv) = sc.shoulder;
+    // Clavicles: S-shaped bones from the sternal notch up and out to the acromion.
+    let clav_y = hv + if ap { 0.0 } else { 0.035 };
+    let clav_rise = if ap { 0.03 } else { 0.07 };
+    let clav_end = hu - 0.06;
+    let m = if ap { -0.01 } else { 0.025 };
+    for sgn in [-1.0f32, 1.0] {
+        let p = |u: f32, v: f32| (0.5 + sgn * u, v);
+        let (x0, x1) = if sgn < 0.0 { (0.5 - clav_end, 0.5 - 0.035) } else { (0.5 + 0.035, 0.5 + clav_end) };
+        let span = clav_end - 0.035;
+        band(
+            a,
+            f,
+            x0,
+            x1,
+            |cx| {
+                let u = (cx - 0.5).abs();
+                let s = (u - 0.035) / span;
+                // Thick medial end, thinner shaft, a flattened lateral end under the acromion.
+                let half = 0.012 + 0.005 * (1.0 - s) * (1.0 - s) + 0.003 * smooth((s - 0.8) / 0.2);
+                Some((clav_y - clav_rise * s + 0.012 * (2.0 * PI * s).sin(), half))
+            },
+            |d| 0.17 + 0.15 * d * d,
+        );
+        let acr = (clav_end + 0.008, clav_y - clav_rise - 0.004);
+        // Scapular body: a thin plate, faint; its lateral border is a thick ridge of bone.
+        let glen = (hu - 0.04, hv + 0.002);
+        let sup = (0.285 + m, hv - 0.07);
+        let inf = (0.345 + m, hv + 0.25);
+        convex(
+            a,
+            f,
+            &[
+                p(glen.0 - 0.006, glen.1 - 0.03),
+                p(sup.0, sup.1),
+                p(0.295 + m, hv + 0.12),
+                p(inf.0, inf.1),
+                p(glen.0 - 0.01, glen.1 + 0.035),
+            ],
+            0.08,
+            2.0,
+        );
+        bone(a, f, p(glen.0 - 0.008, glen.1 + 0.03), p(inf.0, inf.1), 0.008, 0.005, 0.5, 0.4, 0.22);
+        segment(a, f, p(sup.0, sup.1), p(inf.0 - 0.005, inf.1), 0.003, 0.04, None);
+        // Spine of the scapula up to the acromion, which roofs the humeral head.
+        bone(a, f, p(0.3 + m, hv - 0.03), p(acr.0 + 0.02, acr.1 + 0.004), 0.006, 0.009, 0.4, 0.5, 0.12);
+        bone(a, f, p(acr.0, acr.1), p(hu + 0.02, acr.1 + 0.01), 0.011, 0.01, 0.35, 0.5, 0.16);
+        // Coracoid process below the lateral clavicle, seen nearly end-on.
+        bone(
+            a,
+            f,
+            p(clav_end - 0.04, clav_y - clav_rise + 0.03),
+            p(clav_end - 0.025, clav_y - clav_rise + 0.036),
+            0.009,
+            0.007,
+            0.4,
+            0.5,
+            0.16,
+        );
+        // Glenoid: the rim of the socket projects as an oval ring over the head's medial part.
+        ellipse(a, f, p(glen.0, glen.1), (0.011, 0.03), 0.0, 0.16, 1.2);
+        ellipse(a, f, p(glen.0 + 0.001, glen.1), (0.006, 0.024), 0.0, -0.11, 1.2);
+        // Humerus: the head, the greater tuberosity lateral to it, the neck and the shaft.
+        bone(a, f, p(hu, hv), p(hu, hv), 0.05, 0.05, 0.15, 0.35, 0.75);
+        bone(a, f, p(hu + 0.035, hv + 0.005), p(hu + 0.03, hv + 0.03), 0.018, 0.02, 0.3, 0.6, 0.12);
+        bone(a, f, p(hu + 0.016, hv + 0.05), p(hu + 0.1, hv + 0.45), 0.027, 0.022, 0.3, 0.25, 0.5);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
