@@ -85,6 +85,38 @@ pub fn segment(
     }
 }
 
+/// A tube along a polyline (a vessel seen side-on): each pixel takes the profile of its nearest
+/// segment, so the joints do not double up as `polyline` would.
+pub fn tube(buf: &mut [f32], f: &Frame, pts: &[(f32, f32)], half_width: f32, amp: f32) {
+    let p: Vec<(f32, f32)> = pts.iter().map(|q| f.to_px(q.0, q.1)).collect();
+    let hw = f.len_px(half_width).max(0.8);
+    let xa = (p.iter().map(|q| q.0).fold(f32::MAX, f32::min) - hw - 1.0).floor().max(0.0) as usize;
+    let xb = (p.iter().map(|q| q.0).fold(f32::MIN, f32::max) + hw + 1.0).ceil().min(f.w as f32 - 1.0);
+    let ya = (p.iter().map(|q| q.1).fold(f32::MAX, f32::min) - hw - 1.0).floor().max(0.0) as usize;
+    let yb = (p.iter().map(|q| q.1).fold(f32::MIN, f32::max) + hw + 1.0).ceil().min(f.h as f32 - 1.0);
+    if xb < 0.0 || yb < 0.0 {
+        return;
+    }
+    let inv_hw2 = 1.0 / (hw * hw);
+    for py in ya..=yb as usize {
+        let fy = py as f32 + 0.5;
+        for px in xa..=xb as usize {
+            let fx = px as f32 + 0.5;
+            let mut d2 = f32::MAX;
+            for s in p.windows(2) {
+                let (dx, dy) = (s[1].0 - s[0].0, s[1].1 - s[0].1);
+                let t = (((fx - s[0].0) * dx + (fy - s[0].1) * dy) / (dx * dx + dy * dy).max(1e-6)).clamp(0.0, 1.0);
+                let (ex, ey) = (fx - s[0].0 - t * dx, fy - s[0].1 - t * dy);
+                d2 = d2.min(ex * ex + ey * ey);
+            }
+            let q = d2 * inv_hw2;
+            if q < 1.0 {
+                buf[py * f.w + px] += amp * (1.0 - q).sqrt();
+            }
+        }
+    }
+}
+
 /// A polyline through canonical points.
 pub fn polyline(buf: &mut [f32], f: &Frame, pts: &[(f32, f32)], half_width: f32, amp: f32) {
     for w in pts.windows(2) {

@@ -10,7 +10,7 @@ use std::f32::consts::PI;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::draw::{band, blur121, bone, convex, ellipse, polyline, ramp, segment, smooth, Frame, ValueNoise};
+use super::draw::{band, blur121, bone, convex, ellipse, polyline, ramp, segment, smooth, tube, Frame, ValueNoise};
 use super::site::Site;
 use super::truth::{idx::*, Side, Truth, View, Zone};
 
@@ -303,7 +303,7 @@ pub fn render(
     };
     let boxes = match view {
         View::Lateral => {
-            lateral(rng, truth, &frame, visibility, a, vis);
+            lateral(rng, truth, &frame, visibility, a, vis, fill);
             Vec::new()
         }
         _ => frontal(rng, truth, view, &frame, visibility, a, vis, fill),
@@ -841,100 +841,256 @@ fn devices(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, rng: &mut impl Rng) 
     }
 }
 
-/// The lateral projection: anterior to the image's left, spine on the right.
-fn lateral(rng: &mut impl Rng, t: &Truth, f: &Frame, vis_scale: f32, a: &mut [f32], vis: &mut [f32]) {
+/// The lateral projection, anterior to the image's left: the sternum in front, the thoracic spine
+/// behind, the heart anterior and low on the diaphragm with the clear retrosternal space above it,
+/// the aorta arching back over the hila to descend in front of the spine, the trachea down to the
+/// carina, both hemidiaphragms (the right higher, the left lost in front where the heart sits on
+/// it) falling to the deep posterior costophrenic sulci, posterior ribs of both sides, scapulae, and
+/// the arms raised over the upper chest.
+#[allow(clippy::too_many_arguments)]
+fn lateral(rng: &mut impl Rng, t: &Truth, f: &Frame, vis_scale: f32, a: &mut [f32], vis: &mut [f32], fill: &mut [f32]) {
     let (w, h) = (f.w, f.h);
     let e = 1.2 / f.len_px(1.0);
+    let ie = 1.0 / e;
     let sev = |i: usize| (t.severity[i] * vis_scale).min(1.2);
-    let dome = rng.random_range(0.66..0.72);
-    let heart_r = if t.present(CARDIOMEGALY) { 0.15 + 0.04 * sev(CARDIOMEGALY) } else { 0.14 };
-    let heart_c = (0.36, dome - 0.09);
+    let dome = rng.random_range(0.6..0.66);
+    // Where the domes peak (front to back) and how far the posterior sulci fall below them.
+    let dome_x = rng.random_range(0.36..0.42);
+    let sulcus = rng.random_range(0.14..0.18);
+    let big = if t.present(CARDIOMEGALY) { sev(CARDIOMEGALY) } else { 0.0 };
+    let sternum_x = rng.random_range(0.17..0.2);
+    let spine_x = rng.random_range(0.7..0.73);
     let mut fr = ChaCha8Rng::seed_from_u64(rng.random());
     let tex = ValueNoise::new(rng, 24);
+    let tex_hi = ValueNoise::new(rng, 40);
     let eff = if t.present(EFFUSION) { sev(EFFUSION) } else { 0.0 };
+    let edema = if t.present(EDEMA) { sev(EDEMA) } else { 0.0 };
     let mut blobs = Vec::new();
     for i in [CONSOLIDATION, PNEUMONIA, OPACITY, LESION] {
         if t.present(i) {
             let v = match t.zone[i] {
                 Zone::Upper => 0.25,
                 Zone::Middle => 0.42,
-                Zone::Lower => dome - 0.1,
+                Zone::Lower => dome - 0.02,
             };
             let r = if i == LESION { 0.02 } else { 0.06 + 0.04 * sev(i) };
+            let ang: f32 = fr.random_range(-0.6..0.6);
             blobs.push(Blob {
                 side: Side::Both,
-                u: fr.random_range(0.45..0.7),
+                u: fr.random_range(0.4..0.7),
                 v,
                 ru: r,
                 rv: r * 0.8,
-                cos: 1.0,
-                sin: 0.0,
+                cos: ang.cos(),
+                sin: ang.sin(),
                 dens: 0.6 * sev(i).min(1.0),
                 soft: if i == LESION { 0.12 } else { 0.5 },
             });
         }
     }
+    if t.present(ATELECTASIS) {
+        // Plate-like atelectasis: a thin oblique band low in the lung.
+        blobs.push(Blob {
+            side: Side::Both,
+            u: fr.random_range(0.45..0.6),
+            v: dome - 0.04,
+            ru: 0.1,
+            rv: 0.01 + 0.006 * sev(ATELECTASIS),
+            cos: f32::cos(0.25),
+            sin: f32::sin(0.25),
+            dens: 0.7 * sev(ATELECTASIS).min(1.0),
+            soft: 0.35,
+        });
+    }
+    // Solid structures inside the chest that displace lung: drawn into `fill` first, the pixel pass
+    // then takes the air they leave.
+    // It sits on the diaphragm: its lower part merges with the liver below the dome.
+    let heart_c = (0.33 + 0.04 * big, dome - 0.025);
+    let heart_r = (0.19 + 0.05 * big, 0.125 + 0.03 * big);
+    // The heart fills most of the chest's width there; lung lateral to it still shows a little.
+    ellipse(fill, f, heart_c, heart_r, -0.55, 0.85, 4.0);
+    // Left atrium above and behind the ventricles, the IVC entering below it.
+    ellipse(fill, f, (heart_c.0 + 0.1 + 0.03 * big, heart_c.1 - 0.06), (0.07, 0.055), 0.0, 0.45, 5.0);
+    ellipse(fill, f, (0.5 + 0.03 * big, dome + 0.02), (0.035, 0.06), 0.0, 0.5, 4.0);
+    // Aorta: ascending from the heart, arching back, descending in front of the spine.
+    let ao = 0.032 + if t.present(ECM) { 0.012 + 0.012 * sev(ECM) } else { 0.0 };
+    let arch = [
+        (0.38, heart_c.1 - 0.1),
+        (0.4, 0.27),
+        (0.47, 0.2),
+        (0.57, 0.195),
+        (0.64, 0.24),
+        (spine_x - 0.02, 0.34),
+        (spine_x - 0.015, dome + 0.1),
+    ];
+    tube(fill, f, &arch, ao, 0.4);
+    // Pulmonary trunk and the hila: vessels seen end-on, denser than the lung around them.
+    segment(fill, f, (0.4, heart_c.1 - 0.12), (0.5, 0.36), 0.026, 0.45, None);
+    ellipse(fill, f, (0.53, 0.41), (0.05, 0.045), 0.0, 0.35, 5.0);
+    let carina = (0.57, 0.37);
     for py in 0..h {
+        let (_, cy) = f.to_canon(0.5, py as f32 + 0.5);
+        // Skin: the neck at the top, the anterior chest wall just in front of the sternum, the
+        // abdomen a little further forward; the back gently convex.
+        let front = if cy < 0.12 {
+            0.36 - (0.36 - sternum_x + 0.035) * smooth((cy + 0.06) / 0.18)
+        } else {
+            sternum_x - 0.035 - 0.05 * (cy - 0.12) - 0.04 * smooth((cy - 0.55) / 0.3)
+        };
+        let back = if cy < 0.05 { 0.8 + 0.12 * smooth((cy + 0.15) / 0.2) } else { 0.92 + 0.015 * (PI * cy).sin() };
+        let mid = 0.5 * (front + back);
+        let inv_half = 2.0 / (back - front).max(0.1);
+        // Lungs: apex behind the clavicles, the retrosternal space in front, the posterior ribs behind.
+        let ant = sternum_x + 0.015 + 0.04 * smooth((cy - 0.55) / 0.2) + 0.1 * smooth((0.16 - cy) / 0.08);
+        let post = 0.85 - 0.03 * smooth((0.2 - cy) / 0.12);
+        let sx = spine_x + 0.02 * (PI * cy).sin();
+        let ph = (cy * 17.0).fract();
+        let vert = if ph < 0.12 {
+            0.6
+        } else if !(0.18..=0.95).contains(&ph) {
+            1.25
+        } else {
+            1.0
+        };
+        let trachea_x = 0.49 + (carina.0 - 0.49) * (cy / carina.1).clamp(0.0, 1.0);
         for px in 0..w {
-            let (cx, cy) = f.to_canon(px as f32 + 0.5, py as f32 + 0.5);
-            let front = if cy < 0.12 { 0.38 - 0.2 * smooth(cy / 0.12) } else { 0.16 + 0.06 * (cy - 0.5).powi(2) };
-            let back = 0.93;
-            let body = ramp((cx - front) / e) * ramp((back - cx) / e);
+            let (cx, _) = f.to_canon(px as f32 + 0.5, py as f32 + 0.5);
             let i = py * w + px;
+            let body = ramp((cx - front) * ie) * ramp((back - cx) * ie);
             if body <= 0.0 {
                 a[i] = 0.0;
                 continue;
             }
-            let mut att = 1.45 * body;
-            let top = 0.1 + 1.2 * (cx - 0.55).powi(2);
-            let bot = dome + 0.5 * (cx - 0.4).powi(2);
-            let ant = 0.22 + 0.1 * (cy - 0.55).max(0.0);
-            let m = ramp((cy - top) / e) * ramp((bot - cy) / e) * ramp((cx - ant) / e) * ramp((0.84 - cx) / e);
-            let hq = ((cx - heart_c.0).powi(2) + ((cy - heart_c.1) / 0.9).powi(2)).sqrt();
-            let heart = ramp((heart_r - hq) / e);
+            // Path length across the chest: longest in the middle, shorter front and back.
+            let q = (cx - mid) * inv_half;
+            let mut att = 1.35 * body * (0.45 + 0.55 * (1.0 - q * q).max(0.0).sqrt());
+            let top = 0.05 + 1.6 * (cx - 0.62) * (cx - 0.62);
+            // Two hemidiaphragms: each lung's floor is its own dome, highest in front of the
+            // middle and falling steeply to the posterior sulcus; the right is a little higher.
+            let dd = cx - dome_x;
+            let fall = if dd > 0.0 { sulcus * (dd / 0.45).powi(2) } else { 0.05 * (dd / 0.25).powi(2) };
+            let right = dome + fall;
+            let left = dome + 0.03 + fall * 1.05;
+            let base = 0.5 * ramp((right - cy) * ie) + 0.5 * ramp((left - cy) * ie);
+            // The apices fade out under the soft tissue of the shoulders and the raised arms.
+            let m = smooth((cy - top) / 0.1) * ramp((cx - ant) * ie * 0.5) * ramp((post - cx) * ie * 0.5) * base;
             if m > 0.0 {
-                let mut keep = 1.0f32;
-                if eff > 0.0 && cx > 0.55 {
-                    let level = bot - 0.03 - 0.15 * eff + 0.1 * (0.84 - cx);
-                    keep *= 1.0 - 0.9 * ((cy - level) / 0.025).clamp(0.0, 1.0);
-                }
+                let solid = fill[i].min(1.0);
                 let tx = tex.at(cx, cy);
+                let mut keep = 1.0f32;
+                if eff > 0.0 {
+                    // Fluid collects in the posterior sulci first, with a meniscus up the back.
+                    let level = left - 0.02 - 0.2 * eff * (0.3 + 0.7 * smooth((cx - 0.3) / 0.55));
+                    keep *= 1.0 - 0.9 * ((cy - level) / 0.03).clamp(0.0, 1.0);
+                }
+                if edema > 0.0 {
+                    let hq = ((cx - 0.53) / 0.16).powi(2) + ((cy - 0.42) / 0.16).powi(2);
+                    keep *= 1.0 - edema * (0.5 * (-hq * 0.5).exp() + 0.1) * (0.7 + 0.6 * tx);
+                }
                 for b in &blobs {
                     keep *= 1.0 - b.at(cx, cy, tx);
                 }
-                let air = m * (1.0 - heart) * keep;
-                att -= 1.0 * air;
-                att += 0.06 * air * (tx - 0.5);
+                // Less air near the apex and in front (the chest is narrower there).
+                let thick = 0.75 + 0.25 * smooth((cy - top) / 0.2);
+                let air = m * (1.0 - solid) * keep * thick;
+                att -= 0.8 * air;
+                att += 0.08 * air * (tex_hi.at(cx, cy) - 0.5);
                 vis[i] = air;
             }
-            att += 0.2 * heart;
-            // Vertebral bodies with discs; they look darker lower down (lung behind them).
-            if (0.76..0.88).contains(&cx) {
-                let ph = (cy * 22.0).fract();
-                let b = ramp((cx - 0.77) / e) * ramp((0.87 - cx) / e);
-                att += b * if ph < 0.18 { 0.1 } else { 0.38 };
+            // Thoracic spine: vertebral bodies with disc spaces and bright end plates, then the
+            // pedicles and the neural arch behind them; the lower ones project through lung.
+            if cx > sx - 0.01 && cx < sx + 0.19 && cy > -0.05 {
+                // Each body's front is a little concave between its end plates.
+                let b = ramp((cx - sx - 0.006 * (PI * ph).sin()) * ie) * ramp((sx + 0.095 - cx) * ie);
+                att += 0.3 * b * vert;
+                // Pedicles bridge the body to the neural arch, so no lung shows between them.
+                let arch_q = ((cx - sx - 0.13) / 0.04).powi(2) + ((ph - 0.5) / 0.4).powi(2);
+                if arch_q < 1.0 {
+                    att += 0.14 * (1.0 - arch_q);
+                }
+                let sp = ((cx - sx - 0.17) / 0.02).powi(2) + ((ph - 0.75) / 0.25).powi(2);
+                if sp < 1.0 {
+                    att += 0.08 * (1.0 - sp);
+                }
             }
-            if (0.14..0.2).contains(&cx) && (0.14..0.55).contains(&cy) {
-                att += 0.25 * ramp((cx - 0.155) / e) * ramp((0.185 - cx) / e);
+            // Trachea: an air column down and back to the carina.
+            if cy < carina.1 && cy > -0.2 {
+                let d = (cx - trachea_x).abs();
+                if d < 0.03 {
+                    att -= 0.32 * ramp((0.017 - d) * ie) * smooth((carina.1 - cy) / 0.03);
+                }
             }
             a[i] = att;
         }
     }
-    // Trachea and the raised arms.
-    segment(a, f, (0.46, -0.2), (0.53, 0.36), 0.014, -0.3, None);
-    segment(a, f, (0.3, 0.28), (0.2, -0.3), 0.035, 0.35, None);
-    segment(a, f, (0.36, 0.26), (0.28, -0.3), 0.03, 0.3, None);
-    for k in 0..10 {
-        let ang: f32 = -1.6 + 3.2 * k as f32 / 10.0;
-        let p = (0.55, 0.42);
-        let l = rng.random_range(0.08..0.14);
-        segment(a, f, p, (p.0 + l * ang.cos(), p.1 + l * ang.sin()), 0.005, 0.18, Some(vis));
+    // Gastric air under the left hemidiaphragm, colon below.
+    ellipse(a, f, (0.42 + fr.random_range(-0.03..0.03), dome + 0.1), (0.06, 0.03), 0.0, -0.35, 3.0);
+    // Sternum: the manubrium and the body, cortex around marrow.
+    bone(a, f, (sternum_x + 0.03, 0.13), (sternum_x + 0.015, 0.23), 0.02, 0.018, 0.35, 0.35, 0.3);
+    bone(a, f, (sternum_x + 0.01, 0.245), (sternum_x - 0.01, 0.56), 0.012, 0.013, 0.4, 0.3, 0.3);
+    // Posterior ribs of both sides, one magnified more than the other, sweeping down and forward.
+    for side in 0..2 {
+        let off = side as f32 * 0.012;
+        for k in 0..10 {
+            let y0 = 0.13 + off + k as f32 * 0.057;
+            band(
+                a,
+                f,
+                0.5,
+                0.9,
+                |cx| {
+                    let d = 0.88 - cx;
+                    Some((y0 + 0.45 * d * d + 0.15 * d, 0.009 * (1.0 + 2.0 * d)))
+                },
+                |d| 0.07 * (0.5 + 0.5 * d * d),
+            );
+        }
     }
-    if t.devices.pacemaker {
-        ellipse(a, f, (0.3, 0.17), (0.035, 0.012), 0.0, 2.0, 1.0);
+    // Scapulae: oblique blades over the upper posterior chest.
+    for side in 0..2 {
+        let o = side as f32 * 0.03;
+        segment(a, f, (0.75 - o, 0.08), (0.63 - o, 0.42), 0.006, 0.1, None);
+        segment(a, f, (0.78 - o, 0.1), (0.72 - o, 0.4), 0.004, 0.06, None);
     }
-    if t.devices.ett {
-        segment(a, f, (0.44, -0.3), (0.5, 0.27), 0.002, 0.9, None);
+    // The raised arms: soft tissue and humeri projecting over the upper chest and out of the top.
+    for side in 0..2 {
+        let o = side as f32 * 0.07;
+        segment(a, f, (0.45 + o, 0.22), (0.25 + o, -0.5), 0.095, 0.3, None);
+        bone(a, f, (0.47 + o, 0.2), (0.3 + o, -0.5), 0.022, 0.02, 0.35, 0.3, 0.45);
+        bone(a, f, (0.48 + o, 0.21), (0.48 + o, 0.21), 0.042, 0.042, 0.15, 0.4, 0.4);
+    }
+    // Vessels from the hila, visible only where there is air.
+    for k in 0..12 {
+        let ang: f32 = -2.8 + 5.6 * (k as f32 + 0.5) / 12.0 + rng.random_range(-0.15..0.15);
+        let p = (0.53 + rng.random_range(-0.02..0.02), 0.42 + rng.random_range(-0.02..0.02));
+        branch(a, f, vis, rng, p, ang, 1.0, 0.06, 0.004 * (1.0 + 0.5 * edema), 0.1, 3);
+    }
+    let d = &t.devices;
+    if d.pacemaker {
+        // The generator in the anterior chest wall, edge-on; the lead down to the right ventricle.
+        ellipse(a, f, (sternum_x - 0.01, 0.2), (0.04, 0.012), 0.15, 2.0, 1.0);
+        polyline(
+            a,
+            f,
+            &[(sternum_x + 0.02, 0.2), (0.4, 0.25), (0.45, 0.4), (heart_c.0 - 0.05, heart_c.1 + 0.05)],
+            0.003,
+            1.0,
+        );
+    }
+    if d.ett {
+        segment(a, f, (0.46, -0.3), (0.49 + 0.7 * (carina.0 - 0.49), carina.1 - 0.05), 0.002, 0.9, None);
+    }
+    if d.ng_tube {
+        polyline(a, f, &[(0.55, -0.3), (0.6, 0.3), (0.62, dome), (0.45, dome + 0.1)], 0.0022, 0.9);
+    }
+    if d.central_line {
+        polyline(a, f, &[(0.3, -0.1), (0.42, 0.18), (0.45, 0.33)], 0.0022, 0.8);
+    }
+    if d.sternal_wires {
+        for k in 0..5 {
+            let y = 0.25 + k as f32 * 0.06;
+            ellipse(a, f, (sternum_x + 0.005 - 0.004 * k as f32, y), (0.02, 0.004), 0.0, 0.9, 0.8);
+        }
     }
 }
 
