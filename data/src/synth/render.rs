@@ -169,9 +169,9 @@ fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis
         ctr = 0.53 + 0.12 * sev(CARDIOMEGALY);
     }
     let hw = ctr * thoracic;
-    // About a third of the heart lies right of the midline (the right atrium), two thirds left
+    // Under a third of the heart lies right of the midline (the right atrium), the rest left
     // (the left ventricle); an enlarged heart also grows taller.
-    let heart_rw = hw * rng.random_range(0.32..0.38);
+    let heart_rw = hw * rng.random_range(0.27..0.32);
     let heart_lw = hw - heart_rw;
     let heart_h = 0.27 + 0.06 * (ctr - 0.45).max(0.0) / 0.2;
     let mut med_hw = rng.random_range(0.055..0.065) + if ap { 0.01 } else { 0.0 };
@@ -401,10 +401,12 @@ fn frontal(
                 1.0 - turn * ((hs - s1) / (1.0 - s1)).powi(2)
             }
         };
-        let ra = sc.heart_rw * swell(0.3, 0.74, 0.35, 0.7);
+        // The right atrium continues the SVC's line and bows out from it in one gentle arc (a
+        // border that rose from the midline would read as a lobe of its own).
+        let ra = med_w + (sc.heart_rw - med_w).max(0.0) * swell(0.25, 0.72, 0.3, 1.0);
         // The left ventricle leaves the mediastinum below the pulmonary trunk and slopes down and
         // out to its widest point (a rounded shoulder at the top reads as a second bulge).
-        let lv = sc.heart_lw * swell(0.1, 0.74, 0.3, 1.0);
+        let lv = med_w + (sc.heart_lw - med_w).max(0.0) * swell(0.1, 0.74, 0.3, 1.0);
         let kq = (cy - knob_y) / knob_r;
         let knob = if kq.abs() < 1.0 { knob_x + knob_r * (1.0 - kq * kq).sqrt() * 0.55 } else { 0.0 };
         let pq = (cy - (knob_y + 0.07)) / 0.035;
@@ -695,7 +697,7 @@ fn shoulders(a: &mut [f32], f: &Frame, sc: &Scene, view: View) {
         // Humerus: the head, the greater tuberosity lateral to it, the neck and the shaft.
         bone(a, f, p(hu, hv), p(hu, hv), 0.05, 0.05, 0.15, 0.35, 0.75);
         bone(a, f, p(hu + 0.035, hv + 0.005), p(hu + 0.03, hv + 0.03), 0.018, 0.02, 0.3, 0.6, 0.12);
-        bone(a, f, p(hu + 0.016, hv + 0.05), p(hu + 0.1, hv + 0.45), 0.027, 0.022, 0.3, 0.25, 0.5);
+        bone(a, f, p(hu + 0.016, hv + 0.05), p(hu + 0.16, hv + 0.8), 0.027, 0.022, 0.3, 0.25, 0.5);
     }
 }
 
@@ -747,7 +749,8 @@ fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut i
             // Posterior ribs leave the transverse process rising a little, then sweep down and out
             // along the back of the chest; the upper ribs are shorter and curl more tightly.
             let curl = 1.45 - 0.04 * k as f32;
-            let rib_y = |u: f32| y0 - 0.028 * (PI * (u / 0.14).min(1.0)).sin() + curl * (u - 0.05).max(0.0).powi(2);
+            // Near the spine they are nearly horizontal.
+            let rib_y = |u: f32| y0 - 0.014 * (PI * (u / 0.14).min(1.0)).sin() + curl * (u - 0.06).max(0.0).powi(2);
             band(
                 a,
                 f,
@@ -774,12 +777,12 @@ fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut i
                 |d| amp * (0.45 + 0.55 * d.powi(4)),
             );
         }
-        // Anterior ribs: thinner bone far from the detector, so fainter; they run from the
-        // lateral wall down and in towards the sternum and stop where the costal cartilage,
-        // invisible on film, takes over.
+        // Anterior ribs: thin bone far from the detector (magnified, blurred), so much fainter
+        // than the posterior ones; they run from the lateral wall down and in towards the
+        // sternum and fade out where the costal cartilage, invisible on film, takes over.
         for k in 0..6 {
             let y1 = start + 0.08 + k as f32 * 0.07;
-            let (x0, x1) = (0.5 + sgn * 0.12, 0.5 + sgn * lmax);
+            let (x0, x1) = (0.5 + sgn * 0.16, 0.5 + sgn * lmax);
             band(
                 a,
                 f,
@@ -788,9 +791,9 @@ fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut i
                 |cx| {
                     let u = (cx - 0.5).abs();
                     let s = ((lmax - u) / (lmax - 0.12)).clamp(0.0, 1.0);
-                    Some((y1 + 0.11 * s * s.sqrt(), 0.011 * (1.0 + 0.25 * s)))
+                    Some((y1 + 0.11 * s * s.sqrt(), 0.012 * (1.0 + 0.25 * s)))
                 },
-                |d| 0.075 * (1.0 - d * d),
+                |d| 0.032 * (1.0 - d * d),
             );
         }
     }
