@@ -471,7 +471,13 @@ fn frontal(
             // Below the hemidiaphragm: liver on the right, spleen and stomach on the left, as
             // dense as the heart, so the heart's lower border disappears into them.
             // The dome is the lung's highest floor point, so rows above it skip the evaluation.
-            let abd = if v > lung.dome { smooth((v - lung.bottom(u.min(lung.lmax))) / 0.025) } else { 0.0 };
+            // Beyond the costophrenic angle there is no air-tissue interface: the step softens
+            // into the chest wall instead of running on as a line to the skin.
+            let abd = if v > lung.dome {
+                smooth((v - lung.bottom(u.min(lung.lmax))) / (0.025 + 3.0 * (u - lung.lmax).max(0.0)))
+            } else {
+                0.0
+            };
             let sil = sil * (1.0 - abd);
             att += 0.11 * abd;
             let occl = 0.85 * sil;
@@ -908,10 +914,10 @@ fn lateral(rng: &mut impl Rng, t: &Truth, f: &Frame, vis_scale: f32, a: &mut [f3
     // Solid structures inside the chest that displace lung: drawn into `fill` first, the pixel pass
     // then takes the air they leave.
     // It sits on the diaphragm: its lower part merges with the liver below the dome.
-    let heart_c = (0.33 + 0.04 * big, dome - 0.025);
-    let heart_r = (0.19 + 0.05 * big, 0.125 + 0.03 * big);
+    let heart_c = (0.31 + 0.04 * big, dome - 0.025);
+    let heart_r = (0.2 + 0.05 * big, 0.125 + 0.03 * big);
     // The heart fills most of the chest's width there; lung lateral to it still shows a little.
-    ellipse(fill, f, heart_c, heart_r, -0.55, 0.85, 4.0);
+    ellipse(fill, f, heart_c, heart_r, -0.55, 0.8, 5.0);
     // Left atrium above and behind the ventricles, the IVC entering below it.
     ellipse(fill, f, (heart_c.0 + 0.1 + 0.03 * big, heart_c.1 - 0.06), (0.07, 0.055), 0.0, 0.45, 5.0);
     ellipse(fill, f, (0.5 + 0.03 * big, dome + 0.02), (0.035, 0.06), 0.0, 0.5, 4.0);
@@ -944,8 +950,14 @@ fn lateral(rng: &mut impl Rng, t: &Truth, f: &Frame, vis_scale: f32, a: &mut [f3
         let mid = 0.5 * (front + back);
         let inv_half = 2.0 / (back - front).max(0.1);
         // Lungs: apex behind the clavicles, the retrosternal space in front, the posterior ribs behind.
-        let ant = sternum_x + 0.015 + 0.04 * smooth((cy - 0.55) / 0.2) + 0.1 * smooth((0.16 - cy) / 0.08);
-        let post = 0.85 - 0.03 * smooth((0.2 - cy) / 0.12);
+        // The anterior border follows the sternum, which leans forward as it descends; the
+        // posterior one the curve of the back.
+        let ant = sternum_x
+            + 0.015
+            + 0.06 * (0.35 - cy)
+            + 0.04 * smooth((cy - 0.55) / 0.2)
+            + 0.1 * smooth((0.16 - cy) / 0.08);
+        let post = 0.84 + 0.02 * (PI * cy).sin() - 0.03 * smooth((0.2 - cy) / 0.12);
         let sx = spine_x + 0.02 * (PI * cy).sin();
         let ph = (cy * 17.0).fract();
         let vert = if ph < 0.12 {
