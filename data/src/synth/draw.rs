@@ -50,23 +50,37 @@ pub fn segment(
     amp: f32,
     weight: Option<&[f32]>,
 ) {
-    let (x0, y0) = f.to_px(p0.0, p0.1);
-    let (x1, y1) = f.to_px(p1.0, p1.1);
     let hw_true = f.len_px(half_width);
     // Sub-pixel lines keep their integrated density by widening and dimming.
     let hw = hw_true.max(0.8);
     let amp = amp * (hw_true / hw).min(1.0);
+    let inv_hw2 = 1.0 / (hw * hw);
+    near_segment(f, p0, p1, hw, |i, _, e2| {
+        let d2 = e2 * inv_hw2;
+        if d2 < 1.0 {
+            let wgt = weight.map_or(1.0, |w| w[i]);
+            buf[i] += amp * (1.0 - d2) * wgt;
+        }
+    });
+}
+
+/// Visits every pixel within `reach` pixels of the bounding box of the segment `p0`-`p1`
+/// (canonical points) with its index, the position `t` in [0, 1] of its nearest point on the
+/// segment, and its squared distance in pixels to that point.
+#[inline]
+fn near_segment(f: &Frame, p0: (f32, f32), p1: (f32, f32), reach: f32, mut visit: impl FnMut(usize, f32, f32)) {
+    let (x0, y0) = f.to_px(p0.0, p0.1);
+    let (x1, y1) = f.to_px(p1.0, p1.1);
     let (w, h) = (f.w as i32, f.h as i32);
-    let xa = ((x0.min(x1) - hw - 1.0).floor() as i32).max(0);
-    let xb = ((x0.max(x1) + hw + 1.0).ceil() as i32).min(w - 1);
-    let ya = ((y0.min(y1) - hw - 1.0).floor() as i32).max(0);
-    let yb = ((y0.max(y1) + hw + 1.0).ceil() as i32).min(h - 1);
+    let xa = ((x0.min(x1) - reach - 1.0).floor() as i32).max(0);
+    let xb = ((x0.max(x1) + reach + 1.0).ceil() as i32).min(w - 1);
+    let ya = ((y0.min(y1) - reach - 1.0).floor() as i32).max(0);
+    let yb = ((y0.max(y1) + reach + 1.0).ceil() as i32).min(h - 1);
     if xa > xb || ya > yb {
         return;
     }
     let (dx, dy) = (x1 - x0, y1 - y0);
     let len2 = (dx * dx + dy * dy).max(1e-6);
-    let inv_hw2 = 1.0 / (hw * hw);
     for py in ya..=yb {
         let fy = py as f32 + 0.5;
         let row = py as usize * f.w;
@@ -75,12 +89,7 @@ pub fn segment(
             let t = (((fx - x0) * dx + (fy - y0) * dy) / len2).clamp(0.0, 1.0);
             let ex = fx - (x0 + t * dx);
             let ey = fy - (y0 + t * dy);
-            let d2 = (ex * ex + ey * ey) * inv_hw2;
-            if d2 < 1.0 {
-                let i = row + px as usize;
-                let wgt = weight.map_or(1.0, |w| w[i]);
-                buf[i] += amp * (1.0 - d2) * wgt;
-            }
+            visit(row + px as usize, t, ex * ex + ey * ey);
         }
     }
 }
@@ -174,38 +183,17 @@ pub fn bone(
     marrow: f32,
     amp: f32,
 ) {
-    let (x0, y0) = f.to_px(p0.0, p0.1);
-    let (x1, y1) = f.to_px(p1.0, p1.1);
     let (rp0, rp1) = (f.len_px(r0).max(0.8), f.len_px(r1).max(0.8));
-    let rm = rp0.max(rp1);
-    let (w, h) = (f.w as i32, f.h as i32);
-    let xa = ((x0.min(x1) - rm - 1.0).floor() as i32).max(0);
-    let xb = ((x0.max(x1) + rm + 1.0).ceil() as i32).min(w - 1);
-    let ya = ((y0.min(y1) - rm - 1.0).floor() as i32).max(0);
-    let yb = ((y0.max(y1) + rm + 1.0).ceil() as i32).min(h - 1);
-    if xa > xb || ya > yb {
-        return;
-    }
-    let (dx, dy) = (x1 - x0, y1 - y0);
-    let len2 = (dx * dx + dy * dy).max(1e-6);
     let k2 = (1.0 - cortex).max(0.0).powi(2);
-    for py in ya..=yb {
-        let fy = py as f32 + 0.5;
-        let row = py as usize * f.w;
-        for px in xa..=xb {
-            let fx = px as f32 + 0.5;
-            let t = (((fx - x0) * dx + (fy - y0) * dy) / len2).clamp(0.0, 1.0);
-            let ex = fx - (x0 + t * dx);
-            let ey = fy - (y0 + t * dy);
-            let r = rp0 + (rp1 - rp0) * t;
-            let d2 = (ex * ex + ey * ey) / (r * r);
-            if d2 < 1.0 {
-                let outer = (1.0 - d2).sqrt();
-                let inner = (k2 - d2).max(0.0).sqrt();
-                buf[row + px as usize] += amp * (outer - inner + marrow * inner);
-            }
+    near_segment(f, p0, p1, rp0.max(rp1), |i, t, e2| {
+        let r = rp0 + (rp1 - rp0) * t;
+        let d2 = e2 / (r * r);
+        if d2 < 1.0 {
+            let outer = (1.0 - d2).sqrt();
+            let inner = (k2 - d2).max(0.0).sqrt();
+            buf[i] += amp * (outer - inner + marrow * inner);
         }
-    }
+    });
 }
 
 /// A filled convex polygon (canonical points, either winding), soft edge of `soft_px` pixels.
