@@ -51,6 +51,7 @@ impl<B: Backend> DistLoss<B> {
         let be = &model.backend;
         let (cap, d) = (model.capacity(), model.config.projection_dim);
         let g = world * cap * d;
+        let values = bucket_values()?;
         Ok(Self {
             capacity: cap,
             dim: d,
@@ -67,8 +68,8 @@ impl<B: Backend> DistLoss<B> {
             d_cols: be.alloc(cap * d, DType::F32)?,
             host_local: Vec::new(),
             host_all: Vec::new(),
-            buckets: Buckets::new(model, bucket_values()?),
-            bucket_values: bucket_values()?,
+            buckets: Buckets::new(model, values),
+            bucket_values: values,
             buckets_for: model.trainable().to_vec(),
             spare: Vec::new(),
             device_sum: None,

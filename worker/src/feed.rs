@@ -111,7 +111,7 @@ impl Feed {
 
     /// Fetches this rank's shard of `epoch` and starts a loader from its batch `first` on.
     fn start_epoch(&self, epoch: u64, first: u64) -> Result<Loader> {
-        let (entries, spares) = self.link.shard(epoch)?;
+        let (mut entries, spares) = self.link.shard(epoch)?;
         let b = self.cfg.batch;
         let need = self.steps_per_epoch as usize * b;
         ensure!(
@@ -121,8 +121,9 @@ impl Feed {
             self.steps_per_epoch
         );
         ensure!(!spares.is_empty(), "the coordinator sent no spares for epoch {epoch}");
-        let all: Vec<ShardEntry> = entries[..need].iter().chain(&spares).cloned().collect();
-        let (source, mut ids) = epoch_source(&self.root, &all)?;
+        entries.truncate(need);
+        entries.extend(spares);
+        let (source, mut ids) = epoch_source(&self.root, &entries)?;
         let pool = ids.split_off(need);
         let rec = Recovery { pool: Arc::new(pool), skips: self.skips.clone() };
         let ids = ids[first as usize * b..].to_vec();

@@ -46,6 +46,7 @@ impl Buckets {
     /// Buckets of at least `cap` values (`cap` 0 means one bucket per reported range) over the
     /// parameters of `model` that train.
     pub fn new<B: Backend>(model: &Clip<B>, cap: usize) -> Self {
+        // Specs are in layout order (increasing offsets), so the spans come out sorted.
         let mut spans: Vec<Range<usize>> = Vec::new();
         for (spec, &train) in model.layout.specs.iter().zip(model.trainable()) {
             if !train || spec.len == 0 {
@@ -57,7 +58,6 @@ impl Buckets {
                 _ => spans.push(r),
             }
         }
-        spans.sort_by_key(|r| r.start);
         Self { spans, cap, pending: Vec::new(), pending_len: 0 }
     }
 

@@ -20,12 +20,6 @@ impl Cuda {
         self.dev.comm.0
     }
 
-    /// Binds the device's context to the calling thread (a library called from another thread
-    /// needs it current).
-    pub fn bind_context(&self) -> Result<()> {
-        self.dev.bind()
-    }
-
     /// Work enqueued on the communication stream from now on waits for everything enqueued on
     /// the compute stream so far.
     pub fn comm_waits_for_compute(&self) -> Result<()> {
