@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use data::synth::{generate, Layout, SynthConfig};
+use data::synth::{generate, Layout, SynthConfig, Visibility};
 
 /// `coordinator synth --out DIR --studies N --layout mimic|chexpert|rsna --seed S [--size 256]`
 #[derive(Args, Debug)]
@@ -25,9 +25,12 @@ pub struct SynthArgs {
     /// Image width in pixels (the smaller side; some sites write taller images).
     #[arg(long, default_value_t = 256)]
     pub size: usize,
-    /// How strongly findings show (1 = as designed, lower = subtler).
-    #[arg(long, default_value_t = 1.0)]
-    pub visibility: f32,
+    /// How strongly findings show in the pixels (1 = as designed, lower = subtler): one number
+    /// for every finding, finding=number pairs (`edema=0.5,cardiomegaly=0.7`), or both
+    /// (`0.8,fracture=1.5`); `full` undoes the default's subtler drawing of edema, cardiomegaly,
+    /// enlarged cardiomediastinum and effusion. Labels and reports do not change.
+    #[arg(long, default_value = "1")]
+    pub visibility: Visibility,
     /// Multiplies every finding's prevalence.
     #[arg(long, default_value_t = 1.0)]
     pub prevalence: f32,

@@ -163,7 +163,7 @@ fn synthetic_tree(a: &TrainArgs, studies: usize) -> Result<PathBuf> {
         layout: data::synth::Layout::Mimic,
         seed: a.seed,
         size: a.synthetic_size,
-        visibility: 1.0,
+        visibility: data::synth::Visibility::default(),
         prevalence: 1.0,
     };
     let t0 = Instant::now();

@@ -6,6 +6,7 @@ pub mod render;
 pub mod report;
 pub mod site;
 pub mod truth;
+pub mod visibility;
 
 use std::fs;
 
@@ -23,6 +24,7 @@ use crate::labels::{LabelValue, LABELS, NUM_LABELS};
 use render::Scratch;
 use site::Site;
 use truth::{Truth, View};
+pub use visibility::{Visibility, DESIGN};
 
 /// Which dataset layout to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,15 +54,22 @@ pub struct SynthConfig {
     pub seed: u64,
     /// The smaller image side in pixels (the width; some sites make taller images).
     pub size: usize,
-    /// Scales how strongly every finding changes the pixels (1 = as designed; lower is subtler).
-    pub visibility: f32,
+    /// How strongly each finding changes the pixels (1 = as designed; lower is subtler).
+    pub visibility: Visibility,
     /// Scales every finding's prevalence.
     pub prevalence: f32,
 }
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        SynthConfig { studies: 100, layout: Layout::Mimic, seed: 0, size: 256, visibility: 1.0, prevalence: 1.0 }
+        SynthConfig {
+            studies: 100,
+            layout: Layout::Mimic,
+            seed: 0,
+            size: 256,
+            visibility: Visibility::default(),
+            prevalence: 1.0,
+        }
     }
 }
 
@@ -197,7 +206,7 @@ fn make_study(cfg: &SynthConfig, site: &Site, p: Planned, scratch: &mut Scratch,
             let w = cfg.size;
             let h = ((cfg.size as f32) * aspect).round() as usize;
             let mut pixels = Vec::new();
-            let boxes = render::render(&mut irng, &truth, view, site, w, h, cfg.visibility, scratch, &mut pixels);
+            let boxes = render::render(&mut irng, &truth, view, site, w, h, &cfg.visibility, scratch, &mut pixels);
             Image { view, w, h, pixels, boxes, id }
         })
         .collect();
@@ -402,12 +411,14 @@ fn chexpert_is_valid(seed: u64, patient: usize) -> bool {
     mix(seed, 0xC4E, patient as u64) % 100 < 3
 }
 
-/// Radiologist-consensus labels: what is visibly there, 1 or 0.
-fn consensus(t: &Truth, visibility: f32) -> [LabelValue; NUM_LABELS] {
+/// Radiologist-consensus labels: what is visibly there, 1 or 0. Radiologists see subtler findings
+/// than a model at 64 px does: the threshold is relative to the finding's design strength, so at
+/// the default visibility a finding is called when its severity passes 0.3.
+fn consensus(t: &Truth, visibility: &Visibility) -> [LabelValue; NUM_LABELS] {
     let mut l = [LabelValue::Negative; NUM_LABELS];
     let mut sick = false;
     for (i, v) in l.iter_mut().enumerate().skip(1) {
-        if t.severity[i] * visibility > 0.3 {
+        if visibility.drawn(i, t.severity[i]) > 0.3 * DESIGN[i] {
             *v = LabelValue::Positive;
             sick |= i != truth::idx::DEVICES;
         }
@@ -422,7 +433,7 @@ fn write_chexpert_study(out: &Path, cfg: &SynthConfig, s: &Study) -> Result<Vec<
     let valid = chexpert_is_valid(cfg.seed, s.plan.patient);
     let part = if valid { "valid" } else { "train" };
     let pdir = format!("patient{:05}", s.plan.patient + 1);
-    let labels = if valid { consensus(&s.truth, cfg.visibility) } else { s.report.chexpert };
+    let labels = if valid { consensus(&s.truth, &cfg.visibility) } else { s.report.chexpert };
     let mut rows = Vec::new();
     let mut frontal_n = 0;
     for (k, img) in s.images.iter().enumerate() {

@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use super::draw::{band, blur121, bone, convex, ellipse, polyline, ramp, segment, smooth, tube, Frame, ValueNoise};
 use super::site::Site;
 use super::truth::{idx::*, Side, Truth, View, Zone};
+use super::visibility::Visibility;
 
 /// Per-thread buffers reused between images.
 #[derive(Default)]
@@ -117,6 +118,8 @@ struct Scene {
     effusion: [f32; 2],
     edema: f32,
     ptx: [f32; 2],
+    /// Severity of a rib fracture as drawn (visibility applied); 0 when there is none.
+    fracture: f32,
     /// The first `n_pneumonic` blobs are consolidation / pneumonia (the RSNA boxes).
     n_pneumonic: usize,
     /// Centre of the humeral head (lateral offset from the midline, height).
@@ -148,8 +151,8 @@ fn sides(s: Side) -> &'static [Side] {
 
 /// The scene of a frontal film. Anatomy draws from `rng`, findings from `fr`: the anatomy of a
 /// study is the same whichever findings it has (see [`render`]).
-fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis: f32) -> Scene {
-    let sev = |i: usize| (t.severity[i] * vis).min(1.2);
+fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis: &Visibility) -> Scene {
+    let sev = |i: usize| vis.drawn(i, t.severity[i]);
     let ap = view == View::Ap;
     // Portable AP films are taken with less inspiration: higher domes, broader-looking heart.
     let dome = if ap { rng.random_range(0.62..0.67) } else { rng.random_range(0.67..0.72) };
@@ -164,9 +167,12 @@ fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis
         }
     }
     let thoracic = lungs[0].lmax + lungs[1].lmax;
-    let mut ctr = rng.random_range(0.40..0.47) + if ap { 0.04 } else { 0.0 };
+    // Normal hearts span a range of sizes (habitus, inspiration), up to just under the 0.5 a
+    // radiologist calls enlarged; an enlarged one starts just over it, so that mild cardiomegaly
+    // is a judgement at the border, not a different silhouette.
+    let mut ctr: f32 = rng.random_range(0.39..0.47) + if ap { 0.03 } else { 0.0 };
     if t.present(CARDIOMEGALY) {
-        ctr = 0.53 + 0.12 * sev(CARDIOMEGALY);
+        ctr = ctr.max(0.505 + 0.14 * sev(CARDIOMEGALY));
     }
     let hw = ctr * thoracic;
     // Under a third of the heart lies right of the midline (the right atrium), the rest left
@@ -181,7 +187,7 @@ fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis
         rng.random_range(0.145..0.17) - if ap { 0.015 } else { 0.0 },
     );
     if t.present(ECM) {
-        med_hw += 0.03 + 0.04 * sev(ECM);
+        med_hw += 0.006 + 0.06 * sev(ECM);
     }
 
     let mut blobs = Vec::new();
@@ -212,9 +218,9 @@ fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis
             for _ in 0..n {
                 let u = fr.random_range(0.14..lung.lmax - 0.06);
                 let v = v0 + fr.random_range(-0.05..0.05);
-                let r = size * (0.7 + 0.6 * sev(i));
+                let r = size * (0.6 + 0.7 * sev(i));
                 let r = (r * fr.random_range(0.8..1.3), r * fr.random_range(0.7..1.1));
-                push(&mut blobs, fr, *s, u, v, r, dens * (0.5 + 0.5 * sev(i)), 0.5);
+                push(&mut blobs, fr, *s, u, v, r, dens * (0.2 + 0.8 * sev(i)).min(1.1), 0.5);
             }
         }
     }
@@ -235,7 +241,7 @@ fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis
         let u = fr.random_range(0.14..lung.lmax - 0.05);
         let v = zone_v(t.zone[LESION], &lung) + fr.random_range(-0.04..0.04);
         let rv = r * fr.random_range(0.85..1.0);
-        push(&mut blobs, fr, s, u, v, (r, rv), 0.9, 0.12);
+        push(&mut blobs, fr, s, u, v, (r, rv), 0.9 * (0.3 + 0.7 * sev(LESION)).min(1.0), 0.12);
     }
     if t.present(PLEURAL_OTHER) {
         // Pleural thickening / plaque: a lentiform density hugging the lateral chest wall.
@@ -267,7 +273,8 @@ fn build_scene(rng: &mut impl Rng, fr: &mut impl Rng, t: &Truth, view: View, vis
         ptx[side_index(t.side[PNEUMOTHORAX])] = sev(PNEUMOTHORAX);
     }
     let edema = if t.present(EDEMA) { sev(EDEMA) } else { 0.0 };
-    Scene { lungs, heart_rw, heart_lw, heart_h, med_hw, blobs, effusion, edema, ptx, n_pneumonic, shoulder }
+    let fracture = if t.present(FRACTURE) { sev(FRACTURE) } else { 0.0 };
+    Scene { lungs, heart_rw, heart_lw, heart_h, med_hw, blobs, effusion, edema, ptx, fracture, n_pneumonic, shoulder }
 }
 
 /// Renders one image of `truth` in `view` as 8-bit grey, `w` x `h`, into `out`.
@@ -279,7 +286,7 @@ pub fn render(
     site: &Site,
     w: usize,
     h: usize,
-    visibility: f32,
+    visibility: &Visibility,
     scratch: &mut Scratch,
     out: &mut Vec<u8>,
 ) -> Vec<[f32; 4]> {
@@ -308,6 +315,11 @@ pub fn render(
         }
         _ => frontal(rng, truth, view, &frame, visibility, a, vis, fill),
     };
+    // Technique and habitus differ from film to film (kVp and mAs chosen by hand, patients
+    // thin or heavy): the whole film is denser or lighter, with more or less contrast. A finding
+    // cannot be read off the mean brightness of a region when the mean moves this much without one.
+    let technique = site.technique[0] + (site.technique[1] - site.technique[0]) * rng.random::<f32>();
+    a.iter_mut().for_each(|x| *x *= technique);
     if site.marker {
         marker(a, &frame, view, rng.random_range(0.03..0.08));
     }
@@ -332,7 +344,7 @@ fn frontal(
     t: &Truth,
     view: View,
     f: &Frame,
-    visibility: f32,
+    visibility: &Visibility,
     a: &mut [f32],
     vis: &mut [f32],
     fill: &mut [f32],
@@ -460,7 +472,7 @@ fn frontal(
             // The trunk is an elliptic cylinder: its path length falls towards the skin, so the
             // soft tissue fades out at the edge instead of stopping in a step.
             let rr = (1.0 - (adx * inv_hwb) * (adx * inv_hwb)).max(0.0);
-            let trunk = 1.05 * body * (0.3 + 0.7 * rr.sqrt());
+            let trunk = t.habitus * body * (0.3 + 0.7 * rr.sqrt());
             let arm = 0.6 * arm;
             let mut att = trunk.max(arm) + 0.3 * trunk.min(arm);
             // The silhouette hides most of the lung behind it; some retrocardiac lung remains.
@@ -520,7 +532,7 @@ fn frontal(
                                        // Effusion: dependent fluid with a meniscus, higher at the lateral wall.
                 let ef = sc.effusion[si];
                 if ef > 0.0 {
-                    let hgt = 0.03 + 0.22 * ef;
+                    let hgt = 0.01 + 0.24 * ef;
                     let cp = lung.bottom(lung.lmax);
                     let level = cp - hgt + 0.65 * hgt * (1.0 - u / lung.lmax).max(0.0);
                     keep *= 1.0 - 0.92 * ((v - level) / 0.025).clamp(0.0, 1.0);
@@ -543,7 +555,7 @@ fn frontal(
                 if pt > 0.0 {
                     // Pneumothorax: a rim of free air at the apex and lateral wall, no markings
                     // beyond a thin pleural line.
-                    let d0 = 0.025 + 0.09 * pt;
+                    let d0 = 0.012 + 0.1 * pt;
                     let ext = 0.2 + 0.35 * pt;
                     let dd = d0 * (1.0 - ((v - lung.apex) / ext).clamp(0.0, 1.0).powi(2));
                     let line_u = lat_v[si] - dd;
@@ -741,7 +753,7 @@ fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut i
             Zone::Middle => fr.random_range(4..6),
             Zone::Lower => fr.random_range(6..8),
         };
-        Some((side_index(t.side[FRACTURE]), k, fr.random_range(0.27..0.36), t.severity[FRACTURE]))
+        Some((side_index(t.side[FRACTURE]), k, fr.random_range(0.27..0.36), sc.fracture))
     } else {
         None
     };
@@ -770,11 +782,11 @@ fn ribs(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, view: View, rng: &mut i
                     let half = (0.0095 + 0.004 * u / 0.4) * (1.0 + slope * slope).sqrt();
                     if let Some((_, _, uf, s)) = frac {
                         // A break: a gap in the cortex and a step in the lateral fragment.
-                        if (u - uf).abs() < 0.004 + 0.004 * s {
+                        if (u - uf).abs() < 0.001 + 0.007 * s {
                             return None;
                         }
                         if u > uf {
-                            y += 0.006 + 0.01 * s;
+                            y += 0.016 * s;
                         }
                     }
                     Some((y, half))
@@ -857,11 +869,19 @@ fn devices(a: &mut [f32], f: &Frame, t: &Truth, sc: &Scene, rng: &mut impl Rng) 
 /// it) falling to the deep posterior costophrenic sulci, posterior ribs of both sides, scapulae, and
 /// the arms raised over the upper chest.
 #[allow(clippy::too_many_arguments)]
-fn lateral(rng: &mut impl Rng, t: &Truth, f: &Frame, vis_scale: f32, a: &mut [f32], vis: &mut [f32], fill: &mut [f32]) {
+fn lateral(
+    rng: &mut impl Rng,
+    t: &Truth,
+    f: &Frame,
+    vis_scale: &Visibility,
+    a: &mut [f32],
+    vis: &mut [f32],
+    fill: &mut [f32],
+) {
     let (w, h) = (f.w, f.h);
     let e = 1.2 / f.len_px(1.0);
     let ie = 1.0 / e;
-    let sev = |i: usize| (t.severity[i] * vis_scale).min(1.2);
+    let sev = |i: usize| vis_scale.drawn(i, t.severity[i]);
     let dome = rng.random_range(0.6..0.66);
     // Where the domes peak (front to back) and how far the posterior sulci fall below them.
     let dome_x = rng.random_range(0.36..0.42);
@@ -922,7 +942,7 @@ fn lateral(rng: &mut impl Rng, t: &Truth, f: &Frame, vis_scale: f32, a: &mut [f3
     ellipse(fill, f, (heart_c.0 + 0.1 + 0.03 * big, heart_c.1 - 0.06), (0.07, 0.055), 0.0, 0.45, 5.0);
     ellipse(fill, f, (0.5 + 0.03 * big, dome + 0.02), (0.035, 0.06), 0.0, 0.5, 4.0);
     // Aorta: ascending from the heart, arching back, descending in front of the spine.
-    let ao = 0.032 + if t.present(ECM) { 0.012 + 0.012 * sev(ECM) } else { 0.0 };
+    let ao = 0.032 + if t.present(ECM) { 0.002 + 0.02 * sev(ECM) } else { 0.0 };
     let arch = [
         (0.38, heart_c.1 - 0.1),
         (0.4, 0.27),

@@ -29,6 +29,9 @@ pub struct Site {
     pub marker: bool,
     /// Brightness offset of the whole film.
     pub offset: f32,
+    /// Range of the film-to-film technique factor (a multiplier on attenuation: kVp and mAs set
+    /// by hand, thin or heavy patients); a site with automatic exposure control varies less.
+    pub technique: [f32; 2],
 }
 
 /// MIMIC-like: an intensive-care heavy urban hospital, many portable AP films and devices.
@@ -45,6 +48,7 @@ pub const MIMIC: Site = Site {
     acuity: [0.35, 0.4, 0.25],
     marker: true,
     offset: 0.0,
+    technique: [0.85, 1.18],
 };
 
 /// CheXpert-like: another hospital, softer and noisier films, more effusion and devices.
@@ -61,6 +65,7 @@ pub const CHEXPERT: Site = Site {
     acuity: [0.2, 0.45, 0.35],
     marker: false,
     offset: 0.03,
+    technique: [0.8, 1.2],
 };
 
 /// RSNA-like: square 8-bit images from a public screening archive; pneumonia-rich, sharp, low noise.
@@ -77,6 +82,7 @@ pub const RSNA: Site = Site {
     acuity: [0.4, 0.4, 0.2],
     marker: true,
     offset: -0.02,
+    technique: [0.9, 1.12],
 };
 
 /// The site for a layout name.

@@ -118,6 +118,8 @@ pub struct Truth {
     /// Frontal projection of this study (its lateral, when taken, is an extra image).
     pub frontal: View,
     pub has_lateral: bool,
+    /// Soft-tissue thickness over the chest, relative to an average build (thin 0.92 to heavy 1.22).
+    pub habitus: f32,
 }
 
 impl Truth {
@@ -231,5 +233,6 @@ pub fn sample(rng: &mut impl Rng, site: &Site, prevalence: f32) -> Truth {
         age: rng.random_range(20..95),
         frontal,
         has_lateral: rng.random::<f32>() < lat_p.min(0.95),
+        habitus: rng.random_range(0.92..1.22),
     }
 }
