@@ -48,7 +48,9 @@ fn main() -> anyhow::Result<()> {
             LABELS.iter().zip(labels.iter()).filter(|(_, v)| **v == LabelValue::Uncertain).map(|(l, _)| *l).collect();
         let mut line = if lateral { "LAT: ".to_string() } else { String::new() } + &pos.join(", ");
         if !unc.is_empty() {
-            line += &format!(" | ?{}", unc.join(", ?"));
+            // "?" marks uncertain labels; the bar separates them from positives when there are any.
+            let sep = if pos.is_empty() { "" } else { " | " };
+            line += &format!("{sep}?{}", unc.join(", ?"));
         }
         text::draw(&mut sheet, sw, cx + 3, cy + cell + 3, &line, cell - 6);
     }
