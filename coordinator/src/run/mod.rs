@@ -144,10 +144,16 @@ fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:06}"))
 }
 
-/// The generated tree for `--synthetic N`, made once (atomically, by rename) and then reused.
+/// The generated tree for `--synthetic N`, made once (atomically, by rename) and then reused by
+/// runs of the same generator version, study count, seed and size.
 fn synthetic_tree(a: &TrainArgs, studies: usize) -> Result<PathBuf> {
     let dir = a.synthetic_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("cxrclip-synthetic-{studies}-seed{}-size{}", a.seed, a.synthetic_size))
+        std::env::temp_dir().join(format!(
+            "cxrclip-synthetic-v{}-{studies}-seed{}-size{}",
+            data::synth::VERSION,
+            a.seed,
+            a.synthetic_size
+        ))
     });
     if dir.join(".complete").exists() {
         return Ok(dir);

@@ -26,6 +26,11 @@ use site::Site;
 use truth::{Truth, View};
 pub use visibility::{Visibility, DESIGN};
 
+/// The generator's output version: bumped whenever a seed's tree changes (drawing, reports,
+/// labels), so that trees cached by an older build are not mistaken for this one's.
+/// 2: subtler default findings (`DESIGN`), film technique and patient build vary.
+pub const VERSION: u32 = 2;
+
 /// Which dataset layout to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
