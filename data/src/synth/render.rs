@@ -315,9 +315,10 @@ pub fn render(
         }
         _ => frontal(rng, truth, view, &frame, visibility, a, vis, fill),
     };
-    // Technique and habitus differ from film to film (kVp and mAs chosen by hand, patients
-    // thin or heavy): the whole film is denser or lighter, with more or less contrast. A finding
-    // cannot be read off the mean brightness of a region when the mean moves this much without one.
+    // Technique differs from film to film (kVp and mAs chosen by hand): the whole film is denser
+    // or lighter, with more or less contrast; the patient's build (`Truth::habitus`) adds to it
+    // in the soft tissue. A finding cannot be read off the mean brightness of a region when the
+    // mean moves this much without one. (The marker, drawn next, is lead: never scaled.)
     let technique = site.technique[0] + (site.technique[1] - site.technique[0]) * rng.random::<f32>();
     a.iter_mut().for_each(|x| *x *= technique);
     if site.marker {

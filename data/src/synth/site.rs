@@ -30,7 +30,7 @@ pub struct Site {
     /// Brightness offset of the whole film.
     pub offset: f32,
     /// Range of the film-to-film technique factor (a multiplier on attenuation: kVp and mAs set
-    /// by hand, thin or heavy patients); a site with automatic exposure control varies less.
+    /// by hand); a site with automatic exposure control varies less.
     pub technique: [f32; 2],
 }
 
