@@ -29,13 +29,13 @@ fn healthy(female: bool, view: View) -> Truth {
 }
 
 fn draw(t: &Truth, site: &Site, seed: u64) -> Vec<u8> {
-    draw_at(t, site, seed, &Visibility::default())
+    draw_at(t, t.frontal, site, seed, &Visibility::default())
 }
 
-fn draw_at(t: &Truth, site: &Site, seed: u64, vis: &Visibility) -> Vec<u8> {
+fn draw_at(t: &Truth, view: View, site: &Site, seed: u64, vis: &Visibility) -> Vec<u8> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::new();
-    render(&mut rng, t, t.frontal, site, W, W, vis, &mut Scratch::default(), &mut out);
+    render(&mut rng, t, view, site, W, W, vis, &mut Scratch::default(), &mut out);
     out
 }
 
@@ -223,7 +223,7 @@ fn each_finding_changes_its_region() {
                 t.devices =
                     Devices { ett: true, ng_tube: true, central_line: true, pacemaker: true, sternal_wires: true };
             }
-            let with = draw_at(&t, &MIMIC, image_seed, &Visibility::full());
+            let with = draw_at(&t, t.frontal, &MIMIC, image_seed, &Visibility::full());
             let r = region(label);
             let (inside, n_in) = diff_in(&with, &without, r);
             let (total, n) = diff_in(&with, &without, [0.0, 1.0, 0.0, 1.0]);
@@ -283,12 +283,7 @@ fn each_finding_changes_its_region() {
 fn lateral_findings_change_the_chest() {
     let seed: u64 = rand::rng().random();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let lateral = |t: &Truth, image_seed: u64| {
-        let mut r = ChaCha8Rng::seed_from_u64(image_seed);
-        let mut out = Vec::new();
-        render(&mut r, t, View::Lateral, &MIMIC, W, W, &Visibility::full(), &mut Scratch::default(), &mut out);
-        out
-    };
+    let lateral = |t: &Truth, image_seed: u64| draw_at(t, View::Lateral, &MIMIC, image_seed, &Visibility::full());
     let rounds: usize = std::env::var("FINDINGS_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     for round in 0..rounds {
         let female = rng.random::<bool>();

@@ -187,3 +187,17 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitSta
 pub fn assert_close(what: &str, got: f64, want: f64, rtol: f64) {
     assert!(!got.is_nan() && (got - want).abs() <= 1e-7 + rtol * want.abs(), "{what}: {got} vs {want}");
 }
+
+/// Every file under `dir`, recursively (unordered); an unreadable folder contributes nothing.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -117,7 +117,7 @@ fn unreadable_images_are_skipped_alike_on_any_world_size() {
     // Break a third of the images so that they still pass the index's cheap check (start and
     // end markers in place) and fail only when decoded, in the workers: most steps meet one.
     let mut images: Vec<_> =
-        walk(&tree.join("files")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
+        files_under(&tree.join("files")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
     images.sort();
     assert!(images.len() > 90, "{} images", images.len());
     for (k, p) in images.iter().enumerate().filter(|(k, _)| k % 3 == 1) {
@@ -143,19 +143,6 @@ fn unreadable_images_are_skipped_alike_on_any_world_size() {
     for ((s, one), (_, two)) in runs[0].iter().zip(&runs[1]) {
         assert_close(&format!("loss of step {s}"), *one, *two, 1e-4);
     }
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// Workers started by hand as Slurm starts them (`SLURM_PROCID`, `SLURM_NTASKS`,

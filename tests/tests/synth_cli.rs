@@ -17,27 +17,19 @@ fn synth(out: &Path, extra: &[&str]) -> std::process::Output {
 
 /// Every file of the tree, by relative path, with its bytes (csv.gz decompressed).
 fn files(root: &Path) -> Vec<(String, Vec<u8>)> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
-        for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                let rel = p.strip_prefix(root).expect("inside").to_string_lossy().into_owned();
-                let bytes = std::fs::read(&p).expect("read");
-                let bytes = if rel.ends_with(".gz") {
-                    let mut s = Vec::new();
-                    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut s).expect("gunzip");
-                    s
-                } else {
-                    bytes
-                };
-                out.push((rel, bytes));
+    let mut out: Vec<_> = files_under(root)
+        .into_iter()
+        .map(|p| {
+            let rel = p.strip_prefix(root).expect("inside").to_string_lossy().into_owned();
+            let bytes = std::fs::read(&p).expect("read");
+            if !rel.ends_with(".gz") {
+                return (rel, bytes);
             }
-        }
-    }
-    let mut out = Vec::new();
-    walk(root, root, &mut out);
+            let mut s = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut s).expect("gunzip");
+            (rel, s)
+        })
+        .collect();
     out.sort();
     out
 }
