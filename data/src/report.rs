@@ -12,6 +12,8 @@ use rand::Rng;
 pub enum Section {
     /// Text before the first heading.
     Preamble,
+    /// Text after FINAL REPORT up to the next heading, without the title lines it opens with
+    /// (in reports without other headings, the whole report).
     FinalReport,
     Examination,
     Indication,
@@ -111,6 +113,83 @@ fn find_headings(text: &str) -> Vec<Hit> {
     hits
 }
 
+/// Words that make an upper-case line a film title ("CHEST RADIOGRAPH PERFORMED ON ___",
+/// "CHEST (PA AND LAT)", "PORTABLE AP CHEST").
+const TITLE_WORDS: &[&str] = &["CHEST", "RADIOGRAPH", "PORTABLE", "X-RAY", "XRAY", "FILM"];
+
+/// A title line: capitals only (no lower-case letter), naming the film, and not a sentence (an
+/// upper-case sentence such as "NO ACUTE CHEST DISEASE." ends with a full stop and stays).
+fn is_title(line: &str) -> bool {
+    let t = line.trim();
+    !t.is_empty()
+        && !t.ends_with('.')
+        && !t.bytes().any(|b| b.is_ascii_lowercase())
+        && TITLE_WORDS.iter().any(|w| t.contains(w))
+}
+
+/// The text without the title lines it opens with (blank lines between them are skipped too).
+fn strip_titles(body: &str) -> &str {
+    let mut rest = body;
+    loop {
+        let (line, after) = match rest.find('\n') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        if !(line.trim().is_empty() || is_title(line)) {
+            return rest;
+        }
+        if after.is_empty() {
+            return "";
+        }
+        rest = after;
+    }
+}
+
+/// "___", "45": the number of an age phrase (ages are de-identified as ___ in MIMIC).
+fn is_age_number(w: &str) -> bool {
+    w == "___" || (!w.is_empty() && w.len() <= 3 && w.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `parts` (lower case, hyphens split) is an age phrase: "___ year old", "45 yrs old",
+/// "___ yo", "___ y/o", "___ y.o".
+fn is_age_phrase(parts: &[&str]) -> bool {
+    match parts {
+        [n, y, "old"] => is_age_number(n) && matches!(*y, "year" | "years" | "yr" | "yrs"),
+        [n, y] => is_age_number(n) && matches!(*y, "yo" | "y/o" | "y.o"),
+        _ => false,
+    }
+}
+
+/// Removes age phrases ("___-year-old", "___ year old", "45 yo") from cleaned text, as the
+/// paper's preprocessing does; punctuation that ended a phrase stays on the word before it.
+pub fn drop_age_phrases(text: &str) -> String {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let mut out: Vec<String> = Vec::with_capacity(words.len());
+    let mut i = 0;
+    'words: while i < words.len() {
+        for n in 1..=3.min(words.len() - i) {
+            let phrase = words[i..i + n].join(" ").to_lowercase();
+            let core = phrase.trim_end_matches([',', ';', ':', '.']);
+            let parts: Vec<&str> = core.split([' ', '-']).filter(|p| !p.is_empty()).collect();
+            if is_age_phrase(&parts) {
+                let punct = &phrase[core.len()..];
+                // "y.o." ends in its own full stop: only what follows the phrase is punctuation.
+                let punct = if core.ends_with("y.o") { punct.strip_prefix('.').unwrap_or(punct) } else { punct };
+                if let Some(prev) = out.last_mut() {
+                    if !prev.ends_with([',', ';', ':', '.']) {
+                        prev.push_str(punct);
+                    }
+                }
+                i += n;
+                continue 'words;
+            }
+        }
+        out.push(words[i].to_string());
+        i += 1;
+    }
+    out.join(" ")
+}
+
 /// Collapses whitespace and long runs of de-identification underscores.
 pub fn clean(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -140,13 +219,17 @@ impl Sections {
         let hits = find_headings(text);
         let mut parts = Vec::new();
         let first = hits.first().map_or(text.len(), |h| h.start);
-        let pre = clean(&text[..first]);
+        let pre = clean(strip_titles(&text[..first]));
         if !pre.is_empty() {
             parts.push((Section::Preamble, pre));
         }
         for (k, h) in hits.iter().enumerate() {
             let end = hits.get(k + 1).map_or(text.len(), |n| n.start);
-            parts.push((h.section, clean(&text[h.body..end])));
+            let body = &text[h.body..end];
+            // Text after FINAL REPORT is the report itself when no other heading follows: only the
+            // title lines it opens with are not content.
+            let body = if h.section == Section::FinalReport { strip_titles(body) } else { body };
+            parts.push((h.section, clean(body)));
         }
         Sections { parts, raw: text.to_string() }
     }
@@ -177,15 +260,10 @@ impl Sections {
             paras.push(cur);
         }
         let last = paras.pop().unwrap_or_default();
-        // A trailing paragraph that is only a heading's body keeps just its text.
+        // A trailing paragraph that holds headings keeps just their text (FINAL REPORT's body is
+        // the report's text, without the heading words and the title lines).
         let s = Sections::parse(&last);
-        let body: Vec<&str> = s
-            .parts
-            .iter()
-            .filter(|(k, _)| !matches!(k, Section::FinalReport))
-            .map(|(_, t)| t.as_str())
-            .filter(|t| !t.is_empty())
-            .collect();
+        let body: Vec<&str> = s.parts.iter().map(|(_, t)| t.as_str()).filter(|t| !t.is_empty()).collect();
         body.join(" ")
     }
 }
@@ -193,7 +271,8 @@ impl Sections {
 /// Which text a pair trains on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SectionPolicy {
-    /// The whole report without TECHNIQUE, COMPARISON, DATE and EXAMINATION (the paper's).
+    /// The whole report without TECHNIQUE, COMPARISON, DATE and EXAMINATION, the words FINAL
+    /// REPORT, film title lines and age phrases (the paper's).
     #[default]
     Paper,
     /// The impression, else the findings, else the last paragraph.
@@ -223,19 +302,12 @@ pub fn select_text(report: &str, policy: SectionPolicy) -> String {
                 .parts
                 .iter()
                 .filter(|(k, _)| {
-                    !matches!(
-                        k,
-                        Section::Technique
-                            | Section::Comparison
-                            | Section::Date
-                            | Section::Examination
-                            | Section::FinalReport
-                    )
+                    !matches!(k, Section::Technique | Section::Comparison | Section::Date | Section::Examination)
                 })
                 .map(|(_, t)| t.as_str())
                 .filter(|t| !t.is_empty())
                 .collect();
-            keep.join(" ")
+            drop_age_phrases(&keep.join(" "))
         }
         SectionPolicy::Impression => {
             s.get(Section::Impression).or_else(|| s.get(Section::Findings)).unwrap_or_else(|| s.last_paragraph())
@@ -322,13 +394,90 @@ mod tests {
         let paper = select_text(MIMIC, SectionPolicy::Paper);
         assert_eq!(
             paper,
-            "___ year old woman with cough // ___ The heart is mildly enlarged. No pleural effusion. Mild cardiomegaly."
+            "woman with cough // ___ The heart is mildly enlarged. No pleural effusion. Mild cardiomegaly."
         );
         assert_eq!(select_text(MIMIC, SectionPolicy::Impression), "Mild cardiomegaly.");
         assert_eq!(
             select_text(MIMIC, SectionPolicy::FindingsImpression),
             "The heart is mildly enlarged. No pleural effusion. Mild cardiomegaly."
         );
+    }
+
+    /// MIMIC reports without section headings: FINAL REPORT, a title line, then the text.
+    const HEADLESS: &str = "                                 FINAL REPORT
+ CHEST RADIOGRAPH PERFORMED ON ___
+ 
+ Comparison is made to the prior study from ___.
+ 
+ A ___-year-old man with cough. The heart size is normal. There is no
+ focal consolidation or pleural effusion.
+";
+    const HEADLESS_ONE_PARAGRAPH: &str = "FINAL REPORT
+CHEST (PORTABLE AP)
+Patient is a 67 year old woman. Lungs are clear. No pneumothorax.
+";
+
+    #[test]
+    fn report_without_headings_keeps_its_text() {
+        let s = Sections::parse(HEADLESS);
+        assert_eq!(
+            s.get(Section::FinalReport).unwrap(),
+            "Comparison is made to the prior study from ___. A ___-year-old man with cough. The heart size is \
+             normal. There is no focal consolidation or pleural effusion."
+        );
+        assert_eq!(
+            select_text(HEADLESS, SectionPolicy::Paper),
+            "Comparison is made to the prior study from ___. A man with cough. The heart size is normal. There \
+             is no focal consolidation or pleural effusion."
+        );
+        let last = "A ___-year-old man with cough. The heart size is normal. There is no focal consolidation or \
+                    pleural effusion.";
+        assert_eq!(select_text(HEADLESS, SectionPolicy::Impression), last);
+        assert_eq!(select_text(HEADLESS, SectionPolicy::FindingsImpression), last);
+        // One paragraph: the last paragraph is the whole report, less its heading and title.
+        let text = "Patient is a woman. Lungs are clear. No pneumothorax.";
+        assert_eq!(select_text(HEADLESS_ONE_PARAGRAPH, SectionPolicy::Paper), text);
+        let kept = "Patient is a 67 year old woman. Lungs are clear. No pneumothorax.";
+        assert_eq!(select_text(HEADLESS_ONE_PARAGRAPH, SectionPolicy::Impression), kept);
+        assert_eq!(select_text(HEADLESS_ONE_PARAGRAPH, SectionPolicy::FindingsImpression), kept);
+    }
+
+    #[test]
+    fn titles_go_but_capital_sentences_and_later_lines_stay() {
+        // Several title lines; an upper-case sentence after them is text.
+        let t = "FINAL REPORT\nPORTABLE AP CHEST\nCHEST RADIOGRAPH(S) ___\n\nNO ACUTE CHEST DISEASE.\n";
+        assert_eq!(select_text(t, SectionPolicy::Paper), "NO ACUTE CHEST DISEASE.");
+        // A title-like line after the text starts is not dropped.
+        let t = "FINAL REPORT\nLungs are clear.\nCHEST TUBE IN PLACE\n";
+        assert_eq!(select_text(t, SectionPolicy::Paper), "Lungs are clear. CHEST TUBE IN PLACE");
+        // Sectioned reports keep their sections after the title.
+        let t = "FINAL REPORT\nCHEST (PA AND LAT)\n\nFINDINGS: Small effusion.\nIMPRESSION: Effusion.\n";
+        assert_eq!(select_text(t, SectionPolicy::Paper), "Small effusion. Effusion.");
+        assert_eq!(select_text(t, SectionPolicy::Impression), "Effusion.");
+        // Reports that open with a title and no FINAL REPORT.
+        assert_eq!(select_text("CHEST RADIOGRAPH\nLungs are clear.", SectionPolicy::Paper), "Lungs are clear.");
+        assert_eq!(select_text("FINAL REPORT\nCHEST RADIOGRAPH\n", SectionPolicy::Paper), "");
+    }
+
+    #[test]
+    fn age_phrases() {
+        for (t, want) in [
+            ("___-year-old woman with cough.", "woman with cough."),
+            ("A ___ year old man.", "A man."),
+            ("A ___ year-old man.", "A man."),
+            ("A 45-year old man.", "A man."),
+            ("Patient, 82 yrs old, fell.", "Patient, fell."),
+            ("Patient is ___ years old.", "Patient is."),
+            ("___ yo F with pain", "F with pain"),
+            ("___ y/o M, pain", "M, pain"),
+            ("___ y.o. M, pain", "M, pain"),
+            // Not ages: a year, a size, "old" on its own.
+            ("Old fracture. 2 cm nodule.", "Old fracture. 2 cm nodule."),
+            ("Stable since 2150 year end.", "Stable since 2150 year end."),
+            ("___ year study.", "___ year study."),
+        ] {
+            assert_eq!(drop_age_phrases(t), want, "{t}");
+        }
     }
 
     #[test]
