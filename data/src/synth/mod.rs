@@ -29,7 +29,8 @@ pub use visibility::{Visibility, DESIGN};
 /// The generator's output version: bumped whenever a seed's tree changes (drawing, reports,
 /// labels), so that trees cached by an older build are not mistaken for this one's.
 /// 2: subtler default findings (`DESIGN`), film technique and patient build vary.
-pub const VERSION: u32 = 2;
+/// 3: CheXpert's `valid.csv` holds at least a few patients in small trees ([`chexpert_valid_patients`]).
+pub const VERSION: u32 = 3;
 
 /// Which dataset layout to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,12 +272,13 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
         Layout::Rsna => "rsna",
     });
     let (plan, patients) = plan(cfg.seed, cfg.studies);
+    let chexpert_valid = chexpert_valid_patients(cfg.seed, patients);
     let start = Instant::now();
     let rows: Vec<Result<Vec<Row>>> = plan
         .par_iter()
         .map_init(Scratch::default, |scratch, p| {
             let study = make_study(cfg, site, *p, scratch, Want::All);
-            write_study(out, cfg, &study)
+            write_study(out, cfg, &study, &chexpert_valid)
         })
         .collect();
     let mut all = Vec::new();
@@ -318,10 +320,10 @@ fn alphabetical() -> Vec<usize> {
     o
 }
 
-fn write_study(out: &Path, cfg: &SynthConfig, s: &Study) -> Result<Vec<Row>> {
+fn write_study(out: &Path, cfg: &SynthConfig, s: &Study, chexpert_valid: &[bool]) -> Result<Vec<Row>> {
     match cfg.layout {
         Layout::Mimic => write_mimic_study(out, cfg, s),
-        Layout::Chexpert => write_chexpert_study(out, cfg, s),
+        Layout::Chexpert => write_chexpert_study(out, cfg, s, chexpert_valid),
         Layout::Rsna => write_rsna_study(out, cfg, s),
     }
 }
@@ -411,9 +413,25 @@ fn write_mimic_tables(out: &Path, rows: &[Row]) -> Result<()> {
     Ok(())
 }
 
-/// CheXpert's validation set: about 3% of patients, labelled by radiologists (no uncertainty).
-fn chexpert_is_valid(seed: u64, patient: usize) -> bool {
-    mix(seed, 0xC4E, patient as u64) % 100 < 3
+/// Share of the patients in a generated CheXpert `valid.csv` (the readers' test split).
+pub const CHEXPERT_VALID_SHARE: f64 = 0.03;
+/// Patients in a generated `valid.csv` when the share gives fewer, up to a quarter of the patients:
+/// small trees (the demo's few hundred studies, CI's 30-60) still have a test split to measure on.
+pub const CHEXPERT_VALID_MIN: usize = 20;
+
+/// Which patients go to CheXpert's `valid.csv` (labelled by radiologists, no uncertainty): the
+/// `max(3% of P, min(20, P / 4))` patients with the smallest seeded hash, P the tree's patients.
+/// A function of the seed and P only; always leaves a training patient.
+pub fn chexpert_valid_patients(seed: u64, patients: usize) -> Vec<bool> {
+    let share = (patients as f64 * CHEXPERT_VALID_SHARE).round() as usize;
+    let n = share.max(CHEXPERT_VALID_MIN.min(patients / 4)).min(patients.saturating_sub(1));
+    let mut order: Vec<usize> = (0..patients).collect();
+    order.sort_by_key(|&p| (mix(seed, 0xC4E, p as u64), p));
+    let mut valid = vec![false; patients];
+    for &p in &order[..n] {
+        valid[p] = true;
+    }
+    valid
 }
 
 /// Radiologist-consensus labels: what is visibly there, 1 or 0. Radiologists see subtler findings
@@ -434,8 +452,8 @@ fn consensus(t: &Truth, visibility: &Visibility) -> [LabelValue; NUM_LABELS] {
 
 const CHEXPERT_DIR: &str = "CheXpert-v1.0-small";
 
-fn write_chexpert_study(out: &Path, cfg: &SynthConfig, s: &Study) -> Result<Vec<Row>> {
-    let valid = chexpert_is_valid(cfg.seed, s.plan.patient);
+fn write_chexpert_study(out: &Path, cfg: &SynthConfig, s: &Study, valid_patients: &[bool]) -> Result<Vec<Row>> {
+    let valid = valid_patients[s.plan.patient];
     let part = if valid { "valid" } else { "train" };
     let pdir = format!("patient{:05}", s.plan.patient + 1);
     let labels = if valid { consensus(&s.truth, &cfg.visibility) } else { s.report.chexpert };
@@ -573,4 +591,29 @@ pub fn render_view(
 /// Writes a text file, creating its folder (used by tests that corrupt trees).
 pub fn put_file(path: &Path, bytes: &[u8]) -> Result<()> {
     write_file(path, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chexpert_valid_patients_small_and_large() {
+        // (patients, expected valid.csv patients): a quarter of small trees, 20 up to ~667
+        // patients, then 3%.
+        for (p, want) in [(1, 0), (2, 0), (4, 1), (17, 4), (35, 8), (80, 20), (175, 20), (1000, 30), (20_000, 600)] {
+            for seed in [0, 5] {
+                let v = chexpert_valid_patients(seed, p);
+                assert_eq!(v.len(), p);
+                assert_eq!(v.iter().filter(|&&x| x).count(), want, "{p} patients, seed {seed}");
+            }
+        }
+        // A function of the seed: the same twice, different for another seed.
+        assert_eq!(chexpert_valid_patients(3, 500), chexpert_valid_patients(3, 500));
+        assert_ne!(chexpert_valid_patients(3, 500), chexpert_valid_patients(4, 500));
+        // The draw is spread over the patients, not the first ones.
+        let v = chexpert_valid_patients(3, 1000);
+        let first_half = v[..500].iter().filter(|&&x| x).count();
+        assert!((5..=25).contains(&first_half), "{first_half} of 30 in the first half");
+    }
 }
