@@ -172,6 +172,118 @@ fn chexpert_tree_reads_with_splits_and_bad_rows() {
     assert_eq!(d3.pairs.len(), d.pairs.len());
 }
 
+/// Moves every file under `from` to the same relative place under `to`.
+fn rename(from: &Path, to: &Path) {
+    fs::rename(from, to).unwrap();
+}
+
+#[test]
+fn chexpert_under_another_folder_name_reads_whole() {
+    let t = tempfile::tempdir().unwrap();
+    tree(t.path(), Layout::Chexpert, 40, 7);
+    let std = read(DatasetKind::Chexpert, t.path(), &ReadOptions::default()).unwrap();
+    assert!(std.problems.is_empty() && !std.pairs.is_empty(), "{}", std.problems.summary());
+    let key = |d: &data::Dataset| {
+        let mut v: Vec<_> = d.pairs.iter().map(|p| (p.image.clone(), p.split, p.labels)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    // Renamed: the csv still says CheXpert-v1.0-small/train/..., the folder is my-chexpert/.
+    let renamed = t.path().join("my-chexpert");
+    rename(&t.path().join("CheXpert-v1.0-small"), &renamed);
+    let d = read(DatasetKind::Chexpert, &renamed, &ReadOptions::default()).unwrap();
+    assert!(d.problems.is_empty(), "{}", d.problems.summary());
+    assert_eq!(key(&d), key(&std));
+    assert_eq!(d.root, renamed);
+    assert!(d
+        .pairs
+        .iter()
+        .all(|p| d.image_path(p).is_file() && (p.image.starts_with("train") || p.image.starts_with("valid"))));
+    // The folder holding it (its one subfolder with a train.csv) reads the same.
+    let parent = read(DatasetKind::Chexpert, t.path(), &ReadOptions::default()).unwrap();
+    assert_eq!(key(&parent), key(&std));
+    // A mirror whose csv paths start at train/ (no folder name), and one with an extra leading folder.
+    for (prefix, with) in [("CheXpert-v1.0-small/", ""), ("CheXpert-v1.0-small/", "archive/CheXpert-v1.0-small/")] {
+        for f in ["train.csv", "valid.csv"] {
+            let p = renamed.join(f);
+            let txt = fs::read_to_string(&p).unwrap();
+            let fixed: String = txt.lines().map(|l| l.replacen(prefix, with, 1) + "\n").collect();
+            fs::write(&p, fixed).unwrap();
+        }
+        let d = read(DatasetKind::Chexpert, &renamed, &ReadOptions::default()).unwrap();
+        assert!(d.problems.is_empty(), "{with}: {}", d.problems.summary());
+        assert_eq!(key(&d), key(&std), "{with}");
+        // Back to the distribution's form for the next round.
+        for f in ["train.csv", "valid.csv"] {
+            let p = renamed.join(f);
+            let txt = fs::read_to_string(&p).unwrap();
+            let back: String = txt
+                .lines()
+                .enumerate()
+                .map(|(i, l)| if i == 0 { l.to_string() } else { format!("{prefix}{}", &l[with.len()..]) } + "\n")
+                .collect();
+            fs::write(&p, back).unwrap();
+        }
+    }
+    // Images not unpacked: one error line naming the row count, a path tried and what to check.
+    let rows = ["train.csv", "valid.csv"]
+        .iter()
+        .map(|f| fs::read_to_string(renamed.join(f)).unwrap().lines().count() - 1)
+        .sum::<usize>();
+    rename(&renamed.join("train"), &t.path().join("elsewhere-train"));
+    rename(&renamed.join("valid"), &t.path().join("elsewhere-valid"));
+    let e = read(DatasetKind::Chexpert, &renamed, &ReadOptions::default()).unwrap_err().to_string();
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains(&format!("none of the {rows} image paths")), "{e}");
+    assert!(e.contains(&renamed.join("train").display().to_string()), "{e}");
+    assert!(e.contains("CheXpert-v1.0-small/train/patient") && e.contains("check that the images"), "{e}");
+}
+
+#[test]
+fn chexpert_small_tree_has_test_and_validation_patients() {
+    let t = tempfile::tempdir().unwrap();
+    tree(t.path(), Layout::Chexpert, 30, 1);
+    let valid = fs::read_to_string(t.path().join("CheXpert-v1.0-small/valid.csv")).unwrap();
+    assert!(valid.lines().count() > 1, "valid.csv has no rows:\n{valid}");
+    let d = read(DatasetKind::Chexpert, t.path(), &ReadOptions { views: Views::All, ..Default::default() }).unwrap();
+    let patients = |s: data::Split| {
+        d.pairs.iter().filter(|p| p.split == s).map(|p| p.subject_id.clone()).collect::<std::collections::HashSet<_>>()
+    };
+    let all = d.pairs.iter().map(|p| p.subject_id.clone()).collect::<std::collections::HashSet<_>>().len();
+    // max(3% of P, min(20, P / 4)) test patients; 10% of the rest validate.
+    let test = patients(data::Split::Test).len();
+    assert_eq!(test, ((all as f64 * 0.03).round() as usize).max(20.min(all / 4)), "{all} patients");
+    assert!(test >= 3, "{test} test patients of {all}");
+    let train_side = all - test;
+    assert_eq!(patients(data::Split::Validate).len(), train_side - (train_side as f64 * 0.9).round() as usize);
+}
+
+#[test]
+fn chexpert_validation_is_a_tenth_of_training_patients() {
+    let t = tempfile::tempdir().unwrap();
+    tree(t.path(), Layout::Chexpert, 150, 8);
+    for seed in [0, 1] {
+        let d = read(DatasetKind::Chexpert, t.path(), &ReadOptions { seed, views: Views::All, ..Default::default() })
+            .unwrap();
+        let count = |s: data::Split| {
+            d.pairs
+                .iter()
+                .filter(|p| p.split == s)
+                .map(|p| &p.subject_id)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        };
+        let train_side = count(data::Split::Train) + count(data::Split::Validate);
+        assert!(train_side >= 60, "{train_side}");
+        let want = train_side - (train_side as f64 * 0.9).round() as usize;
+        assert_eq!(count(data::Split::Validate), want, "seed {seed}: {train_side} training patients");
+        // valid.csv rows are the test split, whatever the seed.
+        let valid_rows =
+            fs::read_to_string(t.path().join("CheXpert-v1.0-small/valid.csv")).unwrap().lines().count() - 1;
+        assert_eq!(d.pairs.iter().filter(|p| p.split == data::Split::Test).count(), valid_rows);
+    }
+}
+
 #[test]
 fn rsna_tree_reads_dicom_groups_patients_and_skips_truncated() {
     let t = tempfile::tempdir().unwrap();
