@@ -72,6 +72,28 @@ impl FromStr for DatasetKind {
     }
 }
 
+/// RSNA Pneumonia's one label.
+const PNEUMONIA_ONLY: [&str; 1] = ["Pneumonia"];
+
+/// The labels a dataset has, by name as in [`crate::LABELS`]: MIMIC-CXR and CheXpert the 14,
+/// RSNA Pneumonia only Pneumonia.
+pub fn dataset_labels(kind: DatasetKind) -> &'static [&'static str] {
+    match kind {
+        DatasetKind::Mimic | DatasetKind::Chexpert => &crate::labels::LABELS,
+        DatasetKind::Rsna => &PNEUMONIA_ONLY,
+    }
+}
+
+/// The labels evaluated by default, as the published study did: MIMIC-CXR the 14, CheXpert the
+/// five competition labels, RSNA Pneumonia.
+pub fn default_eval_labels(kind: DatasetKind) -> &'static [&'static str] {
+    match kind {
+        DatasetKind::Mimic => &crate::labels::LABELS,
+        DatasetKind::Chexpert => &crate::labels::COMPETITION_FIVE,
+        DatasetKind::Rsna => &PNEUMONIA_ONLY,
+    }
+}
+
 /// Which views to keep.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Views {
@@ -127,6 +149,43 @@ impl FromStr for LabelFile {
     }
 }
 
+/// How RSNA Pneumonia is split (see `rsna`): by patient, or by csv row as the published study did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RsnaSplit {
+    /// One pair per patient; 80 / 10 / 10 by patient, stratified by Target.
+    #[default]
+    Grouped,
+    /// One pair per csv row (a patient with several boxes gives several pairs of the same image);
+    /// 80 / 10 / 10 by row, stratified by Target, so such a patient can straddle the splits.
+    Rows,
+}
+
+impl RsnaSplit {
+    pub fn name(self) -> &'static str {
+        match self {
+            RsnaSplit::Grouped => "grouped",
+            RsnaSplit::Rows => "rows",
+        }
+    }
+}
+
+impl FromStr for RsnaSplit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "grouped" => Ok(RsnaSplit::Grouped),
+            "rows" => Ok(RsnaSplit::Rows),
+            o => Err(format!("unknown RSNA split '{o}' (grouped, rows)")),
+        }
+    }
+}
+
+impl fmt::Display for RsnaSplit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Reader options.
 #[derive(Clone, Debug, Default)]
 pub struct ReadOptions {
@@ -138,6 +197,8 @@ pub struct ReadOptions {
     pub reports_root: Option<PathBuf>,
     /// Seed of the splits made where a dataset has none.
     pub seed: u64,
+    /// RSNA Pneumonia's split: grouped by patient (the default) or the published study's by row.
+    pub rsna_split: RsnaSplit,
 }
 
 /// What kind of bad input was met.
@@ -274,4 +335,35 @@ pub fn check_jpeg(path: &Path) -> Result<(), (ProblemKind, String)> {
         return Err((ProblemKind::CorruptImage, "no JPEG end-of-image marker (truncated?)".into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::{label_index, COMPETITION_FIVE, LABELS};
+
+    #[test]
+    fn labels_per_dataset() {
+        assert_eq!(dataset_labels(DatasetKind::Mimic), &LABELS[..]);
+        assert_eq!(dataset_labels(DatasetKind::Chexpert), &LABELS[..]);
+        assert_eq!(dataset_labels(DatasetKind::Rsna), &["Pneumonia"]);
+        assert_eq!(default_eval_labels(DatasetKind::Mimic).len(), 14);
+        assert_eq!(default_eval_labels(DatasetKind::Chexpert), &COMPETITION_FIVE[..]);
+        assert_eq!(default_eval_labels(DatasetKind::Rsna), &["Pneumonia"]);
+        // Evaluated labels are labels the dataset has, and RSNA's is the reader's index.
+        for kind in [DatasetKind::Mimic, DatasetKind::Chexpert, DatasetKind::Rsna] {
+            assert!(default_eval_labels(kind).iter().all(|l| dataset_labels(kind).contains(l)));
+        }
+        assert_eq!(label_index(dataset_labels(DatasetKind::Rsna)[0]), Some(crate::rsna::PNEUMONIA));
+    }
+
+    #[test]
+    fn rsna_split_names() {
+        assert_eq!("grouped".parse::<RsnaSplit>().unwrap(), RsnaSplit::Grouped);
+        assert_eq!("rows".parse::<RsnaSplit>().unwrap(), RsnaSplit::Rows);
+        assert_eq!(RsnaSplit::default(), RsnaSplit::Grouped);
+        assert_eq!(RsnaSplit::Rows.to_string(), "rows");
+        let e = "patient".parse::<RsnaSplit>().unwrap_err();
+        assert!(e.contains("grouped, rows"), "{e}");
+    }
 }

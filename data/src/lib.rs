@@ -16,7 +16,9 @@ pub mod rsna;
 pub mod splits;
 pub mod stats;
 
-pub use dataset::{read, Dataset, DatasetKind, Pair, ReadOptions, Split, Views};
+pub use dataset::{
+    dataset_labels, default_eval_labels, read, Dataset, DatasetKind, Pair, ReadOptions, RsnaSplit, Split, Views,
+};
 pub mod imageio;
 pub mod loader;
 pub mod shards;

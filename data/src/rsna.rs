@@ -1,7 +1,14 @@
 //! RSNA Pneumonia: `stage_2_train_labels.csv` (patientId, x, y, width, height, Target; one row per
-//! box) and DICOM images `stage_2_train_images/{patientId}.dcm`. One pair per patient, its boxes
-//! listed; split train / validate / test 70 / 15 / 15, stratified by Target and grouped by patient
-//! (the published setup split by row, which leaks patients with several boxes into test).
+//! box, one row with Target 0 for a patient without) and DICOM images
+//! `stage_2_train_images/{patientId}.dcm`.
+//!
+//! Splits (`ReadOptions::rsna_split`), both 80 / 10 / 10 train / validate / test ([`FRACTIONS`];
+//! the published study's 10% test), stratified by Target and seeded:
+//! - `grouped` (the default): one pair per patient with all its boxes, split by patient;
+//! - `rows`: the published study's split by csv row. One pair per csv row (its own box), so a
+//!   patient with several boxes gives several pairs of the same image, and these can fall in
+//!   different splits (the study's leak of patients into test). `Dataset::images` still counts
+//!   each image once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
-use crate::dataset::{Dataset, DatasetKind, Pair, ProblemKind, Problems, ReadOptions, Split};
+use crate::dataset::{Dataset, DatasetKind, Pair, ProblemKind, Problems, ReadOptions, RsnaSplit, Split};
 use crate::labels::{LabelValue, NUM_LABELS};
 use crate::mimic::{col, read_rows};
 use crate::splits::stratified_split;
@@ -18,6 +25,8 @@ pub const LABELS_CSV: &str = "stage_2_train_labels.csv";
 pub const IMAGES: &str = "stage_2_train_images";
 /// Index of Pneumonia in the 14 labels: RSNA's one label.
 pub const PNEUMONIA: usize = 7;
+/// Train / validate / test shares (the published study's 10% test).
+pub const FRACTIONS: [f64; 3] = [0.8, 0.1, 0.1];
 
 /// Reads an RSNA Pneumonia root.
 pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
@@ -42,8 +51,8 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
         col(&h, "height", &csv)?,
         col(&h, "Target", &csv)?,
     );
-    // patientId -> (target, boxes); BTreeMap keeps the pair order independent of hashing.
-    let mut patients: BTreeMap<String, (bool, Vec<[f32; 4]>)> = BTreeMap::new();
+    // patientId -> its rows; BTreeMap keeps the pair order independent of hashing.
+    let mut patients: BTreeMap<String, Patient> = BTreeMap::new();
     for (line, r) in rows {
         let place = format!("{}:{line}", csv.display());
         let id = r[cid].trim();
@@ -59,21 +68,36 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
                 continue;
             }
         };
-        let e = patients.entry(id.to_string()).or_insert((false, Vec::new()));
-        e.0 |= target;
-        if target {
+        let e = patients.entry(id.to_string()).or_default();
+        let bx = if target {
             let v: Option<Vec<f32>> = [cx, cy, cw, ch].iter().map(|&c| r[c].trim().parse::<f32>().ok()).collect();
             match v {
-                Some(b) => e.1.push([b[0], b[1], b[2], b[3]]),
-                None => problems.add(ProblemKind::MalformedRow, place, "Target 1 without a numeric box"),
+                Some(b) => Some([b[0], b[1], b[2], b[3]]),
+                // Still a positive patient: only the box is lost.
+                None => {
+                    problems.add(ProblemKind::MalformedRow, place, "Target 1 without a numeric box");
+                    None
+                }
             }
-        }
+        } else {
+            None
+        };
+        e.target |= target;
+        e.boxes.extend(bx);
+        e.rows.push((target, bx));
     }
-    let groups: Vec<(String, usize)> = patients.iter().map(|(k, v)| (k.clone(), v.0 as usize)).collect();
-    let split = stratified_split(&groups, [0.7, 0.15, 0.15], opts.seed);
-    let pairs: Vec<Option<Pair>> = patients
+    // The units split: patients, or csv rows keyed `patientId#k` (its k-th row).
+    let groups: Vec<(String, usize)> = match opts.rsna_split {
+        RsnaSplit::Grouped => patients.iter().map(|(k, v)| (k.clone(), v.target as usize)).collect(),
+        RsnaSplit::Rows => patients
+            .iter()
+            .flat_map(|(k, v)| v.rows.iter().enumerate().map(move |(i, r)| (format!("{k}#{i}"), r.0 as usize)))
+            .collect(),
+    };
+    let split = stratified_split(&groups, FRACTIONS, opts.seed);
+    let per_patient: Vec<Option<Vec<Pair>>> = patients
         .into_par_iter()
-        .map(|(id, (target, boxes))| {
+        .map(|(id, Patient { target, boxes, rows })| {
             let rel = PathBuf::from(IMAGES).join(format!("{id}.dcm"));
             let full = root.join(&rel);
             if !full.is_file() {
@@ -90,23 +114,41 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
             if !opts.views.keeps(&view) && !view.is_empty() {
                 return None;
             }
-            let mut labels = [LabelValue::Blank; NUM_LABELS];
-            labels[PNEUMONIA] = if target { LabelValue::Positive } else { LabelValue::Negative };
-            Some(Pair {
-                subject_id: id.clone(),
-                study_id: id.clone(),
-                image: rel,
-                split: split.get(&id).copied().unwrap_or(Split::Train),
-                view,
-                labels,
-                text: String::new(),
-                boxes,
+            let pair = |target: bool, boxes: Vec<[f32; 4]>, key: &str| {
+                let mut labels = [LabelValue::Blank; NUM_LABELS];
+                labels[PNEUMONIA] = if target { LabelValue::Positive } else { LabelValue::Negative };
+                Pair {
+                    subject_id: id.clone(),
+                    study_id: id.clone(),
+                    image: rel.clone(),
+                    split: split.get(key).copied().unwrap_or(Split::Train),
+                    view: view.clone(),
+                    labels,
+                    text: String::new(),
+                    boxes,
+                }
+            };
+            Some(match opts.rsna_split {
+                RsnaSplit::Grouped => vec![pair(target, boxes, &id)],
+                RsnaSplit::Rows => rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (t, b))| pair(*t, b.iter().copied().collect(), &format!("{id}#{i}")))
+                    .collect(),
             })
         })
         .collect();
-    let pairs: Vec<Pair> = pairs.into_iter().flatten().collect();
-    let n = pairs.len();
-    Ok(Dataset { kind: DatasetKind::Rsna, root: root.to_path_buf(), pairs, studies: n, images: n, problems })
+    let images = per_patient.iter().flatten().count();
+    let pairs: Vec<Pair> = per_patient.into_iter().flatten().flatten().collect();
+    Ok(Dataset { kind: DatasetKind::Rsna, root: root.to_path_buf(), pairs, studies: images, images, problems })
+}
+
+/// A patient's rows as read: any Target 1, its boxes, and each row's (Target, box).
+#[derive(Default)]
+struct Patient {
+    target: bool,
+    boxes: Vec<[f32; 4]>,
+    rows: Vec<(bool, Option<[f32; 4]>)>,
 }
 
 /// Opens a DICOM file and checks that its pixel data is all there; returns its ViewPosition.

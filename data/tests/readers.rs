@@ -311,6 +311,58 @@ fn rsna_tree_reads_dicom_groups_patients_and_skips_truncated() {
     assert_eq!(kinds(&d2), vec![ProblemKind::CorruptImage]);
 }
 
+/// Train / validate / test counts that `splits::stratified_split` gives `n` units at 80 / 10 / 10.
+fn eighty_ten_ten(n: usize) -> [usize; 3] {
+    let (a, b) = ((n as f64 * 0.8).round() as usize, (n as f64 * 0.9).round() as usize);
+    [a, b - a, n - b]
+}
+
+fn split_counts(units: impl Iterator<Item = (bool, data::Split)>) -> [[usize; 3]; 2] {
+    let mut c = [[0; 3]; 2];
+    for (positive, s) in units {
+        c[positive as usize][s as usize] += 1;
+    }
+    c
+}
+
+#[test]
+fn rsna_splits_by_patient_or_by_row() {
+    let t = tempfile::tempdir().unwrap();
+    tree(t.path(), Layout::Rsna, 120, 9);
+    let csv = fs::read_to_string(t.path().join("stage_2_train_labels.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    let positive_rows = rows.iter().filter(|l| l.ends_with(",1")).count();
+    let rows_opts = |seed| ReadOptions { seed, rsna_split: "rows".parse().unwrap(), ..Default::default() };
+    let straddles = |d: &data::Dataset| {
+        let mut seen = std::collections::HashMap::new();
+        d.pairs.iter().any(|p| *seen.entry(p.subject_id.clone()).or_insert(p.split) != p.split)
+    };
+    let mut leaked = false;
+    for seed in 0..8 {
+        // Grouped (the default): one pair per patient, 80 / 10 / 10 within each Target class.
+        let g = read(DatasetKind::Rsna, t.path(), &ReadOptions { seed, ..Default::default() }).unwrap();
+        assert_eq!(g.pairs.len(), 120);
+        let c = split_counts(g.pairs.iter().map(|p| (p.labels[7] == LabelValue::Positive, p.split)));
+        for positive in [0, 1] {
+            assert_eq!(c[positive], eighty_ten_ten(c[positive].iter().sum()), "seed {seed}, positive {positive}");
+        }
+        assert!(!straddles(&g), "seed {seed}: a patient in two splits under grouped");
+        // Rows: one pair per csv row with its own box, 80 / 10 / 10 of the rows within each class.
+        let r = read(DatasetKind::Rsna, t.path(), &rows_opts(seed)).unwrap();
+        assert!(r.problems.is_empty(), "{}", r.problems.summary());
+        assert_eq!((r.pairs.len(), r.images, r.studies), (rows.len(), 120, 120));
+        assert!(r.pairs.iter().all(|p| p.boxes.len() == (p.labels[7] == LabelValue::Positive) as usize));
+        assert_eq!(r.pairs.iter().filter(|p| p.labels[7] == LabelValue::Positive).count(), positive_rows);
+        let c = split_counts(r.pairs.iter().map(|p| (p.labels[7] == LabelValue::Positive, p.split)));
+        for positive in [0, 1] {
+            assert_eq!(c[positive], eighty_ten_ten(c[positive].iter().sum()), "rows, seed {seed}");
+        }
+        leaked |= straddles(&r);
+    }
+    assert!(rows.len() > 120, "the tree needs patients with several boxes");
+    assert!(leaked, "no multi-box patient straddled two splits by row in 8 seeds");
+}
+
 #[test]
 fn dicom_round_trip_both_photometrics() {
     let px: Vec<u8> = (0..48 * 40).map(|i| (i % 251) as u8).collect();
