@@ -96,6 +96,10 @@ pub struct DataStatsArgs {
     /// Seed of the splits made where a dataset has none (CheXpert validation, RSNA).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// RSNA only: grouped (by patient, the default) or rows (the published split by csv row,
+    /// where a patient with several boxes can straddle two splits).
+    #[arg(long, default_value = "grouped")]
+    pub rsna_split: data::RsnaSplit,
     /// Print the summary as one JSON object (the only output format).
     #[arg(long)]
     pub json: bool,
@@ -112,6 +116,7 @@ pub fn run_data_stats(a: DataStatsArgs) -> Result<()> {
         label_file: a.labels,
         reports_root: a.reports,
         seed: a.seed,
+        rsna_split: a.rsna_split,
     };
     let mut ds = data::read(a.dataset, &a.root, &opts)?;
     if let Some(s) = &a.split {
@@ -166,6 +171,10 @@ pub struct PrepareArgs {
     /// Seed of the splits made where a dataset has none.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// RSNA only: grouped (by patient, the default) or rows (the published split by csv row,
+    /// where a patient with several boxes can straddle two splits).
+    #[arg(long, default_value = "grouped")]
+    pub rsna_split: data::RsnaSplit,
     /// Smaller image side after resizing (the published setup used 256).
     #[arg(long, default_value_t = 256)]
     pub short_side: usize,
@@ -182,6 +191,7 @@ pub fn run_prepare(a: PrepareArgs) -> Result<()> {
         label_file: a.labels,
         reports_root: a.reports,
         seed: a.seed,
+        rsna_split: a.rsna_split,
     };
     let ds = data::read(a.dataset, &a.root, &opts)?;
     let name = format!("{:?}", a.dataset).to_lowercase();
