@@ -1,8 +1,9 @@
 //! `coordinator`: the cxrclip command line.
 //!
-//! Subcommands run one job each (a forward/backward check, a benchmark, data tools); without a
-//! subcommand, `coordinator [--gpus N | --workers N --device cpu] [options]` is the training run
-//! (see `run/`).
+//! Subcommands run one job each (a forward/backward check, a benchmark, data tools, the demo);
+//! without a subcommand, `coordinator [--gpus N | --workers N --device cpu] PLAN.toml` runs a
+//! plan (see `exec/`), `coordinator [--gpus N | --workers N --device cpu] [options]` is a single
+//! training run (see `run/`), and `coordinator` alone runs the demo study.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -10,6 +11,8 @@ use clap::{Parser, Subcommand};
 mod bench_cmd;
 mod data_cmds;
 mod device;
+mod exec;
+mod plan_cmd;
 mod fb_cmd;
 mod gpu_cmds;
 mod init_cmd;
@@ -27,6 +30,9 @@ mod sizes;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// A plan file (TOML; see docs/plans.md): runs its runs in order on the workers the options
+    /// give, into --run-dir (default runs/<plan name>), resuming where it stopped.
+    plan: Option<std::path::PathBuf>,
     /// Without a subcommand: a CLS training run.
     #[command(flatten)]
     train: run::TrainArgs,
@@ -49,6 +55,13 @@ enum Command {
     Prepare(data_cmds::PrepareArgs),
     /// Every CUDA op against the CPU backend, and a training step (needs a GPU).
     GpuCheck(gpu_cmds::GpuCheckArgs),
+    /// The demo study on generated data (what `coordinator` alone runs): CLS, probes,
+    /// fine-tuning, zero-shot and retrieval, into ./runs/demo; prints the table.
+    Demo(plan_cmd::DemoArgs),
+    /// One rank of a run (what the coordinator starts for its local workers; the `worker`
+    /// binary is the same code for other nodes).
+    #[command(hide = true)]
+    Worker(worker::cli::Args),
 }
 
 fn main() {
@@ -61,7 +74,15 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let Some(command) = cli.command else { return run::run(cli.train) };
+    let Some(command) = cli.command else {
+        if let Some(plan) = &cli.plan {
+            return plan_cmd::run_file(plan, cli.train);
+        }
+        if std::env::args_os().len() == 1 {
+            return plan_cmd::run_demo(plan_cmd::DemoArgs::default());
+        }
+        return run::run(cli.train);
+    };
     match command {
         Command::ForwardBackward(a) => fb_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
@@ -70,5 +91,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::DataStats(a) => data_cmds::run_data_stats(a),
         Command::Prepare(a) => data_cmds::run_prepare(a),
         Command::GpuCheck(a) => gpu_cmds::run_gpu_check(a),
+        Command::Demo(a) => plan_cmd::run_demo(a),
+        Command::Worker(a) => std::process::exit(worker::cli::main_with(a)),
     }
 }

@@ -176,6 +176,17 @@ impl<B: Backend> Clip<B> {
     /// Writes a Hugging Face folder that `CLIPModel.from_pretrained` loads, atomically;
     /// `extra` files (e.g. `tokenizer.json`) are written alongside.
     pub fn save_pretrained(&self, dir: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
+        self.save_pretrained_with(dir, extra, &[])
+    }
+
+    /// [`Clip::save_pretrained`] with `tensors` added to `model.safetensors` (a fine-tuning
+    /// head: `transformers` reports them as unused and loads the rest).
+    pub fn save_pretrained_with(
+        &self,
+        dir: &Path,
+        extra: &[(&str, &[u8])],
+        tensors: &[(String, Vec<usize>, Vec<f32>)],
+    ) -> Result<()> {
         let values = self.params_to_host()?;
         write_dir_atomically(dir, |tmp| {
             fs::write(tmp.join(CONFIG), self.config.to_json())?;
@@ -184,6 +195,7 @@ impl<B: Backend> Clip<B> {
                 .specs
                 .iter()
                 .map(|s| (s.name.clone(), s.shape.clone(), &values[s.offset..s.offset + s.len]))
+                .chain(tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())))
                 .collect();
             write_f32_safetensors(&tmp.join(WEIGHTS), &tensors)?;
             for (name, bytes) in extra {
@@ -208,6 +220,36 @@ pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32]
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let out = safetensors::serialize(views, Some(meta))?;
     write_file_atomically(path, &out)
+}
+
+/// One tensor of a mixed-type safetensors file ([`write_tables`]).
+pub enum Column<'a> {
+    F32(Vec<usize>, &'a [f32]),
+    I64(Vec<usize>, &'a [i64]),
+}
+
+/// Writes named f32 and i64 tensors with string metadata as a safetensors file, atomically
+/// (feature tables, prediction parts).
+pub fn write_tables(path: &Path, tensors: &[(String, Column)], meta: HashMap<String, String>) -> Result<()> {
+    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, c)| match c {
+            Column::F32(s, v) => (n.clone(), Dtype::F32, s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Column::I64(s, v) => (n.clone(), Dtype::I64, s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let out = safetensors::serialize(views, Some(meta))?;
+    write_file_atomically(path, &out)
+}
+
+/// An i64 tensor's values, with errors that name it and its file.
+pub fn to_i64(view: &TensorView<'_>, name: &str, file: &Path) -> Result<Vec<i64>> {
+    ensure!(view.dtype() == Dtype::I64, "tensor {name} in {} has dtype {:?}; expected I64", file.display(), view.dtype());
+    Ok(view.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod freeze;
+pub mod head;
 pub mod loss;
 pub mod optim;
 pub mod params;

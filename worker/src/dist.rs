@@ -163,9 +163,22 @@ impl<B: Backend> DistLoss<B> {
     /// Both towers' backward from the embeddings' gradients, with the trainable gradient summed
     /// over the ranks bucket by bucket as the backward finishes it.
     pub fn backward_and_sum(&mut self, model: &Clip<B>, comm: &mut dyn Collectives, b: usize) -> Result<()> {
+        self.backward_towers_and_sum(model, comm, b, true)
+    }
+
+    /// [`DistLoss::backward_and_sum`] of the vision tower alone, from
+    /// [`Clip::image_embeds_grad`] (fine-tuning: the text tower and the logit scale are frozen
+    /// and take no part in the step).
+    pub fn backward_vision_and_sum(&mut self, model: &Clip<B>, comm: &mut dyn Collectives, b: usize) -> Result<()> {
+        self.backward_towers_and_sum(model, comm, b, false)
+    }
+
+    fn backward_towers_and_sum(&mut self, model: &Clip<B>, comm: &mut dyn Collectives, b: usize, text: bool) -> Result<()> {
         if comm.world() == 1 {
             model.backward_vision(b);
-            model.backward_text(b);
+            if text {
+                model.backward_text(b);
+            }
             return Ok(());
         }
         if self.buckets_for != model.trainable() {
@@ -178,7 +191,9 @@ impl<B: Backend> DistLoss<B> {
             return backward_host_overlap(model, comm, &mut self.buckets, &mut self.spare, |ready| {
                 ready(scale);
                 model.backward_vision_with(b, ready);
-                model.backward_text_with(b, ready);
+                if text {
+                    model.backward_text_with(b, ready);
+                }
             });
         };
         let be = &model.backend;
@@ -196,7 +211,9 @@ impl<B: Backend> DistLoss<B> {
         };
         ready(scale);
         model.backward_vision_with(b, &mut ready);
-        model.backward_text_with(b, &mut ready);
+        if text {
+            model.backward_text_with(b, &mut ready);
+        }
         if let Some(bucket) = buckets.flush() {
             enqueue(bucket);
         }

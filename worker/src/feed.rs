@@ -53,7 +53,14 @@ impl Feed {
     /// A feed of `job`'s local batches of `b` pairs at `size` pixels, `context` ids per text.
     pub fn new(link: Link, job: &Job, b: usize, size: usize, context: usize, tok: Arc<dyn Tokenize>) -> Result<Feed> {
         ensure!(job.steps_per_epoch > 0, "the job has no steps per epoch");
+        // The label policy turns raw labels into targets (fine-tuning; CLS reads none).
+        let uncertain = if job.uncertain.is_empty() {
+            data::UncertainPolicy::default()
+        } else {
+            job.uncertain.parse().map_err(|e: String| anyhow!("the job's label policy: {e}"))?
+        };
         let cfg = LoaderConfig {
+            uncertain,
             batch: b,
             size,
             augment: true,
@@ -154,8 +161,39 @@ pub fn epoch_source(root: &Path, entries: &[ShardEntry]) -> Result<(Source, Vec<
     for (e, &id) in entries.iter().zip(&ids) {
         table[id].image = PathBuf::from(&e.image);
         table[id].text.clone_from(&e.text);
+        if !e.label_values.is_empty() {
+            table[id].labels = decode_labels(&e.label_values)?;
+        }
     }
     Ok((Source::Files { root: root.to_path_buf(), pairs: Arc::new(table) }, ids))
+}
+
+/// The wire form of a pair's 14 raw labels (see `ShardEntry.label_values`).
+pub fn encode_labels(labels: &[LabelValue; NUM_LABELS]) -> Vec<i32> {
+    labels
+        .iter()
+        .map(|v| match v {
+            LabelValue::Positive => 1,
+            LabelValue::Negative => 0,
+            LabelValue::Uncertain => -1,
+            LabelValue::Blank => 2,
+        })
+        .collect()
+}
+
+fn decode_labels(codes: &[i32]) -> Result<[LabelValue; NUM_LABELS]> {
+    ensure!(codes.len() == NUM_LABELS, "a shard entry has {} label values, not {NUM_LABELS}", codes.len());
+    let mut out = [LabelValue::Blank; NUM_LABELS];
+    for (o, &c) in out.iter_mut().zip(codes) {
+        *o = match c {
+            1 => LabelValue::Positive,
+            0 => LabelValue::Negative,
+            -1 => LabelValue::Uncertain,
+            2 => LabelValue::Blank,
+            other => return Err(anyhow!("label code {other} is not 1, 0, -1 or 2")),
+        };
+    }
+    Ok(out)
 }
 
 /// A pair with no image or text; empty strings and paths do not allocate, so the table costs a
@@ -167,7 +205,8 @@ fn placeholder() -> Pair {
         image: PathBuf::new(),
         split: Split::Train,
         view: String::new(),
-        // Contrastive training reads no labels; the loader's targets of these are unused.
+        // Contrastive training reads no labels (their targets are unused); fine-tuning's entries
+        // carry theirs.
         labels: [LabelValue::Blank; NUM_LABELS],
         text: String::new(),
         boxes: Vec::new(),

@@ -42,8 +42,18 @@ impl Link {
     /// This rank's pairs of `epoch`, in step order, and the epoch's spares (the same on every
     /// rank).
     pub fn shard(&self, epoch: u64) -> Result<(Vec<ShardEntry>, Vec<ShardEntry>)> {
+        self.shard_of(epoch, "")
+    }
+
+    /// This rank's share of another part of the job's items (`"valid"`: a fine-tuning job's
+    /// validation images).
+    pub fn shard_part(&self, epoch: u64, part: &str) -> Result<Vec<ShardEntry>> {
+        Ok(self.shard_of(epoch, part)?.0)
+    }
+
+    fn shard_of(&self, epoch: u64, part: &str) -> Result<(Vec<ShardEntry>, Vec<ShardEntry>)> {
         let mut client = self.client.clone();
-        let req = ShardRequest { session: Some(self.session.clone()), epoch };
+        let req = ShardRequest { session: Some(self.session.clone()), epoch, part: part.to_string() };
         self.handle
             .block_on(async move {
                 let mut stream = client.get_shard(req).await?.into_inner();
@@ -74,7 +84,30 @@ impl Link {
     }
 }
 
-/// Runs the job on backend `be` with communicator `comm`; returns the last step's loss.
+/// Runs the job the coordinator handed out, by its kind; returns the last step's loss (0 for a
+/// job without one).
+pub fn run<B: Backend>(
+    be: B,
+    job: &Job,
+    comm: &mut dyn Collectives,
+    device_sum: Option<Box<dyn DeviceSum<B>>>,
+    link: &Link,
+) -> Result<f32> {
+    match job.kind.as_str() {
+        "" | "cls-train" => train(be, job, comm, device_sum, link),
+        "finetune" => crate::finetune::finetune(be, job, comm, device_sum, link),
+        "embed" => crate::embed::run(be, job, comm.rank(), comm.world(), link).map(|()| 0.0),
+        other => Err(anyhow!("unknown job kind '{other}' (cls-train, finetune, embed)")),
+    }
+}
+
+/// The learning-rate schedule of a training job.
+pub fn schedule_of(job: &Job) -> Schedule {
+    Schedule::WarmupCosine { warmup: job.warmup, total: job.steps, min_ratio: 0.0 }
+}
+
+/// Runs the contrastive training job on backend `be` with communicator `comm`; returns the last
+/// step's loss.
 /// `device_sum` sums the gradient buckets on the device (NCCL); without it they go through the
 /// host and `comm`.
 pub fn train<B: Backend>(
@@ -111,7 +144,7 @@ pub fn train<B: Backend>(
     if let Some(sum) = device_sum {
         loss = loss.with_device_sum(sum);
     }
-    let schedule = Schedule::WarmupCosine { warmup: job.warmup, total: job.steps, min_ratio: 0.0 };
+    let schedule = schedule_of(job);
     let (image, ctx) = (clip.image_size(), clip.context_len());
     // The tokenizer frames every text in exactly CONTEXT_LEN ids; a model with a shorter context
     // would lose the end token, which its text pooling reads.

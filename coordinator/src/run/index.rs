@@ -17,10 +17,54 @@ use rand_chacha::ChaCha8Rng;
 pub const SPARES: usize = 64;
 
 pub struct PairIndex {
-    /// (image path relative to the root, report text) of every training pair.
-    pub pairs: Vec<(String, String)>,
+    /// Every training pair: image path relative to the root, report text and (for jobs that
+    /// read labels) the raw labels; `pair_id` is the pair's position here.
+    pub pairs: Vec<ShardEntry>,
+    /// Validation images, for jobs that validate (fine-tuning); cut into one contiguous share
+    /// per rank.
+    pub valid: Vec<ShardEntry>,
     pub seed: u64,
     pub global_batch: usize,
+}
+
+/// What a run's workers are fed: training pairs by epoch, or a fixed list of items (images and
+/// texts to embed) cut into one contiguous share per rank.
+pub enum Work {
+    Train(PairIndex),
+    Items(Vec<ShardEntry>),
+}
+
+/// The contiguous share of `items` that `rank` of `world` takes (near-equal, in order).
+pub fn share(items: &[ShardEntry], rank: usize, world: usize) -> Vec<ShardEntry> {
+    let (q, r) = (items.len() / world, items.len() % world);
+    let start = rank * q + rank.min(r);
+    let len = q + usize::from(rank < r);
+    items[start..start + len].to_vec()
+}
+
+impl Work {
+    /// Rank `rank`'s entries of `epoch` (an item list has a single "epoch", the same always).
+    pub fn shard(&self, epoch: u64, rank: usize, world: usize) -> Vec<ShardEntry> {
+        match self {
+            Work::Train(ix) => ix.shard(epoch, rank, world),
+            Work::Items(items) => share(items, rank, world),
+        }
+    }
+
+    pub fn spares(&self, epoch: u64) -> Vec<ShardEntry> {
+        match self {
+            Work::Train(ix) => ix.spares(epoch),
+            Work::Items(_) => Vec::new(),
+        }
+    }
+
+    /// Rank `rank`'s share of another part of the work (`valid`).
+    pub fn part(&self, part: &str, rank: usize, world: usize) -> Result<Vec<ShardEntry>, String> {
+        match (self, part) {
+            (Work::Train(ix), "valid") => Ok(share(&ix.valid, rank, world)),
+            (_, other) => Err(format!("this run has no part '{other}'")),
+        }
+    }
 }
 
 impl PairIndex {
@@ -34,15 +78,73 @@ impl PairIndex {
             eprintln!("coordinator: {}: {}", root.display(), ds.problems.summary());
         }
         let ids = data::splits::training_fraction(&ds.pairs, fraction, seed);
-        let pairs: Vec<(String, String)> =
-            ids.iter().map(|&i| (ds.pairs[i].image.to_string_lossy().into_owned(), ds.pairs[i].text.clone())).collect();
+        let pairs: Vec<ShardEntry> = ids
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| ShardEntry {
+                pair_id: k as u64,
+                image: ds.pairs[i].image.to_string_lossy().into_owned(),
+                text: ds.pairs[i].text.clone(),
+                label_values: Vec::new(),
+            })
+            .collect();
         ensure!(
             pairs.len() >= global_batch,
             "{} has {} training pairs, fewer than one global batch of {global_batch}",
             root.display(),
             pairs.len()
         );
-        Ok(Self { pairs, seed, global_batch })
+        Ok(Self { pairs, valid: Vec::new(), seed, global_batch })
+    }
+
+    /// The training pairs of a MIMIC-CXR-JPG root with their labels (fine-tuning: `fraction`
+    /// of the training patients), and the validation split's images.
+    pub fn read_labelled(root: &Path, opts: &data::ReadOptions, fraction: f64, global_batch: usize) -> Result<Self> {
+        let ds = data::read(data::DatasetKind::Mimic, root, opts).with_context(|| format!("reading {}", root.display()))?;
+        if !ds.problems.is_empty() {
+            eprintln!("coordinator: {}: {}", root.display(), ds.problems.summary());
+        }
+        let entry = |k: usize, p: &data::Pair| ShardEntry {
+            pair_id: k as u64,
+            image: p.image.to_string_lossy().into_owned(),
+            text: String::new(),
+            label_values: worker::feed::encode_labels(&p.labels),
+        };
+        let ids = data::splits::training_fraction(&ds.pairs, fraction, opts.seed);
+        let pairs: Vec<ShardEntry> = ids.iter().enumerate().map(|(k, &i)| entry(k, &ds.pairs[i])).collect();
+        let valid: Vec<ShardEntry> =
+            ds.pairs.iter().filter(|p| p.split == data::Split::Validate).enumerate().map(|(k, p)| entry(k, p)).collect();
+        ensure!(
+            pairs.len() >= global_batch,
+            "{} has {} training images, fewer than one global batch of {global_batch}",
+            root.display(),
+            pairs.len()
+        );
+        ensure!(!valid.is_empty(), "{} has no validation images to choose the best epoch with", root.display());
+        Ok(Self { pairs, valid, seed: opts.seed, global_batch })
+    }
+
+    /// Per label (in `columns`, indices into `data::LABELS`), negatives / positives among the
+    /// training pairs under `policy` (PyTorch's `pos_weight`); 1 where a label has no positive.
+    pub fn pos_weight(&self, columns: &[usize], policy: data::UncertainPolicy) -> Vec<f32> {
+        let mut pos = vec![0u64; columns.len()];
+        let mut neg = vec![0u64; columns.len()];
+        for e in &self.pairs {
+            for (k, &c) in columns.iter().enumerate() {
+                let v = match e.label_values.get(c) {
+                    Some(1) => data::LabelValue::Positive,
+                    Some(0) => data::LabelValue::Negative,
+                    Some(-1) => data::LabelValue::Uncertain,
+                    _ => data::LabelValue::Blank,
+                };
+                match policy.apply(v) {
+                    Some(t) if t > 0.5 => pos[k] += 1,
+                    Some(_) => neg[k] += 1,
+                    None => {}
+                }
+            }
+        }
+        pos.iter().zip(&neg).map(|(&p, &n)| if p == 0 { 1.0 } else { n as f32 / p as f32 }).collect()
     }
 
     /// Whole global batches per epoch (the remainder of an epoch is dropped).
@@ -68,10 +170,7 @@ impl PairIndex {
         let (picked, _) = order.partial_shuffle(&mut ChaCha8Rng::seed_from_u64(key), SPARES);
         picked
             .iter()
-            .map(|&id| {
-                let (image, text) = &self.pairs[id as usize];
-                ShardEntry { pair_id: id as u64, image: image.clone(), text: text.clone() }
-            })
+            .map(|&id| self.pairs[id as usize].clone())
             .collect()
     }
 
@@ -83,8 +182,7 @@ impl PairIndex {
         let mut out = Vec::with_capacity(self.steps_per_epoch() as usize * b);
         for k in 0..self.steps_per_epoch() as usize {
             for &id in &order[k * g + rank * b..k * g + (rank + 1) * b] {
-                let (image, text) = &self.pairs[id as usize];
-                out.push(ShardEntry { pair_id: id as u64, image: image.clone(), text: text.clone() });
+                out.push(self.pairs[id as usize].clone());
             }
         }
         out
@@ -96,8 +194,15 @@ mod tests {
     use super::*;
 
     fn index(n: usize, g: usize) -> PairIndex {
-        let pairs = (0..n).map(|i| (format!("img{i}.jpg"), format!("text {i}"))).collect();
-        PairIndex { pairs, seed: 7, global_batch: g }
+        let pairs = (0..n)
+            .map(|i| ShardEntry {
+                pair_id: i as u64,
+                image: format!("img{i}.jpg"),
+                text: format!("text {i}"),
+                label_values: Vec::new(),
+            })
+            .collect();
+        PairIndex { pairs, valid: Vec::new(), seed: 7, global_batch: g }
     }
 
     #[test]
@@ -131,5 +236,16 @@ mod tests {
         e.sort();
         e.dedup();
         assert_eq!(e.len(), 100);
+    }
+
+    #[test]
+    fn shares_cover_the_items_once_in_order() {
+        let items = index(11, 1).pairs;
+        for world in [1, 2, 3, 4, 11, 12] {
+            let all: Vec<u64> = (0..world).flat_map(|r| share(&items, r, world)).map(|e| e.pair_id).collect();
+            assert_eq!(all, (0..11).collect::<Vec<u64>>(), "world {world}");
+            let sizes: Vec<usize> = (0..world).map(|r| share(&items, r, world).len()).collect();
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
+        }
     }
 }

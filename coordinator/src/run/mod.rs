@@ -6,7 +6,8 @@
 //! in `run.json`, and on a dead worker (exit, kill, heartbeat timeout) every worker stopped and
 //! the job restarted from the last checkpoint, up to `--max-restarts` times.
 
-mod index;
+pub mod finetune;
+pub mod index;
 mod server;
 
 use std::collections::HashSet;
@@ -120,14 +121,38 @@ pub struct TrainArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// The worker executable (default: `worker` next to this one).
+    /// The worker executable (default: this executable, in its `worker` role).
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,
+
+    // Fine-tuning (`--task finetune`): the image tower and a linear label head trained with
+    // BCE on the labels of the --data root, validated at every epoch's end.
+    /// cls (contrastive training on image/report pairs) or finetune (labels).
+    #[arg(long, default_value = "cls")]
+    #[serde(default = "default_task")]
+    pub task: String,
+    /// finetune: the labels of the head, comma-separated (default: all 14).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// finetune: leave out the positive weight (negatives / positives per label, the paper's
+    /// default) of the BCE loss.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_pos_weight: bool,
+    /// finetune: the head's learning rate (default: --lr; it follows the same schedule).
+    #[arg(long)]
+    #[serde(default)]
+    pub head_lr: Option<f64>,
+}
+
+fn default_task() -> String {
+    "cls".into()
 }
 
 /// `run.json`: what `--resume` needs.
 #[derive(Serialize, Deserialize)]
-struct RunRecord {
+pub struct RunRecord {
     run_id: String,
     args: TrainArgs,
     /// Step of the last complete checkpoint (0: none).
@@ -135,11 +160,11 @@ struct RunRecord {
     finished: bool,
 }
 
-fn write_json_atomically(path: &Path, v: &impl Serialize) -> Result<()> {
+pub fn write_json_atomically(path: &Path, v: &impl Serialize) -> Result<()> {
     model::checkpoint::write_file_atomically(path, serde_json::to_string_pretty(v)?.as_bytes())
 }
 
-fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
+pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
     // The worker's naming (worker::job::checkpoint_dir); the coordinator does not link the worker.
     run_dir.join("checkpoints").join(format!("step-{step:06}"))
 }
@@ -189,32 +214,74 @@ fn synthetic_tree(a: &TrainArgs, studies: usize) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn worker_bin(a: &TrainArgs) -> Result<PathBuf> {
+/// The command that starts one local worker: `--worker-bin` when given, else this very
+/// executable in its `worker` role (so a fresh `cargo run -p coordinator` needs no separate
+/// worker build, and a stale `worker` binary left beside it is never picked up by mistake).
+fn worker_command(a: &TrainArgs) -> Result<Proc> {
     if let Some(p) = &a.worker_bin {
-        return Ok(p.clone());
+        ensure!(p.exists(), "--worker-bin {}: no such file", p.display());
+        return Ok(Proc::new(p));
     }
-    let exe = std::env::current_exe()?;
-    let p = exe.with_file_name("worker");
-    ensure!(
-        p.exists(),
-        "no worker executable at {} (build it: cargo build -p worker, or pass --worker-bin)",
-        p.display()
-    );
-    Ok(p)
+    let exe = std::env::current_exe().context("finding the coordinator's own executable")?;
+    let mut cmd = Proc::new(exe);
+    cmd.arg("worker");
+    Ok(cmd)
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let code = rt.block_on(run_async(args))?;
-    rt.shutdown_timeout(Duration::from_secs(1));
+    let code = block_on(run_async(args))?;
     if code != 0 {
         std::process::exit(code);
     }
     Ok(())
 }
 
+/// Runs `fut` on a runtime of its own (each run serves and supervises on one).
+pub fn block_on<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let out = rt.block_on(fut);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    out
+}
+
+/// What a finished training run left.
+pub struct Trained {
+    pub finished: Finished,
+    pub run_dir: PathBuf,
+    /// The last step, whose checkpoint is the run's final one.
+    pub steps: u64,
+}
+
+/// A training run (contrastive or fine-tuning) from start (or `--resume`) to its end, for the
+/// plan's executor: like the command line's run, without printing the summary or exiting.
+pub async fn train(args: TrainArgs) -> Result<Trained> {
+    let (finished, run_dir, steps, _) = train_inner(args).await?;
+    Ok(Trained { finished, run_dir, steps })
+}
+
+async fn run_async(args: TrainArgs) -> Result<i32> {
+    let (finished, run_dir, steps, last_checkpoint) = train_inner(args).await?;
+    match finished {
+        Finished::Done(loss) => {
+            eprintln!(
+                "coordinator: done: {steps} steps, final loss {loss:.4}; checkpoint {}; metrics {}",
+                checkpoint_dir(&run_dir, steps).display(),
+                run_dir.join("metrics.jsonl").display()
+            );
+            Ok(0)
+        }
+        Finished::Interrupted => {
+            eprintln!(
+                "coordinator: interrupted; last checkpoint at step {last_checkpoint}; continue with: coordinator --resume {}",
+                run_dir.display()
+            );
+            Ok(130)
+        }
+    }
+}
+
 /// Everything resolved before the workers start.
-struct Plan {
+pub struct Plan {
     args: TrainArgs,
     run_dir: PathBuf,
     run_id: String,
@@ -224,6 +291,20 @@ struct Plan {
     device: String,
     steps: u64,
     resumed: bool,
+}
+
+/// The world size, whether its workers are started here, and the device.
+fn world_of(args: &TrainArgs) -> Result<(usize, bool, String)> {
+    let (world, local, device) = match (args.gpus, args.workers, args.expect_workers) {
+        (Some(n), None, None) => (n, true, "cuda".to_string()),
+        (None, Some(n), None) => (n, true, args.device.clone()),
+        (None, None, Some(n)) => (n, false, args.device.clone()),
+        (None, None, None) => bail!("say how many workers: --workers N --device cpu, --gpus N, or --expect-workers N"),
+        _ => bail!("--gpus, --workers and --expect-workers exclude each other"),
+    };
+    ensure!(world > 0, "the world needs at least one worker");
+    ensure!(device == "cpu" || device == "cuda", "--device {device}: expected cpu or cuda");
+    Ok((world, local, device))
 }
 
 fn plan(mut args: TrainArgs) -> Result<Plan> {
@@ -259,15 +340,7 @@ fn plan(mut args: TrainArgs) -> Result<Plan> {
         let id: [u8; 8] = rand::rng().random();
         (dir, id.iter().map(|b| format!("{b:02x}")).collect(), 0)
     };
-    let (world, local, device) = match (args.gpus, args.workers, args.expect_workers) {
-        (Some(n), None, None) => (n, true, "cuda".to_string()),
-        (None, Some(n), None) => (n, true, args.device.clone()),
-        (None, None, Some(n)) => (n, false, args.device.clone()),
-        (None, None, None) => bail!("say how many workers: --workers N --device cpu, --gpus N, or --expect-workers N"),
-        _ => bail!("--gpus, --workers and --expect-workers exclude each other"),
-    };
-    ensure!(world > 0, "the world needs at least one worker");
-    ensure!(device == "cpu" || device == "cuda", "--device {device}: expected cpu or cuda");
+    let (world, local, device) = world_of(&args)?;
     ensure!(args.data.is_some() || args.synthetic.is_some(), "give the data: --data MIMIC_ROOT or --synthetic N");
     ensure!(
         args.global_batch > 0 && args.global_batch.is_multiple_of(world),
@@ -279,7 +352,7 @@ fn plan(mut args: TrainArgs) -> Result<Plan> {
     Ok(Plan { steps: 0, resumed, args, run_dir, run_id, last_checkpoint, world, local, device })
 }
 
-async fn run_async(args: TrainArgs) -> Result<i32> {
+async fn train_inner(args: TrainArgs) -> Result<(Finished, PathBuf, u64, u64)> {
     let mut p = plan(args)?;
     let a = p.args.clone();
     let root = match (&a.data, a.synthetic) {
@@ -287,7 +360,13 @@ async fn run_async(args: TrainArgs) -> Result<i32> {
         (None, Some(n)) => synthetic_tree(&a, n)?,
         (None, None) => unreachable!("checked in plan"),
     };
-    let index = PairIndex::read(&root, a.seed, a.train_fraction, a.global_batch)?;
+    let finetune = a.task == "finetune";
+    let (index, ft) = if finetune {
+        let (ix, ft) = finetune_index(&a, &root)?;
+        (ix, Some(ft))
+    } else {
+        (PairIndex::read(&root, a.seed, a.train_fraction, a.global_batch)?, None)
+    };
     let spe = index.steps_per_epoch();
     p.steps = a.steps.unwrap_or_else(|| a.epochs.unwrap_or(1) * spe);
     ensure!(p.steps > 0, "nothing to do: 0 steps");
@@ -335,13 +414,133 @@ async fn run_async(args: TrainArgs) -> Result<i32> {
         resume_dir: String::new(),
         steps_per_epoch: spe,
         device: p.device.clone(),
+        ..Job::default()
     };
+    let job = match &ft {
+        Some(ft) => Job {
+            kind: "finetune".into(),
+            labels: ft.labels.clone(),
+            uncertain: ft.policy.to_string(),
+            pos_weight: ft.pos_weight.clone(),
+            head_lr: a.head_lr.unwrap_or(0.0),
+            mode: "full".into(),
+            ..job
+        },
+        None => job,
+    };
+    let hook = match ft {
+        Some(ft) => Some(finetune::validation_hook(&run_dir, ft, &index)?),
+        None => None,
+    };
+    let finished = launch(&p, &run_dir, &token, job, index::Work::Train(index), &mut record, hook).await?;
+    Ok((finished, run_dir, p.steps, record.last_checkpoint))
+}
+
+/// The world an embed job runs on: the options of `world` (workers, device, serving) with
+/// everything about training left out.
+pub struct EmbedJob {
+    pub world: TrainArgs,
+    pub run_dir: PathBuf,
+    pub checkpoint: PathBuf,
+    pub data_root: PathBuf,
+    /// Images per forward on each rank.
+    pub batch: usize,
+    pub items: Vec<proto::v1::ShardEntry>,
+}
+
+/// Runs an embed job to its end and returns the ranks' parts (see `worker::embed`).
+pub async fn embed(e: EmbedJob) -> Result<Vec<worker::embed::Embedded>> {
+    let mut args = e.world.clone();
+    args.run_dir = Some(e.run_dir.clone());
+    args.resume = None;
+    let (world, local, device) = world_of(&args)?;
+    fs::create_dir_all(&e.run_dir).with_context(|| format!("creating {}", e.run_dir.display()))?;
+    let run_dir = fs::canonicalize(&e.run_dir)?;
+    let parts_dir = run_dir.join("parts");
+    let _ = fs::remove_dir_all(&parts_dir);
+    let id: [u8; 8] = rand::rng().random();
+    let run_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let t: [u8; 32] = rand::rng().random();
+    let token: String = t.iter().map(|b| format!("{b:02x}")).collect();
+    write_secret(&run_dir.join("token"), &token)?;
+    let p = Plan {
+        args: args.clone(),
+        run_dir: run_dir.clone(),
+        run_id: run_id.clone(),
+        last_checkpoint: 0,
+        world,
+        local,
+        device: device.clone(),
+        steps: 1,
+        resumed: false,
+    };
+    let mut record = RunRecord { run_id, args, last_checkpoint: 0, finished: false };
+    let job = Job {
+        kind: "embed".into(),
+        init_dir: fs::canonicalize(&e.checkpoint)?.to_string_lossy().into_owned(),
+        data_root: fs::canonicalize(&e.data_root)?.to_string_lossy().into_owned(),
+        steps: 1,
+        global_batch: (e.batch * world) as u64,
+        run_dir: run_dir.to_string_lossy().into_owned(),
+        steps_per_epoch: 1,
+        device,
+        ..Job::default()
+    };
+    match launch(&p, &run_dir, &token, job, index::Work::Items(e.items), &mut record, None).await? {
+        Finished::Done(_) => {}
+        Finished::Interrupted => bail!("interrupted"),
+    }
+    (0..world).map(|r| worker::embed::read_part(&worker::embed::part_path(&parts_dir, r))).collect()
+}
+
+/// The fine-tuning run's labelled pairs and settings.
+fn finetune_index(a: &TrainArgs, root: &Path) -> Result<(PairIndex, finetune::FtSettings)> {
+    let policy = data::UncertainPolicy::default();
+    let opts = data::ReadOptions { seed: a.seed, uncertain: policy, ..Default::default() };
+    let ix = PairIndex::read_labelled(root, &opts, a.train_fraction, a.global_batch)?;
+    let labels: Vec<String> =
+        if a.labels.is_empty() { data::LABELS.iter().map(|s| s.to_string()).collect() } else { a.labels.clone() };
+    let columns = labels
+        .iter()
+        .map(|l| {
+            data::labels::label_index(l)
+                .ok_or_else(|| anyhow!("--labels: unknown label '{l}' (the 14 CheXpert labels: {})", data::LABELS.join(", ")))
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    let pos_weight = if a.no_pos_weight { Vec::new() } else { ix.pos_weight(&columns, policy) };
+    Ok((ix, finetune::FtSettings { labels, columns, policy, pos_weight }))
+}
+
+/// How a launched job ended (a failure past the restarts is an error).
+pub enum Finished {
+    Done(f64),
+    Interrupted,
+}
+
+/// Called when every rank has written its validation part of a step: returns the line to add
+/// to the metrics (e.g. the validation macro AUC).
+pub type OnValidation<'a> = Box<dyn FnMut(u64, Vec<PathBuf>) -> Result<serde_json::Value> + Send + 'a>;
+
+/// Serves `job` over `work` to the world `p` describes, starts the local workers, and
+/// supervises them to the end: metrics into `metrics.jsonl` and the progress bar, checkpoints
+/// into `record` (`run.json`), and on a dead worker every worker stopped and the job restarted
+/// from the last checkpoint, up to `--max-restarts` times.
+pub async fn launch(
+    p: &Plan,
+    run_dir: &Path,
+    token: &str,
+    job: Job,
+    work: index::Work,
+    record: &mut RunRecord,
+    on_validation: Option<OnValidation<'_>>,
+) -> Result<Finished> {
+    let a = &p.args;
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         token: token.clone(),
         run_id: p.run_id.clone(),
         world: p.world,
-        index,
+        work,
         inner: Mutex::new(Inner {
             generation: 0,
             open: false,
@@ -378,32 +577,28 @@ async fn run_async(args: TrainArgs) -> Result<i32> {
     let mut sup = Supervisor {
         p: &p,
         shared: &shared,
-        run_dir: &run_dir,
-        token: &token,
+        run_dir,
+        token,
         url: &url,
         bar: &bar,
         children: Vec::new(),
+        on_validation: None,
     };
+    sup.on_validation = on_validation;
     let mut restarts = 0u32;
     let mut generation = 0u64;
     loop {
         generation += 1;
         sup.start_generation(generation, record.last_checkpoint, &job)?;
-        let outcome = sup.watch(generation, &mut events, &mut record).await?;
+        let outcome = sup.watch(generation, &mut events, record).await?;
         match outcome {
             Outcome::Done(loss) => {
                 shared.lock().command = Command::Shutdown;
                 sup.reap(Duration::from_secs(10)).await;
                 record.finished = true;
-                write_json_atomically(&run_dir.join("run.json"), &record)?;
+                write_json_atomically(&run_dir.join("run.json"), &*record)?;
                 bar.finish_and_clear();
-                eprintln!(
-                    "coordinator: done: {} steps, final loss {loss:.4}; checkpoint {}; metrics {}",
-                    p.steps,
-                    checkpoint_dir(&run_dir, p.steps).display(),
-                    run_dir.join("metrics.jsonl").display()
-                );
-                return Ok(0);
+                return Ok(Finished::Done(loss));
             }
             Outcome::Interrupted => {
                 {
@@ -413,12 +608,7 @@ async fn run_async(args: TrainArgs) -> Result<i32> {
                 }
                 sup.reap(Duration::from_secs(5)).await;
                 bar.abandon();
-                eprintln!(
-                    "coordinator: interrupted; last checkpoint at step {}; continue with: coordinator --resume {}",
-                    record.last_checkpoint,
-                    run_dir.display()
-                );
-                return Ok(130);
+                return Ok(Finished::Interrupted);
             }
             Outcome::Failed(why) => {
                 {
@@ -533,9 +723,10 @@ struct Supervisor<'a> {
     bar: &'a ProgressBar,
     /// Local workers of the current generation.
     children: Vec<Child>,
+    on_validation: Option<OnValidation<'a>>,
 }
 
-impl Supervisor<'_> {
+impl<'a> Supervisor<'a> {
     fn start_generation(&mut self, generation: u64, from: u64, job: &Job) -> Result<()> {
         {
             let mut g = self.shared.lock();
@@ -555,12 +746,11 @@ impl Supervisor<'_> {
         if !self.p.local {
             return Ok(());
         }
-        let bin = worker_bin(&self.p.args)?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         // Each CPU worker gets its share of the cores (more would oversubscribe them).
         let threads = (cores / self.p.world).max(1);
         for i in 0..self.p.world {
-            let mut cmd = Proc::new(&bin);
+            let mut cmd = worker_command(&self.p.args)?;
             cmd.args(["--coordinator", self.url, "--device", &self.p.device])
                 .env("CXRCLIP_TOKEN", self.token)
                 .stdin(Stdio::null());
@@ -583,7 +773,7 @@ impl Supervisor<'_> {
                     Ok(())
                 });
             }
-            let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+            let child = cmd.spawn().with_context(|| format!("starting worker {i}: {:?}", cmd.get_program()))?;
             self.children.push(child);
         }
         Ok(())
@@ -597,6 +787,9 @@ impl Supervisor<'_> {
     ) -> Result<Outcome> {
         let world = self.p.world;
         let mut done: HashSet<usize> = HashSet::new();
+        // Validation parts of a step, by rank, until every rank's is in.
+        let mut validation: std::collections::BTreeMap<u64, std::collections::BTreeMap<usize, PathBuf>> =
+            std::collections::BTreeMap::new();
         let mut last_loss = f64::NAN;
         let mut pid_rank: Vec<(u32, usize)> = Vec::new();
         let started = Instant::now();
@@ -644,6 +837,19 @@ impl Supervisor<'_> {
                         }
                         Event::Failed { generation: g, rank, message } if g == generation => {
                             return Ok(Outcome::Failed(format!("rank {rank} failed: {message}")));
+                        }
+                        Event::Validation { generation: g, rank, step, path } if g == generation => {
+                            let parts = validation.entry(step).or_default();
+                            parts.insert(rank, PathBuf::from(path));
+                            if parts.len() == world {
+                                let paths = validation.remove(&step).unwrap_or_default().into_values().collect();
+                                if let Some(hook) = self.on_validation.as_mut() {
+                                    let line = hook(step, paths)?;
+                                    writeln!(metrics, "{line}")?;
+                                    metrics.flush()?;
+                                    self.bar.suspend(|| eprintln!("coordinator: step {step}: {line}"));
+                                }
+                            }
                         }
                         _ => {}
                     }

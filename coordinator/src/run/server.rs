@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::index::PairIndex;
+use super::index::Work;
 
 /// What the service tells the supervisor.
 #[derive(Debug)]
@@ -30,6 +30,7 @@ pub enum Event {
     Checkpoint { generation: u64, step: u64, path: String },
     Done { generation: u64, rank: usize, loss: f64 },
     Failed { generation: u64, rank: usize, message: String },
+    Validation { generation: u64, rank: usize, step: u64, path: String },
 }
 
 pub struct Registration {
@@ -51,7 +52,8 @@ pub struct Shared {
     pub token: String,
     pub run_id: String,
     pub world: usize,
-    pub index: PairIndex,
+    /// What the workers are fed (training pairs, or items to embed).
+    pub work: Work,
     pub inner: Mutex<Inner>,
     pub events: UnboundedSender<Event>,
     /// How long a registration waits for the rest of the world.
@@ -216,9 +218,13 @@ impl Coordinator for Service {
             return Err(stale());
         }
         let rank = s.map_or(0, |s| s.rank as usize);
-        let entries = self.shared.index.shard(r.epoch, rank, self.shared.world);
+        let (entries, spares) = if r.part.is_empty() {
+            (self.shared.work.shard(r.epoch, rank, self.shared.world), self.shared.work.spares(r.epoch))
+        } else {
+            (self.shared.work.part(&r.part, rank, self.shared.world).map_err(Status::invalid_argument)?, Vec::new())
+        };
         // The spares first, in a chunk of their own, then the entries in chunks of bounded size.
-        let spares = ShardChunk { entries: Vec::new(), spares: self.shared.index.spares(r.epoch) };
+        let spares = ShardChunk { entries: Vec::new(), spares };
         let chunks: Vec<Result<ShardChunk, Status>> = std::iter::once(spares)
             .chain(shard_chunks(entries).into_iter().map(|entries| ShardChunk { entries, spares: Vec::new() }))
             .map(Ok)
@@ -267,6 +273,7 @@ impl Coordinator for Service {
             Ok(ResultKind::ResultCheckpoint) => Event::Checkpoint { generation, step: r.step, path: r.path },
             Ok(ResultKind::ResultDone) => Event::Done { generation, rank, loss: r.final_loss },
             Ok(ResultKind::ResultFailed) => Event::Failed { generation, rank, message: r.message },
+            Ok(ResultKind::ResultValidation) => Event::Validation { generation, rank, step: r.step, path: r.path },
             _ => return Err(Status::invalid_argument("unknown result kind")),
         };
         let _ = self.shared.events.send(ev);
@@ -283,7 +290,7 @@ fn shard_chunks(entries: Vec<ShardEntry>) -> Vec<Vec<ShardEntry>> {
     let mut out = Vec::new();
     let (mut cur, mut bytes) = (Vec::new(), 0);
     for e in entries {
-        let size = e.text.len() + e.image.len() + 16;
+        let size = e.text.len() + e.image.len() + 2 * e.label_values.len() + 16;
         if !cur.is_empty() && (cur.len() == proto::SHARD_CHUNK || bytes + size > CHUNK_BYTES) {
             out.push(std::mem::take(&mut cur));
             bytes = 0;
@@ -309,6 +316,7 @@ mod chunk_tests {
                 pair_id: i,
                 image: format!("files/p10/p100/s{i}/a.jpg"),
                 text: if i % 3 == 0 { long.clone() } else { "short".into() },
+                label_values: if i % 2 == 0 { vec![2; 14] } else { Vec::new() },
             })
             .collect();
         let chunks = shard_chunks(entries.clone());
