@@ -197,7 +197,7 @@ fn train_cuda(
     rt: &tokio::runtime::Runtime,
     client: &mut CoordinatorClient<Channel>,
     session: &Session,
-    pub rank: usize,
+    rank: usize,
     world: usize,
     job: &proto::v1::Job,
     link: &Link,
@@ -234,7 +234,7 @@ fn spawn_heartbeat(
     rt: &tokio::runtime::Runtime,
     mut client: CoordinatorClient<Channel>,
     session: Session,
-    pub rejoin: bool,
+    rejoin: bool,
     timeout_s: u64,
 ) {
     rt.spawn(async move {

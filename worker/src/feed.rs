@@ -69,7 +69,6 @@ impl Feed {
             workers: LOADER_THREADS,
             prefetch: PREFETCH,
             context,
-            ..LoaderConfig::default()
         };
         Ok(Feed {
             who: format!("worker {}", link.session.rank),
