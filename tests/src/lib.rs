@@ -112,11 +112,13 @@ pub fn train_args(run_dir: &Path, workers: usize, steps: u64) -> Vec<String> {
     .collect()
 }
 
-/// `(step, loss)` of every line of `metrics.jsonl`.
+/// `(step, loss)` of every step line of `metrics.jsonl`.
 pub fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        // Fine-tuning's epoch-end validation lines carry no loss.
+        .filter(|v| v.get("loss").is_some())
         .map(|v| (v["step"].as_u64().expect("step"), v["loss"].as_f64().expect("loss")))
         .collect()
 }

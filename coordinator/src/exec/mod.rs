@@ -168,16 +168,13 @@ impl Ctx<'_> {
                 a.labels = spec.labels.clone();
                 a.no_pos_weight = !*pos_weight;
                 a.train_fraction = *label_fraction;
-                if self.train(a)?.is_none() {
-                    return Ok(None);
-                }
-                let best = run::finetune::Best::read(dir).ok_or_else(|| anyhow!("the run left no best.json"))?;
-                result.checkpoint = Some(best.checkpoint.clone());
+                let Some(last) = self.train(a)? else { return Ok(None) };
+                let best = run::finetune::Best::read(dir).map_or(last, |b| b.checkpoint);
+                result.checkpoint = Some(best.clone());
                 result.metrics = Some(dir.join("metrics.jsonl"));
                 for e in &run.test {
                     ensure!(e.dataset == run.dataset, "fine-tuning is scored on its own dataset ({} here)", run.dataset);
-                    let table =
-                        self.features(&best.checkpoint, &self.dirs.slug(&run.name), &e.dataset, run, spec.labels.clone())?;
+                    let table = self.features(&best, &self.dirs.slug(&run.name), &e.dataset, run, spec.labels.clone())?;
                     let info = RowInfo {
                         run: &run.name,
                         setting: &setting,

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -89,7 +89,13 @@ pub fn validation_hook(run_dir: &Path, ft: FtSettings, index: &PairIndex) -> Res
             truth: keep.iter().flat_map(|&i| truth[i * l..(i + 1) * l].iter().copied()).collect(),
         };
         let m = preds.macro_auc()?;
-        let auc = m.macro_auc.ok_or_else(|| anyhow!("no label has both classes in the validation split"))?;
+        // A tiny validation split may hold no label with both classes: then there is nothing to
+        // choose by, the step is reported without a value and the run's result stays the last
+        // epoch's checkpoint.
+        let Some(auc) = m.macro_auc else {
+            return Ok(json!({ "step": step, "valid_macro_auc": null, "valid_images": keep.len(),
+                "note": "no label has both classes in the validation split" }));
+        };
         if best.as_ref().is_none_or(|b| auc > b.valid_macro_auc) {
             let b = Best { step, valid_macro_auc: auc, checkpoint: super::checkpoint_dir(&run_dir, step) };
             super::write_json_atomically(&run_dir.join(BEST), &b)?;
@@ -98,3 +104,4 @@ pub fn validation_hook(run_dir: &Path, ft: FtSettings, index: &PairIndex) -> Res
         Ok(json!({ "step": step, "valid_macro_auc": auc, "valid_images": keep.len(), "valid_unreadable": failed }))
     }))
 }
+

@@ -537,7 +537,7 @@ pub async fn launch(
     let a = &p.args;
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
-        token: token.clone(),
+        token: token.to_string(),
         run_id: p.run_id.clone(),
         world: p.world,
         work,
@@ -561,7 +561,7 @@ pub async fn launch(
         run_dir.display(),
         p.steps,
         a.global_batch,
-        spe * a.global_batch as u64,
+        job.steps_per_epoch * a.global_batch as u64,
         p.world,
         p.device
     );
