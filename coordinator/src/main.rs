@@ -13,6 +13,7 @@ mod device;
 mod fb_cmd;
 mod gpu_cmds;
 mod init_cmd;
+mod plan;
 mod run;
 mod sizes;
 
@@ -49,6 +50,8 @@ enum Command {
     Prepare(data_cmds::PrepareArgs),
     /// Every CUDA op against the CPU backend, and a training step (needs a GPU).
     GpuCheck(gpu_cmds::GpuCheckArgs),
+    /// Check an experiment plan and print its runs in the order they would go.
+    CheckPlan(plan::check_cmd::CheckPlanArgs),
 }
 
 fn main() {
@@ -70,5 +73,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::DataStats(a) => data_cmds::run_data_stats(a),
         Command::Prepare(a) => data_cmds::run_prepare(a),
         Command::GpuCheck(a) => gpu_cmds::run_gpu_check(a),
+        Command::CheckPlan(a) => plan::check_cmd::run(a),
     }
 }
