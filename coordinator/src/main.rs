@@ -16,6 +16,7 @@ mod plan_cmd;
 mod fb_cmd;
 mod gpu_cmds;
 mod init_cmd;
+mod plan;
 mod run;
 mod sizes;
 
@@ -62,6 +63,8 @@ enum Command {
     /// binary is the same code for other nodes).
     #[command(hide = true)]
     Worker(worker::cli::Args),
+    /// Check an experiment plan and print its runs in the order they would go.
+    CheckPlan(plan::check_cmd::CheckPlanArgs),
 }
 
 fn main() {
@@ -93,5 +96,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::GpuCheck(a) => gpu_cmds::run_gpu_check(a),
         Command::Demo(a) => plan_cmd::run_demo(a),
         Command::Worker(a) => std::process::exit(worker::cli::main_with(a)),
+        Command::CheckPlan(a) => plan::check_cmd::run(a),
     }
 }
