@@ -17,6 +17,7 @@ mod fb_cmd;
 mod gpu_cmds;
 mod init_cmd;
 mod plan;
+mod report;
 mod run;
 mod sizes;
 
