@@ -52,7 +52,7 @@ pub fn run_demo(a: DemoArgs) -> Result<()> {
         (DEMO, "plans/demo.toml (compiled in)", "runs/demo")
     };
     let plan = parse_or_report(plan::parse_str(text, name, &Overrides::default()), name)?;
-    let mut world = TrainArgs { device: "cpu".into(), ..TrainArgs::default() };
+    let mut world = TrainArgs::defaults();
     match (a.workers, a.gpus) {
         (_, Some(n)) => world.gpus = Some(n),
         (Some(n), None) => world.workers = Some(n),
@@ -99,6 +99,5 @@ fn run(plan: &Plan, mut world: TrainArgs, dir: &Path, title: &str, resamples: us
     eprintln!("coordinator: plan of {} runs into {}", plan.runs.len(), dir.display());
     let report = exec::run_plan(plan, &opts)?;
     println!("{}", crate::report::table(&report));
-    eprintln!("coordinator: report in {}", dir.join("results.md").display());
     Ok(())
 }

@@ -67,8 +67,9 @@ pub fn score(p: &eval::Predictions, info: &RowInfo, split: &str, dir: &Path, boo
     p.write_csv(&path)?;
     let ci = eval::macro_auc_ci(p, bootstrap).with_context(|| format!("{}: the {split} split's AUC", info.run))?;
     let m = p.macro_auc()?;
+    // Labels with one class in the split have no AUC: left out (an empty cell in the tables).
     let per_label: BTreeMap<String, f64> =
-        p.labels.iter().zip(&m.per_label).map(|(l, a)| (l.clone(), a.unwrap_or(f64::NAN))).collect();
+        p.labels.iter().zip(&m.per_label).filter_map(|(l, a)| a.map(|a| (l.clone(), a))).collect();
     let row = ResultRow {
         run: info.run.to_string(),
         setting: info.setting.to_string(),

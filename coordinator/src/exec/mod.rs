@@ -122,7 +122,8 @@ pub fn run_plan(plan: &Plan, opts: &ExecOptions) -> Result<Report> {
         }
     }
     let rep = results::gather(plan, &dirs, &opts.title, &opts.bootstrap)?;
-    report::write(&rep, &dirs.root)?;
+    let written = report::write(&rep, &dirs.root)?;
+    eprintln!("coordinator: the report ({} files) is in {}", written.files.len(), dirs.root.display());
     Ok(rep)
 }
 
@@ -241,6 +242,14 @@ impl Ctx<'_> {
                 }
             }
         }
+        // The full-data point of a fraction sweep is also the main table's row for its setting.
+        let full: Vec<_> = result
+            .rows
+            .iter()
+            .filter(|r| r.ablation.as_ref().is_some_and(|a| a.name.ends_with("fraction") && a.value == 1.0))
+            .map(|r| crate::report::ResultRow { ablation: None, ..r.clone() })
+            .collect();
+        result.rows.extend(full);
         Ok(Some(result))
     }
 

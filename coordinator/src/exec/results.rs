@@ -84,11 +84,11 @@ pub fn gather(plan: &Plan, dirs: &PlanDirs, title: &str, bootstrap: &eval::Boots
             });
         }
     }
-    // ROC curves and comparisons of the main rows (no ablation value other than the full data).
+    // ROC curves and comparisons of the main rows (an ablation's full-data point has its own).
     let main: Vec<(&RunResult, &ResultRow)> = done
         .iter()
         .flat_map(|r| r.rows.iter().map(move |row| (r, row)))
-        .filter(|(_, row)| row.ablation.as_ref().is_none_or(|a| a.value == 1.0))
+        .filter(|(_, row)| row.ablation.is_none())
         .collect();
     for (r, row) in &main {
         let key = format!("{}:{}", row.dataset, row.split);

@@ -146,6 +146,18 @@ pub struct TrainArgs {
     pub head_lr: Option<f64>,
 }
 
+impl TrainArgs {
+    /// The options as the command line defaults them (`Default` leaves strings empty).
+    pub fn defaults() -> TrainArgs {
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            a: TrainArgs,
+        }
+        <Wrap as clap::Parser>::parse_from(["coordinator"]).a
+    }
+}
+
 fn default_task() -> String {
     "cls".into()
 }
