@@ -248,7 +248,12 @@ pub fn write_tables(path: &Path, tensors: &[(String, Column)], meta: HashMap<Str
 
 /// An i64 tensor's values, with errors that name it and its file.
 pub fn to_i64(view: &TensorView<'_>, name: &str, file: &Path) -> Result<Vec<i64>> {
-    ensure!(view.dtype() == Dtype::I64, "tensor {name} in {} has dtype {:?}; expected I64", file.display(), view.dtype());
+    ensure!(
+        view.dtype() == Dtype::I64,
+        "tensor {name} in {} has dtype {:?}; expected I64",
+        file.display(),
+        view.dtype()
+    );
     Ok(view.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
 }
 

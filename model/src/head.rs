@@ -83,12 +83,8 @@ impl LabelHead {
         ensure!(denominator > 0.0, "the loss's denominator must be positive");
         let z = self.logits(embeds);
         let inv = 1.0 / denominator;
-        let mut g = HeadGrads {
-            loss_sum: 0.0,
-            d_weight: vec![0.0; l * d],
-            d_bias: vec![0.0; l],
-            d_embeds: vec![0.0; b * d],
-        };
+        let mut g =
+            HeadGrads { loss_sum: 0.0, d_weight: vec![0.0; l * d], d_bias: vec![0.0; l], d_embeds: vec![0.0; b * d] };
         for i in 0..b {
             for k in 0..l {
                 let j = i * l + k;
@@ -238,8 +234,8 @@ mod tests {
                 if m[i * l + k] == 0.0 {
                     continue;
                 }
-                let z: f64 = head.bias[k] as f64
-                    + (0..d).map(|c| head.weight[k * d + c] as f64 * e[i * d + c]).sum::<f64>();
+                let z: f64 =
+                    head.bias[k] as f64 + (0..d).map(|c| head.weight[k * d + c] as f64 * e[i * d + c]).sum::<f64>();
                 let sig = 1.0 / (1.0 + (-z).exp());
                 let y = t[i * l + k] as f64;
                 s -= pw[k] as f64 * y * sig.ln() + (1.0 - y) * (1.0 - sig).ln();
@@ -298,7 +294,8 @@ mod tests {
 
     #[test]
     fn adamw_matches_a_hand_step() {
-        let cfg = crate::optim::AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.1, max_grad_norm: None };
+        let cfg =
+            crate::optim::AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.1, max_grad_norm: None };
         let mut p = vec![0.5f32, -2.0];
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
         HostAdamW::update(&mut p, &[0.1, -3.0], &mut m, &mut v, 1, 0.01, &cfg, true);

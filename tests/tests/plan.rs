@@ -62,7 +62,9 @@ fn the_quick_demo_writes_the_report() {
     let rows = v["rows"].as_array().expect("rows");
     assert!(!rows.is_empty());
     for r in rows {
-        for key in ["run", "kind", "dataset", "split", "fraction", "macro_auc", "ci95", "per_label", "images", "patients"] {
+        for key in
+            ["run", "kind", "dataset", "split", "fraction", "macro_auc", "ci95", "per_label", "images", "patients"]
+        {
             assert!(r.get(key).is_some(), "a row lacks {key}: {r}");
         }
         let auc = r["macro_auc"].as_f64().unwrap();
@@ -81,7 +83,8 @@ fn the_quick_demo_writes_the_report() {
         assert!(first.starts_with("image,patient,"), "{}: {first}", p.display());
         assert!(first.contains(":truth"), "{}: {first}", p.display());
     }
-    let pngs: Vec<_> = files_under(&dir.join("plots")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+    let pngs: Vec<_> =
+        files_under(&dir.join("plots")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
     assert!(!pngs.is_empty(), "no plots");
 }
 

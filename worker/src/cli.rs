@@ -11,13 +11,13 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::comm::{self, Collectives, RingHello, TcpRing};
+use crate::job::{self, Link};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use proto::tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{Command, HeartbeatRequest, NcclId, RegisterReply, RegisterRequest, ResultKind, Session};
-use crate::comm::{self, Collectives, RingHello, TcpRing};
-use crate::job::{self, Link};
 
 /// The worker's options. The `worker` binary parses them from its command line; the
 /// `coordinator worker` subcommand takes the same ones, so that a single binary can run both
@@ -148,7 +148,12 @@ fn run(args: Args) -> Result<i32> {
         host,
         pid: std::process::id(),
         device: args.device.clone(),
-        capabilities: vec!["cls-train".into(), "finetune".into(), "embed".into(), if args.device == "cpu" { "tcp-ring" } else { "nccl" }.into()],
+        capabilities: vec![
+            "cls-train".into(),
+            "finetune".into(),
+            "embed".into(),
+            if args.device == "cpu" { "tcp-ring" } else { "nccl" }.into(),
+        ],
         ring_addr,
         preferred_rank: preferred,
     };

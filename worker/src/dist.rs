@@ -173,7 +173,13 @@ impl<B: Backend> DistLoss<B> {
         self.backward_towers_and_sum(model, comm, b, false)
     }
 
-    fn backward_towers_and_sum(&mut self, model: &Clip<B>, comm: &mut dyn Collectives, b: usize, text: bool) -> Result<()> {
+    fn backward_towers_and_sum(
+        &mut self,
+        model: &Clip<B>,
+        comm: &mut dyn Collectives,
+        b: usize,
+        text: bool,
+    ) -> Result<()> {
         if comm.world() == 1 {
             model.backward_vision(b);
             if text {

@@ -195,7 +195,9 @@ pub fn read_part(path: &Path) -> Result<Embedded> {
     let bytes = read_safetensors(path)?;
     let st = parse_safetensors(&bytes, path)?;
     let get = |name: &str| st.tensor(name).map_err(|e| anyhow!("{}: no tensor {name} ({e})", path.display()));
-    let ids = |name: &str| -> Result<Vec<u64>> { Ok(to_i64(&get(name)?, name, path)?.into_iter().map(|x| x as u64).collect()) };
+    let ids = |name: &str| -> Result<Vec<u64>> {
+        Ok(to_i64(&get(name)?, name, path)?.into_iter().map(|x| x as u64).collect())
+    };
     let image = get("image")?;
     let logits = get("logits")?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
@@ -207,7 +209,13 @@ pub fn read_part(path: &Path) -> Result<Embedded> {
         .transpose()?
         .unwrap_or_default();
     let failed_ids = ids("failed_ids")?;
-    ensure!(reasons.len() == failed_ids.len(), "{}: {} failure reasons for {} ids", path.display(), reasons.len(), failed_ids.len());
+    ensure!(
+        reasons.len() == failed_ids.len(),
+        "{}: {} failure reasons for {} ids",
+        path.display(),
+        reasons.len(),
+        failed_ids.len()
+    );
     Ok(Embedded {
         dim: image.shape().get(1).copied().unwrap_or(0),
         image_ids: ids("image_ids")?,

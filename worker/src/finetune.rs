@@ -54,10 +54,7 @@ fn trainable_patterns(mode: &str) -> Result<&'static [&'static str]> {
 /// The label indices (into `data::LABELS`) of the head, in head order.
 fn label_columns(job: &Job) -> Result<Vec<usize>> {
     ensure!(!job.labels.is_empty(), "the fine-tuning job names no labels");
-    job.labels
-        .iter()
-        .map(|l| data::labels::label_index(l).ok_or_else(|| anyhow!("unknown label '{l}'")))
-        .collect()
+    job.labels.iter().map(|l| data::labels::label_index(l).ok_or_else(|| anyhow!("unknown label '{l}'"))).collect()
 }
 
 /// Runs the job; returns the last step's loss.
@@ -77,7 +74,10 @@ pub fn finetune<B: Backend>(
     let n_labels = columns.len();
     let resume = (job.resume_step > 0).then(|| PathBuf::from(&job.resume_dir));
     let (mut clip, start) = match &resume {
-        Some(dir) => (Clip::from_pretrained(be, dir, b).with_context(|| format!("loading {}", dir.display()))?.0, job.resume_step),
+        Some(dir) => (
+            Clip::from_pretrained(be, dir, b).with_context(|| format!("loading {}", dir.display()))?.0,
+            job.resume_step,
+        ),
         None if !job.init_dir.is_empty() => {
             let dir = PathBuf::from(&job.init_dir);
             let config = ClipConfig::from_file(&dir.join(model::checkpoint::CONFIG))?;
@@ -104,7 +104,10 @@ pub fn finetune<B: Backend>(
         }
         None => (LabelHead::random(n_labels, dim, job.seed), HostAdamW::new(n_labels * dim + n_labels)),
     };
-    ensure!(head.labels == n_labels && head.dim == dim, "the checkpoint's head does not fit {n_labels} labels of {dim}");
+    ensure!(
+        head.labels == n_labels && head.dim == dim,
+        "the checkpoint's head does not fit {n_labels} labels of {dim}"
+    );
     if let Some(dir) = &resume {
         let pos = train_state::load(&dir.join("train_state.safetensors"), &clip, &mut opt)?;
         ensure!(pos.step == start, "checkpoint {} holds step {}, expected {start}", dir.display(), pos.step);
@@ -225,10 +228,13 @@ fn validate<B: Backend>(
 ) -> Result<()> {
     let entries = link.shard_part(0, "valid")?;
     // The validation images only (texts are not needed).
-    let images: Vec<_> = entries.into_iter().map(|mut e| {
-        e.text.clear();
-        e
-    }).collect();
+    let images: Vec<_> = entries
+        .into_iter()
+        .map(|mut e| {
+            e.text.clear();
+            e
+        })
+        .collect();
     let out = embed_entries(clip, Some(head), Path::new(&job.data_root), &images, b, tok)?;
     let dir = PathBuf::from(&job.run_dir).join("valid").join(format!("step-{step:06}"));
     let path = part_path(&dir, rank);
@@ -280,6 +286,11 @@ fn load_head_state(path: &Path, len: usize) -> Result<HostAdamW> {
         v: to_f32(&get("v")?, "v", path)?,
         step: to_i64(&get("step")?, "step", path)?.first().copied().unwrap_or(0) as u64,
     };
-    ensure!(s.m.len() == len && s.v.len() == len, "{}: head moments of {} values, expected {len}", path.display(), s.m.len());
+    ensure!(
+        s.m.len() == len && s.v.len() == len,
+        "{}: head moments of {} values, expected {len}",
+        path.display(),
+        s.m.len()
+    );
     Ok(s)
 }

@@ -59,9 +59,12 @@ pub fn split_name(s: Split) -> &'static str {
     }
 }
 
+/// A dataset's splits by name, and one report per test study (study index, text).
+pub type Tables = (BTreeMap<String, SplitTable>, Vec<(usize, String)>);
+
 /// Every split's images with their truth for `spec.labels`, and one report per test study
 /// (study index, text) where the dataset has reports.
-pub fn tables(ds: &data::Dataset, spec: &DatasetSpec) -> Result<(BTreeMap<String, SplitTable>, Vec<(usize, String)>)> {
+pub fn tables(ds: &data::Dataset, spec: &DatasetSpec) -> Result<Tables> {
     let columns: Vec<usize> = spec
         .labels
         .iter()

@@ -62,7 +62,13 @@ pub fn patient_fraction(t: &SplitTable, fraction: f64, seed: u64) -> Vec<usize> 
 
 /// Scores predictions: macro AUC with the patient-bootstrap CI, per label, into a row; writes
 /// `predictions.csv` under `dir`.
-pub fn score(p: &eval::Predictions, info: &RowInfo, split: &str, dir: &Path, bootstrap: &eval::BootstrapConfig) -> Result<(ResultRow, PathBuf)> {
+pub fn score(
+    p: &eval::Predictions,
+    info: &RowInfo,
+    split: &str,
+    dir: &Path,
+    bootstrap: &eval::BootstrapConfig,
+) -> Result<(ResultRow, PathBuf)> {
     let path = dir.join("predictions.csv");
     p.write_csv(&path)?;
     let ci = eval::macro_auc_ci(p, bootstrap).with_context(|| format!("{}: the {split} split's AUC", info.run))?;
@@ -106,7 +112,10 @@ pub fn linear_probe(
     let cfg = eval::ProbeConfig { grid: grid.values(), ..eval::ProbeConfig::default() };
     let probe = eval::LinearProbe::fit(&train, &valid, &cfg)?;
     let report = probe.report();
-    model::checkpoint::write_file_atomically(&info.run_dir.join("probe.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    model::checkpoint::write_file_atomically(
+        &info.run_dir.join("probe.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
     let preds = probe.predict(&test)?;
     score(&preds, info, "test", info.run_dir, bootstrap)
 }
@@ -152,14 +161,14 @@ pub fn embed_texts(checkpoint: &Path, texts: &[String]) -> Result<(Vec<Vec<f32>>
 }
 
 /// Zero-shot on the test split: (a) the prompt-pair softmax averaged over the template pairs,
-/// (b) the neutral-prompt score. One predictions file per method.
+/// (b) the neutral-prompt score. One predictions file per method, in a folder named after it.
 pub fn zero_shot(
     table: &FeatureTable,
     checkpoint: &Path,
     templates: &Templates,
     info: &RowInfo,
     bootstrap: &eval::BootstrapConfig,
-) -> Result<(Vec<ZeroShotRow>, Vec<(String, PathBuf)>)> {
+) -> Result<Vec<ZeroShotRow>> {
     let test = split(table, "test")?;
     let fill = |t: &str, label: &str| t.replace("{label}", &label.to_lowercase());
     let mut texts = vec![templates.neutral.clone()];
@@ -191,7 +200,6 @@ pub fn zero_shot(
         }
     }
     let mut rows = Vec::new();
-    let mut files = Vec::new();
     for (method, scores) in [("prompt pair", pair), ("neutral prompt", neut)] {
         let p = eval::Predictions {
             images: test.images.clone(),
@@ -202,7 +210,7 @@ pub fn zero_shot(
         };
         let dir = info.run_dir.join(method.replace(' ', "-"));
         std::fs::create_dir_all(&dir)?;
-        let (row, path) = score(&p, info, "test", &dir, bootstrap)?;
+        let (row, _) = score(&p, info, "test", &dir, bootstrap)?;
         rows.push(ZeroShotRow {
             run: row.run,
             setting: info.setting.to_string(),
@@ -214,9 +222,8 @@ pub fn zero_shot(
             per_label: row.per_label,
             run_dir: dir.to_string_lossy().into_owned(),
         });
-        files.push((method.to_string(), path));
     }
-    Ok((rows, files))
+    Ok(rows)
 }
 
 /// Retrieval on the test split: every image against the test studies' reports.
@@ -233,7 +240,8 @@ pub fn retrieval(table: &FeatureTable, info: &RowInfo) -> Result<RetrievalRow> {
     let images: Vec<f32> = keep.iter().flat_map(|&i| test.x[i * d..(i + 1) * d].iter().copied()).collect();
     let of: Vec<usize> = keep.iter().map(|&i| report_of_study[test.study[i]]).collect();
     let r = eval::retrieval(&images, &table.reports, d, &of)?;
-    let recall = |x: &eval::Recall| crate::report::Recall { at1: x.at1, at5: x.at5, at10: x.at10, median_rank: x.median_rank };
+    let recall =
+        |x: &eval::Recall| crate::report::Recall { at1: x.at1, at5: x.at5, at10: x.at10, median_rank: x.median_rank };
     let row = RetrievalRow {
         run: info.run.to_string(),
         setting: info.setting.to_string(),
@@ -245,6 +253,9 @@ pub fn retrieval(table: &FeatureTable, info: &RowInfo) -> Result<RetrievalRow> {
         reports: table.report_study.len(),
         run_dir: info.run_dir.to_string_lossy().into_owned(),
     };
-    model::checkpoint::write_file_atomically(&info.run_dir.join("retrieval.json"), serde_json::to_string_pretty(&r)?.as_bytes())?;
+    model::checkpoint::write_file_atomically(
+        &info.run_dir.join("retrieval.json"),
+        serde_json::to_string_pretty(&r)?.as_bytes(),
+    )?;
     Ok(row)
 }

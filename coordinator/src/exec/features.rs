@@ -112,7 +112,9 @@ impl EmbedRequest {
         table.dim = dim;
         table.head_labels = head_labels;
         let nh = table.head_labels.len();
-        let mut x: HashMap<(String, usize), (&[f32], &[f32])> = HashMap::new();
+        // (split, row) -> (features, head logits) of every embedded image.
+        type Rows<'a> = HashMap<(String, usize), (&'a [f32], &'a [f32])>;
+        let mut x: Rows = HashMap::new();
         let mut failed: HashMap<(String, usize), ()> = HashMap::new();
         let mut reports: Vec<(usize, &[f32])> = Vec::new();
         for p in parts {
@@ -121,7 +123,10 @@ impl EmbedRequest {
             for (k, id) in p.image_ids.iter().enumerate() {
                 let row = self.image_rows.get(id).ok_or_else(|| anyhow!("a part holds unknown image item {id}"))?;
                 let logits = if nh > 0 { &p.logits[k * nh..(k + 1) * nh] } else { &[][..] };
-                ensure!(x.insert(row.clone(), (&p.image[k * dim..(k + 1) * dim], logits)).is_none(), "image item {id} twice");
+                ensure!(
+                    x.insert(row.clone(), (&p.image[k * dim..(k + 1) * dim], logits)).is_none(),
+                    "image item {id} twice"
+                );
             }
             for (id, _) in &p.failed {
                 let row = self.image_rows.get(id).ok_or_else(|| anyhow!("a part lists unknown image item {id}"))?;
@@ -199,7 +204,8 @@ impl FeatureTable {
     pub fn read(path: &Path) -> Result<FeatureTable> {
         let bytes = read_safetensors(path)?;
         let st = parse_safetensors(&bytes, path)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let json = |k: &str| -> Result<serde_json::Value> {
             let s = meta.get(k).ok_or_else(|| anyhow!("{}: no metadata {k}", path.display()))?;
@@ -216,7 +222,10 @@ impl FeatureTable {
             head_labels,
             splits: BTreeMap::new(),
             reports: to_f32(&x, "reports.x", path)?,
-            report_study: to_i64(&tensor("reports.study")?, "reports.study", path)?.into_iter().map(|v| v as usize).collect(),
+            report_study: to_i64(&tensor("reports.study")?, "reports.study", path)?
+                .into_iter()
+                .map(|v| v as usize)
+                .collect(),
             skipped: strings("skipped")?,
         };
         for name in SPLITS {
@@ -232,7 +241,12 @@ impl FeatureTable {
                 images: strings(&format!("{name}.images"))?,
                 patients: pidx
                     .iter()
-                    .map(|&i| patients.get(i as usize).cloned().ok_or_else(|| anyhow!("{}: patient index {i}", path.display())))
+                    .map(|&i| {
+                        patients
+                            .get(i as usize)
+                            .cloned()
+                            .ok_or_else(|| anyhow!("{}: patient index {i}", path.display()))
+                    })
                     .collect::<Result<_>>()?,
                 studies: strings(&format!("{name}.studies"))?,
                 study: serde_json::from_value(json(&format!("{name}.study"))?)?,

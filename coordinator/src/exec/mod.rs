@@ -174,8 +174,13 @@ impl Ctx<'_> {
                 result.checkpoint = Some(best.clone());
                 result.metrics = Some(dir.join("metrics.jsonl"));
                 for e in &run.test {
-                    ensure!(e.dataset == run.dataset, "fine-tuning is scored on its own dataset ({} here)", run.dataset);
-                    let table = self.features(&best, &self.dirs.slug(&run.name), &e.dataset, run, spec.labels.clone())?;
+                    ensure!(
+                        e.dataset == run.dataset,
+                        "fine-tuning is scored on its own dataset ({} here)",
+                        run.dataset
+                    );
+                    let table =
+                        self.features(&best, &self.dirs.slug(&run.name), &e.dataset, run, spec.labels.clone())?;
                     let info = RowInfo {
                         run: &run.name,
                         setting: &setting,
@@ -222,7 +227,7 @@ impl Ctx<'_> {
                         ablation: None,
                         run_dir: dir,
                     };
-                    let (rows, _) = evaluate::zero_shot(&table, &checkpoint, templates, &info, &self.opts.bootstrap)?;
+                    let rows = evaluate::zero_shot(&table, &checkpoint, templates, &info, &self.opts.bootstrap)?;
                     result.zero_shot.extend(rows);
                 }
             }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{Plan, RunKind};
-use crate::report::{Comparison, Report, RocCurve, RocSet, ResultRow, RetrievalRow, TrainingCurve, ZeroShotRow};
+use crate::report::{Comparison, Report, ResultRow, RetrievalRow, RocCurve, RocSet, TrainingCurve, ZeroShotRow};
 
 use super::PlanDirs;
 
@@ -54,13 +54,8 @@ impl RunResult {
 
 /// The pairs of settings whose paired difference the paper's claims rest on: (a, b) reads
 /// "a minus b".
-const CLAIMS: [(&str, &str); 5] = [
-    ("CLS + LP", "FT"),
-    ("CLS + LP", "rand + LP"),
-    ("FT", "rand + LP"),
-    ("CLS + FT", "FT"),
-    ("CLS + LP", "CLIP + LP"),
-];
+const CLAIMS: [(&str, &str); 5] =
+    [("CLS + LP", "FT"), ("CLS + LP", "rand + LP"), ("FT", "rand + LP"), ("CLS + FT", "FT"), ("CLS + LP", "CLIP + LP")];
 
 /// The report of every finished run of `plan`, with the paired comparisons of the main rows.
 pub fn gather(plan: &Plan, dirs: &PlanDirs, title: &str, bootstrap: &eval::BootstrapConfig) -> Result<Report> {

@@ -104,4 +104,3 @@ pub fn validation_hook(run_dir: &Path, ft: FtSettings, index: &PairIndex) -> Res
         Ok(json!({ "step": step, "valid_macro_auc": auc, "valid_images": keep.len(), "valid_unreadable": failed }))
     }))
 }
-

@@ -100,7 +100,8 @@ impl PairIndex {
     /// The training pairs of a MIMIC-CXR-JPG root with their labels (fine-tuning: `fraction`
     /// of the training patients), and the validation split's images.
     pub fn read_labelled(root: &Path, opts: &data::ReadOptions, fraction: f64, global_batch: usize) -> Result<Self> {
-        let ds = data::read(data::DatasetKind::Mimic, root, opts).with_context(|| format!("reading {}", root.display()))?;
+        let ds =
+            data::read(data::DatasetKind::Mimic, root, opts).with_context(|| format!("reading {}", root.display()))?;
         if !ds.problems.is_empty() {
             eprintln!("coordinator: {}: {}", root.display(), ds.problems.summary());
         }
@@ -112,8 +113,13 @@ impl PairIndex {
         };
         let ids = data::splits::training_fraction(&ds.pairs, fraction, opts.seed);
         let pairs: Vec<ShardEntry> = ids.iter().enumerate().map(|(k, &i)| entry(k, &ds.pairs[i])).collect();
-        let valid: Vec<ShardEntry> =
-            ds.pairs.iter().filter(|p| p.split == data::Split::Validate).enumerate().map(|(k, p)| entry(k, p)).collect();
+        let valid: Vec<ShardEntry> = ds
+            .pairs
+            .iter()
+            .filter(|p| p.split == data::Split::Validate)
+            .enumerate()
+            .map(|(k, p)| entry(k, p))
+            .collect();
         ensure!(
             pairs.len() >= global_batch,
             "{} has {} training images, fewer than one global batch of {global_batch}",
@@ -168,10 +174,7 @@ impl PairIndex {
         let key = (self.seed ^ 0x5bd1_e995_5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15)
             ^ epoch.wrapping_add(1).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
         let (picked, _) = order.partial_shuffle(&mut ChaCha8Rng::seed_from_u64(key), SPARES);
-        picked
-            .iter()
-            .map(|&id| self.pairs[id as usize].clone())
-            .collect()
+        picked.iter().map(|&id| self.pairs[id as usize].clone()).collect()
     }
 
     /// Rank `rank`'s pairs of `epoch`, in step order (`global_batch / world` per step).

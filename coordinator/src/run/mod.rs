@@ -515,8 +515,9 @@ fn finetune_index(a: &TrainArgs, root: &Path) -> Result<(PairIndex, finetune::Ft
     let columns = labels
         .iter()
         .map(|l| {
-            data::labels::label_index(l)
-                .ok_or_else(|| anyhow!("--labels: unknown label '{l}' (the 14 CheXpert labels: {})", data::LABELS.join(", ")))
+            data::labels::label_index(l).ok_or_else(|| {
+                anyhow!("--labels: unknown label '{l}' (the 14 CheXpert labels: {})", data::LABELS.join(", "))
+            })
         })
         .collect::<Result<Vec<usize>>>()?;
     let pos_weight = if a.no_pos_weight { Vec::new() } else { ix.pos_weight(&columns, policy) };
@@ -565,7 +566,7 @@ pub async fn launch(
         events: tx,
         register_wait: Duration::from_secs(a.register_timeout),
     });
-    let url = serve(&a, shared.clone()).await?;
+    let url = serve(a, shared.clone()).await?;
     fs::write(run_dir.join("coordinator.url"), format!("{url}\n"))?;
     eprintln!(
         "coordinator: run {} in {}: {} steps of {} pairs ({} per epoch) on {} {} worker(s); serving {url}",
@@ -587,7 +588,7 @@ pub async fn launch(
 
     let bar = progress_bar(p.steps, p.last_checkpoint);
     let mut sup = Supervisor {
-        p: &p,
+        p,
         shared: &shared,
         run_dir,
         token,
