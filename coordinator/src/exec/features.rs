@@ -284,14 +284,14 @@ mod tests {
         let splits = BTreeMap::from([("train".to_string(), split(5, "tr")), ("test".to_string(), split(4, "te"))]);
         let req = EmbedRequest::new(vec!["A".into(), "B".into()], splits, vec![(0, "r0".into()), (1, "r1".into())]);
         assert_eq!(req.items.len(), 11);
-        // Two "ranks": contiguous shares; item 3 (train row 3) unreadable.
+        // Two "ranks": contiguous shares; item 7 (train row 3) unreadable.
         let dim = 3;
         let embed = |ids: &[u64]| {
             let mut e = Embedded { dim, ..Embedded::default() };
             for &id in ids {
                 let it = &req.items[id as usize];
                 if !it.image.is_empty() {
-                    if id == 3 {
+                    if id == 7 {
                         e.failed.push((id, "corrupt".into()));
                         continue;
                     }
