@@ -1,5 +1,5 @@
 //! The data feed of a training job: this rank's pairs of every epoch, as the coordinator streams
-//! them, through the data crate's loader (decode, the published augmentation, CLIP normalisation,
+//! them, through the data crate's loader (decode, the job's augmentation, CLIP normalisation,
 //! grey to 3 channels, sentence shuffling and tokenisation, on background threads a few batches
 //! ahead of the step loop).
 //!
@@ -26,6 +26,7 @@ use data::{LabelValue, Pair, Split, NUM_LABELS};
 use proto::v1::{Job, ShardEntry};
 
 use crate::job::Link;
+use crate::train_opts;
 
 /// Loader threads per rank: two keep a CPU rank's small batches ahead of its steps, and on a GPU
 /// node (2 cores per GPU) they are what a rank can spare beside its own host thread.
@@ -57,12 +58,13 @@ impl Feed {
             batch: b,
             size,
             augment: true,
+            augmentation: train_opts::augmentation(job)?,
+            uncertain: train_opts::uncertain_policy(job)?,
             seed: job.seed,
             epoch: 0,
             workers: LOADER_THREADS,
             prefetch: PREFETCH,
             context,
-            ..LoaderConfig::default()
         };
         Ok(Feed {
             who: format!("worker {}", link.session.rank),
