@@ -1,6 +1,6 @@
-//! The training loader: a rank's pair ids in, batches out: pixels augmented as published (random
-//! rotation up to ±45°, shift 0.15, scale 0.9-1.1 after resizing the smaller side to the model's
-//! size and centre cropping), CLIP-normalised, grey replicated to 3 channels (NCHW f32), text
+//! The training loader: a rank's pair ids in, batches out: pixels augmented (by default as
+//! published: random rotation up to ±45°, shift 0.15, scale 0.9-1.1 after resizing the smaller
+//! side to the model's size and centre cropping; see [`Augment`]), CLIP-normalised, grey replicated to 3 channels (NCHW f32), text
 //! sentence-shuffled and tokenised, labels through the uncertain policy. Worker threads fill
 //! batches a few ahead of the consumer; batch order and content depend only on the seed.
 //!
@@ -18,7 +18,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -150,6 +150,60 @@ impl Recovery {
     }
 }
 
+/// The strengths of the training augmentation; the default is the published one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Augment {
+    /// Rotation drawn uniformly from (-rotate_deg, rotate_deg) degrees.
+    pub rotate_deg: f32,
+    /// Zoom drawn uniformly from [lo, hi) (1: the resized and centre-cropped image).
+    pub scale: (f32, f32),
+    /// Shift along each axis drawn uniformly from (-translate, translate) times the side.
+    pub translate: f32,
+    /// The report's sentences in a random order.
+    pub shuffle_sentences: bool,
+}
+
+impl Augment {
+    /// The paper's: rotation up to 45 degrees, zoom 0.9-1.1, shift up to 0.15 of the side,
+    /// shuffled sentences.
+    pub const PAPER: Augment =
+        Augment { rotate_deg: 45.0, scale: (0.9, 1.1), translate: 0.15, shuffle_sentences: true };
+
+    /// Whether the strengths make sense: rotation in [0, 180] degrees, a zoom range
+    /// 0 < lo <= hi, a shift in [0, 1] of the side (all finite).
+    pub fn validate(&self) -> Result<()> {
+        let (lo, hi) = self.scale;
+        ensure!(
+            (0.0..=180.0).contains(&self.rotate_deg),
+            "augmentation rotation {} degrees is outside [0, 180]",
+            self.rotate_deg
+        );
+        ensure!(
+            lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi,
+            "augmentation zoom range {lo}-{hi} needs 0 < lo <= hi"
+        );
+        ensure!((0.0..=1.0).contains(&self.translate), "augmentation shift {} is outside [0, 1]", self.translate);
+        Ok(())
+    }
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment::PAPER
+    }
+}
+
+/// A uniform draw from [lo, hi). An empty range (a strength of 0) gives `lo` and still takes
+/// one draw, so that turning one augmentation off leaves the others' draws where they were.
+fn uniform(rng: &mut impl Rng, lo: f32, hi: f32) -> f32 {
+    if lo < hi {
+        rng.random_range(lo..hi)
+    } else {
+        let _: u32 = rng.random();
+        lo
+    }
+}
+
 /// Loader settings.
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
@@ -158,6 +212,8 @@ pub struct LoaderConfig {
     pub size: usize,
     /// Random affine and sentence shuffling (training) or resize + centre crop only (evaluation).
     pub augment: bool,
+    /// The strengths of that augmentation (when `augment` is on).
+    pub augmentation: Augment,
     pub seed: u64,
     /// Epoch, mixed into every sample's randomness.
     pub epoch: u64,
@@ -175,6 +231,7 @@ impl Default for LoaderConfig {
             batch: 64,
             size: 224,
             augment: true,
+            augmentation: Augment::PAPER,
             seed: 0,
             epoch: 0,
             workers: 2,
@@ -207,15 +264,17 @@ pub struct Warp {
     c_src: (f32, f32),
 }
 
-pub fn make_warp(w: usize, h: usize, size: usize, augment: bool, rng: &mut impl Rng) -> Warp {
+/// The warp of a `w x h` image to the model's `size`: resize the smaller side to `size` and
+/// centre crop, then (with `augment`) a random rotation, zoom and shift drawn from `rng`.
+pub fn make_warp(w: usize, h: usize, size: usize, augment: Option<&Augment>, rng: &mut impl Rng) -> Warp {
     let k0 = size as f32 / w.min(h) as f32;
-    let (theta, scale, tx, ty) = if augment {
+    let (theta, scale, tx, ty) = if let Some(a) = augment {
         let s = size as f32;
         (
-            rng.random_range(-45f32..45.0).to_radians(),
-            rng.random_range(0.9f32..1.1),
-            rng.random_range(-0.15f32..0.15) * s,
-            rng.random_range(-0.15f32..0.15) * s,
+            uniform(rng, -a.rotate_deg, a.rotate_deg).to_radians(),
+            uniform(rng, a.scale.0, a.scale.1),
+            uniform(rng, -a.translate, a.translate) * s,
+            uniform(rng, -a.translate, a.translate) * s,
         )
     } else {
         (0.0, 1.0, 0.0, 0.0)
@@ -305,7 +364,7 @@ fn fill_pixels(src: &Source, id: usize, cfg: &LoaderConfig, rng: &mut ChaCha8Rng
             if w == 0 || h == 0 {
                 bail!("the image failed to decode when the shards were packed");
             }
-            let wp = make_warp(w, h, cfg.size, cfg.augment, rng);
+            let wp = make_warp(w, h, cfg.size, cfg.augment.then_some(&cfg.augmentation), rng);
             warp_normalise(px, w, h, cfg.size, &wp, pixels);
         }
         Source::Files { root, pairs } => {
@@ -313,7 +372,7 @@ fn fill_pixels(src: &Source, id: usize, cfg: &LoaderConfig, rng: &mut ChaCha8Rng
             if img.w == 0 || img.h == 0 {
                 bail!("the image is empty ({}x{})", img.w, img.h);
             }
-            let wp = make_warp(img.w, img.h, cfg.size, cfg.augment, rng);
+            let wp = make_warp(img.w, img.h, cfg.size, cfg.augment.then_some(&cfg.augmentation), rng);
             warp_normalise(&img.pixels, img.w, img.h, cfg.size, &wp, pixels);
         }
     }
@@ -369,7 +428,8 @@ fn fill_sample(
         attempt += 1;
     }
     let text = src.text(used);
-    let text = if cfg.augment { shuffle_sentences(text, &mut rng) } else { text.to_string() };
+    let shuffle = cfg.augment && cfg.augmentation.shuffle_sentences;
+    let text = if shuffle { shuffle_sentences(text, &mut rng) } else { text.to_string() };
     let mut t = tok.encode(&text);
     t.resize(cfg.context, 0);
     tokens.extend_from_slice(&t);
@@ -510,6 +570,130 @@ impl Drop for Loader {
         self.rxs.clear();
         for h in self.handles.drain(..) {
             let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `make_warp` as it was before the strengths became settings (rotation 45, zoom 0.9-1.1,
+    /// shift 0.15 written into it): the published augmentation must draw exactly this.
+    fn published_warp(w: usize, h: usize, size: usize, rng: &mut impl Rng) -> Warp {
+        let k0 = size as f32 / w.min(h) as f32;
+        let s = size as f32;
+        let (theta, scale, tx, ty) = (
+            rng.random_range(-45f32..45.0).to_radians(),
+            rng.random_range(0.9f32..1.1),
+            rng.random_range(-0.15f32..0.15) * s,
+            rng.random_range(-0.15f32..0.15) * s,
+        );
+        let (sn, c) = theta.sin_cos();
+        let k = 1.0 / (k0 * scale);
+        let m = [c * k, sn * k, -sn * k, c * k];
+        let half = size as f32 * 0.5;
+        Warp { m, c_out: (half + tx, half + ty), c_src: (w as f32 * 0.5, h as f32 * 0.5) }
+    }
+
+    fn bits(wp: &Warp) -> Vec<u32> {
+        let mut v: Vec<u32> = wp.m.iter().map(|x| x.to_bits()).collect();
+        v.extend([wp.c_out.0, wp.c_out.1, wp.c_src.0, wp.c_src.1].map(f32::to_bits));
+        v
+    }
+
+    #[test]
+    fn the_default_augmentation_draws_what_the_published_constants_drew() {
+        assert_eq!(Augment::default(), Augment::PAPER);
+        assert_eq!(LoaderConfig::default().augmentation, Augment::PAPER);
+        let base: u64 = rand::rng().random();
+        for k in 0..2000u64 {
+            let (w, h, size) = (100 + (k % 37) as usize, 80 + (k % 53) as usize, [32, 64, 224][k as usize % 3]);
+            let mut a = ChaCha8Rng::seed_from_u64(base ^ k);
+            let mut b = a.clone();
+            let got = make_warp(w, h, size, Some(&Augment::default()), &mut a);
+            let want = published_warp(w, h, size, &mut b);
+            assert_eq!(bits(&got), bits(&want), "seed {} ({w}x{h} -> {size})", base ^ k);
+            // The sentence shuffle that follows draws from the same place too.
+            assert_eq!(a.random::<u64>(), b.random::<u64>());
+        }
+    }
+
+    #[test]
+    fn zero_strengths_leave_the_plain_resize_and_keep_the_other_draws() {
+        let off = Augment { rotate_deg: 0.0, scale: (1.0, 1.0), translate: 0.0, shuffle_sentences: false };
+        let seed: u64 = rand::rng().random();
+        let mut r = ChaCha8Rng::seed_from_u64(seed);
+        let got = make_warp(120, 90, 64, Some(&off), &mut r);
+        let plain = make_warp(120, 90, 64, None, &mut ChaCha8Rng::seed_from_u64(seed));
+        // Equal as numbers (a rotation drawn from [-0, 0) is -0, whose sine is -0).
+        let vals = |w: &Warp| [w.m[0], w.m[1], w.m[2], w.m[3], w.c_out.0, w.c_out.1, w.c_src.0, w.c_src.1];
+        assert_eq!(vals(&got), vals(&plain));
+        // Rotation off: zoom and shift are drawn as with the published rotation.
+        let no_rot = Augment { rotate_deg: 0.0, ..Augment::PAPER };
+        let a = make_warp(120, 90, 64, Some(&no_rot), &mut ChaCha8Rng::seed_from_u64(seed));
+        let b = make_warp(120, 90, 64, Some(&Augment::PAPER), &mut ChaCha8Rng::seed_from_u64(seed));
+        assert_eq!(a.c_out.0.to_bits(), b.c_out.0.to_bits());
+        assert_eq!(a.c_out.1.to_bits(), b.c_out.1.to_bits());
+        assert_ne!(a.m, b.m, "the rotation did not change the warp");
+        // Stronger settings reach further: over many draws some rotation exceeds the default's.
+        let strong = Augment { rotate_deg: 90.0, ..Augment::PAPER };
+        let mut r = ChaCha8Rng::seed_from_u64(seed);
+        let max_angle = (0..200)
+            .map(|_| {
+                let wp = make_warp(64, 64, 64, Some(&strong), &mut r);
+                wp.m[1].atan2(wp.m[0]).to_degrees().abs()
+            })
+            .fold(0.0f32, f32::max);
+        assert!(max_angle > 60.0 && max_angle < 90.0, "{max_angle}");
+    }
+
+    #[test]
+    fn bad_strengths_are_named() {
+        assert!(Augment::PAPER.validate().is_ok());
+        let cases = [
+            (Augment { rotate_deg: -1.0, ..Augment::PAPER }, "rotation"),
+            (Augment { rotate_deg: f32::NAN, ..Augment::PAPER }, "rotation"),
+            (Augment { rotate_deg: 181.0, ..Augment::PAPER }, "rotation"),
+            (Augment { scale: (1.1, 0.9), ..Augment::PAPER }, "zoom"),
+            (Augment { scale: (0.0, 1.0), ..Augment::PAPER }, "zoom"),
+            (Augment { scale: (0.9, f32::INFINITY), ..Augment::PAPER }, "zoom"),
+            (Augment { translate: 1.5, ..Augment::PAPER }, "shift"),
+        ];
+        for (a, word) in cases {
+            let e = a.validate().expect_err("accepted a bad strength").to_string();
+            assert!(e.contains(word), "{e}");
+        }
+    }
+
+    #[test]
+    fn sentence_shuffling_follows_its_switch() {
+        let text = "One. Two. Three. Four. Five. Six. Seven. Eight.";
+        let pairs = vec![Pair {
+            subject_id: "1".into(),
+            study_id: "1".into(),
+            image: PathBuf::from("film.jpg"),
+            split: crate::Split::Train,
+            view: "PA".into(),
+            labels: [LabelValue::Blank; NUM_LABELS],
+            text: text.into(),
+            boxes: Vec::new(),
+        }];
+        // A 4 x 4 grey image the loader can decode.
+        let dir = tempfile::tempdir().unwrap();
+        image::GrayImage::from_fn(4, 4, |x, y| image::Luma([(x * 40 + y * 20) as u8]))
+            .save(dir.path().join("film.jpg"))
+            .unwrap();
+        let src = Source::Files { root: dir.path().to_path_buf(), pairs: Arc::new(pairs) };
+        let tok = |t: &str| t.bytes().map(i32::from).collect::<Vec<i32>>();
+        let on = LoaderConfig { batch: 1, size: 8, context: text.len(), ..Default::default() };
+        let off = LoaderConfig { augmentation: Augment { shuffle_sentences: false, ..Augment::PAPER }, ..on.clone() };
+        let plain: Vec<i32> = text.bytes().map(i32::from).collect();
+        let shuffled = (0..20u64)
+            .any(|seed| build_batch(&src, &[0], &LoaderConfig { seed, ..on.clone() }, &tok).unwrap().tokens != plain);
+        assert!(shuffled, "20 seeds never shuffled the sentences");
+        for seed in 0..20u64 {
+            assert_eq!(build_batch(&src, &[0], &LoaderConfig { seed, ..off.clone() }, &tok).unwrap().tokens, plain);
         }
     }
 }

@@ -6,8 +6,10 @@ pub mod v1 {
 }
 
 /// The revision of the `cxrclip.v1` protocol this build speaks; a worker of another revision
-/// is refused at registration with a message naming both. Revision 2 added the job kinds
-/// (fine-tuning, feature extraction), labelled shard entries and validation results.
+/// is refused at registration with a message naming both. Revision 2 added `Job.options` (the
+/// training mode, schedule, AdamW, augmentation and label policy), which an older worker would
+/// ignore and train something else, and the job kinds (fine-tuning, feature extraction),
+/// labelled shard entries and validation results.
 pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest message either side accepts or sends (a shard chunk, the job, an NCCL id):

@@ -1,5 +1,5 @@
 //! The data feed of a training job: this rank's pairs of every epoch, as the coordinator streams
-//! them, through the data crate's loader (decode, the published augmentation, CLIP normalisation,
+//! them, through the data crate's loader (decode, the job's augmentation, CLIP normalisation,
 //! grey to 3 channels, sentence shuffling and tokenisation, on background threads a few batches
 //! ahead of the step loop).
 //!
@@ -26,6 +26,7 @@ use data::{LabelValue, Pair, Split, NUM_LABELS};
 use proto::v1::{Job, ShardEntry};
 
 use crate::job::Link;
+use crate::train_opts;
 
 /// Loader threads per rank: two keep a CPU rank's small batches ahead of its steps, and on a GPU
 /// node (2 cores per GPU) they are what a rank can spare beside its own host thread.
@@ -53,17 +54,12 @@ impl Feed {
     /// A feed of `job`'s local batches of `b` pairs at `size` pixels, `context` ids per text.
     pub fn new(link: Link, job: &Job, b: usize, size: usize, context: usize, tok: Arc<dyn Tokenize>) -> Result<Feed> {
         ensure!(job.steps_per_epoch > 0, "the job has no steps per epoch");
-        // The label policy turns raw labels into targets (fine-tuning; CLS reads none).
-        let uncertain = if job.uncertain.is_empty() {
-            data::UncertainPolicy::default()
-        } else {
-            job.uncertain.parse().map_err(|e: String| anyhow!("the job's label policy: {e}"))?
-        };
         let cfg = LoaderConfig {
-            uncertain,
             batch: b,
             size,
             augment: true,
+            augmentation: train_opts::augmentation(job)?,
+            uncertain: train_opts::uncertain_policy(job)?,
             seed: job.seed,
             epoch: 0,
             workers: LOADER_THREADS,

@@ -20,7 +20,7 @@ use std::time::Instant;
 use anyhow::{anyhow, ensure, Context, Result};
 use kernels::Backend;
 use model::head::{HostAdamW, LabelHead, Targets};
-use model::optim::{AdamW, AdamWConfig};
+use model::optim::AdamW;
 use model::tokenizer::ClipTokenizer;
 use model::train_state::{self, RunPosition};
 use model::{Clip, ClipConfig};
@@ -31,7 +31,7 @@ use crate::dist::DistLoss;
 use crate::embed::{embed_entries, part_path, write_part};
 use crate::feed::Feed;
 use crate::grad_sum::DeviceSum;
-use crate::job::{checkpoint_dir, schedule_of, Link};
+use crate::job::{checkpoint_dir, Link};
 
 /// The head's optimiser state in a fine-tuning checkpoint.
 pub const HEAD_STATE: &str = "head_state.safetensors";
@@ -94,7 +94,7 @@ pub fn finetune<B: Backend>(
     );
     clip.train_only(trainable_patterns(&job.mode)?)?;
     let dim = clip.config.projection_dim;
-    let cfg = AdamWConfig { weight_decay: job.weight_decay as f32, ..AdamWConfig::default() };
+    let cfg = crate::train_opts::adamw_config(job)?;
     let mut opt = AdamW::new(&clip, cfg)?;
     let (mut head, mut head_opt) = match &resume {
         Some(dir) => {
@@ -118,7 +118,7 @@ pub fn finetune<B: Backend>(
     if let Some(sum) = device_sum {
         dist = dist.with_device_sum(sum);
     }
-    let schedule = schedule_of(job);
+    let schedule = crate::train_opts::build_schedule(job)?;
     let head_lr_ratio = if job.head_lr > 0.0 { job.head_lr / job.lr } else { 1.0 };
     let tok = ClipTokenizer::new()?;
     let tok: Arc<dyn data::report::Tokenize> = Arc::new(move |t: &str| tok.encode(t));

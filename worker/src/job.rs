@@ -11,11 +11,10 @@ use std::time::Instant;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use kernels::Backend;
-use model::optim::{AdamW, AdamWConfig};
-use model::schedule::Schedule;
+use model::optim::AdamW;
 use model::tokenizer::ClipTokenizer;
 use model::train_state::{self, RunPosition};
-use model::{Clip, ClipConfig};
+use model::Clip;
 use proto::tonic::transport::Channel;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{Job, JobResult, ResultKind, Session, ShardEntry, ShardRequest, StepMetrics};
@@ -24,6 +23,7 @@ use crate::comm::Collectives;
 use crate::dist::{train_step, DistLoss, LocalBatch};
 use crate::feed::Feed;
 use crate::grad_sum::DeviceSum;
+use crate::train_opts;
 
 /// The folder of the checkpoint taken after `step` updates.
 pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
@@ -101,11 +101,6 @@ pub fn run<B: Backend>(
     }
 }
 
-/// The learning-rate schedule of a training job.
-pub fn schedule_of(job: &Job) -> Schedule {
-    Schedule::WarmupCosine { warmup: job.warmup, total: job.steps, min_ratio: 0.0 }
-}
-
 /// Runs the contrastive training job on backend `be` with communicator `comm`; returns the last
 /// step's loss.
 /// `device_sum` sums the gradient buckets on the device (NCCL); without it they go through the
@@ -122,20 +117,9 @@ pub fn train<B: Backend>(
     ensure!(g.is_multiple_of(world), "global batch {g} is not a multiple of the world size {world}");
     let b = g / world;
     let run_dir = PathBuf::from(&job.run_dir);
-    let (mut clip, start) = if job.resume_step > 0 {
-        let dir = PathBuf::from(&job.resume_dir);
-        let (clip, _) = Clip::from_pretrained(be, &dir, b).with_context(|| format!("loading {}", dir.display()))?;
-        (clip, job.resume_step)
-    } else if !job.init_dir.is_empty() {
-        let dir = PathBuf::from(&job.init_dir);
-        let config = ClipConfig::from_file(&dir.join(model::checkpoint::CONFIG))?;
-        let (clip, _) = Clip::from_pretrained_with(be, &dir, config, b)?;
-        (clip, 0)
-    } else {
-        let config: ClipConfig = serde_json::from_str(&job.config_json).context("the job's model config")?;
-        (Clip::random(be, config, b, job.seed)?, 0)
-    };
-    let mut opt = AdamW::new(&clip, AdamWConfig { weight_decay: job.weight_decay as f32, ..AdamWConfig::default() })?;
+    let (mut clip, start) = train_opts::build_model(be, job, b)?;
+    train_opts::apply_mode(&mut clip, job)?;
+    let mut opt = AdamW::new(&clip, train_opts::adamw_config(job)?)?;
     if start > 0 {
         let pos = train_state::load(&PathBuf::from(&job.resume_dir).join("train_state.safetensors"), &clip, &mut opt)?;
         ensure!(pos.step == start, "checkpoint {} holds step {}, expected {start}", job.resume_dir, pos.step);
@@ -144,7 +128,7 @@ pub fn train<B: Backend>(
     if let Some(sum) = device_sum {
         loss = loss.with_device_sum(sum);
     }
-    let schedule = schedule_of(job);
+    let schedule = train_opts::build_schedule(job)?;
     let (image, ctx) = (clip.image_size(), clip.context_len());
     // The tokenizer frames every text in exactly CONTEXT_LEN ids; a model with a shorter context
     // would lose the end token, which its text pooling reads.

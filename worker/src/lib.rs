@@ -1,6 +1,7 @@
 //! One rank of a cxrclip run: collectives ([`comm`]), the exact data-parallel CLS step
-//! ([`dist`]), the training job the coordinator hands out ([`job`]) and its data feed ([`feed`]),
-//! and the command line that runs them ([`cli`]).
+//! ([`dist`]), the jobs the coordinator hands out ([`job`]: contrastive training, [`finetune`],
+//! [`embed`]), their data feed ([`feed`]), the job's training choices made concrete
+//! ([`train_opts`]), and the command line that runs them ([`cli`]).
 
 pub mod cli;
 pub mod comm;
@@ -10,3 +11,4 @@ pub mod feed;
 pub mod finetune;
 pub mod grad_sum;
 pub mod job;
+pub mod train_opts;

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
-use crate::plan::{Job, Length, Plan, RunKind, RunSpec, Schedule, Start, SweepKey, Training};
+use crate::plan::{Job, Length, Mode, Plan, RunKind, RunSpec, Schedule, Start, SweepKey, Training};
 use crate::report::{self, Ablation, Report};
 use crate::run::{self, Finished, TrainArgs};
 
@@ -293,8 +293,48 @@ impl Ctx<'_> {
             Length::Steps(s) => a.steps = Some(s),
         }
         match t.schedule {
-            Schedule::Cosine { warmup } => a.warmup = warmup,
-            Schedule::OneCycle { .. } => {}
+            Schedule::Cosine { warmup } => {
+                a.schedule = run::ScheduleKind::Cosine;
+                a.warmup = warmup;
+                a.warmup_fraction = None;
+            }
+            Schedule::OneCycle { warmup_fraction } => {
+                a.schedule = run::ScheduleKind::OneCycle;
+                a.warmup = 0;
+                a.warmup_fraction = Some(warmup_fraction);
+            }
+        }
+        (a.beta1, a.beta2, a.eps) = (t.betas[0], t.betas[1], t.eps);
+        match t.mode {
+            Mode::Full => a.mode = run::Mode::Full,
+            Mode::Adapters { width } => {
+                a.mode = run::Mode::Adapters;
+                a.adapter_width = Some(width);
+            }
+        }
+        a.views = match &run.views {
+            data::Views::All => "all".into(),
+            data::Views::Only(v) => v.join(","),
+        };
+        a.uncertain = self.dataset(&run.dataset)?.uncertain.to_string();
+        let aug = match &run.job {
+            Job::PretrainCls { augment, sections, .. } => {
+                a.sections = match sections {
+                    data::report::SectionPolicy::Paper => "paper",
+                    data::report::SectionPolicy::Impression => "impression",
+                    data::report::SectionPolicy::FindingsImpression => "findings+impression",
+                }
+                .to_string();
+                Some(augment)
+            }
+            Job::Finetune { augment, .. } => Some(augment),
+            _ => None,
+        };
+        if let Some(g) = aug {
+            a.augment_rotate = g.rotate;
+            a.augment_scale = (g.scale[0], g.scale[1]);
+            a.augment_translate = g.translate;
+            a.no_shuffle_sentences = !g.shuffle_sentences;
         }
         a.run_dir = Some(dir.to_path_buf());
         // An interrupted run continues from its checkpoint.

@@ -69,11 +69,12 @@ impl Work {
 
 impl PairIndex {
     /// The training pairs of a MIMIC-CXR-JPG root (official train split, `fraction` of the
-    /// training patients).
-    pub fn read(root: &Path, seed: u64, fraction: f64, global_batch: usize) -> Result<Self> {
-        let opts = data::ReadOptions { seed, ..Default::default() };
+    /// training patients) read with `opts` (views, report sections; `opts.seed` seeds the
+    /// fraction and the epochs' order).
+    pub fn read(root: &Path, opts: &data::ReadOptions, fraction: f64, global_batch: usize) -> Result<Self> {
+        let seed = opts.seed;
         let ds =
-            data::read(data::DatasetKind::Mimic, root, &opts).with_context(|| format!("reading {}", root.display()))?;
+            data::read(data::DatasetKind::Mimic, root, opts).with_context(|| format!("reading {}", root.display()))?;
         if !ds.problems.is_empty() {
             eprintln!("coordinator: {}: {}", root.display(), ds.problems.summary());
         }

@@ -9,6 +9,7 @@
 pub mod finetune;
 pub mod index;
 mod server;
+mod train_opts;
 
 use std::collections::HashSet;
 use std::fs;
@@ -31,6 +32,7 @@ use serde_json::json;
 
 use index::PairIndex;
 use server::{Event, Inner, Service, Shared};
+pub use train_opts::{Mode, ScheduleKind};
 
 /// Options of a CLS training run (the top-level form of `coordinator`).
 #[derive(Args, Debug, Clone, Serialize, Deserialize, Default)]
@@ -80,6 +82,18 @@ pub struct TrainArgs {
     pub layers: usize,
     #[arg(long, default_value_t = 4)]
     pub heads: usize,
+    /// What trains: `full`, every parameter; `adapters`, only the adapters and the layer norms
+    /// (the paper's: the logit scale, the projections, the embeddings and the blocks' own
+    /// weights stay as they start). Adapters need --adapter-width or an --init that has them.
+    #[arg(long, value_enum, default_value_t = Mode::Full)]
+    #[serde(default)]
+    pub mode: Mode,
+    /// Bottleneck adapters of width N after every block of both towers (the paper: 256). With
+    /// --mode full they are added and train with everything else; an --init model that has
+    /// adapters keeps them (N must then be their width).
+    #[arg(long, value_name = "N")]
+    #[serde(default)]
+    pub adapter_width: Option<usize>,
     /// Optimiser steps (default: one epoch).
     #[arg(long)]
     pub steps: Option<u64>,
@@ -90,11 +104,64 @@ pub struct TrainArgs {
     pub global_batch: usize,
     #[arg(long, default_value_t = 5e-4)]
     pub lr: f64,
-    /// Linear warm-up steps before the cosine decay.
+    /// Learning-rate schedule: `cosine`, a linear warm-up over --warmup steps then a cosine
+    /// decay to 0; `one-cycle`, PyTorch's OneCycleLR with cosine annealing (from lr/25 up to lr
+    /// over --warmup-fraction of the steps, then down to lr/25/1e4; beta1 does not cycle).
+    #[arg(long, value_enum, default_value_t = ScheduleKind::Cosine)]
+    #[serde(default)]
+    pub schedule: ScheduleKind,
+    /// Linear warm-up steps before the cosine decay (--schedule cosine).
     #[arg(long, default_value_t = 0)]
     pub warmup: u64,
+    /// One-cycle's warm-up as a fraction of the steps, in [0, 1] (PyTorch's pct_start; default
+    /// 0.3; the paper's 0.05).
+    #[arg(long, value_name = "F")]
+    #[serde(default)]
+    pub warmup_fraction: Option<f64>,
     #[arg(long, default_value_t = 0.2)]
     pub weight_decay: f64,
+    /// AdamW's first-moment decay, in [0, 1).
+    #[arg(long, default_value_t = 0.9)]
+    #[serde(default = "train_opts::default_beta1")]
+    pub beta1: f64,
+    /// AdamW's second-moment decay, in [0, 1).
+    #[arg(long, default_value_t = 0.98)]
+    #[serde(default = "train_opts::default_beta2")]
+    pub beta2: f64,
+    /// AdamW's epsilon.
+    #[arg(long, default_value_t = 1e-6)]
+    #[serde(default = "train_opts::default_eps")]
+    pub eps: f64,
+    /// Views to train on: `all` (the paper's) or a comma-separated list.
+    #[arg(long, default_value = "PA,AP")]
+    #[serde(default = "train_opts::default_views")]
+    pub views: String,
+    /// Report text: `paper` (all but technique, comparison, date and examination),
+    /// `impression`, or `findings+impression`.
+    #[arg(long, default_value = "paper")]
+    #[serde(default = "train_opts::default_sections")]
+    pub sections: String,
+    /// Uncertain and blank labels: `zeros` (the paper's), `ones` or `ignore`. Contrastive
+    /// training reads no labels; the run records the policy for the runs built on it.
+    #[arg(long, default_value = "zeros")]
+    #[serde(default = "train_opts::default_uncertain")]
+    pub uncertain: String,
+    /// Augmentation: rotation drawn from +-DEG degrees, in [0, 180] (0: none).
+    #[arg(long, value_name = "DEG", default_value_t = 45.0)]
+    #[serde(default = "train_opts::default_augment_rotate")]
+    pub augment_rotate: f64,
+    /// Augmentation: zoom drawn from [LO, HI), 0 < LO <= HI (1,1: none).
+    #[arg(long, value_name = "LO,HI", value_parser = train_opts::parse_scale, default_value = "0.9,1.1")]
+    #[serde(default = "train_opts::default_augment_scale")]
+    pub augment_scale: (f64, f64),
+    /// Augmentation: shift on each axis drawn from +-F of the image side, in [0, 1] (0: none).
+    #[arg(long, value_name = "F", default_value_t = 0.15)]
+    #[serde(default = "train_opts::default_augment_translate")]
+    pub augment_translate: f64,
+    /// Keep each report's sentences in order (by default they are shuffled).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_shuffle_sentences: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Checkpoint every N steps (and always at the end).
@@ -340,6 +407,9 @@ fn plan(mut args: TrainArgs) -> Result<Plan> {
         args = stored;
         (dir, rec.run_id, rec.last_checkpoint)
     } else {
+        // Bad training options are refused before an older run in the folder is cleared.
+        train_opts::validate(&mut args)?;
+        train_opts::model_config(&args)?;
         let dir = args.run_dir.clone().unwrap_or_else(|| {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             PathBuf::from("runs").join(format!("run-{t}"))
@@ -361,12 +431,15 @@ fn plan(mut args: TrainArgs) -> Result<Plan> {
     );
     ensure!(args.train_fraction > 0.0 && args.train_fraction <= 1.0, "--train-fraction must be in (0, 1]");
     ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be positive");
+    // (Again for a resumed run: its stored options, the defaults filled in for older ones.)
+    train_opts::validate(&mut args)?;
     Ok(Plan { steps: 0, resumed, args, run_dir, run_id, last_checkpoint, world, local, device })
 }
 
 async fn train_inner(args: TrainArgs) -> Result<(Finished, PathBuf, u64, u64)> {
     let mut p = plan(args)?;
     let a = p.args.clone();
+    let config = train_opts::model_config(&a)?;
     let root = match (&a.data, a.synthetic) {
         (Some(d), _) => d.clone(),
         (None, Some(n)) => synthetic_tree(&a, n)?,
@@ -377,20 +450,12 @@ async fn train_inner(args: TrainArgs) -> Result<(Finished, PathBuf, u64, u64)> {
         let (ix, ft) = finetune_index(&a, &root)?;
         (ix, Some(ft))
     } else {
-        (PairIndex::read(&root, a.seed, a.train_fraction, a.global_batch)?, None)
+        (PairIndex::read(&root, &train_opts::read_options(&a)?, a.train_fraction, a.global_batch)?, None)
     };
     let spe = index.steps_per_epoch();
     p.steps = a.steps.unwrap_or_else(|| a.epochs.unwrap_or(1) * spe);
     ensure!(p.steps > 0, "nothing to do: 0 steps");
     ensure!(p.last_checkpoint < p.steps, "the run in {} is already at step {}", p.run_dir.display(), p.last_checkpoint);
-    let config = match &a.init {
-        Some(dir) => model::ClipConfig::from_file(&dir.join(model::checkpoint::CONFIG))?,
-        None => {
-            let c = model::ClipConfig::small(a.image, a.patch, a.width, a.layers, a.heads);
-            c.validate().context("model sizes")?;
-            c
-        }
-    };
     fs::create_dir_all(&p.run_dir).with_context(|| format!("creating {}", p.run_dir.display()))?;
     let run_dir = fs::canonicalize(&p.run_dir)?;
     // A resumed run keeps its token, so that workers started by hand can rejoin it.
@@ -426,6 +491,7 @@ async fn train_inner(args: TrainArgs) -> Result<(Finished, PathBuf, u64, u64)> {
         resume_dir: String::new(),
         steps_per_epoch: spe,
         device: p.device.clone(),
+        options: Some(train_opts::job_options(&a)?),
         ..Job::default()
     };
     let job = match &ft {
@@ -435,7 +501,7 @@ async fn train_inner(args: TrainArgs) -> Result<(Finished, PathBuf, u64, u64)> {
             uncertain: ft.policy.to_string(),
             pos_weight: ft.pos_weight.clone(),
             head_lr: a.head_lr.unwrap_or(0.0),
-            mode: "full".into(),
+            mode: a.mode.as_str().to_string(),
             ..job
         },
         None => job,
@@ -507,8 +573,8 @@ pub async fn embed(e: EmbedJob) -> Result<Vec<worker::embed::Embedded>> {
 
 /// The fine-tuning run's labelled pairs and settings.
 fn finetune_index(a: &TrainArgs, root: &Path) -> Result<(PairIndex, finetune::FtSettings)> {
-    let policy = data::UncertainPolicy::default();
-    let opts = data::ReadOptions { seed: a.seed, uncertain: policy, ..Default::default() };
+    let opts = train_opts::read_options(a)?;
+    let policy = opts.uncertain;
     let ix = PairIndex::read_labelled(root, &opts, a.train_fraction, a.global_batch)?;
     let labels: Vec<String> =
         if a.labels.is_empty() { data::LABELS.iter().map(|s| s.to_string()).collect() } else { a.labels.clone() };
