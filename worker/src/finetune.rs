@@ -23,7 +23,7 @@ use model::head::{HostAdamW, LabelHead, Targets};
 use model::optim::AdamW;
 use model::tokenizer::ClipTokenizer;
 use model::train_state::{self, RunPosition};
-use model::{Clip, ClipConfig};
+use model::Clip;
 use proto::v1::{Job, ResultKind, StepMetrics};
 
 use crate::comm::Collectives;
@@ -73,21 +73,9 @@ pub fn finetune<B: Backend>(
     let columns = label_columns(job)?;
     let n_labels = columns.len();
     let resume = (job.resume_step > 0).then(|| PathBuf::from(&job.resume_dir));
-    let (mut clip, start) = match &resume {
-        Some(dir) => (
-            Clip::from_pretrained(be, dir, b).with_context(|| format!("loading {}", dir.display()))?.0,
-            job.resume_step,
-        ),
-        None if !job.init_dir.is_empty() => {
-            let dir = PathBuf::from(&job.init_dir);
-            let config = ClipConfig::from_file(&dir.join(model::checkpoint::CONFIG))?;
-            (Clip::from_pretrained_with(be, &dir, config, b)?.0, 0)
-        }
-        None => {
-            let config: ClipConfig = serde_json::from_str(&job.config_json).context("the job's model config")?;
-            (Clip::random(be, config, b, job.seed)?, 0)
-        }
-    };
+    // The model as the training job builds it (a checkpoint to resume, the init folder with the
+    // job's config, adapters included, or a random initialisation).
+    let (mut clip, start) = crate::train_opts::build_model(be, job, b)?;
     ensure!(
         job.mode != "adapters" || clip.config.adapter_dim.is_some(),
         "fine-tuning in adapters mode needs a model with adapters (its config has no adapter_dim)"
