@@ -176,17 +176,23 @@ pub fn encode_labels(labels: &[LabelValue; NUM_LABELS]) -> Vec<i32> {
         .collect()
 }
 
+/// One label of the wire form (1, 0, -1, 2); an unknown code reads as blank (see
+/// [`decode_labels`] for the checked form).
+pub fn decode_label(code: Option<&i32>) -> LabelValue {
+    match code {
+        Some(1) => LabelValue::Positive,
+        Some(0) => LabelValue::Negative,
+        Some(-1) => LabelValue::Uncertain,
+        _ => LabelValue::Blank,
+    }
+}
+
 fn decode_labels(codes: &[i32]) -> Result<[LabelValue; NUM_LABELS]> {
     ensure!(codes.len() == NUM_LABELS, "a shard entry has {} label values, not {NUM_LABELS}", codes.len());
     let mut out = [LabelValue::Blank; NUM_LABELS];
-    for (o, &c) in out.iter_mut().zip(codes) {
-        *o = match c {
-            1 => LabelValue::Positive,
-            0 => LabelValue::Negative,
-            -1 => LabelValue::Uncertain,
-            2 => LabelValue::Blank,
-            other => return Err(anyhow!("label code {other} is not 1, 0, -1 or 2")),
-        };
+    for (o, c) in out.iter_mut().zip(codes) {
+        ensure!(matches!(c, -1..=2), "label code {c} is not 1, 0, -1 or 2");
+        *o = decode_label(Some(c));
     }
     Ok(out)
 }

@@ -48,12 +48,7 @@ pub fn validation_hook(run_dir: &Path, ft: FtSettings, index: &PairIndex) -> Res
         let row = e.pair_id as usize;
         ensure!(row < n, "validation entry {row} out of range");
         for (k, &c) in ft.columns.iter().enumerate() {
-            let v = match e.label_values.get(c) {
-                Some(1) => data::LabelValue::Positive,
-                Some(0) => data::LabelValue::Negative,
-                Some(-1) => data::LabelValue::Uncertain,
-                _ => data::LabelValue::Blank,
-            };
+            let v = worker::feed::decode_label(e.label_values.get(c));
             truth[row * l + k] = ft.policy.apply(v).map(|t| t > 0.5);
         }
     }

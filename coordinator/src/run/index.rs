@@ -138,12 +138,7 @@ impl PairIndex {
         let mut neg = vec![0u64; columns.len()];
         for e in &self.pairs {
             for (k, &c) in columns.iter().enumerate() {
-                let v = match e.label_values.get(c) {
-                    Some(1) => data::LabelValue::Positive,
-                    Some(0) => data::LabelValue::Negative,
-                    Some(-1) => data::LabelValue::Uncertain,
-                    _ => data::LabelValue::Blank,
-                };
+                let v = worker::feed::decode_label(e.label_values.get(c));
                 match policy.apply(v) {
                     Some(t) if t > 0.5 => pos[k] += 1,
                     Some(_) => neg[k] += 1,
