@@ -3,6 +3,11 @@
 //!
 //! The head sits on the normalised image embedding ([`crate::Clip::image_embeds`]), the same
 //! features the linear probe reads, so fine-tuning and probing differ only in what trains. It
+//! reads them scaled by `sqrt(dim)` ([`LabelHead::input_scale`]): a unit vector's coordinates
+//! are ~`1/sqrt(dim)`, so without the scale a head moving its weights at the tower's learning
+//! rate (AdamW steps are about `lr` per weight) would need `sqrt(dim)` times longer to reach a
+//! confident logit; measured on the demo's tree, fine-tuning at lr 5e-4 then learned nothing in
+//! 810 steps (validation macro AUC 0.54) where the scaled head reached 0.68. It
 //! is small (labels x projection width), so it lives on the host on every backend: the step
 //! downloads the embeddings, computes logits, loss and gradients here, and uploads the
 //! embeddings' gradient for the tower's backward. In a checkpoint it is two extra tensors of
@@ -19,7 +24,7 @@ use crate::checkpoint::{parse_safetensors, read_safetensors, standard_normal, to
 pub const HEAD_WEIGHT: &str = "classifier.weight";
 pub const HEAD_BIAS: &str = "classifier.bias";
 
-/// `logits = weight · embedding + bias`, `weight` is `[labels, dim]` row-major.
+/// `logits = weight · (sqrt(dim) embedding) + bias`, `weight` is `[labels, dim]` row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LabelHead {
     pub labels: usize,
@@ -58,14 +63,21 @@ impl LabelHead {
         LabelHead { labels, dim, weight, bias: vec![0.0; labels] }
     }
 
+    /// What the embedding is multiplied by before the weights: `sqrt(dim)`, so that the
+    /// head's input has coordinates of unit RMS whatever the projection width.
+    pub fn input_scale(&self) -> f32 {
+        (self.dim as f32).sqrt()
+    }
+
     /// `[b, labels]` logits of `[b, dim]` embeddings.
     pub fn logits(&self, embeds: &[f32]) -> Vec<f32> {
         let b = embeds.len() / self.dim;
+        let s = self.input_scale();
         let mut out = vec![0.0f32; b * self.labels];
         for (e, o) in embeds.chunks_exact(self.dim).zip(out.chunks_exact_mut(self.labels)) {
             for (l, ol) in o.iter_mut().enumerate() {
                 let w = &self.weight[l * self.dim..(l + 1) * self.dim];
-                *ol = self.bias[l] + w.iter().zip(e).map(|(a, b)| a * b).sum::<f32>();
+                *ol = self.bias[l] + s * w.iter().zip(e).map(|(a, b)| a * b).sum::<f32>();
             }
         }
         out
@@ -82,6 +94,7 @@ impl LabelHead {
         ensure!(t.pos_weight.len() == l, "{} positive weights for {l} labels", t.pos_weight.len());
         ensure!(denominator > 0.0, "the loss's denominator must be positive");
         let z = self.logits(embeds);
+        let s = self.input_scale();
         let inv = 1.0 / denominator;
         let mut g =
             HeadGrads { loss_sum: 0.0, d_weight: vec![0.0; l * d], d_bias: vec![0.0; l], d_embeds: vec![0.0; b * d] };
@@ -100,9 +113,10 @@ impl LabelHead {
                 let w = &self.weight[k * d..(k + 1) * d];
                 let dw = &mut g.d_weight[k * d..(k + 1) * d];
                 let de = &mut g.d_embeds[i * d..(i + 1) * d];
+                let dzs = dz * s;
                 for c in 0..d {
-                    dw[c] += dz * e[c];
-                    de[c] += dz * w[c];
+                    dw[c] += dzs * e[c];
+                    de[c] += dzs * w[c];
                 }
             }
         }
@@ -234,8 +248,8 @@ mod tests {
                 if m[i * l + k] == 0.0 {
                     continue;
                 }
-                let z: f64 =
-                    head.bias[k] as f64 + (0..d).map(|c| head.weight[k * d + c] as f64 * e[i * d + c]).sum::<f64>();
+                let dot: f64 = (0..d).map(|c| head.weight[k * d + c] as f64 * e[i * d + c]).sum();
+                let z = head.bias[k] as f64 + (d as f64).sqrt() * dot;
                 let sig = 1.0 / (1.0 + (-z).exp());
                 let y = t[i * l + k] as f64;
                 s -= pw[k] as f64 * y * sig.ln() + (1.0 - y) * (1.0 - sig).ln();
