@@ -100,6 +100,12 @@ pub struct DataStatsArgs {
     /// where a patient with several boxes can straddle two splits).
     #[arg(long, default_value = "grouped")]
     pub rsna_split: data::RsnaSplit,
+    /// CheXpert and RSNA: the share held out for validation (default 0.1).
+    #[arg(long)]
+    pub valid_fraction: Option<f64>,
+    /// RSNA only: the share held out for testing (default 0.1).
+    #[arg(long)]
+    pub test_fraction: Option<f64>,
     /// Print the summary as one JSON object (the only output format).
     #[arg(long)]
     pub json: bool,
@@ -117,6 +123,8 @@ pub fn run_data_stats(a: DataStatsArgs) -> Result<()> {
         reports_root: a.reports,
         seed: a.seed,
         rsna_split: a.rsna_split,
+        valid_fraction: a.valid_fraction,
+        test_fraction: a.test_fraction,
     };
     let mut ds = data::read(a.dataset, &a.root, &opts)?;
     if let Some(s) = &a.split {
@@ -175,6 +183,12 @@ pub struct PrepareArgs {
     /// where a patient with several boxes can straddle two splits).
     #[arg(long, default_value = "grouped")]
     pub rsna_split: data::RsnaSplit,
+    /// CheXpert and RSNA: the share held out for validation (default 0.1).
+    #[arg(long)]
+    pub valid_fraction: Option<f64>,
+    /// RSNA only: the share held out for testing (default 0.1).
+    #[arg(long)]
+    pub test_fraction: Option<f64>,
     /// Smaller image side after resizing (the published setup used 256).
     #[arg(long, default_value_t = 256)]
     pub short_side: usize,
@@ -192,6 +206,8 @@ pub fn run_prepare(a: PrepareArgs) -> Result<()> {
         reports_root: a.reports,
         seed: a.seed,
         rsna_split: a.rsna_split,
+        valid_fraction: a.valid_fraction,
+        test_fraction: a.test_fraction,
     };
     let ds = data::read(a.dataset, &a.root, &opts)?;
     let name = format!("{:?}", a.dataset).to_lowercase();

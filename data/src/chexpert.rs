@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use crate::dataset::{check_jpeg, Dataset, DatasetKind, Pair, ProblemKind, Problems, ReadOptions, Split};
@@ -181,7 +181,8 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
     }
     // Decided on every row, whatever the view filter keeps, so that the choice does not depend on it.
     let strip = choose_strip(&dir, &all_paths.iter().map(String::as_str).collect::<Vec<_>>())?;
-    // Validation patients: VALIDATION_FRACTION of the training patients, seeded, by patient.
+    // Validation patients: a seeded fraction of the training patients (VALIDATION_FRACTION
+    // unless the options say), by patient.
     let mut train_patients: Vec<(String, usize)> = rows
         .iter()
         .filter(|r| !r.from_valid)
@@ -191,7 +192,9 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
         .map(|p| (p, 0))
         .collect();
     train_patients.sort();
-    let split = stratified_split(&train_patients, [1.0 - VALIDATION_FRACTION, VALIDATION_FRACTION, 0.0], opts.seed);
+    let valid = opts.valid_fraction.unwrap_or(VALIDATION_FRACTION);
+    ensure!(valid > 0.0 && valid < 1.0, "the validation fraction {valid} is not in (0, 1)");
+    let split = stratified_split(&train_patients, [1.0 - valid, valid, 0.0], opts.seed);
     let checked: Vec<Option<Pair>> = rows
         .into_par_iter()
         .map(|Row { place, rel, mut pair, from_valid }| {

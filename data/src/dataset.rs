@@ -199,6 +199,11 @@ pub struct ReadOptions {
     pub seed: u64,
     /// RSNA Pneumonia's split: grouped by patient (the default) or the published study's by row.
     pub rsna_split: RsnaSplit,
+    /// The fraction of the training patients (CheXpert) or of all units (RSNA) held out for
+    /// validation; `None`: the reader's default (0.1 for both).
+    pub valid_fraction: Option<f64>,
+    /// RSNA only: the fraction of units held out for testing; `None`: 0.1.
+    pub test_fraction: Option<f64>,
 }
 
 /// What kind of bad input was met.

@@ -2,7 +2,8 @@
 //! box, one row with Target 0 for a patient without) and DICOM images
 //! `stage_2_train_images/{patientId}.dcm`.
 //!
-//! Splits (`ReadOptions::rsna_split`), both 80 / 10 / 10 train / validate / test ([`FRACTIONS`];
+//! Splits (`ReadOptions::rsna_split`), both 80 / 10 / 10 train / validate / test ([`FRACTIONS`],
+//! or `ReadOptions::valid_fraction` / `test_fraction`;
 //! the published study's 10% test), stratified by Target and seeded:
 //! - `grouped` (the default): one pair per patient with all its boxes, split by patient;
 //! - `rows`: the published study's split by csv row. One pair per csv row (its own box), so a
@@ -13,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use crate::dataset::{Dataset, DatasetKind, Pair, ProblemKind, Problems, ReadOptions, RsnaSplit, Split};
@@ -94,7 +95,13 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
             .flat_map(|(k, v)| v.rows.iter().enumerate().map(move |(i, r)| (format!("{k}#{i}"), r.0 as usize)))
             .collect(),
     };
-    let split = stratified_split(&groups, FRACTIONS, opts.seed);
+    let valid = opts.valid_fraction.unwrap_or(FRACTIONS[1]);
+    let test = opts.test_fraction.unwrap_or(FRACTIONS[2]);
+    ensure!(
+        valid > 0.0 && test > 0.0 && valid + test < 1.0,
+        "validation {valid} and test {test} fractions must be > 0 and leave training data"
+    );
+    let split = stratified_split(&groups, [1.0 - valid - test, valid, test], opts.seed);
     let per_patient: Vec<Option<Vec<Pair>>> = patients
         .into_par_iter()
         .map(|(id, Patient { target, boxes, rows })| {

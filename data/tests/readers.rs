@@ -311,10 +311,42 @@ fn rsna_tree_reads_dicom_groups_patients_and_skips_truncated() {
     assert_eq!(kinds(&d2), vec![ProblemKind::CorruptImage]);
 }
 
-/// Train / validate / test counts that `splits::stratified_split` gives `n` units at 80 / 10 / 10.
-fn eighty_ten_ten(n: usize) -> [usize; 3] {
-    let (a, b) = ((n as f64 * 0.8).round() as usize, (n as f64 * 0.9).round() as usize);
+/// Train / validate / test counts that `splits::stratified_split` gives `n` units with
+/// `valid` and `test` held out.
+fn split_sizes(n: usize, valid: f64, test: f64) -> [usize; 3] {
+    let train = 1.0 - valid - test;
+    let (a, b) = ((n as f64 * train).round() as usize, (n as f64 * (train + valid)).round() as usize);
     [a, b - a, n - b]
+}
+
+fn eighty_ten_ten(n: usize) -> [usize; 3] {
+    split_sizes(n, 0.1, 0.1)
+}
+
+#[test]
+fn held_out_fractions_are_the_options_when_given() {
+    let t = tempfile::tempdir().unwrap();
+    tree(t.path(), Layout::Chexpert, 150, 8);
+    let opts = |v: f64| ReadOptions { valid_fraction: Some(v), views: Views::All, ..Default::default() };
+    let d = read(DatasetKind::Chexpert, t.path(), &opts(0.25)).unwrap();
+    let patients = |s: data::Split| {
+        d.pairs.iter().filter(|p| p.split == s).map(|p| &p.subject_id).collect::<std::collections::HashSet<_>>().len()
+    };
+    let train_side = patients(data::Split::Train) + patients(data::Split::Validate);
+    assert_eq!(patients(data::Split::Validate), train_side - (train_side as f64 * 0.75).round() as usize);
+    let e = read(DatasetKind::Chexpert, t.path(), &opts(1.0)).unwrap_err().to_string();
+    assert!(e.contains("validation fraction 1"), "{e}");
+
+    let r = tempfile::tempdir().unwrap();
+    tree(r.path(), Layout::Rsna, 120, 9);
+    let opts = |v: f64, t: f64| ReadOptions { valid_fraction: Some(v), test_fraction: Some(t), ..Default::default() };
+    let g = read(DatasetKind::Rsna, r.path(), &opts(0.2, 0.3)).unwrap();
+    let c = split_counts(g.pairs.iter().map(|p| (p.labels[7] == LabelValue::Positive, p.split)));
+    for positive in [0, 1] {
+        assert_eq!(c[positive], split_sizes(c[positive].iter().sum(), 0.2, 0.3), "positive {positive}");
+    }
+    let e = read(DatasetKind::Rsna, r.path(), &opts(0.5, 0.5)).unwrap_err().to_string();
+    assert!(e.contains("leave training data"), "{e}");
 }
 
 fn split_counts(units: impl Iterator<Item = (bool, data::Split)>) -> [[usize; 3]; 2] {

@@ -239,6 +239,34 @@ fn checkpoint_round_trip_and_train_state() {
     assert_eq!(host(&opt2.m), host(&opt.m));
     assert_eq!(host(&opt2.v), host(&opt.v));
     assert_eq!(opt2.step, 1);
+
+    // Frozen parameters' moments are not written (they are zero), and load back as zeros;
+    // a trainable parameter whose moments are missing is refused.
+    let mut frozen = Clip::random(Cpu, tiny(Some(4)), 2, rng.random()).unwrap();
+    frozen.train_only(ADAPTERS_AND_NORMS).unwrap();
+    let loss = ContrastiveLoss::new(&frozen).unwrap();
+    let mut opt = AdamW::new(&frozen, AdamWConfig::default()).unwrap();
+    loss_and_grads(&frozen, &loss, &x, true);
+    opt.step(&frozen, 1e-3).unwrap();
+    train_state::save(&path, &frozen, &opt, &pos).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&std::fs::read(&path).unwrap())
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
+    let trained = frozen.trainable().iter().filter(|&&t| t).count();
+    assert_eq!(names.iter().filter(|n| n.starts_with("m.")).count(), trained);
+    assert!(trained < frozen.layout.specs.len());
+    let mut opt2 = AdamW::new(&frozen, AdamWConfig::default()).unwrap();
+    train_state::load(&path, &frozen, &mut opt2).unwrap();
+    assert_eq!(host(&opt2.m), host(&opt.m));
+    assert_eq!(host(&opt2.v), host(&opt.v));
+    assert!(host(&opt.m).iter().any(|&x| x != 0.0));
+    let all = Clip::random(Cpu, tiny(Some(4)), 2, rng.random()).unwrap();
+    let mut opt3 = AdamW::new(&all, AdamWConfig::default()).unwrap();
+    let e = train_state::load(&path, &all, &mut opt3).unwrap_err().to_string();
+    assert!(e.contains("a trainable parameter's moments"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

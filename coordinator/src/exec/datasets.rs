@@ -45,9 +45,18 @@ pub fn root(name: &str, spec: &DatasetSpec, data_dir: &Path) -> Result<PathBuf> 
     Ok(dir)
 }
 
-/// Reader options for `spec` with the run's view filter.
+/// Reader options for `spec` (its label policy, RSNA split and held-out fractions) with the
+/// run's view filter.
 pub fn read_options(spec: &DatasetSpec, views: &Views, seed: u64) -> data::ReadOptions {
-    data::ReadOptions { views: views.clone(), uncertain: spec.uncertain, seed, ..data::ReadOptions::default() }
+    data::ReadOptions {
+        views: views.clone(),
+        uncertain: spec.uncertain,
+        seed,
+        rsna_split: spec.split.unwrap_or_default(),
+        valid_fraction: spec.valid_fraction,
+        test_fraction: spec.test_fraction,
+        ..data::ReadOptions::default()
+    }
 }
 
 /// The name a feature table gives a split.

@@ -162,12 +162,13 @@ impl Ctx<'_> {
                 result.checkpoint = Some(ckpt);
                 result.metrics = Some(dir.join("metrics.jsonl"));
             }
-            Job::Finetune { train, label_fraction, pos_weight, .. } => {
+            Job::Finetune { train, label_fraction, pos_weight, head_lr, .. } => {
                 let spec = self.dataset(&run.dataset)?;
                 let mut a = self.train_args(run, train, &checkpoint, dir)?;
                 a.task = "finetune".into();
                 a.labels = spec.labels.clone();
                 a.no_pos_weight = !*pos_weight;
+                a.head_lr = *head_lr;
                 a.train_fraction = *label_fraction;
                 let Some(last) = self.train(a)? else { return Ok(None) };
                 let best = run::finetune::Best::read(dir).map_or(last, |b| b.checkpoint);

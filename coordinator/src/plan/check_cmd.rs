@@ -143,8 +143,11 @@ fn settings(r: &RunSpec) -> String {
     }
     match &r.job {
         Job::PretrainCls { data_fraction, .. } => s.push(format!("data_fraction={}", fraction(*data_fraction))),
-        Job::Finetune { label_fraction, pos_weight, .. } => {
+        Job::Finetune { label_fraction, pos_weight, head_lr, .. } => {
             s.push(format!("label_fraction={}", fraction(*label_fraction)));
+            if let Some(h) = head_lr {
+                s.push(format!("head_lr={h:e}"));
+            }
             if !pos_weight {
                 s.push("no pos_weight".into());
             }

@@ -11,7 +11,6 @@ use toml::Spanned;
 use super::schema::{RawDataset, RawDatasetTable, RawModel, RawRsnaSplit};
 use super::spec::{
     dataset_labels, dataset_name, default_labels, DataSource, DatasetSpec, ModelSizes, ModelSpec, RandomModel,
-    RsnaSplit,
 };
 use super::values::Checker;
 use super::Overrides;
@@ -90,10 +89,10 @@ fn dataset(
     let uncertain = t.uncertain.as_ref().map_or(UncertainPolicy::Zeros, |u| u.get_ref().0);
     let split = match (&t.split, kind) {
         (Some(s), DatasetKind::Rsna) => Some(match s.get_ref() {
-            RawRsnaSplit::Grouped => RsnaSplit::Grouped,
-            RawRsnaSplit::Rows => RsnaSplit::Rows,
+            RawRsnaSplit::Grouped => data::RsnaSplit::Grouped,
+            RawRsnaSplit::Rows => data::RsnaSplit::Rows,
         }),
-        (None, DatasetKind::Rsna) => Some(RsnaSplit::Grouped),
+        (None, DatasetKind::Rsna) => Some(data::RsnaSplit::Grouped),
         (Some(s), _) => {
             c.at(s, format!("`split` applies to rsna only ({name} has its own split)"));
             None

@@ -245,6 +245,7 @@ run_keys! {
     data_fraction: f64 => &[P];
     label_fraction: f64 => &[F, L];
     pos_weight: bool => &[F];
+    head_lr: f64 => &[F];
     probe_grid: (f64, f64, u64) => &[L];
     templates: RawTemplates => &[Z];
 }

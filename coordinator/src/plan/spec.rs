@@ -37,7 +37,7 @@ pub struct DatasetSpec {
     /// What uncertain (-1) and blank labels become.
     pub uncertain: UncertainPolicy,
     /// RSNA only: how patients are split (`None` for the other datasets).
-    pub split: Option<RsnaSplit>,
+    pub split: Option<data::RsnaSplit>,
     /// Fraction of training patients held out for validation where the dataset has no
     /// validation split (CheXpert, RSNA); `None`: the reader's default.
     pub valid_fraction: Option<f64>,
@@ -53,24 +53,6 @@ pub enum DataSource {
     /// A tree the executor generates (`coordinator synth` with these settings and the dataset's
     /// layout) when it does not exist yet.
     Synthetic { studies: usize, size: usize, seed: u64 },
-}
-
-/// RSNA's test/validation split.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RsnaSplit {
-    /// By patient: no patient's images in two splits (the default).
-    Grouped,
-    /// By csv row, as the paper did: a patient's rows can land in two splits (leaky).
-    Rows,
-}
-
-impl fmt::Display for RsnaSplit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            RsnaSplit::Grouped => "grouped",
-            RsnaSplit::Rows => "rows",
-        })
-    }
 }
 
 /// `[model]`.
@@ -272,7 +254,8 @@ impl RunSpec {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Job {
     PretrainCls { train: Training, data_fraction: f64, sections: SectionPolicy, augment: Augment },
-    Finetune { train: Training, label_fraction: f64, pos_weight: bool, augment: Augment },
+    /// `head_lr`: the head's peak learning rate (`None`: the run's `lr`).
+    Finetune { train: Training, label_fraction: f64, pos_weight: bool, head_lr: Option<f64>, augment: Augment },
     LinearProbe { label_fraction: f64, grid: ProbeGrid },
     ZeroShot { templates: Templates },
     Retrieval { sections: SectionPolicy },

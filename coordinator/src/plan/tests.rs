@@ -99,7 +99,7 @@ fn the_demo_plans_are_valid_and_ordered_by_dependency() {
     assert_eq!(p.model.random, RandomModel::Sizes(ModelSizes { image: 64, patch: 8, width: 128, layers: 2, heads: 4 }));
     assert_eq!(p.data["chexpert"].labels, data::labels::COMPETITION_FIVE);
     assert_eq!(p.data["rsna"].labels, ["Pneumonia"]);
-    assert_eq!(p.data["rsna"].split, Some(RsnaSplit::Grouped));
+    assert_eq!(p.data["rsna"].split, Some(data::RsnaSplit::Grouped));
     assert!(matches!(p.data["mimic"].source, DataSource::Synthetic { studies: 600, size: 64, seed: 0 }));
 
     let q = parse_str(DEMO_QUICK, "plans/demo-quick.toml", &Overrides::default())
@@ -251,6 +251,7 @@ name = "ft"
 kind = "finetune"
 from = "cls"
 mode = "full"
+head_lr = 1e-2
 
 [[run]]
 name = "lp"
@@ -294,8 +295,10 @@ from = "cls"
     assert_eq!(r("ft").job.training().unwrap().mode, Mode::Full);
     let Job::LinearProbe { label_fraction, grid } = r("lp").job else { panic!() };
     assert_eq!((label_fraction, grid), (0.5, ProbeGrid { low: 1e-2, high: 1e2, count: 5 }));
-    let Job::Finetune { label_fraction, .. } = r("ft").job else { panic!() };
-    assert_eq!(label_fraction, 0.5);
+    let Job::Finetune { label_fraction, head_lr, .. } = r("ft").job else { panic!() };
+    assert_eq!((label_fraction, head_lr), (0.5, None));
+    let Job::Finetune { head_lr, .. } = p.run("ft").unwrap().job else { panic!() };
+    assert_eq!(head_lr, Some(1e-2));
     let Job::PretrainCls { data_fraction, .. } = r("cls").job else { panic!() };
     assert_eq!(data_fraction, 1.0);
 }
@@ -545,6 +548,9 @@ fn ranges_are_checked() {
             body_problems(&format!("[[run]]\nname = \"cls\"\nkind = \"pretrain-cls\"\nfrom = \"random\"\n{line}\n"));
         assert_one(&t, &p, line, words);
     }
+    let (t, p) =
+        body_problems("[[run]]\nname = \"ft\"\nkind = \"finetune\"\nfrom = \"random\"\nepochs = 1\nhead_lr = -1.0\n");
+    assert_one(&t, &p, "head_lr", &["`head_lr` = -1 must be a finite number > 0"]);
     for line in ["probe_grid = [1e3, 1e-3, 13]", "probe_grid = [1e-3, 1e3, 1]", "probe_grid = [0.0, 1.0, 3]"] {
         let (t, p) =
             body_problems(&format!("[[run]]\nname = \"lp\"\nkind = \"linear-probe\"\nfrom = \"random\"\n{line}\n"));

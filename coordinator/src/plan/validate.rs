@@ -339,7 +339,18 @@ fn settings(
             let label_fraction = m.label_fraction.as_ref().map_or(Some(1.0), |v| c.fraction(v, "label_fraction"));
             let augment = m.augment.as_ref().map_or(Some(Augment::PAPER), |a| augment(c, a));
             let pos_weight = m.pos_weight.as_ref().is_none_or(|v| *v.get_ref());
-            Job::Finetune { train: train?, label_fraction: label_fraction?, pos_weight, augment: augment? }
+            // `Some(None)`: not set (the run's lr); `None`: set and refused.
+            let head_lr = match &m.head_lr {
+                None => Some(None),
+                Some(v) => c.positive(v, "head_lr").map(Some),
+            };
+            Job::Finetune {
+                train: train?,
+                label_fraction: label_fraction?,
+                pos_weight,
+                head_lr: head_lr?,
+                augment: augment?,
+            }
         }
         RunKind::LinearProbe => {
             let label_fraction = m.label_fraction.as_ref().map_or(Some(1.0), |v| c.fraction(v, "label_fraction"));

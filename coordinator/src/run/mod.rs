@@ -8,6 +8,7 @@
 
 pub mod finetune;
 pub mod index;
+mod retention;
 mod server;
 mod train_opts;
 
@@ -167,6 +168,10 @@ pub struct TrainArgs {
     /// Checkpoint every N steps (and always at the end).
     #[arg(long, default_value_t = 10)]
     pub checkpoint_every: u64,
+    /// Checkpoints kept on disk: the newest N (0: all), and a fine-tuning run's best.
+    #[arg(long, default_value_t = 2)]
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
     /// The run folder: metrics.jsonl, checkpoints/, run.json, token.
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
@@ -227,6 +232,10 @@ impl TrainArgs {
 
 fn default_task() -> String {
     "cls".into()
+}
+
+fn default_keep_checkpoints() -> usize {
+    2
 }
 
 /// `run.json`: what `--resume` needs.
@@ -908,6 +917,12 @@ impl<'a> Supervisor<'a> {
                                 eprintln!("coordinator: checkpoint {path}");
                             }
                             write_json_atomically(&self.run_dir.join("run.json"), record)?;
+                            let best = finetune::Best::read(&self.run_dir).map(|b| b.checkpoint);
+                            let keep = self.p.args.keep_checkpoints;
+                            if let Err(e) = retention::prune(&self.run_dir, step, keep, best.as_deref()) {
+                                // Disk hygiene only: the run goes on with the old checkpoints left.
+                                self.bar.suspend(|| eprintln!("coordinator: removing old checkpoints: {e}"));
+                            }
                         }
                         Event::Done { generation: g, rank, loss } if g == generation => {
                             done.insert(rank);
