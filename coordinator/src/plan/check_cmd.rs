@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use super::spec::{DataSource, Job, Length, Mode, Plan, RandomModel, RunSpec, Schedule, SweepValue};
+use super::spec::{Augment, DataSource, Job, Length, Mode, Plan, RandomModel, RunSpec, Schedule, SweepValue};
 use super::{load, Overrides};
 
 #[derive(Args, Debug)]
@@ -122,6 +122,18 @@ pub fn describe(plan: &Plan) -> String {
     out
 }
 
+/// A run's augmentation: `paper`, `none`, or its strengths.
+fn augment_words(a: &Augment) -> String {
+    if *a == Augment::PAPER {
+        return "augment=paper".into();
+    }
+    if *a == Augment::NONE {
+        return "augment=none".into();
+    }
+    let shuffle = if a.shuffle_sentences { "" } else { ",no-shuffle" };
+    format!("augment(rot {},scale {}-{},shift {}{shuffle})", a.rotate, a.scale[0], a.scale[1], a.translate)
+}
+
 /// The settings that tell a run apart, in a few words.
 fn settings(r: &RunSpec) -> String {
     let mut s: Vec<String> = Vec::new();
@@ -140,6 +152,9 @@ fn settings(r: &RunSpec) -> String {
             Mode::Full => "full".to_string(),
             Mode::Adapters { width } => format!("adapters({width})"),
         });
+    }
+    if let Job::PretrainCls { augment, .. } | Job::Finetune { augment, .. } = &r.job {
+        s.push(augment_words(augment));
     }
     match &r.job {
         Job::PretrainCls { data_fraction, .. } => s.push(format!("data_fraction={}", fraction(*data_fraction))),
