@@ -253,12 +253,30 @@ impl RunSpec {
 /// What a run does, with the settings of its kind.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Job {
-    PretrainCls { train: Training, data_fraction: f64, sections: SectionPolicy, augment: Augment },
+    PretrainCls {
+        train: Training,
+        data_fraction: f64,
+        sections: SectionPolicy,
+        augment: Augment,
+    },
     /// `head_lr`: the head's peak learning rate (`None`: the run's `lr`).
-    Finetune { train: Training, label_fraction: f64, pos_weight: bool, head_lr: Option<f64>, augment: Augment },
-    LinearProbe { label_fraction: f64, grid: ProbeGrid },
-    ZeroShot { templates: Templates },
-    Retrieval { sections: SectionPolicy },
+    Finetune {
+        train: Training,
+        label_fraction: f64,
+        pos_weight: bool,
+        head_lr: Option<f64>,
+        augment: Augment,
+    },
+    LinearProbe {
+        label_fraction: f64,
+        grid: ProbeGrid,
+    },
+    ZeroShot {
+        templates: Templates,
+    },
+    Retrieval {
+        sections: SectionPolicy,
+    },
 }
 
 impl Job {

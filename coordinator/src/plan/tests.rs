@@ -89,7 +89,9 @@ fn the_demo_plans_are_valid_and_ordered_by_dependency() {
             "zero-shot",
             "retrieval",
             "cls-lp-chexpert",
+            "rand-lp-chexpert",
             "cls-lp-rsna",
+            "rand-lp-rsna",
         ]
     );
     let kinds: Vec<RunKind> = p.runs.iter().map(|r| r.kind()).collect();
@@ -100,7 +102,7 @@ fn the_demo_plans_are_valid_and_ordered_by_dependency() {
     assert_eq!(p.data["chexpert"].labels, data::labels::COMPETITION_FIVE);
     assert_eq!(p.data["rsna"].labels, ["Pneumonia"]);
     assert_eq!(p.data["rsna"].split, Some(data::RsnaSplit::Grouped));
-    assert!(matches!(p.data["mimic"].source, DataSource::Synthetic { studies: 600, size: 64, seed: 0 }));
+    assert!(matches!(p.data["mimic"].source, DataSource::Synthetic { studies: 2000, size: 128, seed: 1 }));
 
     let q = parse_str(DEMO_QUICK, "plans/demo-quick.toml", &Overrides::default())
         .unwrap_or_else(|e| panic!("{}", lines(&e).join("\n")));
