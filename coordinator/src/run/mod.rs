@@ -917,9 +917,9 @@ impl<'a> Supervisor<'a> {
                                 eprintln!("coordinator: checkpoint {path}");
                             }
                             write_json_atomically(&self.run_dir.join("run.json"), record)?;
-                            let best = finetune::Best::read(&self.run_dir).map(|b| b.checkpoint);
+                            let best = finetune::Best::read(self.run_dir).map(|b| b.checkpoint);
                             let keep = self.p.args.keep_checkpoints;
-                            if let Err(e) = retention::prune(&self.run_dir, step, keep, best.as_deref()) {
+                            if let Err(e) = retention::prune(self.run_dir, step, keep, best.as_deref()) {
                                 // Disk hygiene only: the run goes on with the old checkpoints left.
                                 self.bar.suspend(|| eprintln!("coordinator: removing old checkpoints: {e}"));
                             }
