@@ -48,27 +48,30 @@ pub fn stratified_split(groups: &[(String, usize)], fractions: [f64; 3], seed: u
 /// The training fractions the experiments use.
 pub const FRACTIONS: [f64; 5] = [0.01, 0.03, 0.1, 0.3, 1.0];
 
-/// Indices of the training pairs in a `fraction` of the training patients. A patient is in when
-/// its seeded hash is below the fraction, so smaller fractions are nested in larger ones and the
-/// draw is reproducible from the seed. At least one patient is kept for any fraction > 0.
+/// Positions in `patients` (one patient id per row) of the rows of a `fraction` of the
+/// patients. A patient is in when its seeded hash is below the fraction, so smaller fractions
+/// are nested in larger ones and the draw is reproducible from the seed. At least one patient
+/// is kept for any fraction > 0.
+pub fn patient_fraction<S: AsRef<str>>(patients: &[S], fraction: f64, seed: u64) -> Vec<usize> {
+    if fraction >= 1.0 {
+        return (0..patients.len()).collect();
+    }
+    let hash = |i: usize| unit_hash(seed, patients[i].as_ref());
+    let keep: Vec<usize> = (0..patients.len()).filter(|&i| hash(i) < fraction).collect();
+    if !keep.is_empty() || fraction <= 0.0 {
+        return keep;
+    }
+    // The patient with the smallest hash: the one every larger fraction also contains.
+    let Some(first) = (0..patients.len()).min_by(|&a, &b| hash(a).total_cmp(&hash(b))) else { return keep };
+    (0..patients.len()).filter(|&i| patients[i].as_ref() == patients[first].as_ref()).collect()
+}
+
+/// Indices of the training pairs in a `fraction` of the training patients
+/// ([`patient_fraction`] over the training split).
 pub fn training_fraction(pairs: &[Pair], fraction: f64, seed: u64) -> Vec<usize> {
     let train: Vec<usize> = (0..pairs.len()).filter(|&i| pairs[i].split == Split::Train).collect();
-    if fraction >= 1.0 {
-        return train;
-    }
-    let mut keep: Vec<usize> =
-        train.iter().copied().filter(|&i| unit_hash(seed, &pairs[i].subject_id) < fraction).collect();
-    if keep.is_empty() && fraction > 0.0 {
-        // The patient with the smallest hash: the one every larger fraction also contains.
-        if let Some(&first) = train
-            .iter()
-            .min_by(|&&a, &&b| unit_hash(seed, &pairs[a].subject_id).total_cmp(&unit_hash(seed, &pairs[b].subject_id)))
-        {
-            let subj = &pairs[first].subject_id;
-            keep = train.iter().copied().filter(|&i| &pairs[i].subject_id == subj).collect();
-        }
-    }
-    keep
+    let patients: Vec<&str> = train.iter().map(|&i| pairs[i].subject_id.as_str()).collect();
+    patient_fraction(&patients, fraction, seed).into_iter().map(|k| train[k]).collect()
 }
 
 #[cfg(test)]

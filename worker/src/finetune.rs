@@ -120,6 +120,7 @@ pub fn finetune<B: Backend>(
     let mut last = f32::NAN;
     let mut embeds = vec![0.0f32; b * dim];
     let (mut targets, mut mask) = (vec![0.0f32; b * n_labels], vec![0.0f32; b * n_labels]);
+    let mut flat = vec![0.0f32; n_labels * dim + n_labels + 1];
     for step in start..job.steps {
         let batch = feed.batch(step)?;
         let t0 = Instant::now();
@@ -143,15 +144,17 @@ pub fn finetune<B: Backend>(
         let hg = head.loss_backward(&embeds, &t, count[0] as f64)?;
         clip.backend.upload_f32(&clip.image_embeds_grad(b), &hg.d_embeds)?;
         dist.backward_vision_and_sum(&clip, comm, b)?;
-        // The head's gradient and the loss, summed over the ranks in one call.
-        let mut flat: Vec<f32> = hg.d_weight.iter().chain(&hg.d_bias).copied().collect();
-        flat.push(hg.loss_sum as f32);
+        // The head's gradient and the loss, summed over the ranks in one call (one buffer for
+        // the run: weights, biases, then the loss).
+        flat[..n_labels * dim].copy_from_slice(&hg.d_weight);
+        flat[n_labels * dim..n_labels * dim + n_labels].copy_from_slice(&hg.d_bias);
+        flat[n_labels * dim + n_labels] = hg.loss_sum as f32;
         comm.all_reduce(&mut flat)?;
-        let loss = flat.pop().expect("pushed above") / count[0];
+        let loss = flat[n_labels * dim + n_labels] / count[0];
         ensure!(loss.is_finite(), "step {}: the loss is {loss}", step + 1);
         let grad_norm = opt.step(&clip, lr as f32)?;
         head_opt.step += 1;
-        let (dw, db) = flat.split_at(n_labels * dim);
+        let (dw, db) = flat[..n_labels * dim + n_labels].split_at(n_labels * dim);
         let (mw, mb) = head_opt.m.split_at_mut(n_labels * dim);
         let (vw, vb) = head_opt.v.split_at_mut(n_labels * dim);
         let head_lr = (lr * head_lr_ratio) as f32;

@@ -45,21 +45,6 @@ fn split<'a>(table: &'a FeatureTable, name: &str) -> Result<&'a SplitTable> {
     table.splits.get(name).filter(|t| !t.is_empty()).ok_or_else(|| anyhow!("the feature table has no {name} images"))
 }
 
-/// The training rows of a `fraction` of the patients: a patient is in when its seeded hash is
-/// below the fraction (so smaller fractions nest in larger ones), at least one patient.
-pub fn patient_fraction(t: &SplitTable, fraction: f64, seed: u64) -> Vec<usize> {
-    if fraction >= 1.0 {
-        return (0..t.len()).collect();
-    }
-    let hash = |i: usize| data::splits::unit_hash(seed, &t.patients[i]);
-    let keep: Vec<usize> = (0..t.len()).filter(|&i| hash(i) < fraction).collect();
-    if !keep.is_empty() {
-        return keep;
-    }
-    let first = (0..t.len()).min_by(|&a, &b| hash(a).total_cmp(&hash(b))).unwrap_or(0);
-    (0..t.len()).filter(|&i| t.patients.get(i) == t.patients.get(first)).collect()
-}
-
 /// Scores predictions: macro AUC with the patient-bootstrap CI, per label, into a row; writes
 /// `predictions.csv` under `dir`.
 pub fn score(
@@ -105,7 +90,9 @@ pub fn linear_probe(
     bootstrap: &eval::BootstrapConfig,
 ) -> Result<(ResultRow, PathBuf)> {
     let train = split(table, "train")?;
-    let rows = patient_fraction(train, fraction, seed);
+    // Drawn as fine-tuning draws its labelled images, so LP and FT at one fraction see the
+    // same patients.
+    let rows = data::splits::patient_fraction(&train.patients, fraction, seed);
     let train = feature_set(train, table, Some(&rows));
     let valid = feature_set(split(table, "valid")?, table, None);
     let test = feature_set(split(table, "test")?, table, None);
