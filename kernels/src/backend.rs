@@ -62,6 +62,9 @@ pub trait Backend: Sized + 'static {
 
     fn name(&self) -> &'static str;
 
+    /// The shapes and storage types this backend's ops accept.
+    fn limits(&self) -> crate::Limits;
+
     // ---------------------------------------------------------------- memory and transfers
 
     /// A new zero-filled buffer of `len` elements.

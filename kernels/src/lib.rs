@@ -13,9 +13,11 @@ pub mod bf16;
 pub mod checks;
 pub mod cpu;
 pub mod cuda;
+pub mod limits;
 pub mod tensor;
 
 pub use backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
 pub use cpu::Cpu;
 pub use cuda::Cuda;
+pub use limits::Limits;
 pub use tensor::Tensor;

@@ -416,6 +416,7 @@ impl<B: Backend> Clip<B> {
     /// batches of up to `capacity` pairs.
     pub fn new(backend: B, config: ClipConfig, capacity: usize) -> Result<Self> {
         config.validate()?;
+        config.check_limits(&backend.limits())?;
         ensure!(capacity > 0, "batch capacity must be positive");
         let layout = Layout::new(&config);
         let params = backend.alloc(layout.total, DType::F32)?;

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use kernels::Activation;
+use kernels::{Activation, Limits};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -268,11 +268,43 @@ impl ClipConfig {
         );
         Ok(())
     }
+
+    /// Whether a backend with `limits` can run this model: every tower's attention head
+    /// dimension and the InfoNCE feature width (the projection dimension). One line naming the
+    /// limit otherwise.
+    pub fn check_limits(&self, limits: &Limits) -> Result<()> {
+        for (tower, c) in [
+            ("vision", (self.vision_config.hidden_size, self.vision_config.num_attention_heads)),
+            ("text", (self.text_config.hidden_size, self.text_config.num_attention_heads)),
+        ] {
+            let (hidden, heads) = c;
+            if heads > 0 {
+                limits.check_head_dim(tower, hidden / heads).map_err(anyhow::Error::msg)?;
+            }
+        }
+        limits.check_infonce_dim(self.projection_dim).map_err(anyhow::Error::msg)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_name_what_a_backend_cannot_run() {
+        let c = ClipConfig::small(64, 8, 128, 1, 2);
+        assert!(c.check_limits(&kernels::limits::CPU).is_ok());
+        assert!(c.check_limits(&kernels::limits::CUDA).is_ok(), "head dimension 64, width 128");
+        let mut odd = c.clone();
+        odd.text_config.hidden_size = 80;
+        odd.text_config.num_attention_heads = 2;
+        let e = odd.check_limits(&kernels::limits::CUDA).unwrap_err().to_string();
+        assert!(e.contains("text tower has 40"), "{e}");
+        let mut wide = c.clone();
+        wide.projection_dim = 100_000;
+        let e = wide.check_limits(&kernels::limits::CUDA).unwrap_err().to_string();
+        assert!(e.contains("projection_dim"), "{e}");
+    }
 
     #[test]
     fn defaults_match_transformers() {

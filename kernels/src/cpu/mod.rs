@@ -83,6 +83,10 @@ impl Backend for Cpu {
         "cpu"
     }
 
+    fn limits(&self) -> crate::Limits {
+        crate::limits::CPU
+    }
+
     fn alloc(&self, len: usize, dtype: DType) -> Result<T> {
         let storage = match dtype {
             DType::F32 | DType::Bf16 => CpuStorage::F32(UnsafeCell::new(vec![0.0; len])),

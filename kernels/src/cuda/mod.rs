@@ -448,6 +448,10 @@ impl Backend for Cuda {
         "cuda"
     }
 
+    fn limits(&self) -> crate::Limits {
+        crate::limits::CUDA
+    }
+
     fn alloc(&self, len: usize, dtype: DType) -> Result<T> {
         let bytes = len * elem_size(dtype);
         let (ptr, class) = self.dev.pool.alloc(bytes)?;
@@ -803,7 +807,9 @@ impl Backend for Cuda {
 
     fn attention_fwd(&self, out: &T, saved: &T, qkv: &T, b: usize, t: usize, h: usize, hd: usize, causal: bool) {
         let _op = self.op(c"attention_fwd");
-        assert_eq!(hd, 64, "the CUDA attention kernels take head dimension 64 (got {hd})");
+        if let Err(e) = crate::limits::CUDA.check_head_dim("attention", hd) {
+            panic!("{e}");
+        }
         check_len("attention qkv", qkv, b * t * 3 * h * hd);
         check_len("attention out", out, b * t * h * hd);
         check_len("attention saved", saved, b * h * t);
@@ -843,7 +849,9 @@ impl Backend for Cuda {
         causal: bool,
     ) {
         let _op = self.op(c"attention_bwd");
-        assert_eq!(hd, 64, "the CUDA attention kernels take head dimension 64 (got {hd})");
+        if let Err(e) = crate::limits::CUDA.check_head_dim("attention", hd) {
+            panic!("{e}");
+        }
         check_len("attention dqkv", dqkv, b * t * 3 * h * hd);
         check_len("attention dout", dout, b * t * h * hd);
         check_len("attention saved", saved, b * h * t);
@@ -1278,9 +1286,7 @@ impl Cuda {
 /// The shared InfoNCE checks plus the CUDA kernels' limit on the feature dimension.
 fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T) {
     checks::check_infonce(dims, img, txt, all_img, all_txt);
-    assert!(
-        dims.dim & 63 == 0 && dims.dim > 0 && dims.dim <= 512,
-        "the CUDA InfoNCE kernels take a feature dimension that is a multiple of 64 up to 512 (got {})",
-        dims.dim
-    );
+    if let Err(e) = crate::limits::CUDA.check_infonce_dim(dims.dim) {
+        panic!("{e}");
+    }
 }
