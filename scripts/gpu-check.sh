@@ -59,11 +59,7 @@ for n in libcuda.so.1 libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.s
     p="$(find_lib "$n")"
     report+=("$(printf '%-18s %s' "$n" "${p:-MISSING}")")
 done
-nccl="$(find_lib libnccl.so.2)"
-if [ -n "$nccl" ]; then
-    # cudarc opens libnccl.so; the wheel ships only libnccl.so.2.
-    mkdir -p "$tmp/lib" && ln -sf "$nccl" "$tmp/lib/libnccl.so" && libdirs=("$tmp/lib" "${libdirs[@]}")
-fi
+# (cxrclip opens libnccl.so.2 itself, from these folders too: no link to make.)
 LD_LIBRARY_PATH="$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH
 for inc in /usr/local/cuda/include $(for r in $pyroots; do echo "$r"/*/include; done); do

@@ -207,9 +207,7 @@ fn train_cuda(
     job: &proto::v1::Job,
     link: &Link,
 ) -> Result<f32> {
-    if !comm::nccl_available() {
-        bail!("--device cuda needs libcuda and libnccl.so (link libnccl.so.2 as libnccl.so on LD_LIBRARY_PATH)");
-    }
+    comm::nccl_library().context("--device cuda")?;
     let ordinal = if std::env::var_os("CUDA_VISIBLE_DEVICES").is_some() {
         0
     } else {

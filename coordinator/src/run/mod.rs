@@ -395,6 +395,23 @@ fn world_of(args: &TrainArgs) -> Result<(usize, bool, String)> {
     Ok((world, local, device))
 }
 
+/// A CUDA run is checked before any worker starts: the model against the kernels' limits
+/// (wherever the workers run), and, for workers started here, the GPUs and libraries they
+/// will load. One line naming what is missing, never a worker restarted on it.
+fn preflight_cuda(args: &TrainArgs, world: usize, local: bool) -> Result<()> {
+    let config = train_opts::model_config(args)?;
+    config.check_limits(&kernels::limits::CUDA).context("the model cannot run on CUDA")?;
+    if !local {
+        return Ok(());
+    }
+    let flag = if args.gpus.is_some() { format!("--gpus {world}") } else { format!("--workers {world} --device cuda") };
+    kernels::cuda::probe::probe(world).with_context(|| flag.clone())?;
+    if world > 1 {
+        worker::comm::nccl_library().with_context(|| format!("{flag}: the ranks' collectives need NCCL"))?;
+    }
+    Ok(())
+}
+
 fn plan(mut args: TrainArgs) -> Result<Plan> {
     let resumed = args.resume.is_some();
     let (run_dir, run_id, last_checkpoint) = if let Some(dir) = args.resume.clone() {
@@ -432,6 +449,9 @@ fn plan(mut args: TrainArgs) -> Result<Plan> {
         (dir, id.iter().map(|b| format!("{b:02x}")).collect(), 0)
     };
     let (world, local, device) = world_of(&args)?;
+    if device == "cuda" {
+        preflight_cuda(&args, world, local)?;
+    }
     ensure!(args.data.is_some() || args.synthetic.is_some(), "give the data: --data MIMIC_ROOT or --synthetic N");
     ensure!(
         args.global_batch > 0 && args.global_batch.is_multiple_of(world),

@@ -142,10 +142,6 @@ fn cublaslt_present() -> bool {
     // SAFETY: only tries to open the library.
     unsafe { cudarc::cublaslt::sys::is_culib_present() }
 }
-fn nccl_present() -> bool {
-    // SAFETY: only tries to open the library.
-    unsafe { cudarc::nccl::sys::is_culib_present() }
-}
 
 /// NVRTC (13.x), needed to compile the kernels.
 pub fn ensure_nvrtc() -> Result<()> {
@@ -183,18 +179,12 @@ pub fn ensure_cublas() -> Result<()> {
     )
 }
 
-/// Whether NCCL can be opened (cudarc asks for `libnccl.so`; the wheel ships `libnccl.so.2`,
-/// so `scripts/gpu-check.sh` links one in a folder on `LD_LIBRARY_PATH`).
-pub fn nccl_available() -> bool {
-    nccl_present()
-}
-
 /// One line per library: found or not, for `coordinator gpu-check`.
 pub fn report() -> Vec<(&'static str, Result<()>)> {
     vec![
         ("libcuda", ensure_driver()),
         ("nvrtc", ensure_nvrtc()),
         ("cublas/cublasLt", ensure_cublas()),
-        ("nccl", if nccl_available() { Ok(()) } else { Err(anyhow::anyhow!("libnccl.so not loadable")) }),
+        ("nccl", super::nccl_lib::nccl().map(drop)),
     ]
 }

@@ -21,8 +21,10 @@ pub mod check;
 mod comm;
 mod device;
 pub mod libs;
+pub mod nccl_lib;
 pub mod nvrtc;
 pub mod nvtx;
+pub mod probe;
 
 use std::ffi::CStr;
 use std::sync::{Arc, Mutex};

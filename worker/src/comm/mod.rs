@@ -9,7 +9,7 @@ pub mod ring;
 
 use anyhow::Result;
 
-pub use nccl::{nccl_available, NcclComm, NcclDeviceSum};
+pub use nccl::{nccl_library, NcclComm, NcclDeviceSum};
 pub use ring::{RingHello, TcpRing};
 
 pub trait Collectives: Send {

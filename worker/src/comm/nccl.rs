@@ -1,9 +1,8 @@
 //! Collectives for GPU ranks through NCCL (cudarc, loaded at run time).
 //!
 //! Everything here is compiled on every machine; nothing touches a CUDA or NCCL entry point
-//! before [`nccl_available`] has said that both libraries load (cudarc panics on a missing
-//! library). NVIDIA's wheels ship `libnccl.so.2` while cudarc opens `libnccl.so`: a link named
-//! `libnccl.so` in a folder on `LD_LIBRARY_PATH` fixes that.
+//! before [`nccl_library`] has opened both (NCCL through `kernels::cuda::nccl_lib`, which finds
+//! `libnccl.so.2` as the system package or NVIDIA's wheel installs it).
 //!
 //! One communicator serves two paths:
 //! - [`Collectives`] on host slices (the loss's feature gathers, a few hundred KiB a step),
@@ -17,33 +16,33 @@
 //!
 //! **Written without a GPU**: compiled everywhere, never yet run on a device.
 
+use std::ffi::c_void;
 use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
-use cudarc::nccl::{result as nccl, sys as nsys, Id};
+use kernels::cuda::nccl_lib::{self, Nccl};
 use kernels::{Cuda, Tensor};
 
 use super::Collectives;
 use crate::grad_sum::DeviceSum;
 
-/// Whether both the CUDA driver and NCCL can be loaded here.
-pub fn nccl_available() -> bool {
-    // SAFETY: these only try to open the shared libraries; they call nothing in them.
-    unsafe { cudarc::driver::sys::is_culib_present() && cudarc::nccl::sys::is_culib_present() }
+/// The CUDA driver and NCCL, opened; one line naming what is missing otherwise.
+pub fn nccl_library() -> Result<&'static Nccl> {
+    kernels::cuda::libs::ensure_driver()?;
+    nccl_lib::nccl()
 }
 
 /// A new NCCL unique id (rank 0 makes it; the coordinator hands it to the others).
 pub fn unique_id() -> Result<Vec<u8>> {
-    ensure!(nccl_available(), "NCCL is not available here (libcuda and libnccl.so must both load)");
-    let id = Id::new().map_err(|e| anyhow!("ncclGetUniqueId failed: {e:?}"))?;
-    Ok(id.internal().iter().map(|&c| c as u8).collect())
+    let id = nccl_library()?.unique_id()?;
+    Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
 /// An NCCL communicator, aborted on drop (a rank that stops early must not leave the others'
 /// collectives hanging on it).
-struct RawComm(nsys::ncclComm_t);
+struct RawComm(nccl_lib::Comm, &'static Nccl);
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not
 // overlap; every call goes through the rank's one thread (see the module docs).
@@ -53,7 +52,7 @@ unsafe impl Sync for RawComm {}
 impl Drop for RawComm {
     fn drop(&mut self) {
         // SAFETY: created by `comm_init_rank`, dropped once.
-        let _ = unsafe { nccl::comm_abort(self.0) };
+        let _ = unsafe { self.1.comm_abort(self.0) };
     }
 }
 
@@ -71,35 +70,19 @@ pub struct NcclComm {
     world: usize,
 }
 
-fn nccl_err(what: &str, e: nccl::NcclError) -> anyhow::Error {
-    anyhow!("NCCL {what} failed: {e:?}")
-}
-
-const F32: nsys::ncclDataType_t = nsys::ncclDataType_t::ncclFloat32;
-const SUM: nsys::ncclRedOp_t = nsys::ncclRedOp_t::ncclSum;
-
 impl NcclComm {
     /// Joins the communicator of `world` ranks identified by `id` (128 bytes) on GPU `ordinal`.
     pub fn new(ordinal: usize, rank: usize, world: usize, id: &[u8]) -> Result<Self> {
-        if !nccl_available() {
-            bail!("NCCL is not available here (libcuda and libnccl.so must both load)");
-        }
+        let lib = nccl_library()?;
         ensure!(id.len() == 128, "an NCCL unique id has 128 bytes, got {}", id.len());
-        let mut raw = [0 as std::ffi::c_char; 128];
-        for (d, &b) in raw.iter_mut().zip(id) {
+        let mut raw = nccl_lib::UniqueId { internal: [0; 128] };
+        for (d, &b) in raw.internal.iter_mut().zip(id) {
             *d = b as std::ffi::c_char;
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("opening GPU {ordinal}: {e:?}"))?;
         let stream = ctx.new_stream().map_err(|e| anyhow!("creating a stream on GPU {ordinal}: {e:?}"))?;
-        let id = nsys::ncclUniqueId { internal: raw };
-        let mut comm = std::mem::MaybeUninit::uninit();
-        // SAFETY: `comm` is written by a successful init; the context is current on this thread.
-        let comm = unsafe {
-            nccl::comm_init_rank(comm.as_mut_ptr(), world as i32, id, rank as i32)
-                .map_err(|e| nccl_err("comm init", e))?;
-            comm.assume_init()
-        };
-        Ok(Self { inner: Inner { comm: Arc::new(RawComm(comm)), stream, send: None, recv: None }, rank, world })
+        let comm = lib.comm_init_rank(world, raw, rank)?;
+        Ok(Self { inner: Inner { comm: Arc::new(RawComm(comm, lib)), stream, send: None, recv: None }, rank, world })
     }
 
     /// Sums gradient buckets in place on `be`'s device (the one this communicator was made on).
@@ -126,23 +109,16 @@ impl NcclComm {
         Ok(())
     }
 
-    /// Runs `op(send, recv, comm, stream)` on the staged buffers.
+    /// Runs `op(lib, send, recv, comm, stream)` on the staged buffers.
     fn run(
         &mut self,
-        what: &str,
-        op: impl FnOnce(
-            *const std::ffi::c_void,
-            *mut std::ffi::c_void,
-            nsys::ncclComm_t,
-            nsys::cudaStream_t,
-        ) -> Result<(), nccl::NcclError>,
+        op: impl FnOnce(&Nccl, *const c_void, *mut c_void, nccl_lib::Comm, nccl_lib::Stream) -> Result<()>,
     ) -> Result<()> {
         let s = &mut self.inner;
         let stream = s.stream.clone();
         let (send, _g1) = s.send.as_ref().expect("staged").device_ptr(&stream);
         let (recv, _g2) = s.recv.as_mut().expect("staged").device_ptr_mut(&stream);
-        op(send as *const _, recv as *mut _, s.comm.0, stream.cu_stream() as nsys::cudaStream_t)
-            .map_err(|e| nccl_err(what, e))
+        op(s.comm.1, send as *const _, recv as *mut _, s.comm.0, stream.cu_stream() as nccl_lib::Stream)
     }
 
     fn fetch(&mut self, out: &mut [f32]) -> Result<()> {
@@ -169,7 +145,7 @@ impl Collectives for NcclComm {
         self.stage(send, recv.len())?;
         let n = send.len();
         // SAFETY: staged device buffers of `n` and `world * n` values on this communicator's GPU.
-        self.run("all_gather", |s, r, c, st| unsafe { nccl::all_gather(s, r, n, F32, c, st).map(drop) })?;
+        self.run(|l, s, r, c, st| unsafe { l.all_gather(s, r, n, c, st) })?;
         self.fetch(recv)
     }
 
@@ -178,7 +154,7 @@ impl Collectives for NcclComm {
         self.stage(send, recv.len())?;
         let n = recv.len();
         // SAFETY: as above, `world * n` values in, `n` out.
-        self.run("reduce_scatter", |s, r, c, st| unsafe { nccl::reduce_scatter(s, r, n, F32, SUM, c, st).map(drop) })?;
+        self.run(|l, s, r, c, st| unsafe { l.reduce_scatter(s, r, n, c, st) })?;
         self.fetch(recv)
     }
 
@@ -186,7 +162,7 @@ impl Collectives for NcclComm {
         self.stage(buf, buf.len())?;
         let n = buf.len();
         // SAFETY: as above, `n` values each way.
-        self.run("all_reduce", |s, r, c, st| unsafe { nccl::all_reduce(s, r, n, F32, SUM, c, st).map(drop) })?;
+        self.run(|l, s, r, c, st| unsafe { l.all_reduce(s, r, n, nccl_lib::SUM, c, st) })?;
         self.fetch(buf)
     }
 
@@ -195,7 +171,7 @@ impl Collectives for NcclComm {
         self.stage(buf, buf.len())?;
         let n = buf.len();
         // SAFETY: as above; only the root's send buffer is read.
-        self.run("broadcast", |s, r, c, st| unsafe { nccl::broadcast(s, r, n, F32, root as i32, c, st).map(drop) })?;
+        self.run(|l, s, r, c, st| unsafe { l.broadcast(s, r, n, root, c, st) })?;
         self.fetch(buf)
     }
 
@@ -215,20 +191,21 @@ impl DeviceSum<Cuda> for NcclDeviceSum {
     fn bucket(&mut self, be: &Cuda, grads: &Tensor<Cuda>, ranges: &[Range<usize>]) -> Result<()> {
         be.comm_waits_for_compute()?;
         let base = be.device_ptr(grads);
-        let stream = be.comm_stream() as nsys::cudaStream_t;
+        let stream = be.comm_stream() as nccl_lib::Stream;
         if let Some(r) = ranges.iter().find(|r| r.end > grads.len()) {
             bail!("bucket {r:?} outside a gradient of {}", grads.len());
         }
-        nccl::group_start().map_err(|e| nccl_err("group start", e))?;
-        for r in ranges {
-            let p = (base + (r.start * std::mem::size_of::<f32>()) as u64) as *mut std::ffi::c_void;
-            // SAFETY: an in-place sum of `r.len()` values inside the model's gradient buffer on
-            // the device of this communicator; the comm stream waits for the compute above.
-            unsafe { nccl::all_reduce(p as *const _, p, r.len(), F32, SUM, self.comm.0, stream) }
-                .map_err(|e| nccl_err("gradient all_reduce", e))?;
-        }
-        nccl::group_end().map_err(|e| nccl_err("group end", e))?;
-        Ok(())
+        let RawComm(comm, lib) = *self.comm;
+        // The group is closed even when a call inside fails (see `Nccl::group`).
+        lib.group(|| {
+            for r in ranges {
+                let p = (base + (r.start * std::mem::size_of::<f32>()) as u64) as *mut c_void;
+                // SAFETY: an in-place sum of `r.len()` values inside the model's gradient buffer
+                // on the device of this communicator; the comm stream waits for the compute above.
+                unsafe { lib.all_reduce(p as *const _, p, r.len(), nccl_lib::SUM, comm, stream) }?;
+            }
+            Ok(())
+        })
     }
 
     fn finish(&mut self, be: &Cuda) -> Result<()> {
