@@ -273,13 +273,13 @@ impl ClipConfig {
     /// dimension and the InfoNCE feature width (the projection dimension). One line naming the
     /// limit otherwise.
     pub fn check_limits(&self, limits: &Limits) -> Result<()> {
-        for (tower, c) in [
-            ("vision", (self.vision_config.hidden_size, self.vision_config.num_attention_heads)),
-            ("text", (self.text_config.hidden_size, self.text_config.num_attention_heads)),
-        ] {
-            let (hidden, heads) = c;
-            if heads > 0 {
-                limits.check_head_dim(tower, hidden / heads).map_err(anyhow::Error::msg)?;
+        let v = &self.vision_config;
+        let t = &self.text_config;
+        for (tower, hidden, heads) in
+            [("vision", v.hidden_size, v.num_attention_heads), ("text", t.hidden_size, t.num_attention_heads)]
+        {
+            if let Some(head_dim) = hidden.checked_div(heads) {
+                limits.check_head_dim(tower, head_dim).map_err(anyhow::Error::msg)?;
             }
         }
         limits.check_infonce_dim(self.projection_dim).map_err(anyhow::Error::msg)
