@@ -1,5 +1,6 @@
 //! Real coordinator and worker processes on loopback, on a generated tree: world-size
-//! invariance, a worker killed with SIGKILL mid-run, a worker with a wrong token, and resume.
+//! invariance, a worker killed with SIGKILL mid-run, a rank failing mid-run, a worker with a
+//! wrong token, and resume.
 
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -70,6 +71,42 @@ fn a_sigkilled_worker_is_replaced_and_the_run_ends_with_the_same_loss() {
     let more = losses(&dir);
     assert_eq!(more.len(), 14, "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(&more[..12], &got[..]);
+}
+
+#[test]
+fn a_rank_failing_mid_run_is_reported_with_its_reason_and_the_run_restarts_from_its_checkpoint() {
+    let _g = serial();
+    let want = reference();
+    let dir = fresh_dir("fault");
+    let fired = dir.join("fault-fired");
+    // Rank 1 fails as it starts step 6 (after the checkpoint of step 4), once: rank 0 is then
+    // inside step 6's feature gather, waiting on it.
+    let fault = format!("rank=1,step=6,once={}", fired.display());
+    let t = std::time::Instant::now();
+    let out =
+        coordinator().args(train_args(&dir, 2, STEPS)).env("CXRCLIP_FAULT", &fault).output().expect("coordinator");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(fired.exists(), "the fault never fired");
+    assert!(err.contains("rank 1 failed: injected fault (CXRCLIP_FAULT) at step 6"), "{err}");
+    assert!(err.contains("restarting from step 4"), "{err}");
+    // Well inside the heartbeat timeout (30 s): the other rank was not waited out.
+    assert!(t.elapsed() < Duration::from_secs(90), "took {:?}", t.elapsed());
+    let got = losses(&dir);
+    assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=STEPS).collect::<Vec<_>>(), "{err}");
+    for ((s, g), (_, w)) in got.iter().zip(want) {
+        assert_close(&format!("loss of step {s}"), *g, *w, 1e-5);
+    }
+    // A malformed drill is refused rather than silently never firing.
+    let out = coordinator()
+        .args(train_args(&fresh_dir("fault-bad"), 1, 2))
+        .env("CXRCLIP_FAULT", "rank=0")
+        .arg("--max-restarts")
+        .arg("0")
+        .output()
+        .expect("coordinator");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CXRCLIP_FAULT"));
 }
 
 #[test]

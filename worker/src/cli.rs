@@ -228,7 +228,12 @@ fn train_cuda(
     let be = kernels::Cuda::new(ordinal)?;
     let sum = Box::new(nccl.device_sum());
     let r = job::run(be, job, &mut nccl, Some(sum), link);
-    let _ = nccl.barrier();
+    // Only a rank that finished waits for the others: a failed one returns at once, so that
+    // its report reaches the coordinator (which aborts the others) instead of it sitting in a
+    // collective its peers never enter.
+    if r.is_ok() {
+        nccl.barrier()?;
+    }
     r
 }
 
@@ -252,6 +257,7 @@ fn spawn_heartbeat(
                         Command::Continue => {}
                         Command::Shutdown => {
                             eprintln!("worker {}: the coordinator shut the run down", session.rank);
+                            comm::abort_all();
                             std::process::exit(0);
                         }
                         Command::Abort => abort(session.rank, rejoin),
@@ -263,6 +269,7 @@ fn spawn_heartbeat(
                 }
                 Err(_) if last_ok.elapsed() > Duration::from_secs(timeout_s) => {
                     eprintln!("worker {}: no answer from the coordinator for {timeout_s} s; exiting", session.rank);
+                    comm::abort_all();
                     std::process::exit(4);
                 }
                 Err(_) => {}
@@ -274,6 +281,7 @@ fn spawn_heartbeat(
 /// Stops this job at once: the process image is replaced (rejoining) or the process exits, so
 /// no thread blocked in a collective outlives the job.
 fn abort(rank: u32, rejoin: bool) -> ! {
+    comm::abort_all();
     if rejoin {
         eprintln!("worker {rank}: job aborted; registering again");
         use std::os::unix::process::CommandExt;

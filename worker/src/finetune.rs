@@ -121,7 +121,9 @@ pub fn finetune<B: Backend>(
     let mut embeds = vec![0.0f32; b * dim];
     let (mut targets, mut mask) = (vec![0.0f32; b * n_labels], vec![0.0f32; b * n_labels]);
     let mut flat = vec![0.0f32; n_labels * dim + n_labels + 1];
+    let fault = crate::fault::Fault::from_env()?;
     for step in start..job.steps {
+        crate::fault::check(&fault, rank, step + 1)?;
         let batch = feed.batch(step)?;
         let t0 = Instant::now();
         let lr = schedule.lr(job.lr, step);

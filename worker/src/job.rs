@@ -147,7 +147,9 @@ pub fn train<B: Backend>(
         link.handle.spawn(async move { client.stream_metrics(tokio_stream::wrappers::ReceiverStream::new(rx)).await })
     });
     let mut last = f32::NAN;
+    let fault = crate::fault::Fault::from_env()?;
     for step in start..job.steps {
+        crate::fault::check(&fault, rank, step + 1)?;
         let batch = feed.batch(step)?;
         let t0 = Instant::now();
         let lr = schedule.lr(job.lr, step) as f32;

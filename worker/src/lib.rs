@@ -7,6 +7,7 @@ pub mod cli;
 pub mod comm;
 pub mod dist;
 pub mod embed;
+pub mod fault;
 pub mod feed;
 pub mod finetune;
 pub mod grad_sum;

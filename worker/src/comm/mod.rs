@@ -28,6 +28,24 @@ pub trait Collectives: Send {
     fn barrier(&mut self) -> Result<()>;
 }
 
+type AbortHook = Box<dyn FnOnce() + Send>;
+static ABORT_HOOKS: std::sync::Mutex<Vec<AbortHook>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `hook` to run on [`abort_all`] (a communicator's abort).
+pub fn on_abort(hook: AbortHook) {
+    ABORT_HOOKS.lock().unwrap_or_else(|e| e.into_inner()).push(hook);
+}
+
+/// Aborts every communicator of this process, before it exits on the coordinator's order:
+/// a thread blocked in an NCCL collective whose peer is gone would otherwise never return
+/// (NCCL has no timeout), and the process's exit could wait on it. Callable from any thread.
+pub fn abort_all() {
+    let hooks = std::mem::take(&mut *ABORT_HOOKS.lock().unwrap_or_else(|e| e.into_inner()));
+    for h in hooks {
+        h();
+    }
+}
+
 /// Element ranges of `world` near-equal chunks of `len` (the first `len % world` one longer).
 pub fn chunks(len: usize, world: usize) -> Vec<std::ops::Range<usize>> {
     let (q, r) = (len / world, len % world);

@@ -18,7 +18,8 @@
 
 use std::ffi::c_void;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Arc, Weak};
 
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
@@ -41,18 +42,32 @@ pub fn unique_id() -> Result<Vec<u8>> {
 }
 
 /// An NCCL communicator, aborted on drop (a rank that stops early must not leave the others'
-/// collectives hanging on it).
-struct RawComm(nccl_lib::Comm, &'static Nccl);
+/// collectives hanging on it) or earlier by [`super::abort_all`], from the heartbeat thread,
+/// when the coordinator aborts the job while this rank's thread may be blocked in a collective.
+struct RawComm {
+    comm: AtomicPtr<c_void>,
+    lib: &'static Nccl,
+}
 
-// SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not
-// overlap; every call goes through the rank's one thread (see the module docs).
-unsafe impl Send for RawComm {}
-unsafe impl Sync for RawComm {}
+impl RawComm {
+    /// The live communicator (null once aborted: NCCL then refuses the call).
+    fn get(&self) -> nccl_lib::Comm {
+        self.comm.load(Ordering::Acquire)
+    }
+
+    /// Aborts the communicator once, whoever calls first.
+    fn abort(&self) {
+        let c = self.comm.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if !c.is_null() {
+            // SAFETY: created by `comm_init_rank`; the swap makes this the only abort.
+            let _ = unsafe { self.lib.comm_abort(c) };
+        }
+    }
+}
 
 impl Drop for RawComm {
     fn drop(&mut self) {
-        // SAFETY: created by `comm_init_rank`, dropped once.
-        let _ = unsafe { self.1.comm_abort(self.0) };
+        self.abort();
     }
 }
 
@@ -81,8 +96,14 @@ impl NcclComm {
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("opening GPU {ordinal}: {e:?}"))?;
         let stream = ctx.new_stream().map_err(|e| anyhow!("creating a stream on GPU {ordinal}: {e:?}"))?;
-        let comm = lib.comm_init_rank(world, raw, rank)?;
-        Ok(Self { inner: Inner { comm: Arc::new(RawComm(comm, lib)), stream, send: None, recv: None }, rank, world })
+        let comm = Arc::new(RawComm { comm: AtomicPtr::new(lib.comm_init_rank(world, raw, rank)?), lib });
+        let weak: Weak<RawComm> = Arc::downgrade(&comm);
+        super::on_abort(Box::new(move || {
+            if let Some(c) = weak.upgrade() {
+                c.abort();
+            }
+        }));
+        Ok(Self { inner: Inner { comm, stream, send: None, recv: None }, rank, world })
     }
 
     /// Sums gradient buckets in place on `be`'s device (the one this communicator was made on).
@@ -118,7 +139,7 @@ impl NcclComm {
         let stream = s.stream.clone();
         let (send, _g1) = s.send.as_ref().expect("staged").device_ptr(&stream);
         let (recv, _g2) = s.recv.as_mut().expect("staged").device_ptr_mut(&stream);
-        op(s.comm.1, send as *const _, recv as *mut _, s.comm.0, stream.cu_stream() as nccl_lib::Stream)
+        op(s.comm.lib, send as *const _, recv as *mut _, s.comm.get(), stream.cu_stream() as nccl_lib::Stream)
     }
 
     fn fetch(&mut self, out: &mut [f32]) -> Result<()> {
@@ -195,7 +216,7 @@ impl DeviceSum<Cuda> for NcclDeviceSum {
         if let Some(r) = ranges.iter().find(|r| r.end > grads.len()) {
             bail!("bucket {r:?} outside a gradient of {}", grads.len());
         }
-        let RawComm(comm, lib) = *self.comm;
+        let (comm, lib) = (self.comm.get(), self.comm.lib);
         // The group is closed even when a call inside fails (see `Nccl::group`).
         lib.group(|| {
             for r in ranges {
