@@ -73,7 +73,7 @@ pub const CPU: Limits = Limits {
 /// The CUDA kernels (`kernels/cuda/attention.cu`, `infonce.cu`).
 pub const CUDA: Limits = Limits {
     backend: "cuda",
-    attention_head_dims: Some(&[64]),
+    attention_head_dims: Some(&[32, 64, 128]),
     infonce_dim_multiple: 64,
     infonce_max_dim: Some(512),
     dtypes: &[DType::F32, DType::Bf16, DType::I32],

@@ -147,14 +147,24 @@ impl Cuda {
         // Compile (or load from the disk cache) every kernel now, so the first step does not
         // pay for it and a broken toolchain shows up here.
         for f in nvrtc::FAMILIES {
-            me.dev.func(f.entries[0])?;
+            for v in f.variants {
+                me.dev.func_variant(f.entries[0], v)?;
+            }
         }
         Ok(me)
     }
 
-    /// The device's name, compute architecture and multiprocessor count.
+    /// The device's name, compute architecture and multiprocessor count, and how the kernels
+    /// were loaded (cubins, or PTX and why).
     pub fn describe(&self) -> String {
-        format!("{} ({}, {} SMs)", self.dev.name, self.dev.arch, self.dev.sm_count)
+        let images = match self.dev.ptx_fallback.lock().expect("fallback note").as_deref() {
+            None => "kernels as cubin".to_string(),
+            Some(why) => format!("some kernels as PTX: {why}"),
+        };
+        format!(
+            "{} ({}, {} SMs, driver {}, {images})",
+            self.dev.name, self.dev.arch, self.dev.sm_count, self.dev.driver_version
+        )
     }
 
     /// The raw compute and communication streams (for NCCL and for timing).
@@ -807,9 +817,7 @@ impl Backend for Cuda {
 
     fn attention_fwd(&self, out: &T, saved: &T, qkv: &T, b: usize, t: usize, h: usize, hd: usize, causal: bool) {
         let _op = self.op(c"attention_fwd");
-        if let Err(e) = crate::limits::CUDA.check_head_dim("attention", hd) {
-            panic!("{e}");
-        }
+        let variant = attention_variant(hd);
         check_len("attention qkv", qkv, b * t * 3 * h * hd);
         check_len("attention out", out, b * t * h * hd);
         check_len("attention saved", saved, b * h * t);
@@ -818,8 +826,9 @@ impl Backend for Cuda {
         if b * t * h == 0 {
             return;
         }
-        self.launch(
+        let r = self.dev.launch_variant(
             "attn_fwd",
+            variant,
             (t.div_ceil(64) as u32, (b * h) as u32, 1),
             128,
             0,
@@ -833,6 +842,7 @@ impl Backend for Cuda {
                 .i32(causal as i32)
                 .f32(1.0 / (hd as f32).sqrt()),
         );
+        self.run(r);
     }
 
     fn attention_bwd(
@@ -849,9 +859,7 @@ impl Backend for Cuda {
         causal: bool,
     ) {
         let _op = self.op(c"attention_bwd");
-        if let Err(e) = crate::limits::CUDA.check_head_dim("attention", hd) {
-            panic!("{e}");
-        }
+        let variant = attention_variant(hd);
         check_len("attention dqkv", dqkv, b * t * 3 * h * hd);
         check_len("attention dout", dout, b * t * h * hd);
         check_len("attention saved", saved, b * h * t);
@@ -863,16 +871,18 @@ impl Backend for Cuda {
         let rows = b * h * t;
         let r = (|| {
             let dsum = self.dev.scratch(rows * 4)?;
-            self.dev.launch(
+            self.dev.launch_variant(
                 "attn_bwd_dot",
+                variant,
                 (rows.div_ceil(8) as u32, 1, 1),
                 256,
                 0,
                 Args::new().ptr(dsum).t(dout).t(out).i32(b as i32).i32(t as i32).i32(h as i32),
             )?;
             for entry in ["attn_bwd_dq", "attn_bwd_dkv"] {
-                self.dev.launch(
+                self.dev.launch_variant(
                     entry,
+                    variant,
                     (t.div_ceil(64) as u32, (b * h) as u32, 1),
                     128,
                     0,
@@ -1281,6 +1291,15 @@ impl Cuda {
         let chunk = col_tiles.div_ceil(want) * 64;
         (global.div_ceil(chunk).max(1), chunk)
     }
+}
+
+/// The attention module of a head dimension; panics with the limit's one line when there is
+/// none (ops cannot return errors; the coordinator checks the limits before a run starts).
+fn attention_variant(hd: usize) -> &'static nvrtc::Variant {
+    if let Err(e) = crate::limits::CUDA.check_head_dim("attention", hd) {
+        panic!("{e}");
+    }
+    nvrtc::attention_variant(hd).expect("limits::CUDA lists only compiled head dimensions")
 }
 
 /// The shared InfoNCE checks plus the CUDA kernels' limit on the feature dimension.
