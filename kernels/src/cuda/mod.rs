@@ -123,9 +123,34 @@ fn blocks(n: usize) -> u32 {
 
 pub use crate::bf16::{bf16_to_f32, f32_to_bf16};
 
-/// Dynamic shared memory of the InfoNCE tile kernels for a feature dimension.
+/// The widest feature chunk the InfoNCE tile kernels hold in shared memory (`KC` in
+/// `infonce.cu`): wider features are walked in chunks, and the backward runs one block per
+/// chunk of output columns (grid z).
+const INFONCE_CHUNK: usize = 512;
+
+/// The chunk width in shared memory (the width padded to a multiple of 64, at most 512) and
+/// the number of chunks, as `infonce.cu` computes them.
+fn infonce_chunks(dim: usize) -> (usize, usize) {
+    let padded = dim.div_ceil(64) * 64;
+    (padded.min(INFONCE_CHUNK), padded.div_ceil(INFONCE_CHUNK))
+}
+
+/// Dynamic shared memory of the InfoNCE tile kernels for a feature dimension: a fixed and a
+/// streaming tile of 64 rows of one chunk, the G tile, the column log-sum-exps and the
+/// reduction slots (`Smem` in `infonce.cu`).
 fn infonce_smem(dim: usize) -> u32 {
-    (2 * 64 * (dim + 8) * 2 + 64 * 72 * 2 + 64 * 4 + 4 * 64 * 4) as u32
+    let (width, _) = infonce_chunks(dim);
+    (2 * 64 * (width + 8) * 2 + 64 * 72 * 2 + 64 * 4 + 4 * 64 * 4) as u32
+}
+
+/// How the global columns are split across blocks so that the grid fills the device once:
+/// `resident` blocks fit on all multiprocessors together, `blocks_per_split` blocks run per
+/// split (row tiles x chunks). Returns (splits, columns per split, a multiple of 64).
+fn infonce_split_plan(global: usize, blocks_per_split: usize, resident: usize) -> (usize, usize) {
+    let col_tiles = global.div_ceil(64).max(1);
+    let want = resident.max(1).div_ceil(blocks_per_split.max(1)).clamp(1, col_tiles);
+    let chunk = col_tiles.div_ceil(want) * 64;
+    (global.div_ceil(chunk).max(1), chunk)
 }
 
 impl Cuda {
@@ -1065,8 +1090,9 @@ impl Backend for Cuda {
         }
         outputs(&[loss, lse_img, lse_txt], &[img, txt, all_img, all_txt, logit_scale]);
         let InfoNceDims { local, global, dim, offset } = dims;
-        let (splits, chunk) = self.infonce_splits(local, global);
         let r = (|| {
+            let smem = self.infonce_smem_checked(dim)?;
+            let (splits, chunk) = self.infonce_splits("infonce_fwd_partial", local, global, 1, smem);
             let sl = splits * local;
             let base = self.dev.scratch((4 * sl + 2 * local) * 4)?;
             let (pm, pl, pos) = (base, base + (2 * sl * 4) as u64, base + (4 * sl * 4) as u64);
@@ -1076,7 +1102,7 @@ impl Backend for Cuda {
                     "infonce_fwd_partial",
                     (local.div_ceil(64) as u32, splits as u32, 1),
                     256,
-                    infonce_smem(dim),
+                    smem,
                     Args::new()
                         .t(fx)
                         .i64(local as i64)
@@ -1141,10 +1167,12 @@ impl Backend for Cuda {
         outs.extend(d_logit_scale);
         outputs(&outs, &[img, txt, all_img, all_txt, logit_scale, lse_img, lse_txt]);
         let InfoNceDims { local, global, dim, offset } = dims;
-        let (splits, chunk) = self.infonce_splits(local, global);
         let row_tiles = local.div_ceil(64);
         let coef = dloss / (2.0 * global as f32);
+        let nz = infonce_chunks(dim).1 as u32;
         let r = (|| {
+            let smem = self.infonce_smem_checked(dim)?;
+            let (splits, chunk) = self.infonce_splits("infonce_bwd_rows", local, global, nz as usize, smem);
             let part_d_len = splits * local * dim;
             let nds = splits * row_tiles;
             let base = self.dev.scratch((part_d_len + 2 * nds) * 4)?;
@@ -1153,9 +1181,9 @@ impl Backend for Cuda {
             for (dir, (x, y, lse, dx, dy)) in dirs.into_iter().enumerate() {
                 self.dev.launch(
                     "infonce_bwd_rows",
-                    (row_tiles as u32, splits as u32, 1),
+                    (row_tiles as u32, splits as u32, nz),
                     256,
-                    infonce_smem(dim),
+                    smem,
                     Args::new()
                         .t(x)
                         .i64(local as i64)
@@ -1179,9 +1207,9 @@ impl Backend for Cuda {
                 )?;
                 self.dev.launch(
                     "infonce_bwd_cols",
-                    (global.div_ceil(64) as u32, 1, 1),
+                    (global.div_ceil(64) as u32, 1, nz),
                     256,
-                    infonce_smem(dim),
+                    smem,
                     Args::new()
                         .t(y)
                         .i64(global as i64)
@@ -1282,14 +1310,29 @@ impl Backend for Cuda {
 }
 
 impl Cuda {
-    /// How the global columns are split across blocks so that about two blocks run per
-    /// multiprocessor: (splits, columns per split, a multiple of 64).
-    fn infonce_splits(&self, local: usize, global: usize) -> (usize, usize) {
-        let row_tiles = local.div_ceil(64).max(1);
-        let col_tiles = global.div_ceil(64).max(1);
-        let want = (2 * self.dev.sm_count as usize).div_ceil(row_tiles).clamp(1, col_tiles);
-        let chunk = col_tiles.div_ceil(want) * 64;
-        (global.div_ceil(chunk).max(1), chunk)
+    /// The split of the global columns for an InfoNCE tile kernel (`entry`, with `nz` chunks
+    /// of output columns and `smem` bytes of shared memory per block): as many blocks as the
+    /// device holds at once, from the driver's occupancy calculator (registers, shared memory;
+    /// at width 512 the tiles take 140 KB, one block per multiprocessor). Where the calculator
+    /// fails, from shared memory alone.
+    fn infonce_splits(&self, entry: &'static str, local: usize, global: usize, nz: usize, smem: u32) -> (usize, usize) {
+        let per_sm =
+            self.dev.blocks_per_sm(entry, 256, smem).unwrap_or_else(|_| (self.dev.smem_per_sm / (smem + 1024)).max(1))
+                as usize;
+        let resident = per_sm * self.dev.sm_count as usize;
+        infonce_split_plan(global, local.div_ceil(64).max(1) * nz, resident)
+    }
+
+    /// The InfoNCE kernels' shared memory for `dim`, or an error naming the device's limit.
+    fn infonce_smem_checked(&self, dim: usize) -> Result<u32> {
+        let smem = infonce_smem(dim);
+        ensure!(
+            smem <= self.dev.smem_optin,
+            "the InfoNCE kernels need {} KB of shared memory per block at width {dim}, this device allows {} KB",
+            smem / 1024,
+            self.dev.smem_optin / 1024
+        );
+        Ok(smem)
     }
 }
 
@@ -1302,10 +1345,47 @@ fn attention_variant(hd: usize) -> &'static nvrtc::Variant {
     nvrtc::attention_variant(hd).expect("limits::CUDA lists only compiled head dimensions")
 }
 
-/// The shared InfoNCE checks plus the CUDA kernels' limit on the feature dimension.
+/// The shared InfoNCE checks plus the CUDA kernels' limit on the feature dimension (see
+/// `limits::CUDA`: any width since the kernels walk wide features in chunks).
 fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T) {
     checks::check_infonce(dims, img, txt, all_img, all_txt);
     if let Err(e) = crate::limits::CUDA.check_infonce_dim(dims.dim) {
         panic!("{e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infonce_chunks_pad_and_split_the_width() {
+        assert_eq!(infonce_chunks(1), (64, 1));
+        assert_eq!(infonce_chunks(96), (128, 1));
+        assert_eq!(infonce_chunks(512), (512, 1));
+        assert_eq!(infonce_chunks(513), (512, 2));
+        assert_eq!(infonce_chunks(768), (512, 2));
+        assert_eq!(infonce_chunks(1000), (512, 2));
+        assert_eq!(infonce_chunks(1024), (512, 2));
+        assert_eq!(infonce_chunks(1025), (512, 3));
+        // 140 KB at width 512 (and at every wider one): one block per Hopper multiprocessor.
+        assert_eq!(infonce_smem(512), 143_616);
+        assert_eq!(infonce_smem(4096), infonce_smem(512));
+        assert_eq!(infonce_smem(64), 2 * 64 * 72 * 2 + 64 * 72 * 2 + 64 * 4 + 4 * 64 * 4);
+    }
+
+    #[test]
+    fn infonce_splits_fill_the_device_once() {
+        // H100 SXM, width 512 (one resident block per SM), 4 row tiles, 64 column tiles: 33
+        // splits wanted, 2 column tiles each, 32 splits: 128 blocks, one wave on 132 SMs
+        // (assuming two per SM gave 64 splits, 256 blocks, two waves).
+        assert_eq!(infonce_split_plan(4096, 4, 132), (32, 128));
+        assert_eq!(infonce_split_plan(4096, 4, 264), (64, 64));
+        // Every split holds a multiple of 64 columns and together they cover all of them.
+        for (global, bps, resident) in [(37, 1, 132), (1000, 3, 528), (4096, 64, 132), (130, 2, 1)] {
+            let (splits, chunk) = infonce_split_plan(global, bps, resident);
+            assert_eq!(chunk % 64, 0);
+            assert!(splits * chunk >= global && (splits - 1) * chunk < global, "{global} {bps} {resident}");
+        }
     }
 }
