@@ -201,10 +201,17 @@ def infonce_tile(mode, fx, nf, sx, ns, dim, chunk, off, lse, logit_scale, coef, 
 
 
 def split_plan(glob, blocks_per_split, resident):
+    """infonce_split_plan in mod.rs: the split with the least (waves x (tiles + 1))."""
     col_tiles = max(-(-glob // 64), 1)
-    want = min(max(-(-max(resident, 1) // max(blocks_per_split, 1)), 1), col_tiles)
-    chunk = -(-col_tiles // want) * 64
-    return max(-(-glob // chunk), 1), chunk
+    bps, resident = max(blocks_per_split, 1), max(resident, 1)
+    best = (None, 1, col_tiles)
+    for want in range(1, min(col_tiles, 4 * resident) + 1):
+        tiles = -(-col_tiles // want)
+        splits = -(-col_tiles // tiles)
+        cost = -(-(splits * bps) // resident) * (tiles + 1)
+        if best[0] is None or cost < best[0]:
+            best = (cost, splits, tiles)
+    return best[1], best[2] * 64
 
 
 def infonce(img, txt, all_img, all_txt, ls, local, glob, dim, off, resident):

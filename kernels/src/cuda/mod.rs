@@ -143,14 +143,25 @@ fn infonce_smem(dim: usize) -> u32 {
     (2 * 64 * (width + 8) * 2 + 64 * 72 * 2 + 64 * 4 + 4 * 64 * 4) as u32
 }
 
-/// How the global columns are split across blocks so that the grid fills the device once:
-/// `resident` blocks fit on all multiprocessors together, `blocks_per_split` blocks run per
-/// split (row tiles x chunks). Returns (splits, columns per split, a multiple of 64).
+/// How the global columns are split across blocks: `resident` blocks fit on all
+/// multiprocessors together, `blocks_per_split` blocks run per split (row tiles x chunks of
+/// output columns). A block's time is taken as (column tiles it streams + 1) tile times (the +1:
+/// loading its fixed tile), the grid's as that times its waves; the split with the least time
+/// wins, the fewer splits on a tie (smaller partials). Returns (splits, columns per split, a
+/// multiple of 64).
 fn infonce_split_plan(global: usize, blocks_per_split: usize, resident: usize) -> (usize, usize) {
     let col_tiles = global.div_ceil(64).max(1);
-    let want = resident.max(1).div_ceil(blocks_per_split.max(1)).clamp(1, col_tiles);
-    let chunk = col_tiles.div_ceil(want) * 64;
-    (global.div_ceil(chunk).max(1), chunk)
+    let (bps, resident) = (blocks_per_split.max(1), resident.max(1));
+    let mut best = (usize::MAX, 1, col_tiles);
+    for want in 1..=col_tiles.min(4 * resident) {
+        let tiles = col_tiles.div_ceil(want);
+        let splits = col_tiles.div_ceil(tiles);
+        let cost = (splits * bps).div_ceil(resident) * (tiles + 1);
+        if cost < best.0 {
+            best = (cost, splits, tiles);
+        }
+    }
+    (best.1, best.2 * 64)
 }
 
 impl Cuda {
@@ -1376,13 +1387,16 @@ mod tests {
 
     #[test]
     fn infonce_splits_fill_the_device_once() {
-        // H100 SXM, width 512 (one resident block per SM), 4 row tiles, 64 column tiles: 33
-        // splits wanted, 2 column tiles each, 32 splits: 128 blocks, one wave on 132 SMs
-        // (assuming two per SM gave 64 splits, 256 blocks, two waves).
+        // H100, width 512 (one resident block per SM), 4 row tiles, 64 column tiles: 32 splits
+        // of 2 tiles, 128 blocks in one wave on 132 SMs (two per SM would fit 64 splits).
         assert_eq!(infonce_split_plan(4096, 4, 132), (32, 128));
         assert_eq!(infonce_split_plan(4096, 4, 264), (64, 64));
+        // The bench's 2048 local rows (32 row tiles) x 16384 columns: 4 splits, 128 blocks,
+        // one wave; 5 splits would spill 28 blocks into a second wave.
+        assert_eq!(infonce_split_plan(16_384, 32, 132), (4, 4096));
         // Every split holds a multiple of 64 columns and together they cover all of them.
-        for (global, bps, resident) in [(37, 1, 132), (1000, 3, 528), (4096, 64, 132), (130, 2, 1)] {
+        for (global, bps, resident) in [(37, 1, 132), (1000, 3, 528), (4096, 64, 132), (130, 2, 1), (262_144, 32, 132)]
+        {
             let (splits, chunk) = infonce_split_plan(global, bps, resident);
             assert_eq!(chunk % 64, 0);
             assert!(splits * chunk >= global && (splits - 1) * chunk < global, "{global} {bps} {resident}");
