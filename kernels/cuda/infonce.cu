@@ -14,13 +14,27 @@
 //             and the partial sums of G_ij * logit_ij for d logit_scale;
 //   bwd cols  fixed = global columns, streaming = all local rows: dY_j += s * sum_i G_ij X_i;
 // with G_ij = coef * (exp(logit_ij - lse_i) - [j == off + i]), coef = dloss / (2 * global).
-// The dimension must be a multiple of 64 and at most 512 (CLIP's projection widths).
-// Everything is deterministic: fixed tiles, fixed splits, reductions in a fixed order.
+//
+// Any feature width: the width is padded to a multiple of 64 (dp) with zero columns, which
+// change no dot product, and outputs are written only for the real columns. Shared memory
+// holds feature chunks of kw = min(dp, 512) columns. Up to 512 the fixed tile stays resident
+// and each streaming tile is loaded once; beyond, every streaming tile walks the chunks
+// (fixed and streaming chunk loaded together) and sums the dot products over them. The
+// backward's output (64 fixed rows x a chunk of 512 columns, 64 per warp, in registers) is
+// one chunk per block: grid z picks the chunk, and the block walks its own chunk last so that
+// the streaming tile's columns it multiplies G by are still in shared memory.
+// Everything is deterministic: fixed tiles, fixed splits, fixed chunk order, reductions in a
+// fixed order.
 
 #define FT 64     // fixed rows per block
 #define ST 64     // streaming rows per tile
+#define KC 512    // widest feature chunk in shared memory: 8 warps x 64 output columns
 #define GPITCH 72
 #define LOG2E 1.4426950408889634f
+
+// The feature width padded to a multiple of 64, and the chunk width held in shared memory.
+__device__ __forceinline__ int padded_dim(int dim) { return (dim + 63) / 64 * 64; }
+__device__ __forceinline__ int chunk_width(int dim) { return min(padded_dim(dim), KC); }
 
 struct Smem {
     bf16* f;    // [FT][pitch]
@@ -40,24 +54,29 @@ __device__ __forceinline__ Smem carve(unsigned char* base, int pitch) {
     return m;
 }
 
-// rows r0 .. r0+63 of src[n][dim] into dst[row][pitch] as bf16, zero past n.
-__device__ __forceinline__ void load_rows(bf16* dst, int pitch, const void* src, int sb, i64 r0, i64 n, int dim) {
-    for (int idx = threadIdx.x; idx < 64 * dim; idx += blockDim.x) {
-        int r = idx / dim, d = idx % dim;
-        float v = (r0 + r < n) ? ldf(src, sb, (r0 + r) * dim + d) : 0.f;
+// Rows r0 .. r0+63, columns c0 .. c0+cw-1 of src[n][dim] into dst[row][pitch] as bf16, zero
+// past n and past dim.
+__device__ __forceinline__ void load_rows(bf16* dst, int pitch, const void* src, int sb, i64 r0, i64 n, int dim, int c0,
+                                          int cw) {
+    for (int idx = threadIdx.x; idx < 64 * cw; idx += blockDim.x) {
+        int r = idx / cw, d = idx % cw;
+        float v = (r0 + r < n && c0 + d < dim) ? ldf(src, sb, (r0 + r) * dim + c0 + d) : 0.f;
         dst[r * pitch + d] = __float2bfloat16(v);
     }
 }
 
-// Block = 256 threads. Grid (ceil(nf / 64), splits); split y streams rows
-// [y * chunk, min(ns, (y + 1) * chunk)), chunk a multiple of 64.
+// Block = 256 threads. Grid (ceil(nf / 64), splits, chunks); split y streams rows
+// [y * chunk, min(ns, (y + 1) * chunk)), chunk a multiple of 64; the backward's block z owns
+// output columns [z * 512, min(dp, (z + 1) * 512)) (the forward has one z).
 template <int MODE>
 __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, const void* sx, int sb, i64 ns, int dim,
                                              i64 chunk, i64 off, const float* lse, const float* logit_scale, float coef,
                                              float* part_m, float* part_l, float* pos, float* part_d, float* part_ds,
                                              void* dout, int ob) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const int pitch = dim + 8;
+    const int dp = padded_dim(dim), kw = chunk_width(dim);
+    const int nch = (dp + KC - 1) / KC;
+    const int pitch = kw + 8;
     Smem sm = carve(smem_raw, pitch);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2, q = lane & 3;
     const int mt = warp & 3, nh = warp >> 2;
@@ -66,7 +85,7 @@ __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, con
     const i64 s_end = min(ns, s_begin + chunk);
     const float s = expf(logit_scale[0]);
 
-    load_rows(sm.f, pitch, fx, fb, f0, nf, dim);
+    if (nch == 1) load_rows(sm.f, pitch, fx, fb, f0, nf, dim, 0, kw);  // resident for the whole run
     const i64 frow[2] = {f0 + mt * 16 + g, f0 + mt * 16 + g + 8};
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // fwd
@@ -87,19 +106,24 @@ __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, con
     }
 
     for (i64 s0 = s_begin; s0 < s_end; s0 += ST) {
-        __syncthreads();
-        load_rows(sm.s, pitch, sx, sb, s0, s_end, dim);
-        if (MODE == 2) {
-            for (int i = threadIdx.x; i < ST; i += blockDim.x) sm.lse[i] = s0 + i < s_end ? lse[s0 + i] * LOG2E : INFINITY;
-        }
-        __syncthreads();
-        // S tile: this warp's 16 fixed rows x 32 streaming rows.
+        // S tile: this warp's 16 fixed rows x 32 streaming rows, summed over the chunks.
         float st[4][4];
 #pragma unroll
         for (int nt = 0; nt < 4; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) st[nt][e] = 0.f;
-        for (int k = 0; k < dim; k += 16) {
+        for (int i = 0; i < nch; i++) {
+        // The backward walks its output chunk blockIdx.z last (it stays in sm.s for G . S).
+        const int c0 = (MODE == 0 ? i : (int)((blockIdx.z + 1 + i) % nch)) * KC;
+        const int cw = min(KC, dp - c0);
+        __syncthreads();
+        if (nch > 1) load_rows(sm.f, pitch, fx, fb, f0, nf, dim, c0, cw);
+        load_rows(sm.s, pitch, sx, sb, s0, s_end, dim, c0, cw);
+        if (MODE == 2 && i == 0) {
+            for (int j = threadIdx.x; j < ST; j += blockDim.x) sm.lse[j] = s0 + j < s_end ? lse[s0 + j] * LOG2E : INFINITY;
+        }
+        __syncthreads();
+        for (int k = 0; k < cw; k += 16) {
             unsigned a[4];
             a[0] = lds32(&sm.f[(mt * 16 + g) * pitch + k + 2 * q]);
             a[1] = lds32(&sm.f[(mt * 16 + g + 8) * pitch + k + 2 * q]);
@@ -110,6 +134,7 @@ __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, con
                 const bf16* bp = &sm.s[(nh * 32 + nt * 8 + g) * pitch + k + 2 * q];
                 mma_bf16(st[nt], a, lds32(bp), lds32(bp + 8));
             }
+        }
         }
 #pragma unroll
         for (int nt = 0; nt < 4; nt++)
@@ -158,9 +183,9 @@ __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, con
             *(unsigned*)&sm.g[(mt * 16 + g + 8) * GPITCH + col] = pack_bf16(st[nt][2], st[nt][3]);
         }
         __syncthreads();
-        // acc[64 fixed x this warp's 64 dims] += G[64 x 64] . S_tile[64 x dims].
+        // acc[64 fixed x this warp's 64 columns of the block's chunk] += G[64 x 64] . S_tile[64 x those].
         const int d0 = warp * 64;
-        if (d0 < dim) {
+        if (blockIdx.z * KC + d0 < dp) {
 #pragma unroll
             for (int kk = 0; kk < 4; kk++) {
                 unsigned b[8][2];
@@ -228,14 +253,14 @@ __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, con
         __syncthreads();
         if (lane == 0) sm.red[warp] = ds;
         __syncthreads();
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0 && blockIdx.z == 0) {  // every chunk's block computes it; one writes it
             float t = 0.f;
             for (int w = 0; w < 8; w++) t += sm.red[w];
             part_ds[(i64)blockIdx.y * gridDim.x + blockIdx.x] = t;
         }
     }
-    const int d0 = warp * 64;
-    if (d0 >= dim) return;
+    const int d0 = blockIdx.z * KC + warp * 64;
+    if (d0 >= dp) return;
 #pragma unroll
     for (int a_mt = 0; a_mt < 4; a_mt++)
 #pragma unroll
@@ -244,7 +269,7 @@ __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, con
             for (int e = 0; e < 4; e++) {
                 const i64 row = f0 + a_mt * 16 + g + 8 * (e >> 1);
                 const int d = d0 + nt * 8 + 2 * q + (e & 1);
-                if (row >= nf) continue;
+                if (row >= nf || d >= dim) continue;
                 if (MODE == 1) {
                     part_d[((i64)blockIdx.y * nf + row) * dim + d] = acc[a_mt][nt][e];
                 } else {

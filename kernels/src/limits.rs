@@ -44,7 +44,11 @@ impl Limits {
             return Ok(());
         }
         let bound = self.infonce_max_dim.map(|m| format!(" up to {m}")).unwrap_or_default();
-        let shape = if multiple > 1 { format!("a multiple of {multiple}{bound}") } else { format!("1{bound}") };
+        let shape = match (multiple > 1, bound.is_empty()) {
+            (true, _) => format!("a multiple of {multiple}{bound}"),
+            (false, true) => "at least 1".to_string(),
+            (false, false) => format!("1{bound}"),
+        };
         Err(format!(
             "the {} InfoNCE kernels take a feature width (projection_dim) of {shape} (got {dim})",
             self.backend
@@ -70,12 +74,14 @@ pub const CPU: Limits = Limits {
     dtypes: &[DType::F32, DType::I32],
 };
 
-/// The CUDA kernels (`kernels/cuda/attention.cu`, `infonce.cu`).
+/// The CUDA kernels: attention for head dimensions 32, 64 and 128 (`kernels/cuda/attention.cu`,
+/// one module each), InfoNCE at any width (`infonce.cu` pads to a multiple of 64 and walks
+/// widths beyond 512 in chunks).
 pub const CUDA: Limits = Limits {
     backend: "cuda",
-    attention_head_dims: Some(&[64]),
-    infonce_dim_multiple: 64,
-    infonce_max_dim: Some(512),
+    attention_head_dims: Some(&[32, 64, 128]),
+    infonce_dim_multiple: 1,
+    infonce_max_dim: None,
     dtypes: &[DType::F32, DType::Bf16, DType::I32],
 };
 
@@ -96,9 +102,12 @@ mod tests {
             assert!(CUDA.check_head_dim("text", hd).is_ok());
         }
         let e = CUDA.check_head_dim("text", 33).unwrap_err();
-        assert!(e.contains("head dimension") && e.contains("text tower has 33"), "{e}");
+        assert!(e.contains("head dimension 32, 64 or 128") && e.contains("text tower has 33"), "{e}");
         assert!(!e.contains('\n'));
-        let e = CUDA.check_infonce_dim(100_000).unwrap_err();
-        assert!(e.contains("projection_dim") && e.contains("100000"), "{e}");
+        for dim in [1, 96, 512, 768, 1000, 1024, 4096] {
+            assert!(CUDA.check_infonce_dim(dim).is_ok(), "{dim}");
+        }
+        let e = CUDA.check_infonce_dim(0).unwrap_err();
+        assert!(e.contains("projection_dim") && e.contains("got 0"), "{e}");
     }
 }

@@ -181,6 +181,22 @@ pub fn judge(op: &str, size: &str, output: &str, reference: &[f32], got: &[f32],
     CheckResult { op: op.into(), size: size.into(), output: output.into(), rel_err, worst, tol, passed, note }
 }
 
+/// The attention checks alone (every head dimension); returns the seed and the results.
+pub fn run_attention(cuda: &Cuda, quick: bool) -> (u64, Vec<CheckResult>) {
+    let mut rng = Rng::from_clock();
+    let mut res = Vec::new();
+    attention(cuda, &mut rng, &mut res, quick);
+    (rng.seed(), res)
+}
+
+/// The InfoNCE checks alone (widths 64 to 1024, multiples of 64 and not).
+pub fn run_infonce(cuda: &Cuda, quick: bool) -> (u64, Vec<CheckResult>) {
+    let mut rng = Rng::from_clock();
+    let mut res = Vec::new();
+    infonce(cuda, &mut rng, &mut res, quick);
+    (rng.seed(), res)
+}
+
 /// Runs every check; `quick` keeps the small sizes only. Returns the seed and the results.
 pub fn run_all(cuda: &Cuda, quick: bool) -> (u64, Vec<CheckResult>) {
     let mut rng = Rng::from_clock();
@@ -382,36 +398,83 @@ fn activations(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bo
     }
 }
 
+/// Attention at every head dimension the kernels take, sequence lengths that are and are not
+/// multiples of the 64-row tiles, causal and not. The q and k entries reach +-4, so logits
+/// (q . k / sqrt(hd)) reach tens and the softmax is sharp: a wrong mask or a misplaced key
+/// moves the outputs by far more than bf16 round-off. dQ, dK and dV are judged apart, at
+/// `TOL_ATTENTION`, so that a 2% error in one of them fails (see the test below).
 fn attention(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
     let sizes: &[(usize, usize, usize, bool)] = if quick {
-        &[(2, 50, 3, false), (2, 77, 2, true), (1, 64, 1, false)]
+        &[(2, 50, 3, false), (2, 77, 2, true), (1, 130, 2, false)]
     } else {
         &[
             (2, 50, 3, false),
+            (2, 50, 2, true),
             (2, 77, 2, true),
+            (2, 77, 3, false),
             (1, 64, 1, false),
+            (3, 130, 2, true),
+            (1, 130, 2, false),
             (2, 197, 4, false),
             (1, 257, 2, false),
-            (3, 130, 2, true),
         ]
     };
-    let hd = 64;
-    for &(b, t, h, causal) in sizes {
-        let size = format!("b={b} t={t} h={h}{}", if causal { " causal" } else { "" });
-        let qkv = rng.vec_bf16(b * t * 3 * h * hd, 1.5);
+    for &hd in crate::limits::CUDA.attention_head_dims.unwrap_or(&[64]) {
+        for &(b, t, h, causal) in sizes {
+            let size = format!("hd={hd} b={b} t={t} h={h}{}", if causal { " causal" } else { "" });
+            let inputs = AttentionInputs::new(rng, b, t, h, hd);
+            let out = (inputs.run(&Cpu, causal), inputs.run(cuda, causal));
+            compare(res, "attention", &size, TOL_ATTENTION, out);
+        }
+    }
+}
+
+/// Relative tolerance of the attention outputs: bf16 operands (P and dS rounded to bf16 for
+/// the second products) against the f32 CPU reference. A 2% error in a gradient must fail.
+pub const TOL_ATTENTION: f64 = 1e-2;
+
+/// Random attention inputs with sharp logits, rounded to bf16.
+struct AttentionInputs {
+    b: usize,
+    t: usize,
+    h: usize,
+    hd: usize,
+    qkv: Vec<f32>,
+    dy: Vec<f32>,
+    /// The gradient buffer's initial content (the op adds into it).
+    g0: Vec<f32>,
+}
+
+impl AttentionInputs {
+    fn new(rng: &mut Rng, b: usize, t: usize, h: usize, hd: usize) -> Self {
+        let mut qkv = rng.vec_bf16(b * t * 3 * h * hd, 1.0);
+        // q and k (the first 2 * h * hd columns of each row) up to +-4; v up to +-1.
+        for row in qkv.chunks_exact_mut(3 * h * hd) {
+            for x in &mut row[..2 * h * hd] {
+                *x = bf16_to_f32(f32_to_bf16(*x * 4.0));
+            }
+        }
         let dy = rng.vec_bf16(b * t * h * hd, 1.0);
-        let g0 = rng.vec(b * t * 3 * h * hd, 0.1);
-        let out = both!(cuda, |be| {
-            let tq = up(be, &qkv, DType::Bf16)?;
-            let o = poisoned(be, b * t * h * hd, DType::Bf16)?;
-            let saved = poisoned(be, be.attention_saved_len(b, t, h), DType::F32)?;
-            be.attention_fwd(&o, &saved, &tq, b, t, h, hd, causal);
-            let tdy = up(be, &dy, DType::Bf16)?;
-            let dq = up(be, &g0, DType::F32)?;
-            be.attention_bwd(&dq, &tdy, &tq, &o, &saved, b, t, h, hd, causal);
-            Ok(vec![("out", down(be, &o)?), ("dqkv", down(be, &dq)?)])
-        });
-        compare(res, "attention", &size, TOL_BF16, out);
+        let g0 = rng.vec(b * t * 3 * h * hd, 0.01);
+        Self { b, t, h, hd, qkv, dy, g0 }
+    }
+
+    /// out, dQ, dK and dV (each [b, t, h, hd], gradients with the initial content included).
+    fn run<B: Backend>(&self, be: &B, causal: bool) -> Result<Outs> {
+        let &Self { b, t, h, hd, .. } = self;
+        let tq = up(be, &self.qkv, DType::Bf16)?;
+        let o = poisoned(be, b * t * h * hd, DType::Bf16)?;
+        // (The saved state differs: probabilities on the CPU, log-sum-exps on CUDA.)
+        let saved = poisoned(be, be.attention_saved_len(b, t, h), DType::F32)?;
+        be.attention_fwd(&o, &saved, &tq, b, t, h, hd, causal);
+        let tdy = up(be, &self.dy, DType::Bf16)?;
+        let dq = up(be, &self.g0, DType::F32)?;
+        be.attention_bwd(&dq, &tdy, &tq, &o, &saved, b, t, h, hd, causal);
+        let dqkv = down(be, &dq)?;
+        let part = |k: usize| -> Vec<f32> {
+            dqkv.chunks_exact(3 * h * hd).flat_map(|row| row[k * h * hd..(k + 1) * h * hd].to_vec()).collect()
+        };
+        Ok(vec![("out", down(be, &o)?), ("dq", part(0)), ("dk", part(1)), ("dv", part(2))])
     }
 }
 
@@ -520,10 +583,22 @@ fn normalized_rows(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
 }
 
 fn infonce(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    // Widths that are multiples of 64 and not (96, 1000: zero-padded columns), one chunk of
+    // shared memory and several (768, 1000: past 512 the kernels walk the width in chunks).
     let sizes: &[(usize, usize, usize, usize)] = if quick {
-        &[(64, 128, 64, 64), (100, 300, 128, 150)]
+        &[(64, 128, 64, 64), (100, 300, 96, 150), (70, 200, 768, 100)]
     } else {
-        &[(64, 128, 64, 64), (100, 300, 128, 150), (256, 1024, 512, 512), (37, 37, 512, 0), (512, 4096, 512, 1024)]
+        &[
+            (64, 128, 64, 64),
+            (100, 300, 96, 150),
+            (100, 300, 128, 150),
+            (256, 1024, 512, 512),
+            (37, 37, 512, 0),
+            (512, 4096, 512, 1024),
+            (200, 600, 768, 200),
+            (130, 390, 1000, 260),
+            (64, 256, 1024, 128),
+        ]
     };
     for &(local, global, dim, offset) in sizes {
         for ls in [(1.0f32 / 0.07).ln(), 100f32.ln()] {
@@ -719,4 +794,27 @@ pub fn table(res: &[CheckResult]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attention check catches a 2% error in one gradient: the CPU against itself with dK
+    /// scaled by 1.02 fails at `TOL_ATTENTION`, unscaled it passes. (Sharp logits keep the
+    /// gradients well above the buffer's initial content, which would otherwise dilute it.)
+    #[test]
+    fn attention_check_fails_a_two_percent_gradient_error() {
+        let mut rng = Rng::from_clock();
+        for causal in [false, true] {
+            let inputs = AttentionInputs::new(&mut rng, 2, 50, 2, 32);
+            let outs = inputs.run(&Cpu, causal).unwrap();
+            let (_, dk) = &outs[2];
+            let bad: Vec<f32> = dk.iter().map(|x| x * 1.02).collect();
+            let seed = rng.seed();
+            let r = judge("attention", "test", "dk", dk, &bad, TOL_ATTENTION);
+            assert!(!r.passed, "seed {seed}: a 2% dK error passed: {r:?}");
+            assert!(judge("attention", "test", "dk", dk, dk, TOL_ATTENTION).passed);
+        }
+    }
 }

@@ -185,13 +185,23 @@ pub struct Device {
     pub stream: Raw<sys::CUstream>,
     pub comm: Raw<sys::CUstream>,
     pub pool: Arc<Pool>,
+    /// The real architecture, e.g. `sm_90`.
     pub arch: String,
+    /// Compute capability (major, minor).
+    pub cc: (i32, i32),
+    /// `cuDriverGetVersion`, e.g. 13000 for CUDA 13.0 (part of the kernel cache key).
+    pub driver_version: i32,
     pub include: PathBuf,
     pub sm_count: u32,
     pub smem_optin: u32,
+    /// Shared memory of one multiprocessor (what resident blocks share).
+    pub smem_per_sm: u32,
     pub name: String,
-    modules: Mutex<HashMap<&'static str, Raw<sys::CUmodule>>>,
-    funcs: Mutex<HashMap<&'static str, Raw<sys::CUfunction>>>,
+    /// Loaded modules by module name (`attention-hd64`), with the kind of image loaded.
+    modules: Mutex<HashMap<String, (Raw<sys::CUmodule>, nvrtc::Target)>>,
+    funcs: Mutex<HashMap<(&'static str, &'static str), Raw<sys::CUfunction>>>,
+    /// Why a module was loaded from PTX instead of a cubin (the first such reason), if one was.
+    pub ptx_fallback: Mutex<Option<String>>,
     scratch: Mutex<(sys::CUdeviceptr, usize)>,
     /// The first error of an op (ops cannot return one); reported by `synchronize`.
     pub error: Mutex<Option<String>>,
@@ -221,6 +231,13 @@ impl Device {
         let attr = |a| ctx.attribute(a).map_err(|e| anyhow!("{e:?}"));
         let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let smem_optin = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
+        let smem_per_sm =
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)? as u32;
+        let mut driver_version = 0;
+        // SAFETY: the driver is loaded and initialised; a valid out pointer.
+        unsafe { sys::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(|e| anyhow!("cuDriverGetVersion: {e:?}"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| anyhow!("{e:?}"))?;
         let comm = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| anyhow!("{e:?}"))?;
@@ -230,13 +247,17 @@ impl Device {
             stream: Raw(stream),
             comm: Raw(comm),
             pool,
-            arch: format!("compute_{major}{minor}"),
+            arch: nvrtc::Target::Cubin.arch((major, minor)),
+            cc: (major, minor),
+            driver_version,
             include,
             sm_count,
             smem_optin,
+            smem_per_sm,
             name,
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
+            ptx_fallback: Mutex::new(None),
             scratch: Mutex::new((0, 0)),
             error: Mutex::new(None),
         })
@@ -246,23 +267,34 @@ impl Device {
         self.ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e:?}"))
     }
 
-    /// A kernel function, compiling and loading its family on first use.
+    /// A kernel function of a family with a single variant, compiling and loading its module
+    /// on first use.
     pub fn func(&self, entry: &'static str) -> Result<sys::CUfunction> {
-        if let Some(f) = self.funcs.lock().expect("function cache").get(entry) {
+        let fam = nvrtc::family_of(entry).ok_or_else(|| anyhow!("no kernel named {entry}"))?;
+        match fam.variants {
+            [v] => self.func_variant(entry, v),
+            _ => Err(anyhow!("kernel {entry} has {} variants: name one", fam.variants.len())),
+        }
+    }
+
+    /// A kernel function of one variant of its family, compiling and loading the module on
+    /// first use.
+    pub fn func_variant(&self, entry: &'static str, v: &'static nvrtc::Variant) -> Result<sys::CUfunction> {
+        if let Some(f) = self.funcs.lock().expect("function cache").get(&(entry, v.name)) {
             return Ok(f.0);
         }
         let fam = nvrtc::family_of(entry).ok_or_else(|| anyhow!("no kernel named {entry}"))?;
+        if !fam.variants.contains(v) {
+            anyhow::bail!("kernel {entry} has no variant {:?}", v.name);
+        }
         let module = {
             let mut mods = self.modules.lock().expect("module cache");
-            match mods.get(fam.name) {
-                Some(m) => m.0,
+            let key = nvrtc::module_name(fam, v);
+            match mods.get(&key) {
+                Some(m) => m.0 .0,
                 None => {
-                    let ptx = nvrtc::ptx_cached(fam, &self.arch, &self.include)?;
-                    let c = CString::new(ptx).context("PTX holds a NUL byte")?;
-                    // SAFETY: a NUL-terminated PTX image; the context is bound.
-                    let m = unsafe { drv::module::load_data(c.as_ptr() as *const c_void) }
-                        .map_err(|e| anyhow!("loading the {} kernels for {}: {e:?}", fam.name, self.arch))?;
-                    mods.insert(fam.name, Raw(m));
+                    let (m, target) = self.load_module(fam, v)?;
+                    mods.insert(key, (Raw(m), target));
                     m
                 }
             }
@@ -282,14 +314,83 @@ impl Device {
             }
             .map_err(|e| anyhow!("raising the shared-memory limit of {entry}: {e:?}"))?;
         }
-        self.funcs.lock().expect("function cache").insert(entry, Raw(f));
+        self.funcs.lock().expect("function cache").insert((entry, v.name), Raw(f));
         Ok(f)
     }
 
-    /// Enqueues a kernel on the compute stream.
+    /// Loads a module: the cubin for the device's architecture, or where compiling or loading
+    /// it fails (or `CXRCLIP_KERNEL_PTX` is set), PTX that the driver compiles. The first
+    /// fallback's reason is kept in `ptx_fallback`.
+    fn load_module(&self, fam: &nvrtc::Family, v: &nvrtc::Variant) -> Result<(sys::CUmodule, nvrtc::Target)> {
+        use nvrtc::Target;
+        let load = |target: Target| -> Result<sys::CUmodule> {
+            let img = nvrtc::image_cached(fam, v, target, self.cc, self.driver_version, &self.include)?;
+            // SAFETY: a complete cubin, or a NUL-terminated PTX text; the context is bound. The
+            // driver copies the image, so `img` may drop after the call.
+            unsafe { drv::module::load_data(img.as_ptr() as *const c_void) }.map_err(|e| {
+                anyhow!(
+                    "loading the {} kernels ({}) for {}: {e:?}",
+                    nvrtc::module_name(fam, v),
+                    target.arch(self.cc),
+                    self.arch
+                )
+            })
+        };
+        let why = if std::env::var_os("CXRCLIP_KERNEL_PTX").is_some() {
+            "CXRCLIP_KERNEL_PTX is set".to_string()
+        } else {
+            match load(Target::Cubin) {
+                Ok(m) => return Ok((m, Target::Cubin)),
+                Err(e) => format!("{e:#}"),
+            }
+        };
+        let m = load(Target::Ptx).with_context(|| format!("after the cubin failed: {why}"))?;
+        self.ptx_fallback.lock().expect("fallback note").get_or_insert(why);
+        Ok((m, Target::Ptx))
+    }
+
+    /// How many blocks of `block` threads and `smem` bytes of dynamic shared memory of an
+    /// entry point fit on one multiprocessor at once (the driver's occupancy calculator:
+    /// registers, shared memory, threads); at least 1.
+    pub fn blocks_per_sm(&self, entry: &'static str, block: u32, smem: u32) -> Result<u32> {
+        let f = self.func(entry)?;
+        // SAFETY: a loaded function of this context.
+        let n = unsafe { drv::occupancy::max_active_block_per_multiprocessor(f, block as i32, smem as usize) }
+            .map_err(|e| anyhow!("occupancy of {entry}: {e:?}"))?;
+        Ok(n.max(1) as u32)
+    }
+
+    /// Enqueues a kernel of a single-variant family on the compute stream.
     pub fn launch(&self, entry: &'static str, grid: (u32, u32, u32), block: u32, smem: u32, args: Args) -> Result<()> {
         self.bind()?;
         let f = self.func(entry)?;
+        self.launch_func(f, entry, grid, block, smem, args)
+    }
+
+    /// Enqueues a kernel of one variant of its family on the compute stream.
+    pub fn launch_variant(
+        &self,
+        entry: &'static str,
+        v: &'static nvrtc::Variant,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: Args,
+    ) -> Result<()> {
+        self.bind()?;
+        let f = self.func_variant(entry, v)?;
+        self.launch_func(f, entry, grid, block, smem, args)
+    }
+
+    fn launch_func(
+        &self,
+        f: sys::CUfunction,
+        entry: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: Args,
+    ) -> Result<()> {
         let mut args = args;
         let mut ptrs: Vec<*mut c_void> = args.slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
         // SAFETY: the argument slots match the kernel's parameter list (each call site is
@@ -380,7 +481,7 @@ impl Drop for Device {
         if s.1 > 0 {
             self.pool.release(s.0, s.1);
         }
-        for (_, m) in self.modules.get_mut().expect("module cache").drain() {
+        for (_, (m, _)) in self.modules.get_mut().expect("module cache").drain() {
             // SAFETY: loaded by this device, no launch pending after the synchronize.
             let _ = unsafe { drv::module::unload(m.0) };
         }

@@ -125,9 +125,45 @@ fn blocks(n: usize) -> u32 {
 
 pub use crate::bf16::{bf16_to_f32, f32_to_bf16};
 
-/// Dynamic shared memory of the InfoNCE tile kernels for a feature dimension.
+/// The widest feature chunk the InfoNCE tile kernels hold in shared memory (`KC` in
+/// `infonce.cu`): wider features are walked in chunks, and the backward runs one block per
+/// chunk of output columns (grid z).
+const INFONCE_CHUNK: usize = 512;
+
+/// The chunk width in shared memory (the width padded to a multiple of 64, at most 512) and
+/// the number of chunks, as `infonce.cu` computes them.
+fn infonce_chunks(dim: usize) -> (usize, usize) {
+    let padded = dim.div_ceil(64) * 64;
+    (padded.min(INFONCE_CHUNK), padded.div_ceil(INFONCE_CHUNK))
+}
+
+/// Dynamic shared memory of the InfoNCE tile kernels for a feature dimension: a fixed and a
+/// streaming tile of 64 rows of one chunk, the G tile, the column log-sum-exps and the
+/// reduction slots (`Smem` in `infonce.cu`).
 fn infonce_smem(dim: usize) -> u32 {
-    (2 * 64 * (dim + 8) * 2 + 64 * 72 * 2 + 64 * 4 + 4 * 64 * 4) as u32
+    let (width, _) = infonce_chunks(dim);
+    (2 * 64 * (width + 8) * 2 + 64 * 72 * 2 + 64 * 4 + 4 * 64 * 4) as u32
+}
+
+/// How the global columns are split across blocks: `resident` blocks fit on all
+/// multiprocessors together, `blocks_per_split` blocks run per split (row tiles x chunks of
+/// output columns). A block's time is taken as (column tiles it streams + 1) tile times (the +1:
+/// loading its fixed tile), the grid's as that times its waves; the split with the least time
+/// wins, the fewer splits on a tie (smaller partials). Returns (splits, columns per split, a
+/// multiple of 64).
+fn infonce_split_plan(global: usize, blocks_per_split: usize, resident: usize) -> (usize, usize) {
+    let col_tiles = global.div_ceil(64).max(1);
+    let (bps, resident) = (blocks_per_split.max(1), resident.max(1));
+    let mut best = (usize::MAX, 1, col_tiles);
+    for want in 1..=col_tiles.min(4 * resident) {
+        let tiles = col_tiles.div_ceil(want);
+        let splits = col_tiles.div_ceil(tiles);
+        let cost = (splits * bps).div_ceil(resident) * (tiles + 1);
+        if cost < best.0 {
+            best = (cost, splits, tiles);
+        }
+    }
+    (best.1, best.2 * 64)
 }
 
 impl Cuda {
@@ -149,14 +185,24 @@ impl Cuda {
         // Compile (or load from the disk cache) every kernel now, so the first step does not
         // pay for it and a broken toolchain shows up here.
         for f in nvrtc::FAMILIES {
-            me.dev.func(f.entries[0])?;
+            for v in f.variants {
+                me.dev.func_variant(f.entries[0], v)?;
+            }
         }
         Ok(me)
     }
 
-    /// The device's name, compute architecture and multiprocessor count.
+    /// The device's name, compute architecture and multiprocessor count, and how the kernels
+    /// were loaded (cubins, or PTX and why).
     pub fn describe(&self) -> String {
-        format!("{} ({}, {} SMs)", self.dev.name, self.dev.arch, self.dev.sm_count)
+        let images = match self.dev.ptx_fallback.lock().expect("fallback note").as_deref() {
+            None => "kernels as cubin".to_string(),
+            Some(why) => format!("some kernels as PTX: {why}"),
+        };
+        format!(
+            "{} ({}, {} SMs, driver {}, {images})",
+            self.dev.name, self.dev.arch, self.dev.sm_count, self.dev.driver_version
+        )
     }
 
     /// The raw compute and communication streams (for NCCL and for timing).
@@ -809,9 +855,7 @@ impl Backend for Cuda {
 
     fn attention_fwd(&self, out: &T, saved: &T, qkv: &T, b: usize, t: usize, h: usize, hd: usize, causal: bool) {
         let _op = self.op(c"attention_fwd");
-        if let Err(e) = crate::limits::CUDA.check_head_dim("attention", hd) {
-            panic!("{e}");
-        }
+        let variant = attention_variant(hd);
         check_len("attention qkv", qkv, b * t * 3 * h * hd);
         check_len("attention out", out, b * t * h * hd);
         check_len("attention saved", saved, b * h * t);
@@ -820,8 +864,9 @@ impl Backend for Cuda {
         if b * t * h == 0 {
             return;
         }
-        self.launch(
+        let r = self.dev.launch_variant(
             "attn_fwd",
+            variant,
             (t.div_ceil(64) as u32, (b * h) as u32, 1),
             128,
             0,
@@ -835,6 +880,7 @@ impl Backend for Cuda {
                 .i32(causal as i32)
                 .f32(1.0 / (hd as f32).sqrt()),
         );
+        self.run(r);
     }
 
     fn attention_bwd(
@@ -851,9 +897,7 @@ impl Backend for Cuda {
         causal: bool,
     ) {
         let _op = self.op(c"attention_bwd");
-        if let Err(e) = crate::limits::CUDA.check_head_dim("attention", hd) {
-            panic!("{e}");
-        }
+        let variant = attention_variant(hd);
         check_len("attention dqkv", dqkv, b * t * 3 * h * hd);
         check_len("attention dout", dout, b * t * h * hd);
         check_len("attention saved", saved, b * h * t);
@@ -865,16 +909,18 @@ impl Backend for Cuda {
         let rows = b * h * t;
         let r = (|| {
             let dsum = self.dev.scratch(rows * 4)?;
-            self.dev.launch(
+            self.dev.launch_variant(
                 "attn_bwd_dot",
+                variant,
                 (rows.div_ceil(8) as u32, 1, 1),
                 256,
                 0,
                 Args::new().ptr(dsum).t(dout).t(out).i32(b as i32).i32(t as i32).i32(h as i32),
             )?;
             for entry in ["attn_bwd_dq", "attn_bwd_dkv"] {
-                self.dev.launch(
+                self.dev.launch_variant(
                     entry,
+                    variant,
                     (t.div_ceil(64) as u32, (b * h) as u32, 1),
                     128,
                     0,
@@ -1057,8 +1103,9 @@ impl Backend for Cuda {
         }
         outputs(&[loss, lse_img, lse_txt], &[img, txt, all_img, all_txt, logit_scale]);
         let InfoNceDims { local, global, dim, offset } = dims;
-        let (splits, chunk) = self.infonce_splits(local, global);
         let r = (|| {
+            let smem = self.infonce_smem_checked(dim)?;
+            let (splits, chunk) = self.infonce_splits("infonce_fwd_partial", local, global, 1, smem);
             let sl = splits * local;
             let base = self.dev.scratch((4 * sl + 2 * local) * 4)?;
             let (pm, pl, pos) = (base, base + (2 * sl * 4) as u64, base + (4 * sl * 4) as u64);
@@ -1068,7 +1115,7 @@ impl Backend for Cuda {
                     "infonce_fwd_partial",
                     (local.div_ceil(64) as u32, splits as u32, 1),
                     256,
-                    infonce_smem(dim),
+                    smem,
                     Args::new()
                         .t(fx)
                         .i64(local as i64)
@@ -1133,10 +1180,12 @@ impl Backend for Cuda {
         outs.extend(d_logit_scale);
         outputs(&outs, &[img, txt, all_img, all_txt, logit_scale, lse_img, lse_txt]);
         let InfoNceDims { local, global, dim, offset } = dims;
-        let (splits, chunk) = self.infonce_splits(local, global);
         let row_tiles = local.div_ceil(64);
         let coef = dloss / (2.0 * global as f32);
+        let nz = infonce_chunks(dim).1 as u32;
         let r = (|| {
+            let smem = self.infonce_smem_checked(dim)?;
+            let (splits, chunk) = self.infonce_splits("infonce_bwd_rows", local, global, nz as usize, smem);
             let part_d_len = splits * local * dim;
             let nds = splits * row_tiles;
             let base = self.dev.scratch((part_d_len + 2 * nds) * 4)?;
@@ -1145,9 +1194,9 @@ impl Backend for Cuda {
             for (dir, (x, y, lse, dx, dy)) in dirs.into_iter().enumerate() {
                 self.dev.launch(
                     "infonce_bwd_rows",
-                    (row_tiles as u32, splits as u32, 1),
+                    (row_tiles as u32, splits as u32, nz),
                     256,
-                    infonce_smem(dim),
+                    smem,
                     Args::new()
                         .t(x)
                         .i64(local as i64)
@@ -1171,9 +1220,9 @@ impl Backend for Cuda {
                 )?;
                 self.dev.launch(
                     "infonce_bwd_cols",
-                    (global.div_ceil(64) as u32, 1, 1),
+                    (global.div_ceil(64) as u32, 1, nz),
                     256,
-                    infonce_smem(dim),
+                    smem,
                     Args::new()
                         .t(y)
                         .i64(global as i64)
@@ -1274,21 +1323,85 @@ impl Backend for Cuda {
 }
 
 impl Cuda {
-    /// How the global columns are split across blocks so that about two blocks run per
-    /// multiprocessor: (splits, columns per split, a multiple of 64).
-    fn infonce_splits(&self, local: usize, global: usize) -> (usize, usize) {
-        let row_tiles = local.div_ceil(64).max(1);
-        let col_tiles = global.div_ceil(64).max(1);
-        let want = (2 * self.dev.sm_count as usize).div_ceil(row_tiles).clamp(1, col_tiles);
-        let chunk = col_tiles.div_ceil(want) * 64;
-        (global.div_ceil(chunk).max(1), chunk)
+    /// The split of the global columns for an InfoNCE tile kernel (`entry`, with `nz` chunks
+    /// of output columns and `smem` bytes of shared memory per block): as many blocks as the
+    /// device holds at once, from the driver's occupancy calculator (registers, shared memory;
+    /// at width 512 the tiles take 140 KB, one block per multiprocessor). Where the calculator
+    /// fails, from shared memory alone.
+    fn infonce_splits(&self, entry: &'static str, local: usize, global: usize, nz: usize, smem: u32) -> (usize, usize) {
+        let per_sm =
+            self.dev.blocks_per_sm(entry, 256, smem).unwrap_or_else(|_| (self.dev.smem_per_sm / (smem + 1024)).max(1))
+                as usize;
+        let resident = per_sm * self.dev.sm_count as usize;
+        infonce_split_plan(global, local.div_ceil(64).max(1) * nz, resident)
+    }
+
+    /// The InfoNCE kernels' shared memory for `dim`, or an error naming the device's limit.
+    fn infonce_smem_checked(&self, dim: usize) -> Result<u32> {
+        let smem = infonce_smem(dim);
+        ensure!(
+            smem <= self.dev.smem_optin,
+            "the InfoNCE kernels need {} KB of shared memory per block at width {dim}, this device allows {} KB",
+            smem / 1024,
+            self.dev.smem_optin / 1024
+        );
+        Ok(smem)
     }
 }
 
-/// The shared InfoNCE checks plus the CUDA kernels' limit on the feature dimension.
+/// The attention module of a head dimension; panics with the limit's one line when there is
+/// none (ops cannot return errors; the coordinator checks the limits before a run starts).
+fn attention_variant(hd: usize) -> &'static nvrtc::Variant {
+    if let Err(e) = crate::limits::CUDA.check_head_dim("attention", hd) {
+        panic!("{e}");
+    }
+    nvrtc::attention_variant(hd).expect("limits::CUDA lists only compiled head dimensions")
+}
+
+/// The shared InfoNCE checks plus the CUDA kernels' limit on the feature dimension (see
+/// `limits::CUDA`: any width since the kernels walk wide features in chunks).
 fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T) {
     checks::check_infonce(dims, img, txt, all_img, all_txt);
     if let Err(e) = crate::limits::CUDA.check_infonce_dim(dims.dim) {
         panic!("{e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infonce_chunks_pad_and_split_the_width() {
+        assert_eq!(infonce_chunks(1), (64, 1));
+        assert_eq!(infonce_chunks(96), (128, 1));
+        assert_eq!(infonce_chunks(512), (512, 1));
+        assert_eq!(infonce_chunks(513), (512, 2));
+        assert_eq!(infonce_chunks(768), (512, 2));
+        assert_eq!(infonce_chunks(1000), (512, 2));
+        assert_eq!(infonce_chunks(1024), (512, 2));
+        assert_eq!(infonce_chunks(1025), (512, 3));
+        // 140 KB at width 512 (and at every wider one): one block per Hopper multiprocessor.
+        assert_eq!(infonce_smem(512), 143_616);
+        assert_eq!(infonce_smem(4096), infonce_smem(512));
+        assert_eq!(infonce_smem(64), 2 * 64 * 72 * 2 + 64 * 72 * 2 + 64 * 4 + 4 * 64 * 4);
+    }
+
+    #[test]
+    fn infonce_splits_fill_the_device_once() {
+        // H100, width 512 (one resident block per SM), 4 row tiles, 64 column tiles: 32 splits
+        // of 2 tiles, 128 blocks in one wave on 132 SMs (two per SM would fit 64 splits).
+        assert_eq!(infonce_split_plan(4096, 4, 132), (32, 128));
+        assert_eq!(infonce_split_plan(4096, 4, 264), (64, 64));
+        // The bench's 2048 local rows (32 row tiles) x 16384 columns: 4 splits, 128 blocks,
+        // one wave; 5 splits would spill 28 blocks into a second wave.
+        assert_eq!(infonce_split_plan(16_384, 32, 132), (4, 4096));
+        // Every split holds a multiple of 64 columns and together they cover all of them.
+        for (global, bps, resident) in [(37, 1, 132), (1000, 3, 528), (4096, 64, 132), (130, 2, 1), (262_144, 32, 132)]
+        {
+            let (splits, chunk) = infonce_split_plan(global, bps, resident);
+            assert_eq!(chunk % 64, 0);
+            assert!(splits * chunk >= global && (splits - 1) * chunk < global, "{global} {bps} {resident}");
+        }
     }
 }
