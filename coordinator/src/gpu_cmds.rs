@@ -77,7 +77,10 @@ pub fn run_gpu_check(a: GpuCheckArgs) -> Result<()> {
         println!("device           {}", cuda.describe());
     }
     let (seed, mut res) = check::run_all(&cuda, a.quick);
-    res.extend(train_step_check(a.gpu, seed));
+    // Head dimension 64 (ViT-B's) and 32 (the default small CLIP's, what `--gpus N` trains).
+    for heads in [2, 4] {
+        res.extend(train_step_check(a.gpu, heads, seed));
+    }
     let failed = res.iter().filter(|r| !r.passed).count();
     if a.json {
         let out = json!({
@@ -99,12 +102,12 @@ pub fn run_gpu_check(a: GpuCheckArgs) -> Result<()> {
     Ok(())
 }
 
-/// One CLS training step of a small CLIP (head dimension 64) on CUDA against the CPU: loss,
-/// every gradient and the parameters after AdamW. The model takes its backend by value, so
-/// the CUDA side gets a backend of its own on the same device.
-fn train_step_check(gpu: usize, seed: u64) -> Vec<check::CheckResult> {
-    let (image, patch, width, layers, heads, batch) = (32, 8, 128, 2, 2, 8);
-    let size = format!("image={image} patch={patch} width={width} layers={layers} b={batch}");
+/// One CLS training step of a small CLIP (width 128, `heads` heads) on CUDA against the CPU:
+/// loss, every gradient and the parameters after AdamW. The model takes its backend by value,
+/// so the CUDA side gets a backend of its own on the same device.
+fn train_step_check(gpu: usize, heads: usize, seed: u64) -> Vec<check::CheckResult> {
+    let (image, patch, width, layers, batch) = (32, 8, 128, 2, 8);
+    let size = format!("image={image} patch={patch} width={width} layers={layers} heads={heads} b={batch}");
     let cpu_out = one_step(Cpu, image, patch, width, layers, heads, batch, seed);
     let gpu_out = Cuda::new(gpu).and_then(|c| one_step(c, image, patch, width, layers, heads, batch, seed));
     let mut out = Vec::new();

@@ -28,8 +28,7 @@ pub struct DemoArgs {
     #[arg(long, conflicts_with = "gpus")]
     pub workers: Option<usize>,
     /// One worker per GPU instead. Not the default yet: the CUDA runtime has not run the whole
-    /// plan on a GPU (the demo's small CLIP has a head dimension the attention kernel does not
-    /// take yet).
+    /// plan on a GPU.
     #[arg(long)]
     pub gpus: Option<usize>,
     /// Bootstrap resamples of every confidence interval.

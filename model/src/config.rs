@@ -301,7 +301,7 @@ mod tests {
         let e = odd.check_limits(&kernels::limits::CUDA).unwrap_err().to_string();
         assert!(e.contains("text tower has 40"), "{e}");
         let mut wide = c.clone();
-        wide.projection_dim = 100_000;
+        wide.projection_dim = 0;
         let e = wide.check_limits(&kernels::limits::CUDA).unwrap_err().to_string();
         assert!(e.contains("projection_dim"), "{e}");
     }
