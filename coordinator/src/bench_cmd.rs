@@ -5,8 +5,9 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use kernels::{Backend, Cpu};
-use model::loss::ContrastiveLoss;
+use model::collectives::Single;
 use model::optim::{AdamW, AdamWConfig};
+use model::step::{self, InfoNceLoss, LocalBatch, Phase};
 use model::Clip;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -59,16 +60,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 }
 
-/// Phases of a step, timed on the host with a synchronisation at each boundary (free on the
-/// synchronous CPU backend; on CUDA it costs a few launches' latency per phase).
-const PHASES: [&str; 6] = ["vision_fwd", "text_fwd", "loss", "vision_bwd", "text_bwd", "adamw"];
-
+/// The training step's phases, timed on the host with a synchronisation at each boundary
+/// (free on the synchronous CPU backend; on CUDA it costs a few launches' latency per phase).
 fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
     let config = a.size.config();
     let z = &a.size;
     let b = a.batch;
     let clip = Clip::random(backend, config, b, 0)?;
-    let loss_fn = ContrastiveLoss::new(&clip)?;
+    let mut loss_fn = InfoNceLoss::new(&clip, 1)?;
     let mut opt = AdamW::new(&clip, AdamWConfig::default())?;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let pixels: Vec<f32> = (0..b * 3 * z.image * z.image).map(|_| rng.random_range(-2.0..2.0)).collect();
@@ -82,33 +81,22 @@ fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
         })
         .collect();
     let mut step_ms = Vec::new();
-    let mut phase_ms = vec![Vec::new(); PHASES.len()];
+    let mut phase_ms = vec![Vec::new(); Phase::ALL.len()];
     let mut last_loss = f32::NAN;
     for s in 0..a.warmup + a.steps {
         kernels::cpu::profile::enable(a.profile && s >= a.warmup);
-        let mut marks = Vec::with_capacity(PHASES.len() + 1);
+        let mut marks = Vec::with_capacity(Phase::ALL.len() + 1);
         let t0 = Instant::now();
         marks.push(t0);
-        clip.zero_grads();
-        clip.upload_pixels(&pixels, b)?;
-        clip.forward_vision(b)?;
-        clip.backend.synchronize()?;
-        marks.push(Instant::now());
-        clip.forward_text(&ids, b)?;
-        clip.backend.synchronize()?;
-        marks.push(Instant::now());
-        last_loss = loss_fn.forward_backward(&clip, b)?;
-        clip.backend.synchronize()?;
-        marks.push(Instant::now());
-        clip.backward_vision(b);
-        clip.backend.synchronize()?;
-        marks.push(Instant::now());
-        clip.backward_text(b);
-        clip.backend.synchronize()?;
-        marks.push(Instant::now());
-        opt.step(&clip, 1e-4)?;
-        clip.backend.synchronize()?;
-        marks.push(Instant::now());
+        // The step every caller runs (a world of one), each phase timed to its device's end.
+        let batch = LocalBatch { pixels: &pixels, ids: &ids, b };
+        let be = &clip.backend;
+        last_loss = step::train_step_observed(&clip, &mut opt, &mut loss_fn, &mut Single, &batch, 1e-4, &mut |_| {
+            be.synchronize()?;
+            marks.push(Instant::now());
+            Ok(())
+        })?
+        .loss;
         if s >= a.warmup {
             step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
             for (i, w) in marks.windows(2).enumerate() {
@@ -128,7 +116,7 @@ fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
     let med = median(&mut step_ms);
     let min = step_ms[0];
     let phases: serde_json::Map<String, serde_json::Value> =
-        PHASES.iter().zip(phase_ms.iter_mut()).map(|(n, v)| (n.to_string(), json!(median(v)))).collect();
+        Phase::ALL.iter().zip(phase_ms.iter_mut()).map(|(p, v)| (p.name().to_string(), json!(median(v)))).collect();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let out = json!({
         "device": clip.backend.name(),

@@ -7,7 +7,9 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use kernels::{Backend, Cpu};
 use model::checkpoint::{parse_safetensors, read_safetensors, to_f32, write_f32_safetensors};
-use model::loss::{logits_per_image, ContrastiveLoss};
+use model::collectives::Single;
+use model::loss::logits_per_image;
+use model::step::{self, InfoNceLoss, LocalBatch};
 use model::Clip;
 use safetensors::tensor::Dtype;
 
@@ -115,14 +117,10 @@ fn run_on<B: Backend>(backend: B, args: &ForwardBackwardArgs) -> Result<()> {
     }
     let (clip, _report) = Clip::from_pretrained_with(backend, &args.checkpoint, config, b)
         .with_context(|| format!("loading {}", args.checkpoint.display()))?;
-    let loss_fn = ContrastiveLoss::new(&clip)?;
-    clip.zero_grads();
-    clip.upload_pixels(&inp.pixels, b)?;
-    clip.forward_vision(b)?;
-    clip.forward_text(&ids, b)?;
-    let loss = loss_fn.forward_backward(&clip, b)?;
-    clip.backward_vision(b);
-    clip.backward_text(b);
+    // The training step every caller runs, in a world of one.
+    let mut loss_fn = InfoNceLoss::new(&clip, 1)?;
+    let loss =
+        step::forward_backward(&clip, &mut loss_fn, &mut Single, &LocalBatch { pixels: &inp.pixels, ids: &ids, b })?;
 
     let be = &clip.backend;
     let p = clip.config.projection_dim;

@@ -8,8 +8,9 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use kernels::cuda::{bench, check, libs, nvtx};
 use kernels::{Backend, Cpu, Cuda};
-use model::loss::ContrastiveLoss;
+use model::collectives::Single;
 use model::optim::{AdamW, AdamWConfig};
+use model::step::{self, InfoNceLoss, LocalBatch};
 use model::{Clip, ClipConfig};
 use serde_json::json;
 
@@ -147,7 +148,7 @@ fn one_step<B: Backend>(
 ) -> Result<Vec<(&'static str, Vec<f32>)>> {
     let config = ClipConfig::small(image, patch, width, layers, heads);
     let clip = Clip::random(backend, config, b, seed)?;
-    let loss_fn = ContrastiveLoss::new(&clip)?;
+    let mut loss_fn = InfoNceLoss::new(&clip, 1)?;
     let mut opt = AdamW::new(&clip, AdamWConfig::default())?;
     let mut rng = check::Rng::new(seed ^ 0x5eed);
     let pixels = rng.vec(b * 3 * image * image, 2.0);
@@ -159,13 +160,7 @@ fn one_step<B: Backend>(
             _ => rng.below(49406) as i32,
         })
         .collect();
-    clip.zero_grads();
-    clip.upload_pixels(&pixels, b)?;
-    clip.forward_vision(b)?;
-    clip.forward_text(&ids, b)?;
-    let loss = loss_fn.forward_backward(&clip, b)?;
-    clip.backward_vision(b);
-    clip.backward_text(b);
+    let loss = step::forward_backward(&clip, &mut loss_fn, &mut Single, &LocalBatch { pixels: &pixels, ids: &ids, b })?;
     let grads = clip.grads_to_host()?;
     opt.step(&clip, 1e-3)?;
     clip.backend.synchronize()?;

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod collectives;
 pub mod config;
 pub mod freeze;
 pub mod head;
@@ -11,6 +12,7 @@ pub mod loss;
 pub mod optim;
 pub mod params;
 pub mod schedule;
+pub mod step;
 pub mod tokenizer;
 
 pub use clip::Clip;

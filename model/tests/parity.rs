@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 
 use kernels::{Backend, Cpu};
 use model::checkpoint::{parse_safetensors, read_safetensors};
-use model::loss::{logits_per_image, ContrastiveLoss};
+use model::collectives::Single;
+use model::loss::logits_per_image;
 use model::optim::{AdamW, AdamWConfig};
+use model::step::{self, InfoNceLoss, LocalBatch};
 use model::Clip;
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
@@ -69,15 +71,10 @@ fn load_case(st: &SafeTensors<'_>, ctx: usize) -> Case {
     Case { b, pixels, ids }
 }
 
-fn step<B: Backend>(clip: &mut Clip<B>, loss: &ContrastiveLoss<B>, case: &Case) -> f32 {
-    clip.zero_grads();
-    clip.upload_pixels(&case.pixels, case.b).unwrap();
-    clip.forward_vision(case.b).unwrap();
-    clip.forward_text(&case.ids, case.b).unwrap();
-    let l = loss.forward_backward(clip, case.b).unwrap();
-    clip.backward_vision(case.b);
-    clip.backward_text(case.b);
-    l
+/// The training step every caller runs (a world of one): gradients into `clip.grads`.
+fn step<B: Backend>(clip: &mut Clip<B>, loss: &mut InfoNceLoss<B>, case: &Case) -> f32 {
+    let lb = LocalBatch { pixels: &case.pixels, ids: &case.ids, b: case.b };
+    step::forward_backward(clip, loss, &mut Single, &lb).unwrap()
 }
 
 fn check_fixture(name: &str) {
@@ -90,8 +87,8 @@ fn check_fixture(name: &str) {
     let case = load_case(&st, ctx);
     let (mut clip, report) = Clip::from_pretrained(Cpu, &dir, case.b).unwrap();
     assert!(report.initialised.is_empty());
-    let loss_fn = ContrastiveLoss::new(&clip).unwrap();
-    let loss = step(&mut clip, &loss_fn, &case);
+    let mut loss_fn = InfoNceLoss::new(&clip, 1).unwrap();
+    let loss = step(&mut clip, &mut loss_fn, &case);
 
     let b = case.b;
     let p = clip.config.projection_dim;
@@ -142,7 +139,7 @@ fn check_fixture(name: &str) {
     let mut opt = AdamW::new(&clip, cfg).unwrap();
     let mut losses = Vec::new();
     for _ in 0..want.len() {
-        losses.push(step(&mut clip, &loss_fn, &case));
+        losses.push(step(&mut clip, &mut loss_fn, &case));
         opt.step(&clip, hp[0]).unwrap();
     }
     assert_close(&format!("{name} adamw_losses"), &losses, &want, 1e-4, 1e-5);

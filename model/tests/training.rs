@@ -6,9 +6,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use kernels::{Backend, Cpu};
 use model::checkpoint::{write_f32_safetensors, WEIGHTS};
+use model::collectives::Single;
 use model::freeze::ADAPTERS_AND_NORMS;
-use model::loss::ContrastiveLoss;
 use model::optim::{AdamW, AdamWConfig};
+use model::step::{self, InfoNceLoss, LocalBatch};
 use model::train_state::{self, RunPosition};
 use model::{Clip, ClipConfig};
 use rand::{Rng, SeedableRng};
@@ -57,26 +58,27 @@ fn batch(rng: &mut ChaCha8Rng, c: &ClipConfig, b: usize) -> Batch {
     Batch { b, pixels, ids }
 }
 
-fn loss_and_grads(clip: &Clip<Cpu>, loss: &ContrastiveLoss<Cpu>, x: &Batch, backward: bool) -> f32 {
+/// The loss of `x`, and with `backward` the whole step's gradient (the step every caller runs,
+/// in a world of one).
+fn loss_and_grads(clip: &Clip<Cpu>, x: &Batch, backward: bool) -> f32 {
+    let mut loss = InfoNceLoss::new(clip, 1).unwrap();
+    if backward {
+        let lb = LocalBatch { pixels: &x.pixels, ids: &x.ids, b: x.b };
+        return step::forward_backward(clip, &mut loss, &mut Single, &lb).unwrap();
+    }
     clip.zero_grads();
     clip.upload_pixels(&x.pixels, x.b).unwrap();
     clip.forward_vision(x.b).unwrap();
     clip.forward_text(&x.ids, x.b).unwrap();
-    let l = loss.forward_backward(clip, x.b).unwrap();
-    if backward {
-        clip.backward_vision(x.b);
-        clip.backward_text(x.b);
-    }
-    l
+    loss.forward_backward(clip, &mut Single, x.b).unwrap()
 }
 
 /// Directional finite differences of the whole model's loss along random directions in the
 /// parameters selected by `select`, against the analytic gradient.
 fn check_directional(clip: &Clip<Cpu>, select: impl Fn(&str) -> bool, rng: &mut ChaCha8Rng, what: &str) {
-    let loss = ContrastiveLoss::new(clip).unwrap();
     let x = batch(rng, &clip.config, 3);
     let theta = clip.params_to_host().unwrap();
-    loss_and_grads(clip, &loss, &x, true);
+    loss_and_grads(clip, &x, true);
     let g = clip.grads_to_host().unwrap();
     for trial in 0..3 {
         let mut v = vec![0.0f64; theta.len()];
@@ -99,7 +101,7 @@ fn check_directional(clip: &Clip<Cpu>, select: impl Fn(&str) -> bool, rng: &mut 
         let at = |step: f64| {
             let p: Vec<f32> = theta.iter().zip(&v).map(|(&t, &v)| (t as f64 + step * v) as f32).collect();
             clip.params_from_host(&p).unwrap();
-            loss_and_grads(clip, &loss, &x, false) as f64
+            loss_and_grads(clip, &x, false) as f64
         };
         let central = |step: f64| (at(step) - at(-step)) / (2.0 * step);
         let fd = (4.0 * central(h) - central(2.0 * h)) / 3.0;
@@ -148,8 +150,8 @@ fn fresh_adapters_are_the_identity() {
     }
     adapted.params_from_host(&dst).unwrap();
     let x = batch(&mut rng, &plain.config, 2);
-    let l1 = loss_and_grads(&plain, &ContrastiveLoss::new(&plain).unwrap(), &x, false);
-    let l2 = loss_and_grads(&adapted, &ContrastiveLoss::new(&adapted).unwrap(), &x, false);
+    let l1 = loss_and_grads(&plain, &x, false);
+    let l2 = loss_and_grads(&adapted, &x, false);
     assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "{l1} vs {l2}");
 }
 
@@ -162,11 +164,10 @@ fn freezing_leaves_frozen_parameters_untouched() {
     assert!(n > 0);
     assert!(clip.train_only(&["*no_such_tensor*"]).is_err());
     clip.train_only(ADAPTERS_AND_NORMS).unwrap();
-    let loss = ContrastiveLoss::new(&clip).unwrap();
     let mut opt = AdamW::new(&clip, AdamWConfig::default()).unwrap();
     let x = batch(&mut rng, &clip.config, 3);
     let before = clip.params_to_host().unwrap();
-    loss_and_grads(&clip, &loss, &x, true);
+    loss_and_grads(&clip, &x, true);
     let grads = clip.grads_to_host().unwrap();
     opt.step(&clip, 1e-2).unwrap();
     let after = clip.params_to_host().unwrap();
@@ -221,10 +222,9 @@ fn checkpoint_round_trip_and_train_state() {
     assert_eq!(leftovers, 0);
 
     // Optimiser moments, step and position survive a save/load.
-    let loss = ContrastiveLoss::new(&clip).unwrap();
     let mut opt = AdamW::new(&clip, AdamWConfig::default()).unwrap();
     let x = batch(&mut rng, &clip.config, 2);
-    loss_and_grads(&clip, &loss, &x, true);
+    loss_and_grads(&clip, &x, true);
     opt.step(&clip, 1e-3).unwrap();
     let pos = RunPosition { step: 1, rng: vec![1, 2, 3], data_epoch: 4, data_batch: 5 };
     let path = dir.join("train_state.safetensors");
@@ -244,9 +244,8 @@ fn checkpoint_round_trip_and_train_state() {
     // a trainable parameter whose moments are missing is refused.
     let mut frozen = Clip::random(Cpu, tiny(Some(4)), 2, rng.random()).unwrap();
     frozen.train_only(ADAPTERS_AND_NORMS).unwrap();
-    let loss = ContrastiveLoss::new(&frozen).unwrap();
     let mut opt = AdamW::new(&frozen, AdamWConfig::default()).unwrap();
-    loss_and_grads(&frozen, &loss, &x, true);
+    loss_and_grads(&frozen, &x, true);
     opt.step(&frozen, 1e-3).unwrap();
     train_state::save(&path, &frozen, &opt, &pos).unwrap();
     let names = safetensors::SafeTensors::deserialize(&std::fs::read(&path).unwrap())
@@ -333,13 +332,13 @@ fn backward_reports_each_gradient_range_once_when_final() {
         if frozen {
             clip.train_only(ADAPTERS_AND_NORMS).unwrap();
         }
-        let loss = ContrastiveLoss::new(&clip).unwrap();
+        let mut loss = InfoNceLoss::new(&clip, 1).unwrap();
         let x = batch(&mut rng, &clip.config, 3);
         clip.zero_grads();
         clip.upload_pixels(&x.pixels, x.b).unwrap();
         clip.forward_vision(x.b).unwrap();
         clip.forward_text(&x.ids, x.b).unwrap();
-        loss.forward_backward(&clip, x.b).unwrap();
+        loss.forward_backward(&clip, &mut Single, x.b).unwrap();
         let mut seen: Vec<(std::ops::Range<usize>, Vec<f32>)> = Vec::new();
         let order = clip.grad_order().clone();
         let snap = |clip: &Clip<Cpu>, r: std::ops::Range<usize>| {

@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::comm::{self, Collectives, RingHello, TcpRing};
+use crate::comm::{self, OverHost, RingHello, TcpRing};
 use crate::job::{self, Link};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -173,8 +173,8 @@ fn run(args: Args) -> Result<i32> {
     let link = Link { client: client.clone(), session: session.clone(), handle: rt.handle().clone() };
     let result = if args.device == "cpu" {
         let hello = RingHello { run: run_number(&reply.run_id), generation: reply.generation };
-        let mut ring = TcpRing::connect(rank, listener, &reply.peer_addrs, hello, Duration::from_secs(600))?;
-        job::run(kernels::Cpu, &job, &mut ring, None, &link)
+        let ring = TcpRing::connect(rank, listener, &reply.peer_addrs, hello, Duration::from_secs(600))?;
+        job::run(kernels::Cpu, &job, &mut OverHost::new(ring), &link)
     } else if args.device == "cuda" {
         train_cuda(&rt, &mut client, &session, rank, world, &job, &link)
     } else {
@@ -226,8 +226,7 @@ fn train_cuda(
     };
     let mut nccl = comm::NcclComm::new(ordinal, rank, world, &id)?;
     let be = kernels::Cuda::new(ordinal)?;
-    let sum = Box::new(nccl.device_sum());
-    let r = job::run(be, job, &mut nccl, Some(sum), link);
+    let r = job::run(be, job, &mut nccl, link);
     // Only a rank that finished waits for the others: a failed one returns at once, so that
     // its report reaches the coordinator (which aborts the others) instead of it sitting in a
     // collective its peers never enter.

@@ -26,11 +26,11 @@ use model::train_state::{self, RunPosition};
 use model::Clip;
 use proto::v1::{Job, ResultKind, StepMetrics};
 
-use crate::comm::Collectives;
-use crate::dist::DistLoss;
+use model::collectives::Collectives;
+use model::step::{GradientSum, Towers};
+
 use crate::embed::{embed_entries, part_path, write_part};
 use crate::feed::Feed;
-use crate::grad_sum::DeviceSum;
 use crate::job::{checkpoint_dir, Link};
 
 /// The head's optimiser state in a fine-tuning checkpoint.
@@ -58,13 +58,7 @@ fn label_columns(job: &Job) -> Result<Vec<usize>> {
 }
 
 /// Runs the job; returns the last step's loss.
-pub fn finetune<B: Backend>(
-    be: B,
-    job: &Job,
-    comm: &mut dyn Collectives,
-    device_sum: Option<Box<dyn DeviceSum<B>>>,
-    link: &Link,
-) -> Result<f32> {
+pub fn finetune<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, link: &Link) -> Result<f32> {
     let (rank, world) = (comm.rank(), comm.world());
     let g = job.global_batch as usize;
     ensure!(g.is_multiple_of(world), "global batch {g} is not a multiple of the world size {world}");
@@ -102,10 +96,7 @@ pub fn finetune<B: Backend>(
     }
     let pos_weight: Vec<f32> = if job.pos_weight.is_empty() { vec![1.0; n_labels] } else { job.pos_weight.clone() };
     ensure!(pos_weight.len() == n_labels, "{} positive weights for {n_labels} labels", pos_weight.len());
-    let mut dist = DistLoss::new(&clip, world)?;
-    if let Some(sum) = device_sum {
-        dist = dist.with_device_sum(sum);
-    }
+    let mut grad_sum = GradientSum::new(&clip)?;
     let schedule = crate::train_opts::build_schedule(job)?;
     let head_lr_ratio = if job.head_lr > 0.0 { job.head_lr / job.lr } else { 1.0 };
     let tok = ClipTokenizer::new()?;
@@ -140,18 +131,18 @@ pub fn finetune<B: Backend>(
         clip.forward_vision(b)?;
         clip.backend.download_f32(&clip.image_embeds(b), &mut embeds)?;
         let mut count = [mask.iter().sum::<f32>()];
-        comm.all_reduce(&mut count)?;
+        comm.all_reduce_host(&mut count)?;
         ensure!(count[0] > 0.0, "step {}: every label of the global batch is masked", step + 1);
         let t = Targets { targets: &targets, mask: &mask, pos_weight: &pos_weight };
         let hg = head.loss_backward(&embeds, &t, count[0] as f64)?;
         clip.backend.upload_f32(&clip.image_embeds_grad(b), &hg.d_embeds)?;
-        dist.backward_vision_and_sum(&clip, comm, b)?;
+        grad_sum.backward_and_sum(&clip, comm, b, Towers::Vision)?;
         // The head's gradient and the loss, summed over the ranks in one call (one buffer for
         // the run: weights, biases, then the loss).
         flat[..n_labels * dim].copy_from_slice(&hg.d_weight);
         flat[n_labels * dim..n_labels * dim + n_labels].copy_from_slice(&hg.d_bias);
         flat[n_labels * dim + n_labels] = hg.loss_sum as f32;
-        comm.all_reduce(&mut flat)?;
+        comm.all_reduce_host(&mut flat)?;
         let loss = flat[n_labels * dim + n_labels] / count[0];
         ensure!(loss.is_finite(), "step {}: the loss is {loss}", step + 1);
         let grad_norm = opt.step(&clip, lr as f32)?;

@@ -19,10 +19,10 @@ use proto::tonic::transport::Channel;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{Job, JobResult, ResultKind, Session, ShardEntry, ShardRequest, StepMetrics};
 
-use crate::comm::Collectives;
-use crate::dist::{train_step, DistLoss, LocalBatch};
+use model::collectives::Collectives;
+use model::step::{train_step, InfoNceLoss, LocalBatch};
+
 use crate::feed::Feed;
-use crate::grad_sum::DeviceSum;
 use crate::train_opts;
 
 /// The folder of the checkpoint taken after `step` updates.
@@ -86,32 +86,18 @@ impl Link {
 
 /// Runs the job the coordinator handed out, by its kind; returns the last step's loss (0 for a
 /// job without one).
-pub fn run<B: Backend>(
-    be: B,
-    job: &Job,
-    comm: &mut dyn Collectives,
-    device_sum: Option<Box<dyn DeviceSum<B>>>,
-    link: &Link,
-) -> Result<f32> {
+pub fn run<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, link: &Link) -> Result<f32> {
     match job.kind.as_str() {
-        "" | "cls-train" => train(be, job, comm, device_sum, link),
-        "finetune" => crate::finetune::finetune(be, job, comm, device_sum, link),
+        "" | "cls-train" => train(be, job, comm, link),
+        "finetune" => crate::finetune::finetune(be, job, comm, link),
         "embed" => crate::embed::run(be, job, comm.rank(), comm.world(), link).map(|()| 0.0),
         other => Err(anyhow!("unknown job kind '{other}' (cls-train, finetune, embed)")),
     }
 }
 
-/// Runs the contrastive training job on backend `be` with communicator `comm`; returns the last
-/// step's loss.
-/// `device_sum` sums the gradient buckets on the device (NCCL); without it they go through the
-/// host and `comm`.
-pub fn train<B: Backend>(
-    be: B,
-    job: &Job,
-    comm: &mut dyn Collectives,
-    device_sum: Option<Box<dyn DeviceSum<B>>>,
-    link: &Link,
-) -> Result<f32> {
+/// Runs the contrastive training job on backend `be` with the collectives `comm` (NCCL on the
+/// device, or the TCP ring through the host); returns the last step's loss.
+pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, link: &Link) -> Result<f32> {
     let (rank, world) = (comm.rank(), comm.world());
     let g = job.global_batch as usize;
     ensure!(g.is_multiple_of(world), "global batch {g} is not a multiple of the world size {world}");
@@ -124,10 +110,7 @@ pub fn train<B: Backend>(
         let pos = train_state::load(&PathBuf::from(&job.resume_dir).join("train_state.safetensors"), &clip, &mut opt)?;
         ensure!(pos.step == start, "checkpoint {} holds step {}, expected {start}", job.resume_dir, pos.step);
     }
-    let mut loss = DistLoss::new(&clip, world)?;
-    if let Some(sum) = device_sum {
-        loss = loss.with_device_sum(sum);
-    }
+    let mut loss = InfoNceLoss::new(&clip, world)?;
     let schedule = train_opts::build_schedule(job)?;
     let (image, ctx) = (clip.image_size(), clip.context_len());
     // The tokenizer frames every text in exactly CONTEXT_LEN ids; a model with a shorter context
@@ -154,7 +137,7 @@ pub fn train<B: Backend>(
         let t0 = Instant::now();
         let lr = schedule.lr(job.lr, step) as f32;
         let lb = LocalBatch { pixels: &batch.pixels, ids: &batch.tokens, b };
-        let out = train_step(&mut clip, &mut opt, &mut loss, comm, &lb, lr)?;
+        let out = train_step(&clip, &mut opt, &mut loss, comm, &lb, lr)?;
         feed.recycle(batch);
         ensure!(out.loss.is_finite(), "step {}: the loss is {}", step + 1, out.loss);
         last = out.loss;

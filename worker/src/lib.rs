@@ -1,15 +1,14 @@
-//! One rank of a cxrclip run: collectives ([`comm`]), the exact data-parallel CLS step
-//! ([`dist`]), the jobs the coordinator hands out ([`job`]: contrastive training, [`finetune`],
-//! [`embed`]), their data feed ([`feed`]), the job's training choices made concrete
+//! One rank of a cxrclip run: collectives ([`comm`]: the TCP ring and NCCL behind the step's
+//! `model::collectives::Collectives`; the step itself is `model::step`), the jobs the
+//! coordinator hands out ([`job`]: contrastive training, [`finetune`], [`embed`]), their data
+//! feed ([`feed`]), the job's training choices made concrete
 //! ([`train_opts`]), and the command line that runs them ([`cli`]).
 
 pub mod cli;
 pub mod comm;
-pub mod dist;
 pub mod embed;
 pub mod fault;
 pub mod feed;
 pub mod finetune;
-pub mod grad_sum;
 pub mod job;
 pub mod train_opts;

@@ -5,14 +5,14 @@
 use std::time::Duration;
 
 use kernels::Cpu;
-use model::loss::ContrastiveLoss;
+use model::collectives::Single;
 use model::optim::{AdamW, AdamWConfig};
+use model::step::{forward_backward, train_step, InfoNceLoss, LocalBatch};
 use model::{Clip, ClipConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use worker::comm::ring::loopback_world;
-use worker::comm::Collectives;
-use worker::dist::{forward_backward, train_step, DistLoss, LocalBatch};
+use worker::comm::{HostCollectives, OverHost};
 
 const GLOBAL: usize = 8;
 const SEED: u64 = 3;
@@ -39,20 +39,15 @@ fn batch(step: u64, image: usize, ctx: usize) -> (Vec<f32>, Vec<i32>) {
 
 fn single_process(steps: u64) -> (Vec<f32>, Vec<f32>) {
     let clip = Clip::random(Cpu, config(), GLOBAL, SEED).expect("model");
-    let loss = ContrastiveLoss::new(&clip).expect("loss");
+    let mut loss = InfoNceLoss::new(&clip, 1).expect("loss");
     let mut opt = AdamW::new(&clip, AdamWConfig::default()).expect("adamw");
     let (s, ctx) = (clip.image_size(), clip.context_len());
     let mut losses = Vec::new();
     let mut first_grads = Vec::new();
     for step in 0..steps {
         let (px, ids) = batch(step, s, ctx);
-        clip.zero_grads();
-        clip.upload_pixels(&px, GLOBAL).expect("pixels");
-        clip.forward_vision(GLOBAL).expect("vision");
-        clip.forward_text(&ids, GLOBAL).expect("text");
-        losses.push(loss.forward_backward(&clip, GLOBAL).expect("loss"));
-        clip.backward_vision(GLOBAL);
-        clip.backward_text(GLOBAL);
+        let lb = LocalBatch { pixels: &px, ids: &ids, b: GLOBAL };
+        losses.push(forward_backward(&clip, &mut loss, &mut Single, &lb).expect("step"));
         if step == 0 {
             first_grads = clip.grads_to_host().expect("grads");
         }
@@ -71,12 +66,13 @@ fn distributed_buckets(world: usize, steps: u64, bucket: Option<usize>) -> (Vec<
     let rings = loopback_world(world, Duration::from_secs(30)).expect("ring");
     let handles: Vec<_> = rings
         .into_iter()
-        .map(|mut comm| {
+        .map(|ring| {
             std::thread::spawn(move || {
                 let b = GLOBAL / world;
-                let r = comm.rank();
-                let mut clip = Clip::random(Cpu, config(), b, SEED).expect("model");
-                let mut loss = DistLoss::new(&clip, world).expect("loss");
+                let r = ring.rank();
+                let mut comm = OverHost::new(ring);
+                let clip = Clip::random(Cpu, config(), b, SEED).expect("model");
+                let mut loss = InfoNceLoss::new(&clip, world).expect("loss");
                 if let Some(v) = bucket {
                     loss = loss.with_bucket_values(&clip, v);
                 }
@@ -93,13 +89,12 @@ fn distributed_buckets(world: usize, steps: u64, bucket: Option<usize>) -> (Vec<
                         b,
                     };
                     if step == 0 {
-                        let l = forward_backward(&mut clip, &mut loss, &mut comm, &lb).expect("fb");
+                        let l = forward_backward(&clip, &mut loss, &mut comm, &lb).expect("fb");
                         first = clip.grads_to_host().expect("grads");
                         opt.step(&clip, 1e-3).expect("step");
                         losses.push(l);
                     } else {
-                        losses
-                            .push(train_step(&mut clip, &mut opt, &mut loss, &mut comm, &lb, 1e-3).expect("step").loss);
+                        losses.push(train_step(&clip, &mut opt, &mut loss, &mut comm, &lb, 1e-3).expect("step").loss);
                     }
                 }
                 (losses, first)

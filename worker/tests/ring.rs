@@ -6,7 +6,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use worker::comm::ring::loopback_world;
-use worker::comm::{Collectives, TcpRing};
+use worker::comm::{HostCollectives, TcpRing};
 
 /// Runs `f` on every rank of a loopback world, each in a thread; returns the ranks' results.
 fn on_world<R: Send + 'static>(world: usize, f: impl Fn(&mut TcpRing) -> R + Send + Sync + Clone + 'static) -> Vec<R> {

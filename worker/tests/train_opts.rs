@@ -3,16 +3,14 @@
 //! blocks' own weights stay bit for bit); in `full` mode every tensor moves; a resumed job
 //! rebuilds the checkpoint's adapters and refuses a checkpoint whose adapters differ.
 
-use std::time::Duration;
-
 use kernels::Cpu;
+use model::collectives::Single;
 use model::optim::AdamW;
+use model::step::{train_step, InfoNceLoss, LocalBatch};
 use model::{Clip, ClipConfig};
 use proto::v1::{Job, TrainOptions};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use worker::comm::ring::loopback_world;
-use worker::dist::{train_step, DistLoss, LocalBatch};
 use worker::train_opts::{adamw_config, apply_mode, build_model, MODE_ADAPTERS, MODE_FULL};
 
 const B: usize = 4;
@@ -66,14 +64,13 @@ fn three_steps(job: &Job, rng: &mut ChaCha8Rng) -> (Clip<Cpu>, Vec<f32>, Vec<f32
     assert_eq!(start, 0);
     apply_mode(&mut clip, job).expect("mode");
     let mut opt = AdamW::new(&clip, adamw_config(job).expect("adamw")).expect("optimiser");
-    let mut comm = loopback_world(1, Duration::from_secs(10)).expect("ring").pop().expect("rank 0");
-    let mut loss = DistLoss::new(&clip, 1).expect("loss");
+    let mut loss = InfoNceLoss::new(&clip, 1).expect("loss");
     let before = clip.params_to_host().expect("params");
     let (s, ctx) = (clip.image_size(), clip.context_len());
     for _ in 0..3 {
         let (px, ids) = batch(rng, s, ctx);
         let lb = LocalBatch { pixels: &px, ids: &ids, b: B };
-        let out = train_step(&mut clip, &mut opt, &mut loss, &mut comm, &lb, job.lr as f32).expect("step");
+        let out = train_step(&clip, &mut opt, &mut loss, &mut Single, &lb, job.lr as f32).expect("step");
         assert!(out.loss.is_finite() && out.grad_norm > 0.0, "{out:?}");
     }
     let after = clip.params_to_host().expect("params");

@@ -1,18 +1,23 @@
-//! Collectives behind one trait: a ring over TCP for CPU ranks ([`ring::TcpRing`]) and NCCL for
-//! GPU ranks ([`nccl::NcclComm`]).
+//! The ranks' collectives: the step's interface is `model::collectives::Collectives`, over the
+//! backend's tensors. GPU ranks implement it with NCCL on device buffers ([`nccl::NcclComm`]);
+//! CPU ranks with a ring over TCP ([`ring::TcpRing`]), a [`HostCollectives`] transport on host
+//! slices that [`host::OverHost`] stages tensors through.
 //!
-//! Buffers are host `f32` slices. Sums follow a fixed order (the ring order), so a world of a
-//! given size reproduces its results bit for bit from run to run.
+//! The ring's sums follow a fixed order (the ring order), so a world of a given size reproduces
+//! its results bit for bit from run to run.
 
+pub mod host;
 pub mod nccl;
 pub mod ring;
 
 use anyhow::Result;
 
-pub use nccl::{nccl_library, NcclComm, NcclDeviceSum};
+pub use host::OverHost;
+pub use nccl::{nccl_library, NcclComm};
 pub use ring::{RingHello, TcpRing};
 
-pub trait Collectives: Send {
+/// A transport of host `f32` slices between the ranks.
+pub trait HostCollectives: Send {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// `recv[k*n .. (k+1)*n]` = rank k's `send` (`n = send.len()`, `recv.len() = world * n`).

@@ -1,18 +1,18 @@
-//! Collectives for GPU ranks through NCCL (cudarc, loaded at run time).
+//! The step's collectives for GPU ranks: NCCL on the backend's device tensors.
 //!
 //! Everything here is compiled on every machine; nothing touches a CUDA or NCCL entry point
 //! before [`nccl_library`] has opened both (NCCL through `kernels::cuda::nccl_lib`, which finds
 //! `libnccl.so.2` as the system package or NVIDIA's wheel installs it).
 //!
-//! One communicator serves two paths:
-//! - [`Collectives`] on host slices (the loss's feature gathers, a few hundred KiB a step),
-//!   staged through device buffers on a stream of their own;
-//! - [`NcclDeviceSum`]: the gradient buckets summed in place in the model's device buffer, on
-//!   the backend's communication stream, each after the compute that finished it
-//!   ([`crate::grad_sum`]).
+//! The feature all-gather, the reduce-scatter of the gathered feature gradients and the
+//! gradient buckets all run on the backend's communication stream, on the tensors' own device
+//! buffers: the communication stream waits (through an event) for the compute that wrote the
+//! input, and the compute stream waits for the collective before it reads the output. Nothing
+//! goes through the host but the few values of [`Collectives::all_reduce_host`] (the loss, a
+//! fine-tuning head's gradient), staged through a small device buffer of the communicator's own.
 //!
-//! Both are issued from the rank's one host thread in program order, the same on every rank,
-//! which is what NCCL requires of calls on one communicator.
+//! Every call is issued from the rank's one host thread in program order, the same on every
+//! rank, which is what NCCL requires of calls on one communicator.
 //!
 //! **Written without a GPU**: compiled everywhere, never yet run on a device.
 
@@ -24,10 +24,9 @@ use std::sync::{Arc, Weak};
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use kernels::cuda::nccl_lib::{self, Nccl};
-use kernels::{Cuda, Tensor};
-
-use super::Collectives;
-use crate::grad_sum::DeviceSum;
+use kernels::{Cuda, DType, Tensor};
+use model::collectives::{Backward, Buckets, Collectives};
+use model::Clip;
 
 /// The CUDA driver and NCCL, opened; one line naming what is missing otherwise.
 pub fn nccl_library() -> Result<&'static Nccl> {
@@ -106,11 +105,6 @@ impl NcclComm {
         Ok(Self { inner: Inner { comm, stream, send: None, recv: None }, rank, world })
     }
 
-    /// Sums gradient buckets in place on `be`'s device (the one this communicator was made on).
-    pub fn device_sum(&self) -> NcclDeviceSum {
-        NcclDeviceSum { comm: self.inner.comm.clone() }
-    }
-
     /// Device buffers of at least `send` and `recv` elements, holding `host` at the front of
     /// the send buffer.
     fn stage(&mut self, host: &[f32], recv: usize) -> Result<()> {
@@ -153,7 +147,38 @@ impl NcclComm {
     }
 }
 
-impl Collectives for NcclComm {
+impl NcclComm {
+    /// Sums host values over the ranks through the staging buffers (a few values a step).
+    fn sum_host(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.stage(buf, buf.len())?;
+        let n = buf.len();
+        // SAFETY: staged device buffers of `n` values each way on this communicator's GPU.
+        self.run(|l, s, r, c, st| unsafe { l.all_reduce(s, r, n, nccl_lib::SUM, c, st) })?;
+        self.fetch(buf)
+    }
+
+    /// Returns once every rank has entered it.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.sum_host(&mut [0.0f32])
+    }
+
+    /// The communicator and NCCL, checked for an error a peer raised asynchronously.
+    fn live(&self) -> Result<(nccl_lib::Comm, &'static Nccl)> {
+        let (comm, lib) = (self.inner.comm.get(), self.inner.comm.lib);
+        ensure!(!comm.is_null(), "the NCCL communicator was aborted");
+        // SAFETY: a live communicator (checked above).
+        unsafe { lib.async_error(comm) }?;
+        Ok((comm, lib))
+    }
+}
+
+/// The device address of an f32 tensor, as NCCL takes it.
+fn f32_ptr(be: &Cuda, t: &Tensor<Cuda>, what: &str) -> Result<*mut c_void> {
+    ensure!(t.dtype() == DType::F32, "NCCL {what}: an f32 tensor is needed, got {:?}", t.dtype());
+    Ok(be.device_ptr(t) as *mut c_void)
+}
+
+impl Collectives<Cuda> for NcclComm {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -161,75 +186,77 @@ impl Collectives for NcclComm {
         self.world
     }
 
-    fn all_gather(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
-        ensure!(recv.len() == send.len() * self.world, "all_gather: receive buffer of the wrong length");
-        self.stage(send, recv.len())?;
-        let n = send.len();
-        // SAFETY: staged device buffers of `n` and `world * n` values on this communicator's GPU.
-        self.run(|l, s, r, c, st| unsafe { l.all_gather(s, r, n, c, st) })?;
-        self.fetch(recv)
-    }
-
-    fn reduce_scatter(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
-        ensure!(send.len() == recv.len() * self.world, "reduce_scatter: send buffer of the wrong length");
-        self.stage(send, recv.len())?;
-        let n = recv.len();
-        // SAFETY: as above, `world * n` values in, `n` out.
-        self.run(|l, s, r, c, st| unsafe { l.reduce_scatter(s, r, n, c, st) })?;
-        self.fetch(recv)
-    }
-
-    fn all_reduce(&mut self, buf: &mut [f32]) -> Result<()> {
-        self.stage(buf, buf.len())?;
-        let n = buf.len();
-        // SAFETY: as above, `n` values each way.
-        self.run(|l, s, r, c, st| unsafe { l.all_reduce(s, r, n, nccl_lib::SUM, c, st) })?;
-        self.fetch(buf)
-    }
-
-    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
-        ensure!(root < self.world, "broadcast: root {root} outside a world of {}", self.world);
-        self.stage(buf, buf.len())?;
-        let n = buf.len();
-        // SAFETY: as above; only the root's send buffer is read.
-        self.run(|l, s, r, c, st| unsafe { l.broadcast(s, r, n, root, c, st) })?;
-        self.fetch(buf)
-    }
-
-    fn barrier(&mut self) -> Result<()> {
-        let mut one = [0.0f32];
-        self.all_reduce(&mut one)
-    }
-}
-
-/// Sums gradient buckets in place in the model's device buffer on the backend's communication
-/// stream (see [`DeviceSum`]).
-pub struct NcclDeviceSum {
-    comm: Arc<RawComm>,
-}
-
-impl DeviceSum<Cuda> for NcclDeviceSum {
-    fn bucket(&mut self, be: &Cuda, grads: &Tensor<Cuda>, ranges: &[Range<usize>]) -> Result<()> {
+    fn all_gather(&mut self, be: &Cuda, local: &Tensor<Cuda>, all: &Tensor<Cuda>) -> Result<()> {
+        let n = local.len();
+        ensure!(all.len() == n * self.world, "all_gather: {n} values into {}", all.len());
+        let (comm, lib) = self.live()?;
+        let (send, recv) = (f32_ptr(be, local, "all_gather")?, f32_ptr(be, all, "all_gather")?);
         be.comm_waits_for_compute()?;
-        let base = be.device_ptr(grads);
-        let stream = be.comm_stream() as nccl_lib::Stream;
-        if let Some(r) = ranges.iter().find(|r| r.end > grads.len()) {
-            bail!("bucket {r:?} outside a gradient of {}", grads.len());
-        }
-        let (comm, lib) = (self.comm.get(), self.comm.lib);
-        // The group is closed even when a call inside fails (see `Nccl::group`).
-        lib.group(|| {
-            for r in ranges {
-                let p = (base + (r.start * std::mem::size_of::<f32>()) as u64) as *mut c_void;
-                // SAFETY: an in-place sum of `r.len()` values inside the model's gradient buffer
-                // on the device of this communicator; the comm stream waits for the compute above.
-                unsafe { lib.all_reduce(p as *const _, p, r.len(), nccl_lib::SUM, comm, stream) }?;
-            }
-            Ok(())
-        })
+        // SAFETY: device buffers of `n` and `world * n` f32 of this communicator's GPU, alive
+        // until the compute stream (which waits for this below) is done with them.
+        unsafe { lib.all_gather(send, recv, n, comm, be.comm_stream() as nccl_lib::Stream) }?;
+        be.compute_waits_for_comm()
     }
 
-    fn finish(&mut self, be: &Cuda) -> Result<()> {
+    fn reduce_scatter(&mut self, be: &Cuda, all: &Tensor<Cuda>, local: &Tensor<Cuda>) -> Result<()> {
+        let n = local.len();
+        ensure!(all.len() == n * self.world, "reduce_scatter: {} values into {n}", all.len());
+        let (comm, lib) = self.live()?;
+        let (send, recv) = (f32_ptr(be, all, "reduce_scatter")?, f32_ptr(be, local, "reduce_scatter")?);
+        be.comm_waits_for_compute()?;
+        // SAFETY: as in `all_gather`, `world * n` values in and `n` out.
+        unsafe { lib.reduce_scatter(send, recv, n, comm, be.comm_stream() as nccl_lib::Stream) }?;
+        be.compute_waits_for_comm()
+    }
+
+    fn all_reduce_host(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.sum_host(buf)
+    }
+
+    /// Each bucket is summed in place in the model's gradient buffer on the communication
+    /// stream, after the compute that finished it, without a copy or a host wait; the compute
+    /// after the return (the optimiser) waits for the last one.
+    fn backward_and_sum(&mut self, model: &Clip<Cuda>, buckets: &mut Buckets, backward: Backward<'_>) -> Result<()> {
+        let be = &model.backend;
+        let grads = &model.grads;
+        let (comm, lib) = self.live()?;
+        let base = f32_ptr(be, grads, "gradient sum")? as u64;
+        let stream = be.comm_stream() as nccl_lib::Stream;
+        let mut failed: Option<anyhow::Error> = None;
+        let mut enqueue = |ranges: Vec<Range<usize>>| {
+            if failed.is_some() {
+                return;
+            }
+            let r = (|| -> Result<()> {
+                if let Some(r) = ranges.iter().find(|r| r.end > grads.len()) {
+                    bail!("bucket {r:?} outside a gradient of {}", grads.len());
+                }
+                be.comm_waits_for_compute()?;
+                // The group is closed even when a call inside fails (see `Nccl::group`).
+                lib.group(|| {
+                    for r in &ranges {
+                        let p = (base + (r.start * std::mem::size_of::<f32>()) as u64) as *mut c_void;
+                        // SAFETY: an in-place sum of `r.len()` values inside the model's gradient
+                        // buffer on this communicator's device; the comm stream waits for the
+                        // compute that wrote them.
+                        unsafe { lib.all_reduce(p as *const _, p, r.len(), nccl_lib::SUM, comm, stream) }?;
+                    }
+                    Ok(())
+                })
+            })();
+            failed = r.err();
+        };
+        backward(&mut |r| {
+            if let Some(bucket) = buckets.push(r) {
+                enqueue(bucket);
+            }
+        });
+        if let Some(bucket) = buckets.flush() {
+            enqueue(bucket);
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
         be.compute_waits_for_comm()
     }
 }

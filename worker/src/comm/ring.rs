@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
-use super::{chunks, Collectives};
+use super::{chunks, HostCollectives};
 
 #[cfg(target_endian = "big")]
 compile_error!("the TCP ring sends f32 values in the machine's byte order and assumes little-endian peers");
@@ -244,7 +244,7 @@ impl TcpRing {
     }
 }
 
-impl Collectives for TcpRing {
+impl HostCollectives for TcpRing {
     fn rank(&self) -> usize {
         self.rank
     }

@@ -1,31 +1,81 @@
-//! Summing the parameter gradient over the ranks in buckets, overlapped with the backward.
+//! How ranks exchange what a training step needs, over the backend's own tensors.
 //!
-//! The model reports each range of its flat gradient buffer as soon as no op of the step writes
-//! it any more ([`model::params::GradOrder`]: the head first, then the blocks from the last).
-//! [`Buckets`] keeps only the ranges of parameters that train (frozen weights have no gradient
-//! to sum: with the published adapter setup that is a few percent of the buffer) and groups
-//! them into buckets of at least `cap` values, so that the sum of a bucket runs while the
-//! backward computes the next ones, and the last bucket is small (DDP's scheme).
+//! One interface for every world: [`Single`] (a world of one: a gather is a copy, a sum is the
+//! value itself), the worker's TCP ring for CPU ranks (it stages through the host itself) and
+//! NCCL for GPU ranks (device buffers on the communication stream, ordered by events: the
+//! features never leave the device). The step ([`crate::step`]) is written once against it.
 //!
-//! Two ways to run the sums:
-//! - [`backward_host_overlap`], for any backend and any [`Collectives`]: each bucket is copied
-//!   to the host and summed on a thread of its own while the backward goes on; the sums are
-//!   copied back at the end. On a CPU rank this overlaps the ring's network time with compute.
-//! - a [`DeviceSum`] (NCCL on the GPU's communication stream, [`crate::comm::nccl`]): each
-//!   bucket is enqueued on the device after the compute that finished it, without a copy or a
-//!   host wait; the optimiser's work waits for the last one.
-//!
-//! Sums stay reproducible: the buckets follow from the layout, the trainable set and `cap`,
-//! and the ring sums each element in a fixed order.
+//! The parameter gradient is summed in buckets while the backward runs: the model reports
+//! each range of its flat gradient buffer as soon as no op of the step writes it any more
+//! ([`crate::params::GradOrder`]: the head first, then the blocks from the last). [`Buckets`]
+//! keeps only the ranges of parameters that train (frozen weights have no gradient to sum:
+//! with the published adapter setup that is a few percent of the buffer) and groups them into
+//! buckets of at least `cap` values, so that the sum of a bucket runs while the backward
+//! computes the next ones, and the last bucket is small (DDP's scheme). Sums stay
+//! reproducible: the buckets follow from the layout, the trainable set and `cap`.
 
 use std::ops::Range;
-use std::sync::mpsc;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use kernels::{Backend, Tensor};
-use model::Clip;
 
-use crate::comm::Collectives;
+use crate::clip::Clip;
+
+/// Reports each finished range of the model's gradient buffer (see [`Collectives::backward_and_sum`]).
+pub type Ready<'a> = &'a mut dyn FnMut(Range<usize>);
+/// A backward pass that reports the ranges it finishes to the closure it is given.
+pub type Backward<'a> = &'a mut dyn FnMut(Ready<'_>);
+
+/// The collectives a training step uses, over tensors of backend `B`. Calls are made in the
+/// same order on every rank (what NCCL and the ring both require).
+pub trait Collectives<B: Backend> {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// `all[k*n .. (k+1)*n]` = rank k's `local` (`n = local.len()`, `all.len() = world * n`).
+    fn all_gather(&mut self, be: &B, local: &Tensor<B>, all: &Tensor<B>) -> Result<()>;
+    /// `local` = chunk `rank` of the sum over the ranks of `all` (`all.len() = world * n`).
+    fn reduce_scatter(&mut self, be: &B, all: &Tensor<B>, local: &Tensor<B>) -> Result<()>;
+    /// Sums a few host values over the ranks, in place (the loss, a label count, a small head).
+    fn all_reduce_host(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// Runs `backward` and sums the trainable gradient (`model.grads`) over the ranks, bucket by
+    /// bucket as `backward` reports them finished; work enqueued after the return sees the sums.
+    fn backward_and_sum(&mut self, model: &Clip<B>, buckets: &mut Buckets, backward: Backward<'_>) -> Result<()>;
+}
+
+/// A world of one: gathers and scatters are copies, sums are the values themselves.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Single;
+
+impl<B: Backend> Collectives<B> for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_gather(&mut self, be: &B, local: &Tensor<B>, all: &Tensor<B>) -> Result<()> {
+        anyhow::ensure!(local.len() == all.len(), "all_gather in a world of one: {} into {}", local.len(), all.len());
+        be.copy(all, local);
+        Ok(())
+    }
+    fn reduce_scatter(&mut self, be: &B, all: &Tensor<B>, local: &Tensor<B>) -> Result<()> {
+        anyhow::ensure!(
+            local.len() == all.len(),
+            "reduce_scatter in a world of one: {} into {}",
+            all.len(),
+            local.len()
+        );
+        be.copy(local, all);
+        Ok(())
+    }
+    fn all_reduce_host(&mut self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn backward_and_sum(&mut self, _model: &Clip<B>, _buckets: &mut Buckets, backward: Backward<'_>) -> Result<()> {
+        backward(&mut |_| {});
+        Ok(())
+    }
+}
 
 /// Values per bucket (4 Mi floats, 16 MiB): a ViT-B block (7.1 M parameters) fills one, so
 /// each block's sum starts as soon as its backward ends; small enough that the last bucket
@@ -91,90 +141,12 @@ impl Buckets {
     }
 }
 
-/// Sums gradient buckets on the device, in place, beside the compute (NCCL on a GPU's
-/// communication stream).
-pub trait DeviceSum<B: Backend>: Send {
-    /// Starts summing `ranges` of `grads` over the ranks once the compute enqueued so far is
-    /// done; returns without waiting.
-    fn bucket(&mut self, be: &B, grads: &Tensor<B>, ranges: &[Range<usize>]) -> Result<()>;
-    /// Makes the compute enqueued from now on wait for every bucket's sum.
-    fn finish(&mut self, be: &B) -> Result<()>;
-}
-
-/// A bucket's ranges and their values, copied out of the gradient (summed once back).
-type Summed = (Vec<Range<usize>>, Vec<f32>);
-
-/// Runs `backward` (which reports finished ranges to the closure it is given) and sums the
-/// trainable gradient over the ranks of `comm`, bucket by bucket, on a thread of its own while
-/// the backward goes on. `spare` keeps host buffers from step to step.
-pub fn backward_host_overlap<B: Backend>(
-    model: &Clip<B>,
-    comm: &mut dyn Collectives,
-    buckets: &mut Buckets,
-    spare: &mut Vec<Vec<f32>>,
-    backward: impl FnOnce(&mut dyn FnMut(Range<usize>)),
-) -> Result<()> {
-    let be = &model.backend;
-    let grads = &model.grads;
-    std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::channel::<Summed>();
-        let summer = scope.spawn(move || -> Result<Vec<Summed>> {
-            let mut done = Vec::new();
-            for (ranges, mut buf) in rx {
-                comm.all_reduce(&mut buf)?;
-                done.push((ranges, buf));
-            }
-            Ok(done)
-        });
-        let mut copy_err: Option<anyhow::Error> = None;
-        let mut send = |ranges: Vec<Range<usize>>| {
-            if copy_err.is_some() {
-                return;
-            }
-            let mut buf = spare.pop().unwrap_or_default();
-            buf.clear();
-            for r in &ranges {
-                let at = buf.len();
-                buf.resize(at + r.len(), 0.0);
-                if let Err(e) = be.download_f32(&grads.slice(r.start, r.len()), &mut buf[at..]) {
-                    copy_err = Some(e);
-                    return;
-                }
-            }
-            // A closed channel means the summing thread failed: its error comes from `join`.
-            let _ = tx.send((ranges, buf));
-        };
-        backward(&mut |r| {
-            if let Some(b) = buckets.push(r) {
-                send(b);
-            }
-        });
-        if let Some(b) = buckets.flush() {
-            send(b);
-        }
-        drop(tx);
-        let done = summer.join().map_err(|_| anyhow!("the gradient-sum thread panicked"))??;
-        if let Some(e) = copy_err {
-            return Err(e);
-        }
-        for (ranges, buf) in done {
-            let mut at = 0;
-            for r in &ranges {
-                be.upload_f32(&grads.slice(r.start, r.len()), &buf[at..at + r.len()])?;
-                at += r.len();
-            }
-            spare.push(buf);
-        }
-        Ok(())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::freeze::ADAPTERS_AND_NORMS;
+    use crate::ClipConfig;
     use kernels::Cpu;
-    use model::freeze::ADAPTERS_AND_NORMS;
-    use model::ClipConfig;
 
     fn model(adapter: Option<usize>) -> Clip<Cpu> {
         let mut c = ClipConfig::small(32, 8, 16, 2, 2);

@@ -1,0 +1,348 @@
+//! The one training step of every caller (the worker's jobs, `forward-backward`, `bench
+//! train-step`, `gpu-check`, the tests): zero the gradients, upload, both towers' forward, the
+//! InfoNCE loss over the gathered features, both towers' backward with the gradient summed
+//! over the ranks, AdamW. Written once over [`Collectives`], so a single process (a world of
+//! one, [`crate::collectives::Single`]) runs exactly what each rank of a distributed run runs.
+//!
+//! Each rank holds `b` pairs of a global batch of `world * b`. The image and text features are
+//! all-gathered; each rank computes the InfoNCE terms of its own rows against all columns with
+//! the fused kernels (`offset = rank * b`), so the per-rank losses sum to the global mean loss;
+//! the column gradients go back to the ranks that own those features by reduce-scatter and are
+//! added to the row gradients; the parameter gradients are summed over the ranks in buckets
+//! while the backward runs. The gradient of a step is thus the single-process gradient of the
+//! global batch, whatever the world size.
+
+use anyhow::{ensure, Result};
+use kernels::{Backend, DType, InfoNceDims, Tensor};
+
+use crate::clip::Clip;
+use crate::collectives::{Buckets, Collectives, DEFAULT_BUCKET_VALUES};
+use crate::optim::AdamW;
+
+type T<B> = Tensor<B>;
+
+/// The InfoNCE loss's buffers for a local batch capacity and a world size, and the gradient
+/// buckets of the model's trainable set.
+pub struct InfoNceLoss<B: Backend> {
+    capacity: usize,
+    dim: usize,
+    world: usize,
+    loss: T<B>,
+    lse_img: T<B>,
+    lse_txt: T<B>,
+    all_img: T<B>,
+    all_txt: T<B>,
+    d_img: T<B>,
+    d_txt: T<B>,
+    d_all_img: T<B>,
+    d_all_txt: T<B>,
+    /// The reduce-scattered column gradient of this rank's rows.
+    d_cols: T<B>,
+    /// The parameter gradient's sum over the ranks.
+    pub grad_sum: GradientSum,
+}
+
+/// The parameter gradient's sum over the ranks, in buckets of the model's trainable set,
+/// overlapped with the towers' backward.
+pub struct GradientSum {
+    buckets: Buckets,
+    bucket_values: usize,
+    /// The trainable set the buckets were made for.
+    buckets_for: Vec<bool>,
+}
+
+impl GradientSum {
+    /// Buckets of `CXRCLIP_GRAD_BUCKET_MB` (else [`DEFAULT_BUCKET_VALUES`]) for `model`'s
+    /// trainable set.
+    pub fn new<B: Backend>(model: &Clip<B>) -> Result<Self> {
+        Ok(Self::with_bucket_values(model, bucket_values()?))
+    }
+
+    /// Buckets of at least `values` values (0: one per finished range).
+    pub fn with_bucket_values<B: Backend>(model: &Clip<B>, values: usize) -> Self {
+        Self { buckets: Buckets::new(model, values), bucket_values: values, buckets_for: model.trainable().to_vec() }
+    }
+
+    /// The towers' backward from the embeddings' gradients, with the trainable gradient summed
+    /// over the ranks bucket by bucket as the backward finishes it.
+    pub fn backward_and_sum<B: Backend>(
+        &mut self,
+        model: &Clip<B>,
+        comm: &mut dyn Collectives<B>,
+        b: usize,
+        towers: Towers,
+    ) -> Result<()> {
+        self.backward_and_sum_observed(model, comm, b, towers, &mut |_| Ok(()))
+    }
+
+    /// [`GradientSum::backward_and_sum`], calling `after` as each tower's backward ends.
+    pub fn backward_and_sum_observed<B: Backend>(
+        &mut self,
+        model: &Clip<B>,
+        comm: &mut dyn Collectives<B>,
+        b: usize,
+        towers: Towers,
+        after: Observer<'_>,
+    ) -> Result<()> {
+        if self.buckets_for != model.trainable() {
+            self.buckets = Buckets::new(model, self.bucket_values);
+            self.buckets_for = model.trainable().to_vec();
+        }
+        // The loss wrote the logit scale's gradient: it is final before the towers start.
+        let scale = model.grad_order().logit_scale.clone();
+        let mut observed = Ok(());
+        comm.backward_and_sum(model, &mut self.buckets, &mut |ready| {
+            // (Frozen in fine-tuning: the buckets then leave it out.)
+            ready(scale.clone());
+            model.backward_vision_with(b, ready);
+            observed = after(Phase::VisionBackward);
+            if towers == Towers::Both {
+                model.backward_text_with(b, ready);
+                let text = after(Phase::TextBackward);
+                if observed.is_ok() {
+                    observed = text;
+                }
+            }
+        })?;
+        observed
+    }
+}
+
+/// The parts of a step, in order, for an observer that times them (`bench train-step`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    VisionForward,
+    TextForward,
+    Loss,
+    VisionBackward,
+    TextBackward,
+    AdamW,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::VisionForward,
+        Phase::TextForward,
+        Phase::Loss,
+        Phase::VisionBackward,
+        Phase::TextBackward,
+        Phase::AdamW,
+    ];
+
+    /// The name reports use (`bench train-step`'s `phases_ms`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::VisionForward => "vision_fwd",
+            Phase::TextForward => "text_fwd",
+            Phase::Loss => "loss",
+            Phase::VisionBackward => "vision_bwd",
+            Phase::TextBackward => "text_bwd",
+            Phase::AdamW => "adamw",
+        }
+    }
+}
+
+/// Called as each [`Phase`] of a step ends (it may synchronise the device to time it).
+pub type Observer<'a> = &'a mut dyn FnMut(Phase) -> Result<()>;
+
+/// Which towers a backward runs through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Towers {
+    /// Both (contrastive training).
+    Both,
+    /// The vision tower alone, from [`Clip::image_embeds_grad`] (fine-tuning: the text tower
+    /// and the logit scale are frozen and take no part in the step).
+    Vision,
+}
+
+impl<B: Backend> InfoNceLoss<B> {
+    /// Buffers for `model`'s batch capacity on each of `world` ranks.
+    pub fn new(model: &Clip<B>, world: usize) -> Result<Self> {
+        ensure!(world > 0, "a world of no ranks");
+        let be = &model.backend;
+        let (cap, d) = (model.capacity(), model.config.projection_dim);
+        let g = world * cap * d;
+        Ok(Self {
+            capacity: cap,
+            dim: d,
+            world,
+            loss: be.alloc(1, DType::F32)?,
+            lse_img: be.alloc(cap, DType::F32)?,
+            lse_txt: be.alloc(cap, DType::F32)?,
+            all_img: be.alloc(g, DType::F32)?,
+            all_txt: be.alloc(g, DType::F32)?,
+            d_img: be.alloc(cap * d, DType::F32)?,
+            d_txt: be.alloc(cap * d, DType::F32)?,
+            d_all_img: be.alloc(g, DType::F32)?,
+            d_all_txt: be.alloc(g, DType::F32)?,
+            d_cols: be.alloc(cap * d, DType::F32)?,
+            grad_sum: GradientSum::new(model)?,
+        })
+    }
+
+    /// Gradient buckets of at least `values` values (0: one per finished range).
+    pub fn with_bucket_values(mut self, model: &Clip<B>, values: usize) -> Self {
+        self.grad_sum = GradientSum::with_bucket_values(model, values);
+        self
+    }
+
+    /// Reduce-scatters one tower's column gradients and adds this rank's share to its row
+    /// gradients, writing the embeddings' gradient.
+    fn scatter_into(
+        &self,
+        be: &B,
+        comm: &mut dyn Collectives<B>,
+        d_all: &T<B>,
+        d_rows: &T<B>,
+        out: &T<B>,
+        n: usize,
+    ) -> Result<()> {
+        let cols = self.d_cols.slice(0, n);
+        comm.reduce_scatter(be, d_all, &cols)?;
+        be.add(out, d_rows, &cols);
+        Ok(())
+    }
+
+    /// The global mean loss of the last forward of both towers on `b` local pairs per rank;
+    /// writes the embeddings' gradients (and the logit scale's, if it trains) so that the
+    /// towers' backward can run.
+    pub fn forward_backward(&mut self, model: &Clip<B>, comm: &mut dyn Collectives<B>, b: usize) -> Result<f32> {
+        ensure!(b > 0 && b <= self.capacity, "local batch {b} outside 1..={}", self.capacity);
+        ensure!(
+            comm.world() == self.world,
+            "communicator of {} ranks for a loss built for {}",
+            comm.world(),
+            self.world
+        );
+        let be = &model.backend;
+        let d = self.dim;
+        let n = b * d;
+        let global = b * self.world;
+        let dims = InfoNceDims { local: b, global, dim: d, offset: comm.rank() * b };
+        let (img, txt) = (model.image_embeds(b), model.text_embeds(b));
+        let (all_img, all_txt) = (self.all_img.slice(0, global * d), self.all_txt.slice(0, global * d));
+        comm.all_gather(be, &img, &all_img)?;
+        comm.all_gather(be, &txt, &all_txt)?;
+        let scale = &model.logit_scale().value;
+        let (lse_img, lse_txt) = (self.lse_img.slice(0, b), self.lse_txt.slice(0, b));
+        be.infonce_fwd(&self.loss, &lse_img, &lse_txt, &img, &txt, &all_img, &all_txt, scale, dims);
+        let (d_img, d_txt) = (self.d_img.slice(0, n), self.d_txt.slice(0, n));
+        let (d_all_img, d_all_txt) = (self.d_all_img.slice(0, global * d), self.d_all_txt.slice(0, global * d));
+        for g in [&d_img, &d_txt, &d_all_img, &d_all_txt] {
+            be.fill(g, 0.0);
+        }
+        let d_scale = model.logit_scale().train.then_some(&model.logit_scale().grad);
+        be.infonce_bwd(
+            &d_img, &d_txt, &d_all_img, &d_all_txt, d_scale, 1.0, &img, &txt, &all_img, &all_txt, scale, &lse_img,
+            &lse_txt, dims,
+        );
+        self.scatter_into(be, comm, &d_all_img, &d_img, &model.image_embeds_grad(b), n)?;
+        self.scatter_into(be, comm, &d_all_txt, &d_txt, &model.text_embeds_grad(b), n)?;
+        // Each rank's share sums to the global loss.
+        let mut loss = [0.0f32];
+        be.download_f32(&self.loss, &mut loss)?;
+        comm.all_reduce_host(&mut loss)?;
+        Ok(loss[0])
+    }
+
+    /// The towers' backward with the gradient summed over the ranks ([`GradientSum`]).
+    pub fn backward_and_sum(
+        &mut self,
+        model: &Clip<B>,
+        comm: &mut dyn Collectives<B>,
+        b: usize,
+        towers: Towers,
+    ) -> Result<()> {
+        self.grad_sum.backward_and_sum(model, comm, b, towers)
+    }
+}
+
+/// Values per gradient bucket: `CXRCLIP_GRAD_BUCKET_MB` (MiB of f32, 0 = one bucket per
+/// finished range), else [`DEFAULT_BUCKET_VALUES`]. A huge value gives one bucket summed after
+/// the whole backward (no overlap).
+fn bucket_values() -> Result<usize> {
+    match std::env::var("CXRCLIP_GRAD_BUCKET_MB") {
+        Err(_) => Ok(DEFAULT_BUCKET_VALUES),
+        Ok(v) => {
+            let mb: f64 =
+                v.trim().parse().map_err(|_| anyhow::anyhow!("CXRCLIP_GRAD_BUCKET_MB={v:?} is not a number"))?;
+            ensure!(mb.is_finite() && mb >= 0.0, "CXRCLIP_GRAD_BUCKET_MB={v:?} must be a size in MiB, 0 or more");
+            Ok((mb * (1 << 20) as f64 / 4.0).min(usize::MAX as f64) as usize)
+        }
+    }
+}
+
+/// One step's inputs on this rank: `b` images (normalised, `[b, 3, s, s]`) and their token ids.
+pub struct LocalBatch<'a> {
+    pub pixels: &'a [f32],
+    pub ids: &'a [i32],
+    pub b: usize,
+}
+
+/// What a step reports.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOut {
+    pub loss: f32,
+    pub grad_norm: f32,
+}
+
+/// Forward, loss, backward and gradient sum: the model's `grads` then hold the global batch's
+/// gradient; returns the global mean loss.
+pub fn forward_backward<B: Backend>(
+    model: &Clip<B>,
+    loss: &mut InfoNceLoss<B>,
+    comm: &mut dyn Collectives<B>,
+    batch: &LocalBatch,
+) -> Result<f32> {
+    forward_backward_observed(model, loss, comm, batch, &mut |_| Ok(()))
+}
+
+/// [`forward_backward`], calling `after` as each phase ends.
+pub fn forward_backward_observed<B: Backend>(
+    model: &Clip<B>,
+    loss: &mut InfoNceLoss<B>,
+    comm: &mut dyn Collectives<B>,
+    batch: &LocalBatch,
+    after: Observer<'_>,
+) -> Result<f32> {
+    let b = batch.b;
+    model.zero_grads();
+    model.upload_pixels(batch.pixels, b)?;
+    model.forward_vision(b)?;
+    after(Phase::VisionForward)?;
+    model.forward_text(batch.ids, b)?;
+    after(Phase::TextForward)?;
+    let l = loss.forward_backward(model, comm, b)?;
+    after(Phase::Loss)?;
+    loss.grad_sum.backward_and_sum_observed(model, comm, b, Towers::Both, after)?;
+    Ok(l)
+}
+
+/// A whole training step: [`forward_backward`], then AdamW at rate `lr` (every rank applies
+/// the same update to the same parameters, so they stay equal without a broadcast).
+pub fn train_step<B: Backend>(
+    model: &Clip<B>,
+    opt: &mut AdamW<B>,
+    loss: &mut InfoNceLoss<B>,
+    comm: &mut dyn Collectives<B>,
+    batch: &LocalBatch,
+    lr: f32,
+) -> Result<StepOut> {
+    train_step_observed(model, opt, loss, comm, batch, lr, &mut |_| Ok(()))
+}
+
+/// [`train_step`], calling `after` as each phase ends.
+pub fn train_step_observed<B: Backend>(
+    model: &Clip<B>,
+    opt: &mut AdamW<B>,
+    loss: &mut InfoNceLoss<B>,
+    comm: &mut dyn Collectives<B>,
+    batch: &LocalBatch,
+    lr: f32,
+    after: Observer<'_>,
+) -> Result<StepOut> {
+    let l = forward_backward_observed(model, loss, comm, batch, after)?;
+    let grad_norm = opt.step(model, lr)?;
+    after(Phase::AdamW)?;
+    Ok(StepOut { loss: l, grad_norm })
+}
