@@ -2,8 +2,9 @@
 # The GPU check in one call, for a machine with an NVIDIA GPU and CUDA 13 but no Rust: runs
 # the carried release binary's `gpu-check` (every CUDA op against the CPU backend, and a CLS
 # training step), the kernel bench (fused against unfused, with measured ceilings), a short
-# training run through coordinator and worker (--gpus 1: NCCL, a world of one; the worker
-# binary must sit next to the coordinator), and PyTorch's scaled_dot_product_attention at the
+# training run through coordinator and worker (--gpus 1: NCCL, a world of one), a fault drill
+# (a rank failing mid-run, restarted from its checkpoint), with two GPUs visible a 2-rank NCCL
+# run and drill too, and PyTorch's scaled_dot_product_attention at the
 # bench's sizes when PyTorch is there; prints a summary table last. Budget: under 8 minutes.
 #
 #   scripts/gpu-check.sh [path/to/coordinator] [--quick]
@@ -88,14 +89,42 @@ run_step "bench train-step cuda" 40 train-step.log "$bin" bench train-step --dev
 # Per-op device times (CUDA events) and the NVTX hook (CXRCLIP_NVTX=1 loads the library even
 # without a profiler: its line "nvtx: op ranges through ..." shows it was found and called).
 run_step "train-step ops cuda" 30 train-step-ops.log env CXRCLIP_NVTX=1 "$bin" bench train-step --device cuda --steps 3 --warmup 1 --profile
-# The runtime on a GPU: coordinator + one worker process, NCCL (a world of one), the device
-# gradient sum, a checkpoint. Needs the worker binary carried next to the coordinator.
-if [ -x "$(dirname "$bin")/worker" ]; then
-    run_step "train run --gpus 1" 40 train-run.log "$bin" --gpus 1 --synthetic 64 --synthetic-dir "$tmp/synth" \
-        --steps 10 --global-batch 16 --seed 7 --checkpoint-every 5 --run-dir "$tmp/run"
-    [ -f "$tmp/run/metrics.jsonl" ] && cp "$tmp/run/metrics.jsonl" "$out/train-run-metrics.jsonl"
+# The runtime on a GPU: coordinator + worker processes (the coordinator binary in its worker
+# role), NCCL, the device collectives and gradient sum, checkpoints.
+train=(--synthetic 64 --synthetic-dir "$tmp/synth" --steps 10 --global-batch 16 --seed 7 --checkpoint-every 5)
+run_step "train run --gpus 1" 60 train-run.log "$bin" --gpus 1 "${train[@]}" --run-dir "$tmp/run"
+[ -f "$tmp/run/metrics.jsonl" ] && cp "$tmp/run/metrics.jsonl" "$out/train-run-metrics.jsonl"
+# A rank failing mid-run (an injected fault at step 7, once): reported with its reason, the run
+# restarts from the checkpoint of step 5 and ends; nothing hangs.
+drill() { # name gpus rank log
+    local name="$1" g="$2" r="$3" log="$4" t0=$(date +%s)
+    echo "=== $name: CXRCLIP_FAULT=rank=$r,step=7 $bin --gpus $g ..."
+    CXRCLIP_FAULT="rank=$r,step=7,once=$tmp/fired-$g" timeout 90 "$bin" --gpus "$g" "${train[@]}" \
+        --run-dir "$tmp/drill-$g" 2>&1 | tee "$out/$log"
+    local rc=${PIPESTATUS[0]} dt=$(( $(date +%s) - t0 ))
+    if [ "$rc" = 124 ]; then
+        note "$name" TIME "$dt" "hung: stopped after 90s"
+    elif [ "$rc" = 0 ] && grep -q "rank $r failed: injected fault" "$out/$log" && grep -q "restarting from step 5" "$out/$log"; then
+        note "$name" ok "$dt" "rank $r failed at step 7, reported, restarted from step 5"
+    else
+        note "$name" FAIL "$dt" "$(grep -v '^\s*$' "$out/$log" | tail -n 1 | cut -c1-90)"
+    fi
+}
+drill "fault drill --gpus 1" 1 0 drill-1.log
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [ "${ngpu:-0}" -ge 2 ]; then
+    run_step "train run --gpus 2" 60 train-run-2.log "$bin" --gpus 2 "${train[@]}" --run-dir "$tmp/run2"
+    # Same global batch on 1 and 2 GPUs: the loss curves agree to bf16 noise.
+    run_step "losses 1 vs 2 GPUs" 10 losses-1-2.log python3 - "$tmp/run/metrics.jsonl" "$tmp/run2/metrics.jsonl" <<'PY'
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"loss"' in l] for p in sys.argv[1:3])
+d = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+print(f"{len(a)} vs {len(b)} steps, max relative difference {d:.2e}")
+sys.exit(0 if len(a) == len(b) == 10 and d < 2e-2 else 1)
+PY
+    drill "fault drill --gpus 2" 2 1 drill-2.log
 else
-    note "train run --gpus 1" SKIP 0 "no worker binary next to $bin: carry target/release/worker too"
+    note "train run --gpus 2" SKIP 0 "one GPU visible: the 2-rank NCCL run needs two"
 fi
 
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
