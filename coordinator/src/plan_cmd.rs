@@ -91,6 +91,11 @@ fn run(plan: &Plan, mut world: TrainArgs, dir: &Path, title: &str, resamples: us
     if world.gpus.is_none() && world.workers.is_none() && world.expect_workers.is_none() {
         world.workers = Some(1);
     }
+    // A plan on GPUs that are not there stops now, not after its data is generated.
+    let local_cuda = world.gpus.or(world.workers.filter(|_| world.device == "cuda"));
+    if let Some(n) = local_cuda {
+        crate::run::preflight_local_gpus(&world, n)?;
+    }
     // The executor names each run's folder; these belong to single runs.
     world.run_dir = None;
     world.resume = None;

@@ -55,3 +55,14 @@ fn a_model_the_kernels_cannot_run_is_refused_before_workers() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("head dimension"), "{err}");
 }
+
+#[test]
+fn a_plan_on_missing_gpus_stops_before_any_run() {
+    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans/demo.toml");
+    let (code, err, took, made) = coordinator(&["--gpus", "64", plan.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    one_line(&err);
+    assert!(err.contains("--gpus 64"), "{err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(!made, "a refused plan made its folder");
+}

@@ -401,9 +401,15 @@ fn world_of(args: &TrainArgs) -> Result<(usize, bool, String)> {
 fn preflight_cuda(args: &TrainArgs, world: usize, local: bool) -> Result<()> {
     let config = train_opts::model_config(args)?;
     config.check_limits(&kernels::limits::CUDA).context("the model cannot run on CUDA")?;
-    if !local {
-        return Ok(());
+    if local {
+        preflight_local_gpus(args, world)?;
     }
+    Ok(())
+}
+
+/// The `world` local GPUs a `--gpus N` (or `--workers N --device cuda`) run or plan will use:
+/// the driver, the devices, NVRTC with the CUDA headers, cuBLAS(Lt), and NCCL for more than one.
+pub fn preflight_local_gpus(args: &TrainArgs, world: usize) -> Result<()> {
     let flag = if args.gpus.is_some() { format!("--gpus {world}") } else { format!("--workers {world} --device cuda") };
     kernels::cuda::probe::probe(world).with_context(|| flag.clone())?;
     if world > 1 {
