@@ -25,6 +25,10 @@ pub struct GpuCheckArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
+    /// One op family only (elementwise, linear, layernorm, l2norm, activation, attention,
+    /// embed, infonce, bce, adamw), without the training step.
+    #[arg(long)]
+    pub op: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -33,13 +37,33 @@ pub enum BenchDevice {
     Cpu,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InfonceVariantArg {
+    Fused,
+    Baseline,
+    Both,
+}
+
 #[derive(Args)]
 pub struct BenchKernelsArgs {
     #[arg(long, value_enum, default_value_t = BenchDevice::Cuda)]
     pub device: BenchDevice,
-    /// One op: attention, infonce or ceilings (the matrix rate and copy bandwidth).
+    /// One op family (elementwise, linear, layernorm, l2norm, activation, attention, embed,
+    /// infonce, bce, adamw), or `ceilings` (the CUDA matrix rate and copy bandwidth alone).
     #[arg(long)]
     pub op: Option<String>,
+    /// InfoNCE: the local batch (rows of this rank), with `--global` and `--dim`.
+    #[arg(long, requires_all = ["global", "dim"])]
+    pub local: Option<usize>,
+    /// InfoNCE: the global batch (columns: every rank's texts), with `--local` and `--dim`.
+    #[arg(long, requires_all = ["local", "dim"])]
+    pub global: Option<usize>,
+    /// InfoNCE: the feature width, with `--local` and `--global`.
+    #[arg(long, requires_all = ["local", "global"])]
+    pub dim: Option<usize>,
+    /// InfoNCE: the fused op, OpenCLIP's baseline (the logits materialised), or both.
+    #[arg(long, value_enum, default_value_t = InfonceVariantArg::Both)]
+    pub variant: InfonceVariantArg,
     /// Smaller sizes (a quick look, not the figures).
     #[arg(long)]
     pub quick: bool,
@@ -59,6 +83,10 @@ fn result_json(r: &check::CheckResult) -> serde_json::Value {
 
 /// `coordinator gpu-check`: libraries, device, every op against the CPU, one training step.
 pub fn run_gpu_check(a: GpuCheckArgs) -> Result<()> {
+    // An unknown family is refused before anything is loaded.
+    if let Some(op) = &a.op {
+        kernels::families::find(op)?;
+    }
     let mut libs_found: Vec<(&str, String)> = libs::report()
         .into_iter()
         .map(|(n, r)| (n, r.err().map(|e| format!("{e:#}")).unwrap_or_else(|| "found".into())))
@@ -77,11 +105,17 @@ pub fn run_gpu_check(a: GpuCheckArgs) -> Result<()> {
     if !a.json {
         println!("device           {}", cuda.describe());
     }
-    let (seed, mut res) = check::run_all(&cuda, a.quick);
-    // Head dimension 64 (ViT-B's) and 32 (the default small CLIP's, what `--gpus N` trains).
-    for heads in [2, 4] {
-        res.extend(train_step_check(a.gpu, heads, seed));
-    }
+    let (seed, res) = match &a.op {
+        Some(op) => check::run_family(&cuda, op, a.quick)?,
+        None => {
+            let (seed, mut res) = check::run_all(&cuda, a.quick);
+            // Head dimension 64 (ViT-B's) and 32 (the default small CLIP's, what `--gpus N` trains).
+            for heads in [2, 4] {
+                res.extend(train_step_check(a.gpu, heads, seed));
+            }
+            (seed, res)
+        }
+    };
     let failed = res.iter().filter(|r| !r.passed).count();
     if a.json {
         let out = json!({
@@ -171,12 +205,13 @@ fn one_step<B: Backend>(
 /// `coordinator bench kernels`: fused kernels against their unfused baselines (CUDA), or the
 /// CPU backend's ops.
 pub fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
+    let opts = bench_options(&a)?;
     let (device, rows) = match a.device {
         BenchDevice::Cuda => {
             let cuda = Cuda::new(a.gpu)?;
-            (cuda.describe(), bench::run_cuda(&cuda, a.op.as_deref(), a.quick)?)
+            (cuda.describe(), bench::run_cuda(&cuda, opts)?)
         }
-        BenchDevice::Cpu => ("cpu".to_string(), bench::run_cpu(a.op.as_deref())?),
+        BenchDevice::Cpu => ("cpu".to_string(), bench::run_cpu(opts)?),
     };
     if a.json {
         let rows: Vec<_> = rows
@@ -194,4 +229,31 @@ pub fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         print!("{}", bench::table(&rows));
     }
     Ok(())
+}
+
+/// The bench's options from the flags: the op checked, the InfoNCE size and variant only with
+/// `--op infonce`.
+fn bench_options(a: &BenchKernelsArgs) -> Result<bench::BenchOptions<'_>> {
+    if let Some(op) = &a.op {
+        bench::check_op(op)?;
+    }
+    let infonce_flags = a.local.is_some() || a.variant != InfonceVariantArg::Both;
+    if infonce_flags && a.op.as_deref() != Some("infonce") {
+        bail!("--local, --global, --dim and --variant size the InfoNCE bench: add --op infonce");
+    }
+    let size = match (a.local, a.global, a.dim) {
+        (Some(l), Some(g), Some(d)) => {
+            if l == 0 || d == 0 || l > g {
+                bail!("InfoNCE sizes need 0 < --local <= --global and --dim > 0 (got {l}, {g}, {d})");
+            }
+            Some((l, g, d))
+        }
+        _ => None,
+    };
+    let variant = match a.variant {
+        InfonceVariantArg::Fused => bench::InfonceVariant::Fused,
+        InfonceVariantArg::Baseline => bench::InfonceVariant::Baseline,
+        InfonceVariantArg::Both => bench::InfonceVariant::Both,
+    };
+    Ok(bench::BenchOptions { op: a.op.as_deref(), quick: a.quick, infonce: bench::InfonceShape { size, variant } })
 }

@@ -55,7 +55,8 @@ enum Command {
     DataStats(data_cmds::DataStatsArgs),
     /// Decode a dataset once into memory-mappable shards plus a pairs table (resumable).
     Prepare(data_cmds::PrepareArgs),
-    /// Every CUDA op against the CPU backend, and a training step (needs a GPU).
+    /// Every CUDA op against the CPU backend, and a training step (needs a GPU); `--op NAME`
+    /// checks one op family.
     GpuCheck(gpu_cmds::GpuCheckArgs),
     /// The demo study on generated data (what `coordinator` alone runs): CLS, probes,
     /// fine-tuning, zero-shot and retrieval, into ./runs/demo; prints the table.
@@ -67,6 +68,10 @@ enum Command {
     /// Check an experiment plan and print its runs in the order they would go.
     CheckPlan(plan::check_cmd::CheckPlanArgs),
 }
+
+/// The heap metered, so that `bench kernels --device cpu` reports each op's own peak heap use.
+#[global_allocator]
+static HEAP: kernels::cpu::heap::Metered = kernels::cpu::heap::Metered;
 
 fn main() {
     let cli = Cli::parse();

@@ -83,16 +83,165 @@ extern "C" __global__ void token_embed_fwd(void* out, int ob, const int* ids, co
     }
 }
 
-// dwte[ids[k]] += dout[k] for k in token order: one thread per column, a serial loop over the
-// tokens, so repeated ids add up in the same order on every run (deterministic, no atomics).
-extern "C" __global__ void token_embed_bwd_wte(void* dwte, int eb, const void* dout, int gb, const int* ids, i64 ntok,
-                                               int d, int vocab) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= d) return;
-    for (i64 k = 0; k < ntok; k++) {
+// The token table's gradient, dwte[ids[k]] += dout[k], in parallel and deterministic (no float
+// atomics, a fixed summation order). The tokens are sorted by the key (id << 32 | k): keys are
+// unique, so the order is fixed, and within an id the tokens stay in token order. Then the
+// sorted list is cut into pieces of TOK_PIECE tokens: one block per (piece, column tile) sums
+// each run of equal ids inside its piece; a run wholly inside a piece goes to dwte at once, a
+// run that crosses pieces leaves its piece sums in `partial` (the first run of a piece in
+// slot 2p, the last in slot 2p + 1), which one join block per such run adds up in piece order.
+// An id outside 0..vocab is keyed as INVALID_ID, sorts last and is skipped (the forward flags it).
+//
+// The sort: blocks of TOK_SORT_CHUNK keys sorted in shared memory (bitonic), then each key's
+// place in the whole list is its place in its chunk plus the number of smaller keys in every
+// other chunk (a binary search in each): a merge of the chunks without a second pass.
+
+#define TOK_SORT_CHUNK 1024
+#define TOK_PIECE 32
+#define TOK_COLS 128
+#define INVALID_ID 0x7fffffffu
+#define NO_KEY 0xffffffffffffffffull
+
+typedef unsigned long long u64;
+
+__device__ __forceinline__ unsigned key_id(u64 key) { return (unsigned)(key >> 32); }
+
+// keys[c * TOK_SORT_CHUNK + i]: chunk c's keys in ascending order, NO_KEY past the last token.
+// Grid: one block of TOK_SORT_CHUNK threads per chunk.
+extern "C" __global__ void __launch_bounds__(TOK_SORT_CHUNK)
+token_embed_bwd_sort(u64* keys, const int* ids, i64 ntok, int vocab) {
+    __shared__ u64 s[TOK_SORT_CHUNK];
+    int tid = threadIdx.x;
+    i64 k = (i64)blockIdx.x * TOK_SORT_CHUNK + tid;
+    u64 key = NO_KEY;
+    if (k < ntok) {
         int id = ids[k];
-        if (id < 0 || id >= vocab) continue;
-        addf(dwte, eb, (i64)id * d + j, ldf(dout, gb, k * d + j));
+        unsigned kid = (id < 0 || id >= vocab) ? INVALID_ID : (unsigned)id;
+        key = ((u64)kid << 32) | (u64)k;
+    }
+    s[tid] = key;
+    for (int size = 2; size <= TOK_SORT_CHUNK; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            __syncthreads();
+            int partner = tid ^ stride;
+            if (partner > tid) {
+                u64 a = s[tid], b = s[partner];
+                bool ascending = (tid & size) == 0;
+                if ((a > b) == ascending) {
+                    s[tid] = b;
+                    s[partner] = a;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    keys[(i64)blockIdx.x * TOK_SORT_CHUNK + tid] = s[tid];
+}
+
+// The number of keys below `key` in one sorted chunk (a power-of-two lower bound).
+__device__ __forceinline__ int below_in_chunk(const u64* chunk, u64 key) {
+    int pos = 0;
+    for (int step = TOK_SORT_CHUNK / 2; step > 0; step >>= 1) {
+        if (chunk[pos + step - 1] < key) pos += step;
+    }
+    return pos + (chunk[pos] < key);
+}
+
+// sorted[r] = the key of rank r over all chunks. One thread per chunk slot.
+extern "C" __global__ void token_embed_bwd_rank(u64* sorted, const u64* keys, i64 ntok, int nchunks) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (i64)nchunks * TOK_SORT_CHUNK) return;
+    u64 key = keys[e];
+    if (key == NO_KEY) return;
+    int c = (int)(e / TOK_SORT_CHUNK);
+    i64 rank = e % TOK_SORT_CHUNK;
+    for (int o = 0; o < nchunks; o++) {
+        if (o != c) rank += below_in_chunk(keys + (i64)o * TOK_SORT_CHUNK, key);
+    }
+    sorted[rank] = key;
+}
+
+// Grid (pieces, column tiles of TOK_COLS), TOK_COLS threads: the run sums of one piece.
+extern "C" __global__ void __launch_bounds__(TOK_COLS)
+token_embed_bwd_pieces(void* dwte, int eb, float* partial, const void* dout, int gb, const u64* sorted, i64 ntok,
+                       int d, int vocab) {
+    __shared__ unsigned sid[TOK_PIECE];
+    __shared__ i64 stok[TOK_PIECE];
+    i64 p = blockIdx.x;
+    i64 first = p * TOK_PIECE;
+    int len = (int)min((i64)TOK_PIECE, ntok - first);
+    if (threadIdx.x < len) {
+        u64 key = sorted[first + threadIdx.x];
+        sid[threadIdx.x] = key_id(key);
+        stok[threadIdx.x] = (i64)(key & 0xffffffffull);
+    }
+    __syncthreads();
+    int j = blockIdx.y * TOK_COLS + threadIdx.x;
+    if (j >= d) return;
+    // The ids just outside the piece: a run continues across the edge when they match.
+    unsigned before = p > 0 ? key_id(sorted[first - 1]) : INVALID_ID;
+    unsigned after = first + len < ntok ? key_id(sorted[first + len]) : INVALID_ID;
+    float acc = 0.f;
+    int start = 0;
+    for (int i = 0; i < len; i++) {
+        acc += ldf(dout, gb, stok[i] * d + j);
+        unsigned id = sid[i];
+        if (i + 1 < len && sid[i + 1] == id) continue;
+        // The run segment start..i of id ends here.
+        if (id < (unsigned)vocab) {
+            bool from_before = start == 0 && id == before;
+            bool goes_on = i + 1 == len && id == after;
+            if (!from_before && !goes_on) {
+                addf(dwte, eb, (i64)id * d + j, acc);
+            } else {
+                if (start == 0) partial[(2 * p) * d + j] = acc;
+                if (i + 1 == len) partial[(2 * p + 1) * d + j] = acc;
+            }
+        }
+        acc = 0.f;
+        start = i + 1;
+    }
+}
+
+#define JOIN_ROWS 8
+
+// Grid (pieces - 1, column tiles of 32), 32 x JOIN_ROWS threads: block q joins the run that
+// crosses the edge between pieces q and q + 1 if that edge is the run's first. The run's piece
+// sums (its tail slot in piece q, the head slots of the pieces after) are split among the
+// JOIN_ROWS rows of threads by index modulo JOIN_ROWS, each row summing in piece order, and the
+// row totals are added in row order: the same order on every run.
+extern "C" __global__ void __launch_bounds__(32 * JOIN_ROWS)
+token_embed_bwd_join(void* dwte, int eb, const float* partial, const u64* sorted, i64 ntok, int npieces, int d,
+                     int vocab) {
+    __shared__ float rows[JOIN_ROWS][32];
+    i64 q = blockIdx.x;
+    i64 edge = (q + 1) * TOK_PIECE;  // the first token of piece q + 1
+    unsigned id = key_id(sorted[edge - 1]);
+    if (id >= (unsigned)vocab || key_id(sorted[edge]) != id) return;
+    if (q > 0 && key_id(sorted[q * TOK_PIECE - 1]) == id) return;  // not the run's first edge
+    // The run's end: the first position past edge whose id is larger (binary search).
+    i64 lo = edge, hi = ntok;
+    while (hi - lo > 1) {
+        i64 mid = lo + (hi - lo) / 2;
+        if (key_id(sorted[mid]) == id) lo = mid; else hi = mid;
+    }
+    i64 last_piece = lo / TOK_PIECE;
+    int m = (int)(last_piece - q + 1);  // piece sums to add: the tail of q, the heads after
+    int x = threadIdx.x % 32, y = threadIdx.x / 32;
+    int j = blockIdx.y * 32 + x;
+    float acc = 0.f;
+    if (j < d) {
+        for (int i = y; i < m; i += JOIN_ROWS) {
+            i64 slot = i == 0 ? 2 * q + 1 : 2 * (q + i);
+            acc += partial[slot * d + j];
+        }
+    }
+    rows[y][x] = acc;
+    __syncthreads();
+    if (y == 0 && j < d) {
+        float total = 0.f;
+        for (int r = 0; r < JOIN_ROWS; r++) total += rows[r][x];
+        addf(dwte, eb, (i64)id * d + j, total);
     }
 }
 

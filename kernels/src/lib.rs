@@ -13,6 +13,7 @@ pub mod bf16;
 pub mod checks;
 pub mod cpu;
 pub mod cuda;
+pub mod families;
 pub mod limits;
 pub mod tensor;
 

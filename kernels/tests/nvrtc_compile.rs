@@ -5,8 +5,8 @@
 //! NVRTC comes from NVIDIA's wheels that `scripts/nvidia-wheels.sh` installs into the
 //! workspace's `.cache/nvidia`, found here without any environment. Where they are missing,
 //! the test fails when `CI` is set and otherwise skips with one line saying how to get them.
-//! Any NVRTC warning fails the test; so does a register spill in the attention or InfoNCE
-//! kernels, or static shared memory over the 48 KB a kernel may declare.
+//! Any NVRTC warning fails the test; so does a register spill in any kernel, or static shared
+//! memory over the 48 KB a kernel may declare.
 
 use std::io::Write;
 use std::time::Instant;
@@ -89,7 +89,7 @@ fn ptxas_report_parses() {
 }
 
 /// Compiles one variant for one target: its report lines and the problems found (warnings,
-/// spills in the hot kernels, static shared memory over 48 KB). Panics on a compile error.
+/// spills, static shared memory over 48 KB). Panics on a compile error.
 fn compile_job(
     f: &nvrtc::Family,
     v: &nvrtc::Variant,
@@ -115,8 +115,7 @@ fn compile_job(
             "  {arch} {module:<15} {:<26} {:>3} regs  spills {}/{}  smem {}",
             u.kernel, u.regs, u.spill_stores, u.spill_loads, u.smem
         ));
-        let hot = f.name == "attention" || f.name == "infonce";
-        if hot && (u.spill_stores > 0 || u.spill_loads > 0) {
+        if u.spill_stores > 0 || u.spill_loads > 0 {
             problems.push(format!("register spills in {module} {} for {arch}", u.kernel));
         }
         if u.smem > 48 * 1024 {

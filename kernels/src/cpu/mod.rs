@@ -5,12 +5,13 @@
 //! that is also the reference the CUDA kernels are tested against; this file only maps
 //! tensor handles to slices and checks lengths and aliasing.
 
-pub mod act;
+pub mod activation;
 pub mod adamw;
 pub mod attention;
 pub mod bce;
 pub mod elementwise;
 pub mod embed;
+pub mod heap;
 pub mod infonce;
 pub mod l2norm;
 pub mod layernorm;
@@ -277,7 +278,7 @@ impl Backend for Cpu {
         let _p = profile::scope("act_fwd");
         check_len("activation out", out, inp.len());
         outputs(&[out], &[inp]);
-        act::fwd(kind, f32s_mut(out), f32s(inp));
+        activation::fwd(kind, f32s_mut(out), f32s(inp));
     }
 
     fn act_bwd(&self, kind: Activation, dinp: &T, dout: &T, inp: &T) {
@@ -285,7 +286,7 @@ impl Backend for Cpu {
         check_len("activation dinp", dinp, inp.len());
         check_len("activation dout", dout, inp.len());
         outputs(&[dinp], &[dout, inp]);
-        act::bwd(kind, f32s_mut(dinp), f32s(dout), f32s(inp));
+        activation::bwd(kind, f32s_mut(dinp), f32s(dout), f32s(inp));
     }
 
     fn attention_saved_len(&self, b: usize, t: usize, h: usize) -> usize {

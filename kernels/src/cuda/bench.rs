@@ -1,10 +1,14 @@
-//! `coordinator bench kernels`: the fused kernels against their unfused baselines in the same
-//! run, with the machine's own ceilings (a large bf16 matrix product through cuBLASLt and a
-//! large device copy) measured first, so that every figure comes with its floor.
+//! `coordinator bench kernels`: one timing harness per op family of [`crate::families`] (the
+//! GPU check of the same name proves it right first), on CUDA or on the CPU backend. On CUDA
+//! the machine's own ceilings (a large bf16 matrix product through cuBLASLt and a large device
+//! copy) are measured first, so that every figure comes with its floor, and the fused attention
+//! and InfoNCE kernels run against their unfused baselines in the same run.
 //!
-//! Times are CUDA-event medians after warm-up, over input sets rotated so that their total
-//! exceeds the L2 cache; peak memory is the caching allocator's peak above what the inputs
-//! hold. **Not yet run on a GPU** (written in a session without one).
+//! Times are medians after warm-up: CUDA events over input sets rotated so that their total
+//! exceeds the L2 cache where it matters, the host clock on the CPU. Peak memory is the caching
+//! allocator's peak above what the inputs hold (CUDA), or the process heap's peak above it where
+//! the binary meters its heap ([`crate::cpu::heap`]; 0 otherwise). **The CUDA side has not yet
+//! run on a GPU** (written in sessions without one).
 
 use std::time::Instant;
 
@@ -13,8 +17,9 @@ use anyhow::{bail, Result};
 use super::blas::Operand;
 use super::check::Rng;
 use super::{Cuda, TensorArgs};
-use crate::backend::{Backend, DType, InfoNceDims};
-use crate::cpu::Cpu;
+use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
+use crate::cpu::{heap, Cpu};
+use crate::families;
 use crate::tensor::Tensor;
 
 /// One measured line.
@@ -26,20 +31,95 @@ pub struct BenchRow {
     pub ms: f64,
     pub tflops: f64,
     pub gbs: f64,
-    /// The larger of FLOPs over the measured matrix rate and bytes over the measured bandwidth.
+    /// The larger of FLOPs over the measured matrix rate and bytes over the measured bandwidth
+    /// (0 on the CPU, which measures no ceilings).
     pub floor_ms: f64,
     pub peak_bytes: usize,
     pub note: String,
 }
 
-/// The ops `bench kernels --op` takes.
-pub const OPS: [&str; 3] = ["attention", "infonce", "ceilings"];
+/// The `--op` that is no family: the CUDA matrix rate and copy bandwidth alone.
+pub const CEILINGS: &str = "ceilings";
+
+/// Checks an `--op` value: a family, or `ceilings`; anything else is refused with one line
+/// listing them.
+pub fn check_op(op: &str) -> Result<()> {
+    if op == CEILINGS || families::find(op).is_ok() {
+        return Ok(());
+    }
+    bail!("unknown op {op:?}; ops: {}, {CEILINGS}", families::names())
+}
+
+/// Which InfoNCE implementations a run times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InfonceVariant {
+    /// The fused kernels (CUDA) or the tiled CPU op: the logits never held whole.
+    Fused,
+    /// OpenCLIP's way: the local x global logits of each direction materialised, softmax,
+    /// backward through two matrix products.
+    Baseline,
+    Both,
+}
+
+impl InfonceVariant {
+    fn fused(self) -> bool {
+        self != InfonceVariant::Baseline
+    }
+    fn baseline(self) -> bool {
+        self != InfonceVariant::Fused
+    }
+}
+
+/// The InfoNCE sizes and variants of a run: the default sweep, or one size given with
+/// `--local L --global G --dim D`.
+#[derive(Clone, Copy, Debug)]
+pub struct InfonceShape {
+    /// `(local, global, dim)`; `None` for the default sizes.
+    pub size: Option<(usize, usize, usize)>,
+    pub variant: InfonceVariant,
+}
+
+impl Default for InfonceShape {
+    fn default() -> Self {
+        Self { size: None, variant: InfonceVariant::Both }
+    }
+}
+
+impl InfonceShape {
+    fn sizes(&self, quick: bool) -> Vec<(usize, usize, usize)> {
+        match self.size {
+            Some(s) => vec![s],
+            None if quick => vec![(2048, 16_384, 512)],
+            None => vec![(2048, 16_384, 512), (2048, 65_536, 512), (2048, 262_144, 512)],
+        }
+    }
+
+    fn cpu_sizes(&self) -> Vec<(usize, usize, usize)> {
+        self.size.map_or_else(|| vec![(256, 2048, 512)], |s| vec![s])
+    }
+}
+
+/// What a bench run measures.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BenchOptions<'a> {
+    /// One family (or `ceilings`); every family when `None`.
+    pub op: Option<&'a str>,
+    /// Smaller sizes (a quick look, not the recorded figures).
+    pub quick: bool,
+    pub infonce: InfonceShape,
+}
 
 const WARMUP: usize = 3;
 
 fn median(mut v: Vec<f32>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2] as f64
+}
+
+fn down<B: Backend>(be: &B, t: &Tensor<B>) -> Result<Vec<f32>> {
+    let mut v = vec![0.0; t.len()];
+    be.download_f32(t, &mut v)?;
+    Ok(v)
 }
 
 fn random<B: Backend>(be: &B, rng: &mut Rng, n: usize, scale: f32, dt: DType) -> Result<Tensor<B>> {
@@ -233,7 +313,7 @@ impl Cuda {
         Ok(Ceil { tflops, gbs })
     }
 
-    fn bench_attention(&self, rows: &mut Vec<BenchRow>, ceil: &Ceil, quick: bool) -> Result<()> {
+    fn bench_attention_cuda(&self, rows: &mut Vec<BenchRow>, ceil: &Ceil, quick: bool) -> Result<()> {
         let sizes: &[(usize, usize, usize, bool)] = if quick {
             &[(16, 12, 197, false), (96, 8, 77, true)]
         } else {
@@ -335,17 +415,15 @@ impl Cuda {
         Ok(())
     }
 
-    fn bench_infonce(&self, rows: &mut Vec<BenchRow>, ceil: &Ceil, quick: bool) -> Result<()> {
-        let (local, dim) = (2048usize, 512usize);
-        let globals: &[usize] = if quick { &[16_384] } else { &[16_384, 65_536, 262_144] };
+    fn bench_infonce(&self, rows: &mut Vec<BenchRow>, ceil: &Ceil, quick: bool, shape: InfonceShape) -> Result<()> {
         let mut rng = Rng::from_clock();
-        for &global in globals {
+        for (local, global, dim) in shape.sizes(quick) {
             let size = format!("B_local={local} B_global={global} D={dim}");
             let flops = 12.0 * (local * global * dim) as f64;
             let bytes = (2 * (local + global) * dim * (2 + 4)) as f64;
             let floor = (flops / (ceil.tflops * 1e12)).max(bytes / (ceil.gbs * 1e9)) * 1e3;
             let sets = (120usize << 20).div_ceil(2 * global * dim * 2).clamp(1, 3);
-            let dims = InfoNceDims { local, global, dim, offset: global / 2 };
+            let dims = InfoNceDims { local, global, dim, offset: (global / 2).min(global - local) };
             let ls = (1.0f32 / 0.07).ln();
 
             self.dev.release_scratch()?;
@@ -366,14 +444,21 @@ impl Cuda {
             let (dai, dat) = (self.alloc(global * dim, DType::F32)?, self.alloc(global * dim, DType::F32)?);
             let dls = self.alloc(1, DType::F32)?;
             let inputs = self.memory_stats().0 - base;
-            self.reset_peak_memory();
-            let ms = self.time_median(10, |k| {
-                let (ai, at, i, t) = &feats[k % sets];
-                self.infonce_fwd(&loss, &li, &lt, i, t, ai, at, &scale, dims);
-                self.infonce_bwd(&di, &dt, &dai, &dat, Some(&dls), 1.0, i, t, ai, at, &scale, &li, &lt, dims);
-            })?;
-            let fused_peak = self.peak_above(base + inputs);
-            rows.push(row("infonce", "fused fwd+bwd", &size, ms, flops, bytes, floor, fused_peak, ""));
+            let mut fused_peak = None;
+            if shape.variant.fused() {
+                self.reset_peak_memory();
+                let ms = self.time_median(10, |k| {
+                    let (ai, at, i, t) = &feats[k % sets];
+                    self.infonce_fwd(&loss, &li, &lt, i, t, ai, at, &scale, dims);
+                    self.infonce_bwd(&di, &dt, &dai, &dat, Some(&dls), 1.0, i, t, ai, at, &scale, &li, &lt, dims);
+                })?;
+                let peak = self.peak_above(base + inputs);
+                fused_peak = Some(peak);
+                rows.push(row("infonce", "fused fwd+bwd", &size, ms, flops, bytes, floor, peak, ""));
+            }
+            if !shape.variant.baseline() {
+                continue;
+            }
 
             // Unfused: the logits of each direction materialised in f32, softmax, G, two products.
             self.dev.release_scratch()?;
@@ -412,10 +497,448 @@ impl Cuda {
             })?;
             let peak = self.peak_above(base + inputs);
             let ubytes = bytes + (local * global * 2 * (4 * 4 + 2 * 2)) as f64;
-            let note = format!("fused peak = {:.2}% of this", 100.0 * fused_peak as f64 / peak.max(1) as f64);
+            let note = fused_peak
+                .map(|f| format!("fused peak = {:.2}% of this", 100.0 * f as f64 / peak.max(1) as f64))
+                .unwrap_or_default();
             rows.push(row("infonce", "unfused (materialised logits)", &size, ms, flops, ubytes, floor, peak, &note));
         }
         Ok(())
+    }
+}
+
+/// A backend's clock for the benches: CUDA events on the device's stream, the host clock on
+/// the (synchronous) CPU backend.
+trait Clock: Backend {
+    /// Median milliseconds of `f(k)` over `reps` runs after warm-up (`k` picks an input set).
+    fn median_ms(&self, reps: usize, f: &mut dyn FnMut(usize)) -> Result<f64>;
+    /// The peak memory an op used above `base` bytes (see the module docs), after
+    /// [`Clock::reset_peak`].
+    fn peak_above_bytes(&self, base: usize) -> usize;
+    fn reset_peak(&self);
+    /// The bytes in use now (the base the peak is measured above).
+    fn in_use(&self) -> usize;
+    fn is_cpu(&self) -> bool;
+}
+
+impl Clock for Cpu {
+    fn median_ms(&self, reps: usize, f: &mut dyn FnMut(usize)) -> Result<f64> {
+        f(0);
+        let mut v = Vec::new();
+        for k in 0..reps.clamp(1, 5) {
+            let t0 = Instant::now();
+            f(k + 1);
+            v.push(t0.elapsed().as_secs_f32() * 1e3);
+        }
+        Ok(median(v))
+    }
+    fn peak_above_bytes(&self, base: usize) -> usize {
+        heap::peak().saturating_sub(base)
+    }
+    fn reset_peak(&self) {
+        heap::reset_peak();
+    }
+    fn in_use(&self) -> usize {
+        heap::current()
+    }
+    fn is_cpu(&self) -> bool {
+        true
+    }
+}
+
+impl Clock for Cuda {
+    fn median_ms(&self, reps: usize, f: &mut dyn FnMut(usize)) -> Result<f64> {
+        self.time_median(reps, f)
+    }
+    fn peak_above_bytes(&self, base: usize) -> usize {
+        self.peak_above(base)
+    }
+    fn reset_peak(&self) {
+        self.reset_peak_memory();
+    }
+    fn in_use(&self) -> usize {
+        self.memory_stats().0
+    }
+    fn is_cpu(&self) -> bool {
+        false
+    }
+}
+
+/// One family's timing run on one backend: sizes by device, rows with their floors.
+struct Harness<'a, B: Clock> {
+    be: &'a B,
+    rng: Rng,
+    ceil: Option<&'a Ceil>,
+    quick: bool,
+    rows: &'a mut Vec<BenchRow>,
+}
+
+impl<B: Clock> Harness<'_, B> {
+    /// `gpu` at full size, `quick` with `--quick`, `cpu` on the CPU backend.
+    fn pick<T>(&self, gpu: T, quick: T, cpu: T) -> T {
+        if self.be.is_cpu() {
+            cpu
+        } else if self.quick {
+            quick
+        } else {
+            gpu
+        }
+    }
+
+    fn random(&mut self, n: usize, scale: f32, dt: DType) -> Result<Tensor<B>> {
+        random(self.be, &mut self.rng, n, scale, dt)
+    }
+
+    /// Times `f` and adds a row: `flops` and `bytes` give the rates and the floor.
+    fn time(
+        &mut self,
+        (op, variant, size): (&str, &str, &str),
+        (flops, bytes): (f64, f64),
+        reps: usize,
+        f: &mut dyn FnMut(usize),
+    ) -> Result<()> {
+        let base = self.be.in_use();
+        self.be.reset_peak();
+        let ms = self.be.median_ms(reps, f)?;
+        let peak = self.be.peak_above_bytes(base);
+        let floor = self.ceil.map_or(0.0, |c| (flops / (c.tflops * 1e12)).max(bytes / (c.gbs * 1e9)) * 1e3);
+        let variant = if self.be.is_cpu() { format!("cpu {variant}") } else { variant.to_string() };
+        let note = match (self.be.is_cpu(), heap::installed()) {
+            (true, true) => "host clock",
+            (true, false) => "host clock; heap not metered (peak 0)",
+            (false, _) => "",
+        };
+        self.rows.push(row(op, &variant, size, ms, flops, bytes, floor, peak, note));
+        Ok(())
+    }
+
+    fn elementwise(&mut self) -> Result<()> {
+        let n = self.pick(1 << 26, 1 << 24, 1 << 22);
+        let size = format!("n={n}");
+        let (a, b) = (self.random(n, 1.0, DType::F32)?, self.random(n, 1.0, DType::F32)?);
+        let (o, h) = (self.be.alloc(n, DType::F32)?, self.be.alloc(n, DType::Bf16)?);
+        let ss = self.be.alloc(1, DType::F32)?;
+        let be = self.be;
+        let nf = n as f64;
+        self.time(("elementwise", "add", &size), (nf, 12.0 * nf), 20, &mut |_| be.add(&o, &a, &b))?;
+        self.time(("elementwise", "copy f32>bf16", &size), (0.0, 6.0 * nf), 20, &mut |_| be.copy(&h, &a))?;
+        self.time(("elementwise", "sum_squares", &size), (2.0 * nf, 4.0 * nf), 20, &mut |_| be.sum_squares(&ss, &a))
+    }
+
+    fn linear(&mut self) -> Result<()> {
+        // ViT-B's MLP up-projection: tokens x 768 -> 3072.
+        let (n, c, oc) = self.pick((8192, 768, 3072), (2048, 768, 3072), (512, 768, 3072));
+        let size = format!("n={n} c={c} oc={oc}");
+        let x = self.random(n * c, 1.0, DType::Bf16)?;
+        let w = self.random(oc * c, 0.03, DType::Bf16)?;
+        let bias = self.random(oc, 0.1, DType::F32)?;
+        let dy = self.random(n * oc, 1.0, DType::Bf16)?;
+        let y = self.be.alloc(n * oc, DType::Bf16)?;
+        let (dx, dw, db) =
+            (self.be.alloc(n * c, DType::F32)?, self.be.alloc(oc * c, DType::F32)?, self.be.alloc(oc, DType::F32)?);
+        let be = self.be;
+        let flops = 6.0 * (n * c * oc) as f64;
+        let bytes = 2.0 * (2 * (n * c + oc * c + n * oc)) as f64 + 8.0 * (n * c + oc * c) as f64;
+        self.time(("linear", "fwd+bwd", &size), (flops, bytes), 10, &mut |_| {
+            be.linear_fwd(&y, &x, &w, Some(&bias), n, c, oc);
+            be.linear_bwd(Some(&dx), Some(&dw), Some(&db), &dy, &x, &w, n, c, oc);
+        })
+    }
+
+    fn layernorm(&mut self) -> Result<()> {
+        // ViT-B/16 at batch 128: 128 x 197 rows of 768.
+        let (n, c) = self.pick((128 * 197, 768), (16 * 197, 768), (8 * 197, 768));
+        let size = format!("n={n} c={c}");
+        let (x, r) = (self.random(n * c, 1.0, DType::Bf16)?, self.random(n * c, 1.0, DType::Bf16)?);
+        let (g, bta) = (self.random(c, 1.0, DType::F32)?, self.random(c, 0.1, DType::F32)?);
+        let dy = self.random(n * c, 1.0, DType::Bf16)?;
+        let (y, xs) = (self.be.alloc(n * c, DType::Bf16)?, self.be.alloc(n * c, DType::Bf16)?);
+        let (mean, rstd) = (self.be.alloc(n, DType::F32)?, self.be.alloc(n, DType::F32)?);
+        let (dx, dg, db) =
+            (self.be.alloc(n * c, DType::F32)?, self.be.alloc(c, DType::F32)?, self.be.alloc(c, DType::F32)?);
+        let be = self.be;
+        let e = (n * c) as f64;
+        self.time(("layernorm", "fwd+bwd", &size), (16.0 * e, 2.0 * 4.0 * e + 8.0 * e), 10, &mut |_| {
+            be.layernorm_fwd(&y, &mean, &rstd, &x, &g, &bta, n, c, 1e-5);
+            be.layernorm_bwd(&dx, Some(&dg), Some(&db), &dy, &x, &g, &mean, &rstd, n, c);
+        })?;
+        self.time(("layernorm", "add_layernorm fwd+bwd", &size), (18.0 * e, 2.0 * 6.0 * e + 8.0 * e), 10, &mut |_| {
+            be.add_layernorm_fwd(&y, &xs, &mean, &rstd, &x, &r, &g, &bta, n, c, 1e-5);
+            be.add_layernorm_bwd(&dx, Some(&dg), Some(&db), &dy, &xs, &g, &mean, &rstd, n, c);
+        })
+    }
+
+    fn l2norm(&mut self) -> Result<()> {
+        let (n, d) = self.pick((65_536, 512), (8192, 512), (4096, 512));
+        let size = format!("n={n} d={d}");
+        let x = self.random(n * d, 1.0, DType::Bf16)?;
+        let dy = self.random(n * d, 1.0, DType::F32)?;
+        let (y, nrm, dx) =
+            (self.be.alloc(n * d, DType::F32)?, self.be.alloc(n, DType::F32)?, self.be.alloc(n * d, DType::F32)?);
+        let be = self.be;
+        let e = (n * d) as f64;
+        self.time(("l2norm", "fwd+bwd", &size), (8.0 * e, 2.0 * e + 4.0 * e + 3.0 * 4.0 * e + 8.0 * e), 10, &mut |_| {
+            be.l2norm_fwd(&y, &nrm, &x, n, d);
+            be.l2norm_bwd(&dx, &dy, &y, &nrm, n, d);
+        })
+    }
+
+    fn activation(&mut self) -> Result<()> {
+        // ViT-B/16's MLP activations at batch 128: 128 x 197 x 3072.
+        let n = self.pick(128 * 197 * 3072, 16 * 197 * 3072, 1 << 22);
+        let x = self.random(n, 2.0, DType::Bf16)?;
+        let dy = self.random(n, 1.0, DType::Bf16)?;
+        let (y, dx) = (self.be.alloc(n, DType::Bf16)?, self.be.alloc(n, DType::F32)?);
+        let be = self.be;
+        for kind in [Activation::QuickGelu, Activation::Gelu] {
+            let size = format!("n={n} {kind:?}");
+            self.time(("activation", "fwd+bwd", &size), (20.0 * n as f64, 14.0 * n as f64), 10, &mut |_| {
+                be.act_fwd(kind, &y, &x);
+                be.act_bwd(kind, &dx, &dy, &x);
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The token embedding at the default text batch (b = 256 texts of 77 tokens, width 512,
+    /// CLIP's 49,408-token vocabulary), texts of 8 to 60 tokens padded with id 0 as the
+    /// tokenizer does: the padding id is one long run of repeated ids in the table's gradient.
+    /// Then the vision embedding (ViT-B/16 at 224 px) and the pooling gather.
+    fn embed(&mut self) -> Result<()> {
+        let (b, t, d, vocab) = (256usize, 77usize, 512usize, 49_408usize);
+        let mut ids = vec![0i32; b * t];
+        let mut eot = vec![0i32; b];
+        for (s, row) in ids.chunks_exact_mut(t).enumerate() {
+            let len = 8 + self.rng.below(53);
+            row[0] = 49_406;
+            for x in &mut row[1..len - 1] {
+                *x = 1 + self.rng.below(49_000) as i32;
+            }
+            row[len - 1] = 49_407;
+            eot[s] = (len - 1) as i32;
+        }
+        let size = format!("b={b} t={t} d={d} vocab={vocab}");
+        let tid = self.be.alloc(b * t, DType::I32)?;
+        self.be.upload_i32(&tid, &ids)?;
+        let (wte, wpe) = (self.random(vocab * d, 0.02, DType::F32)?, self.random(t * d, 0.01, DType::F32)?);
+        let out = self.be.alloc(b * t * d, DType::Bf16)?;
+        let dy = self.random(b * t * d, 1.0, DType::Bf16)?;
+        let (dwte, dwpe) = (self.be.alloc(vocab * d, DType::F32)?, self.be.alloc(t * d, DType::F32)?);
+        let be = self.be;
+        let e = (b * t * d) as f64;
+        self.time(("embed", "token_embed fwd", &size), (e, 4.0 * e + 2.0 * e), 20, &mut |_| {
+            be.token_embed_fwd(&out, &tid, &wte, &wpe, b, t, d);
+        })?;
+        self.time(("embed", "token_embed bwd (wte + wpe)", &size), (2.0 * e, 2.0 * e + 8.0 * e), 20, &mut |_| {
+            be.token_embed_bwd(Some(&dwte), Some(&dwpe), &dy, &tid, b, t, d);
+        })?;
+        let ti = self.be.alloc(b, DType::I32)?;
+        self.be.upload_i32(&ti, &eot)?;
+        let pooled = self.be.alloc(b * d, DType::Bf16)?;
+        let dseq = self.be.alloc(b * t * d, DType::F32)?;
+        let dp = self.random(b * d, 1.0, DType::Bf16)?;
+        self.time(("embed", "gather_rows fwd+bwd", &size), (0.0, 2.0 * 4.0 * (b * d) as f64), 20, &mut |_| {
+            be.gather_rows(&pooled, &out, &ti, b, t, d);
+            be.gather_rows_bwd(&dseq, &dp, &ti, b, t, d);
+        })?;
+
+        let (b, img, p, d) = (self.pick(128, 16, 4), 224usize, 16usize, 768usize);
+        let np = (img / p) * (img / p);
+        let size = format!("b={b} img={img} p={p} d={d}");
+        let pixels = self.random(b * 3 * img * img, 1.0, DType::F32)?;
+        let cols = self.be.alloc(b * 3 * img * img, DType::Bf16)?;
+        let patches = self.random(b * np * d, 1.0, DType::Bf16)?;
+        let (cls, pos) = (self.random(d, 0.1, DType::F32)?, self.random((np + 1) * d, 0.1, DType::F32)?);
+        let emb = self.be.alloc(b * (np + 1) * d, DType::Bf16)?;
+        let demb = self.random(b * (np + 1) * d, 1.0, DType::Bf16)?;
+        let (dpa, dcls, dpos) = (
+            self.be.alloc(b * np * d, DType::F32)?,
+            self.be.alloc(d, DType::F32)?,
+            self.be.alloc((np + 1) * d, DType::F32)?,
+        );
+        let px = (b * 3 * img * img) as f64;
+        self.time(("embed", "im2col", &size), (0.0, 6.0 * px), 20, &mut |_| be.im2col(&cols, &pixels, b, img, p))?;
+        let e = (b * (np + 1) * d) as f64;
+        self.time(("embed", "vision_embed fwd+bwd", &size), (2.0 * e, 4.0 * e + 10.0 * e), 20, &mut |_| {
+            be.vision_embed_fwd(&emb, &patches, &cls, &pos, b, np, d);
+            be.vision_embed_bwd(Some(&dpa), Some(&dcls), Some(&dpos), &demb, b, np, d);
+        })
+    }
+
+    fn bce(&mut self) -> Result<()> {
+        // The fine-tuning head: 14 labels over a batch, about a third masked out.
+        let n = self.pick(14 * 4096, 14 * 1024, 14 * 4096);
+        let size = format!("n={n} masked");
+        let x = self.random(n, 4.0, DType::F32)?;
+        let y = self.be.alloc(n, DType::F32)?;
+        let labels: Vec<f32> = (0..n).map(|_| self.rng.below(2) as f32).collect();
+        self.be.upload_f32(&y, &labels)?;
+        let m = self.be.alloc(n, DType::F32)?;
+        let mask: Vec<f32> = (0..n).map(|_| (self.rng.below(3) != 0) as i32 as f32).collect();
+        self.be.upload_f32(&m, &mask)?;
+        let (loss, dx) = (self.be.alloc(1, DType::F32)?, self.be.alloc(n, DType::F32)?);
+        let be = self.be;
+        self.time(("bce", "fwd+bwd", &size), (30.0 * n as f64, 2.0 * 12.0 * n as f64 + 8.0 * n as f64), 20, &mut |_| {
+            be.bce_with_logits_fwd(&loss, &x, &y, Some(&m));
+            be.bce_with_logits_bwd(&dx, &x, &y, Some(&m), 1.0);
+        })
+    }
+
+    fn adamw(&mut self) -> Result<()> {
+        // A CLIP ViT-B/16's 150 M parameters on a GPU; 16 M on the CPU.
+        let n = self.pick(150_000_000, 16_000_000, 16_000_000);
+        let size = format!("n={n}");
+        let p = self.random(n, 0.1, DType::F32)?;
+        let g = self.random(n, 0.01, DType::F32)?;
+        let (m, v) = (self.be.alloc(n, DType::F32)?, self.be.alloc(n, DType::F32)?);
+        let copy = self.be.alloc(n, DType::Bf16)?;
+        let be = self.be;
+        let hp = AdamWStep { lr: 1e-4, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2, step: 10 };
+        let nf = n as f64;
+        self.time(("adamw", "with bf16 copy", &size), (12.0 * nf, 28.0 * nf + 2.0 * nf), 10, &mut |_| {
+            be.adamw_with_bf16_copy(&p, &g, &m, &v, Some(&copy), hp);
+        })
+    }
+
+    /// The CPU's own attention and InfoNCE rows (CUDA has its fused-against-unfused benches).
+    fn attention_cpu(&mut self) -> Result<()> {
+        let (b, h, t, hd) = (8, 12, 197, 64);
+        let elems = b * h * t * hd;
+        let q = self.random(3 * elems, 1.0, DType::F32)?;
+        let out = self.be.alloc(elems, DType::F32)?;
+        let saved = self.be.alloc(self.be.attention_saved_len(b, t, h), DType::F32)?;
+        let dout = self.random(elems, 1.0, DType::F32)?;
+        let dq = self.be.alloc(3 * elems, DType::F32)?;
+        let be = self.be;
+        let flops = 12.0 * (b * h * t * t * hd) as f64;
+        self.time(("attention", "fwd+bwd", &format!("{}x{t}x{hd}", b * h)), (flops, 0.0), 5, &mut |_| {
+            be.attention_fwd(&out, &saved, &q, b, t, h, hd, false);
+            be.attention_bwd(&dq, &dout, &q, &out, &saved, b, t, h, hd, false);
+        })
+    }
+
+    fn infonce_cpu(&mut self, shape: InfonceShape) -> Result<()> {
+        for (local, global, dim) in shape.cpu_sizes() {
+            let size = format!("B_local={local} B_global={global} D={dim}");
+            let dims = InfoNceDims { local, global, dim, offset: (global / 2).min(global - local) };
+            let flops = 12.0 * (local * global * dim) as f64;
+            let ai = self.random(global * dim, 0.05, DType::F32)?;
+            let at = self.random(global * dim, 0.05, DType::F32)?;
+            let (i, t) = (ai.slice(dims.offset * dim, local * dim), at.slice(dims.offset * dim, local * dim));
+            let scale = self.be.alloc(1, DType::F32)?;
+            self.be.upload_f32(&scale, &[(1.0f32 / 0.07).ln()])?;
+            let be = self.be;
+            let (loss, li, lt) = (be.alloc(1, DType::F32)?, be.alloc(local, DType::F32)?, be.alloc(local, DType::F32)?);
+            let (di, dt) = (be.alloc(local * dim, DType::F32)?, be.alloc(local * dim, DType::F32)?);
+            let (dai, dat) = (be.alloc(global * dim, DType::F32)?, be.alloc(global * dim, DType::F32)?);
+            if shape.variant.fused() {
+                self.time(("infonce", "fused fwd+bwd", &size), (flops, 0.0), 3, &mut |_| {
+                    be.infonce_fwd(&loss, &li, &lt, &i, &t, &ai, &at, &scale, dims);
+                    be.infonce_bwd(&di, &dt, &dai, &dat, None, 1.0, &i, &t, &ai, &at, &scale, &li, &lt, dims);
+                })?;
+            }
+            if shape.variant.baseline() {
+                let s = 1.0f32 / 0.07;
+                let (vi, vt, vai, vat) = (down(be, &i)?, down(be, &t)?, down(be, &ai)?, down(be, &at)?);
+                let (mut gi, mut gt) = (vec![0.0; local * dim], vec![0.0; local * dim]);
+                let (mut gai, mut gat) = (vec![0.0; global * dim], vec![0.0; global * dim]);
+                self.time(("infonce", "baseline (materialised logits)", &size), (flops, 0.0), 3, &mut |_| {
+                    infonce_baseline_cpu(&vi, &vat, &mut gi, &mut gat, s, dims);
+                    infonce_baseline_cpu(&vt, &vai, &mut gt, &mut gai, s, dims);
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One direction of InfoNCE the way OpenCLIP's `ClipLoss` does it on the CPU: the local x
+/// global logits `s x y^T` held whole, a softmax per row, `G = (P - onehot) / (2 global)`,
+/// then `dx += s G y` and `dy += s G^T x`. Returns the direction's loss share.
+fn infonce_baseline_cpu(x: &[f32], y: &[f32], dx: &mut [f32], dy: &mut [f32], s: f32, dims: InfoNceDims) -> f32 {
+    use crate::cpu::linear;
+    let InfoNceDims { local, global, dim, offset } = dims;
+    let mut z = vec![0.0f32; local * global];
+    linear::fwd(&mut z, x, y, None, local, dim, global);
+    let mut loss = 0.0f64;
+    let coef = s / (2 * global) as f32;
+    for (r, row) in z.chunks_exact_mut(global).enumerate() {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(s * v));
+        let sum: f32 = row.iter().map(|&v| (s * v - max).exp()).sum();
+        let lse = max + sum.ln();
+        loss += (lse - s * row[offset + r]) as f64;
+        for v in row.iter_mut() {
+            *v = (s * *v - lse).exp() * coef;
+        }
+        row[offset + r] -= coef;
+    }
+    linear::bwd(Some(dx), Some(dy), None, &z, x, y, local, dim, global);
+    (loss / (2 * global) as f64) as f32
+}
+
+/// Runs the CUDA kernel bench: the ceilings first, then the family `opts.op` (or every one).
+pub fn run_cuda(cuda: &Cuda, opts: BenchOptions) -> Result<Vec<BenchRow>> {
+    if let Some(o) = opts.op {
+        check_op(o)?;
+    }
+    let mut rows = Vec::new();
+    let ceil = cuda.ceilings(&mut rows, opts.quick)?;
+    for f in families::FAMILIES {
+        if opts.op.is_some_and(|o| o != f.name) {
+            continue;
+        }
+        match f.name {
+            "attention" => cuda.bench_attention_cuda(&mut rows, &ceil, opts.quick)?,
+            "infonce" => cuda.bench_infonce(&mut rows, &ceil, opts.quick, opts.infonce)?,
+            name => {
+                cuda.dev.release_scratch()?;
+                let mut h =
+                    Harness { be: cuda, rng: Rng::from_clock(), ceil: Some(&ceil), quick: opts.quick, rows: &mut rows };
+                h.family(name)?;
+            }
+        }
+    }
+    cuda.synchronize()?;
+    Ok(rows)
+}
+
+/// Every family on the CPU backend (host clock, median of a few runs), at sizes a CPU finishes
+/// in seconds; InfoNCE's baseline is OpenCLIP's materialised logits, there are no ceilings.
+pub fn run_cpu(opts: BenchOptions) -> Result<Vec<BenchRow>> {
+    if let Some(o) = opts.op {
+        check_op(o)?;
+        if o == CEILINGS {
+            bail!("the ceilings are measured on CUDA only (--device cuda)");
+        }
+    }
+    let mut rows = Vec::new();
+    let mut h = Harness { be: &Cpu, rng: Rng::from_clock(), ceil: None, quick: opts.quick, rows: &mut rows };
+    for f in families::FAMILIES {
+        if opts.op.is_some_and(|o| o != f.name) {
+            continue;
+        }
+        match f.name {
+            "attention" => h.attention_cpu()?,
+            "infonce" => h.infonce_cpu(opts.infonce)?,
+            name => h.family(name)?,
+        }
+    }
+    Ok(rows)
+}
+
+impl<B: Clock> Harness<'_, B> {
+    /// The families whose bench is the same on both backends.
+    fn family(&mut self, name: &str) -> Result<()> {
+        match name {
+            "elementwise" => self.elementwise(),
+            "linear" => self.linear(),
+            "layernorm" => self.layernorm(),
+            "l2norm" => self.l2norm(),
+            "activation" => self.activation(),
+            "embed" => self.embed(),
+            "bce" => self.bce(),
+            "adamw" => self.adamw(),
+            _ => bail!("family {name} has no shared bench"),
+        }
     }
 }
 
@@ -444,106 +967,15 @@ fn row(
     }
 }
 
-/// Runs the CUDA kernel bench: the ceilings first, then `op` (or every op).
-pub fn run_cuda(cuda: &Cuda, op: Option<&str>, quick: bool) -> Result<Vec<BenchRow>> {
-    if let Some(o) = op {
-        if !OPS.contains(&o) {
-            bail!("unknown op {o:?}; ops: {}", OPS.join(", "));
-        }
-    }
-    let mut rows = Vec::new();
-    let ceil = cuda.ceilings(&mut rows, quick)?;
-    if op.is_none_or(|o| o == "attention") {
-        cuda.bench_attention(&mut rows, &ceil, quick)?;
-    }
-    if op.is_none_or(|o| o == "infonce") {
-        cuda.bench_infonce(&mut rows, &ceil, quick)?;
-    }
-    cuda.synchronize()?;
-    Ok(rows)
-}
-
-/// The same fused ops on the CPU backend (host clock, median of a few runs), at sizes a CPU
-/// finishes in seconds; there is no unfused baseline or ceiling on the CPU.
-pub fn run_cpu(op: Option<&str>) -> Result<Vec<BenchRow>> {
-    let be = Cpu;
-    let mut rng = Rng::from_clock();
-    let mut rows = Vec::new();
-    let time = |f: &mut dyn FnMut()| {
-        f();
-        let mut v = Vec::new();
-        for _ in 0..5 {
-            let t0 = Instant::now();
-            f();
-            v.push(t0.elapsed().as_secs_f32() * 1e3);
-        }
-        median(v)
-    };
-    if op.is_none_or(|o| o == "attention") {
-        let (b, h, t, hd) = (8, 12, 197, 64);
-        let elems = b * h * t * hd;
-        let q = random(&be, &mut rng, 3 * elems, 1.0, DType::F32)?;
-        let out = be.alloc(elems, DType::F32)?;
-        let saved = be.alloc(be.attention_saved_len(b, t, h), DType::F32)?;
-        let dout = random(&be, &mut rng, elems, 1.0, DType::F32)?;
-        let dq = be.alloc(3 * elems, DType::F32)?;
-        let ms = time(&mut || {
-            be.attention_fwd(&out, &saved, &q, b, t, h, hd, false);
-            be.attention_bwd(&dq, &dout, &q, &out, &saved, b, t, h, hd, false);
-        });
-        let flops = 12.0 * (b * h * t * t * hd) as f64;
-        rows.push(row(
-            "attention",
-            "cpu fwd+bwd",
-            &format!("{}x{t}x{hd}", b * h),
-            ms,
-            flops,
-            0.0,
-            0.0,
-            0,
-            "host clock",
-        ));
-    }
-    if op.is_none_or(|o| o == "infonce") {
-        let (local, global, dim) = (256, 2048, 512);
-        let dims = InfoNceDims { local, global, dim, offset: 0 };
-        let ai = random(&be, &mut rng, global * dim, 0.05, DType::F32)?;
-        let at = random(&be, &mut rng, global * dim, 0.05, DType::F32)?;
-        let (i, t) = (ai.slice(0, local * dim), at.slice(0, local * dim));
-        let scale = be.alloc(1, DType::F32)?;
-        be.upload_f32(&scale, &[2.659])?;
-        let (loss, li, lt) = (be.alloc(1, DType::F32)?, be.alloc(local, DType::F32)?, be.alloc(local, DType::F32)?);
-        let (di, dt) = (be.alloc(local * dim, DType::F32)?, be.alloc(local * dim, DType::F32)?);
-        let (dai, dat) = (be.alloc(global * dim, DType::F32)?, be.alloc(global * dim, DType::F32)?);
-        let ms = time(&mut || {
-            be.infonce_fwd(&loss, &li, &lt, &i, &t, &ai, &at, &scale, dims);
-            be.infonce_bwd(&di, &dt, &dai, &dat, None, 1.0, &i, &t, &ai, &at, &scale, &li, &lt, dims);
-        });
-        let flops = 12.0 * (local * global * dim) as f64;
-        rows.push(row(
-            "infonce",
-            "cpu fwd+bwd",
-            &format!("B_local={local} B_global={global} D={dim}"),
-            ms,
-            flops,
-            0.0,
-            0.0,
-            0,
-            "host clock",
-        ));
-    }
-    Ok(rows)
-}
-
 /// The rows as a fixed-width table.
 pub fn table(rows: &[BenchRow]) -> String {
     let mut s = format!(
-        "{:<10} {:<30} {:<38} {:>10} {:>9} {:>9} {:>10} {:>11}  note\n",
+        "{:<11} {:<34} {:<44} {:>10} {:>9} {:>9} {:>10} {:>11}  note\n",
         "op", "variant", "size", "ms", "TFLOP/s", "GB/s", "floor ms", "peak MiB"
     );
     for r in rows {
         s += &format!(
-            "{:<10} {:<30} {:<38} {:>10.3} {:>9.3} {:>9.1} {:>10.3} {:>11.1}  {}\n",
+            "{:<11} {:<34} {:<44} {:>10.3} {:>9.3} {:>9.1} {:>10.3} {:>11.1}  {}\n",
             r.op,
             r.variant,
             r.size,

@@ -10,7 +10,10 @@
 //! passes when `‖cuda − cpu‖ / ‖cpu‖ <= tol` and every element is within
 //! `atol + rtol * |cpu|` with `rtol = tol` and `atol = tol * rms(cpu)`.
 //!
-//! Run by `coordinator gpu-check` and by the ignored tests in `kernels/tests/cuda_ops.rs`.
+//! One check per op family of [`crate::families`], under the family's name (`layernorm` covers
+//! the fused residual add too, `embed` every embedding op): `coordinator gpu-check` runs them
+//! all, `coordinator gpu-check --op NAME` one, and so do the ignored tests in
+//! `kernels/tests/cuda_ops.rs`.
 //! **Not yet run on a GPU** (written in a session without one).
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -181,37 +184,50 @@ pub fn judge(op: &str, size: &str, output: &str, reference: &[f32], got: &[f32],
     CheckResult { op: op.into(), size: size.into(), output: output.into(), rel_err, worst, tol, passed, note }
 }
 
-/// The attention checks alone (every head dimension); returns the seed and the results.
-pub fn run_attention(cuda: &Cuda, quick: bool) -> (u64, Vec<CheckResult>) {
-    let mut rng = Rng::from_clock();
-    let mut res = Vec::new();
-    attention(cuda, &mut rng, &mut res, quick);
-    (rng.seed(), res)
+/// One family's GPU check: appends its results (CUDA against the CPU on fresh random inputs).
+type CheckFn = fn(&Cuda, &mut Rng, &mut Vec<CheckResult>, bool);
+
+/// The check of a family of [`crate::families::FAMILIES`] (a test keeps every family covered).
+fn harness(family: &str) -> Option<CheckFn> {
+    Some(match family {
+        "elementwise" => elementwise,
+        "linear" => linear,
+        "layernorm" => layernorm,
+        "l2norm" => l2norm,
+        "activation" => activation,
+        "attention" => attention,
+        "embed" => embed,
+        "infonce" => infonce,
+        "bce" => bce,
+        "adamw" => adamw,
+        _ => return None,
+    })
 }
 
-/// The InfoNCE checks alone (widths 64 to 1024, multiples of 64 and not).
-pub fn run_infonce(cuda: &Cuda, quick: bool) -> (u64, Vec<CheckResult>) {
+/// The checks of one family (`coordinator gpu-check --op NAME`); `quick` keeps the small sizes
+/// only. Returns the seed and the results; an unknown name is refused with the family list.
+pub fn run_family(cuda: &Cuda, family: &str, quick: bool) -> Result<(u64, Vec<CheckResult>)> {
+    let f = crate::families::find(family)?;
+    let check = harness(f.name).ok_or_else(|| anyhow::anyhow!("family {} has no GPU check", f.name))?;
     let mut rng = Rng::from_clock();
+    let seed = rng.seed();
     let mut res = Vec::new();
-    infonce(cuda, &mut rng, &mut res, quick);
-    (rng.seed(), res)
+    check(cuda, &mut rng, &mut res, quick);
+    Ok((seed, res))
 }
 
-/// Runs every check; `quick` keeps the small sizes only. Returns the seed and the results.
+/// Runs every family's check, then the per-op profiler's; `quick` keeps the small sizes only.
+/// Returns the seed and the results.
 pub fn run_all(cuda: &Cuda, quick: bool) -> (u64, Vec<CheckResult>) {
     let mut rng = Rng::from_clock();
     let seed = rng.seed();
     let mut res = Vec::new();
-    elementwise(cuda, &mut rng, &mut res, quick);
-    linear(cuda, &mut rng, &mut res, quick);
-    norms(cuda, &mut rng, &mut res, quick);
-    add_layernorm(cuda, &mut rng, &mut res, quick);
-    activations(cuda, &mut rng, &mut res, quick);
-    attention(cuda, &mut rng, &mut res, quick);
-    embeddings(cuda, &mut rng, &mut res, quick);
-    infonce(cuda, &mut rng, &mut res, quick);
-    optimizer(cuda, &mut rng, &mut res, quick);
-    bce(cuda, &mut rng, &mut res, quick);
+    for f in crate::families::FAMILIES {
+        match harness(f.name) {
+            Some(check) => check(cuda, &mut rng, &mut res, quick),
+            None => res.push(failed(f.name, "-", anyhow::anyhow!("no GPU check for this family"))),
+        }
+    }
     res.push(op_timing(cuda));
     (seed, res)
 }
@@ -289,7 +305,7 @@ fn linear(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
     }
 }
 
-fn norms(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+fn layernorm(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
     let sizes: &[(usize, usize)] =
         if quick { &[(5, 100), (197, 768)] } else { &[(5, 100), (197, 768), (3 * 257, 1024)] };
     for &(n, c) in sizes {
@@ -312,24 +328,39 @@ fn norms(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
             let dg = up(be, &gg0, DType::F32)?;
             let db = up(be, &gb0, DType::F32)?;
             be.layernorm_bwd(&dx, Some(&dg), Some(&db), &tdy, &tx, &tg, &mean, &rstd, n, c);
+            Ok(vec![
+                ("out", down(be, &y)?),
+                ("mean", down(be, &mean)?),
+                ("rstd", down(be, &rstd)?),
+                ("dinp", down(be, &dx)?),
+                ("dgamma", down(be, &dg)?),
+                ("dbeta", down(be, &db)?),
+            ])
+        });
+        compare(res, "layernorm", &size, TOL_BF16, out);
+    }
+    add_layernorm(cuda, rng, res, quick);
+}
+
+fn l2norm(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let sizes: &[(usize, usize)] =
+        if quick { &[(5, 100), (197, 512)] } else { &[(5, 100), (197, 512), (3 * 257, 1024), (4096, 512)] };
+    for &(n, c) in sizes {
+        let size = format!("n={n} d={c}");
+        let x: Vec<f32> = rng.vec_bf16(n * c, 2.0).iter().map(|v| v + 0.3).collect();
+        let dy = rng.vec_bf16(n * c, 1.0);
+        let g0 = rng.vec(n * c, 0.1);
+        let out = both!(cuda, |be| {
+            let tx = up(be, &x, DType::Bf16)?;
+            let tdy = up(be, &dy, DType::Bf16)?;
             let l2 = poisoned(be, n * c, DType::F32)?;
             let nrm = poisoned(be, n, DType::F32)?;
             be.l2norm_fwd(&l2, &nrm, &tx, n, c);
             let dl2 = up(be, &g0, DType::F32)?;
             be.l2norm_bwd(&dl2, &tdy, &l2, &nrm, n, c);
-            Ok(vec![
-                ("layernorm out", down(be, &y)?),
-                ("mean", down(be, &mean)?),
-                ("rstd", down(be, &rstd)?),
-                ("layernorm dinp", down(be, &dx)?),
-                ("dgamma", down(be, &dg)?),
-                ("dbeta", down(be, &db)?),
-                ("l2norm out", down(be, &l2)?),
-                ("l2norm norm", down(be, &nrm)?),
-                ("l2norm dinp", down(be, &dl2)?),
-            ])
+            Ok(vec![("out", down(be, &l2)?), ("norm", down(be, &nrm)?), ("dinp", down(be, &dl2)?)])
         });
-        compare(res, "layernorm+l2norm", &size, TOL_BF16, out);
+        compare(res, "l2norm", &size, TOL_BF16, out);
     }
 }
 
@@ -373,12 +404,12 @@ fn add_layernorm(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: 
                     ("dbeta", down(be, &db)?),
                 ])
             });
-            compare(res, "add+layernorm", &size, TOL_BF16, out);
+            compare(res, "layernorm", &format!("add_layernorm {size}"), TOL_BF16, out);
         }
     }
 }
 
-fn activations(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+fn activation(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
     let n = if quick { 10_001 } else { 1_000_003 };
     for kind in [Activation::QuickGelu, Activation::Gelu] {
         let size = format!("n={n} {kind:?}");
@@ -478,7 +509,7 @@ impl AttentionInputs {
     }
 }
 
-fn embeddings(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+fn embed(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
     let (b, img, p, d) = if quick { (2, 64, 16, 64) } else { (4, 224, 32, 768) };
     let np = (img / p) * (img / p);
     let size = format!("b={b} img={img} p={p} d={d}");
@@ -508,7 +539,7 @@ fn embeddings(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: boo
             ("dpos", down(be, &dpos)?),
         ])
     });
-    compare(res, "vision embed", &size, 1e-2, out);
+    compare(res, "embed", &format!("vision {size}"), 1e-2, out);
 
     // col2im (CUDA only): the scatter back of im2col's columns gives the pixels again.
     let r = (|| -> Result<CheckResult> {
@@ -517,9 +548,9 @@ fn embeddings(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: boo
         cuda.im2col(&cols, &tp, b, img, p);
         let back = cuda.alloc(pixels.len(), DType::F32)?;
         cuda.im2col_bwd(&back, &cols, b, img, p);
-        Ok(judge("col2im", &size, "pixels", &pixels, &down(cuda, &back)?, TOL_F32))
+        Ok(judge("embed", &size, "col2im pixels", &pixels, &down(cuda, &back)?, TOL_F32))
     })();
-    res.push(r.unwrap_or_else(|e| failed("col2im", &size, e)));
+    res.push(r.unwrap_or_else(|e| failed("embed", &size, e)));
 
     let (bt, t, dt, vocab) = if quick { (3, 77, 64, 1000) } else { (16, 77, 512, 49_408) };
     let size = format!("b={bt} t={t} d={dt} vocab={vocab}");
@@ -555,7 +586,56 @@ fn embeddings(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: boo
             ("gather dinp", down(be, &dseq)?),
         ])
     });
-    compare(res, "token embed+pool", &size, 1e-2, out);
+    compare(res, "embed", &format!("token+pool {size}"), 1e-2, out);
+    token_table_grad(cuda, rng, res, quick);
+}
+
+/// The token table's gradient at the default text batch (256 texts of 77 tokens, width 512),
+/// texts of 8 to 60 tokens padded with id 0 as the tokenizer does: the padding id is a run of
+/// thousands of tokens across many pieces of the sorted list, every text's start and end ids
+/// runs of 256. Against the CPU, then against itself:
+/// a second run from the same start must give the same bits.
+fn token_table_grad(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+    let (b, t, d, vocab) = if quick { (64, 77, 96, 49_408) } else { (256, 77, 512, 49_408) };
+    let size = format!("token_embed_bwd b={b} t={t} d={d} padded");
+    let mut ids = vec![0i32; b * t];
+    for row in ids.chunks_exact_mut(t) {
+        let len = 8 + rng.below(53);
+        row[0] = 49_406;
+        for x in &mut row[1..len - 1] {
+            *x = 1 + rng.below(2000) as i32;
+        }
+        row[len - 1] = 49_407;
+    }
+    let dy = rng.vec_bf16(b * t * d, 1.0);
+    let g0 = rng.vec(vocab * d, 0.01);
+    let cpu = (|| -> Result<Vec<f32>> {
+        let (tid, dwte, tdy) = (up_i32(&Cpu, &ids)?, up(&Cpu, &g0, DType::F32)?, up(&Cpu, &dy, DType::Bf16)?);
+        Cpu.token_embed_bwd(Some(&dwte), None, &tdy, &tid, b, t, d);
+        down(&Cpu, &dwte)
+    })();
+    let gpu = || -> Result<Vec<f32>> {
+        let (tid, dwte, tdy) = (up_i32(cuda, &ids)?, up(cuda, &g0, DType::F32)?, up(cuda, &dy, DType::Bf16)?);
+        cuda.token_embed_bwd(Some(&dwte), None, &tdy, &tid, b, t, d);
+        down(cuda, &dwte)
+    };
+    let (first, second) = (gpu(), gpu());
+    let first_ok = first.as_ref().ok().cloned();
+    compare(res, "embed", &size, 1e-4, (cpu.map(|v| vec![("dwte", v)]), first.map(|v| vec![("dwte", v)])));
+    let same = match (first_ok, second) {
+        (Some(a), Ok(b)) => a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+        _ => false,
+    };
+    res.push(CheckResult {
+        op: "embed".into(),
+        size,
+        output: "dwte run twice".into(),
+        rel_err: 0.0,
+        worst: 0.0,
+        tol: 0.0,
+        passed: same,
+        note: if same { String::new() } else { "two runs differ (or failed): not deterministic".into() },
+    });
 }
 
 fn failed(op: &str, size: &str, e: anyhow::Error) -> CheckResult {
@@ -638,7 +718,7 @@ fn infonce(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) 
     }
 }
 
-fn optimizer(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
+fn adamw(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
     let n = if quick { 10_007 } else { 3_000_017 };
     let size = format!("n={n}");
     let p = rng.vec(n, 1.0);
@@ -669,7 +749,7 @@ fn optimizer(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool
         let off: f32 = rounded.iter().zip(&copied).map(|(a, b)| (a != b) as i32 as f32).sum();
         Ok(vec![("param (with copy)", master), ("bf16 copy", copied), ("copy != round(param)", vec![off + 1.0])])
     });
-    compare(res, "adamw bf16 copy", &size, 1e-2, out);
+    compare(res, "adamw", &format!("{size} bf16 copy"), 1e-2, out);
 }
 
 /// BCE with logits, plain and masked (about a third of the entries left out), f32 and bf16
@@ -697,7 +777,7 @@ fn bce(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
                 be.bce_with_logits_bwd(&dx, &tx, &ty, tm.as_ref(), 3.0);
                 Ok(vec![("loss", down(be, &loss)?), ("dlogits", down(be, &dx)?)])
             });
-            compare(res, "bce_with_logits", &size, 1e-4, out);
+            compare(res, "bce", &size, 1e-4, out);
         }
     }
     let n = 1000;
@@ -711,7 +791,7 @@ fn bce(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
         let dx = up(cuda, &g0, DType::F32)?;
         cuda.bce_with_logits_bwd(&dx, &tx, &ty, Some(&tm), 1.0);
         let exact = |output: &str, ok: bool| CheckResult {
-            op: "bce_with_logits".into(),
+            op: "bce".into(),
             size: size.clone(),
             output: output.into(),
             rel_err: 0.0,
@@ -724,7 +804,7 @@ fn bce(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
     })();
     match r {
         Ok(v) => res.extend(v),
-        Err(e) => res.push(failed("bce_with_logits", &size, e)),
+        Err(e) => res.push(failed("bce", &size, e)),
     }
 }
 
@@ -799,6 +879,14 @@ pub fn table(res: &[CheckResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_family_has_a_gpu_check() {
+        for f in crate::families::FAMILIES {
+            assert!(harness(f.name).is_some(), "no GPU check for {}", f.name);
+        }
+        assert!(harness("ceilings").is_none());
+    }
 
     /// The attention check catches a 2% error in one gradient: the CPU against itself with dK
     /// scaled by 1.02 fails at `TOL_ATTENTION`, unscaled it passes. (Sharp logits keep the

@@ -47,6 +47,13 @@ type T = Tensor<Cuda>;
 
 const BLOCK: u32 = 256;
 
+/// The token-table gradient's shapes, as `embed.cu` defines them (`TOK_SORT_CHUNK`,
+/// `TOK_PIECE`, `TOK_COLS`, `JOIN_ROWS`).
+const TOKEN_SORT_CHUNK: usize = 1024;
+const TOKEN_PIECE: usize = 32;
+const TOKEN_COLS: usize = 128;
+const TOKEN_JOIN_ROWS: u32 = 8;
+
 /// The CUDA backend on one device. See the module docs.
 pub struct Cuda {
     dev: Device,
@@ -408,6 +415,62 @@ impl Cuda {
             Args::new().ptr(out).ptr(wsum).ptr(part).i32(k as i32),
         )?;
         Ok(wsum)
+    }
+
+    /// `dwte[ids[k]] += dout[k]` over `ntok` tokens of width `d`, deterministic (see
+    /// `embed.cu`): sort the (id, token) keys in chunks, merge them by rank, sum each id's run
+    /// per piece of the sorted list, join the runs that cross pieces. Scratch: the chunk keys,
+    /// the sorted keys and two piece sums per piece.
+    fn token_table_grad(&self, dwte: &T, dout: &T, ids: &T, ntok: usize, d: usize) -> Result<()> {
+        if ntok == 0 {
+            return Ok(());
+        }
+        let vocab = (dwte.len() / d) as i32;
+        let chunks = ntok.div_ceil(TOKEN_SORT_CHUNK);
+        let pieces = ntok.div_ceil(TOKEN_PIECE);
+        let align = |bytes: usize| bytes.div_ceil(256) * 256;
+        let keys_bytes = align(chunks * TOKEN_SORT_CHUNK * 8);
+        let sorted_bytes = align(ntok * 8);
+        let base = self.dev.scratch(keys_bytes + sorted_bytes + 2 * pieces * d * 4)?;
+        let (keys, sorted, partial) = (base, base + keys_bytes as u64, base + (keys_bytes + sorted_bytes) as u64);
+        self.dev.launch(
+            "token_embed_bwd_sort",
+            (chunks as u32, 1, 1),
+            TOKEN_SORT_CHUNK as u32,
+            0,
+            Args::new().ptr(keys).ptr(dptr(ids)).i64(ntok as i64).i32(vocab),
+        )?;
+        self.dev.launch(
+            "token_embed_bwd_rank",
+            ((chunks * TOKEN_SORT_CHUNK).div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            Args::new().ptr(sorted).ptr(keys).i64(ntok as i64).i32(chunks as i32),
+        )?;
+        self.dev.launch(
+            "token_embed_bwd_pieces",
+            (pieces as u32, d.div_ceil(TOKEN_COLS) as u32, 1),
+            TOKEN_COLS as u32,
+            0,
+            Args::new().t(dwte).ptr(partial).t(dout).ptr(sorted).i64(ntok as i64).i32(d as i32).i32(vocab),
+        )?;
+        if pieces > 1 {
+            self.dev.launch(
+                "token_embed_bwd_join",
+                ((pieces - 1) as u32, d.div_ceil(32) as u32, 1),
+                32 * TOKEN_JOIN_ROWS,
+                0,
+                Args::new()
+                    .t(dwte)
+                    .ptr(partial)
+                    .ptr(sorted)
+                    .i64(ntok as i64)
+                    .i32(pieces as i32)
+                    .i32(d as i32)
+                    .i32(vocab),
+            )?;
+        }
+        Ok(())
     }
 
     /// `dpixels += col2im(dcols)`, the backward of [`Backend::im2col`].
@@ -1041,13 +1104,8 @@ impl Backend for Cuda {
         let outs: Vec<&T> = [dwte, dwpe].into_iter().flatten().collect();
         outputs(&outs, &[dout]);
         if let Some(e) = dwte {
-            self.launch(
-                "token_embed_bwd_wte",
-                (d.div_ceil(128) as u32, 1, 1),
-                128,
-                0,
-                Args::new().t(e).t(dout).ptr(dptr(ids)).i64((b * t) as i64).i32(d as i32).i32((e.len() / d) as i32),
-            );
+            let r = self.token_table_grad(e, dout, ids, b * t, d);
+            self.run(r);
         }
         if let Some(p) = dwpe {
             let r = self.col_sums(p, dptr(dout), is_bf(dout), b, t * d, t * d, 1.0);

@@ -55,7 +55,9 @@ pub struct Family {
     pub variants: &'static [Variant],
 }
 
-/// Every kernel family and entry point; the backend loads functions only from this list.
+/// Every kernel family and entry point; the backend loads functions only from this list. The
+/// names are those of `crate::families` (one `.cu` file per op family), plus the bench's
+/// unfused `baseline`.
 pub const FAMILIES: &[Family] = &[
     Family {
         name: "elementwise",
@@ -72,9 +74,6 @@ pub const FAMILIES: &[Family] = &[
             "col_sum_partial",
             "col_sum_final",
             "broadcast_rows",
-            "bce_logits_partial",
-            "bce_logits_final",
-            "bce_logits_bwd",
         ],
         variants: PLAIN,
     },
@@ -87,7 +86,13 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "layernorm",
         source: include_str!("../../cuda/layernorm.cu"),
-        entries: &["layernorm_fwd", "layernorm_bwd", "l2norm_fwd", "l2norm_bwd"],
+        entries: &["layernorm_fwd", "layernorm_bwd"],
+        variants: PLAIN,
+    },
+    Family {
+        name: "l2norm",
+        source: include_str!("../../cuda/l2norm.cu"),
+        entries: &["l2norm_fwd", "l2norm_bwd"],
         variants: PLAIN,
     },
     Family {
@@ -99,7 +104,10 @@ pub const FAMILIES: &[Family] = &[
             "vision_embed_fwd",
             "vision_embed_bwd_patches",
             "token_embed_fwd",
-            "token_embed_bwd_wte",
+            "token_embed_bwd_sort",
+            "token_embed_bwd_rank",
+            "token_embed_bwd_pieces",
+            "token_embed_bwd_join",
             "gather_rows",
             "gather_rows_bwd",
         ],
@@ -124,7 +132,13 @@ pub const FAMILIES: &[Family] = &[
         ],
         variants: PLAIN,
     },
-    Family { name: "optimizer", source: include_str!("../../cuda/optimizer.cu"), entries: &["adamw"], variants: PLAIN },
+    Family {
+        name: "bce",
+        source: include_str!("../../cuda/bce.cu"),
+        entries: &["bce_logits_partial", "bce_logits_final", "bce_logits_bwd"],
+        variants: PLAIN,
+    },
+    Family { name: "adamw", source: include_str!("../../cuda/adamw.cu"), entries: &["adamw"], variants: PLAIN },
     Family {
         name: "baseline",
         source: include_str!("../../cuda/baseline.cu"),

@@ -6,10 +6,12 @@
 
 mod common;
 
-mod act;
+// One module per op family of `kernels::families`, then the Backend shim and timings.
+mod activation;
 mod adamw;
 mod attention;
 mod bce;
+mod elementwise;
 mod embed;
 mod infonce;
 mod l2norm;

@@ -135,15 +135,15 @@ fn perf_infonce() {
 #[test]
 #[ignore = "timing"]
 fn perf_activations() {
-    use kernels::cpu::act;
+    use kernels::cpu::activation;
     use kernels::Activation;
     let mut cx = ctx();
     let n = 64 * 77 * 1024;
     let (x, dy) = (cx.vec(n), cx.vec(n));
     let mut out = vec![0.0; n];
     for kind in [Activation::QuickGelu, Activation::Gelu] {
-        let t = best(5, || act::fwd(kind, &mut out, &x));
-        let tb = best(5, || act::bwd(kind, &mut out, &dy, &x));
+        let t = best(5, || activation::fwd(kind, &mut out, &x));
+        let tb = best(5, || activation::bwd(kind, &mut out, &dy, &x));
         println!("{kind:?} n={n}: fwd {:.2} ms ({:.2} ns/elem), bwd {:.2} ms", t * 1e3, t * 1e9 / n as f64, tb * 1e3);
     }
 }

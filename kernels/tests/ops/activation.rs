@@ -1,4 +1,4 @@
-use kernels::cpu::act;
+use kernels::cpu::activation;
 use kernels::Activation;
 
 use crate::common::*;
@@ -19,7 +19,7 @@ fn case(kind: Activation, n: usize) {
         inp[i] = cx.uniform(1, -100.0, 100.0)[0];
     }
     let mut out = cx.vec(n);
-    act::fwd(kind, &mut out, &inp);
+    activation::fwd(kind, &mut out, &inp);
     let want: Vec<f64> = inp.iter().map(|&x| reference(kind, x as f64)).collect();
     assert_close(&cx, &format!("{kind:?} out"), &out, &want, 1e-6, 1e-5);
 
@@ -27,7 +27,7 @@ fn case(kind: Activation, n: usize) {
     let r = cx.vec(n);
     let d0 = cx.vec(n);
     let mut d = d0.clone();
-    act::bwd(kind, &mut d, &r, &inp);
+    activation::bwd(kind, &mut d, &r, &inp);
     let want: Vec<f64> = (0..n)
         .map(|i| {
             let f = |x: &[f64]| reference(kind, x[0]) * r[i] as f64;
