@@ -84,7 +84,7 @@ fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
     let mut phase_ms = vec![Vec::new(); Phase::ALL.len()];
     let mut last_loss = f32::NAN;
     for s in 0..a.warmup + a.steps {
-        kernels::cpu::profile::enable(a.profile && s >= a.warmup);
+        kernels::profile::enable(a.profile && s >= a.warmup);
         let mut marks = Vec::with_capacity(Phase::ALL.len() + 1);
         let t0 = Instant::now();
         marks.push(t0);
@@ -104,8 +104,8 @@ fn train_step<B: Backend>(backend: B, a: &TrainStepArgs) -> Result<()> {
             }
         }
     }
-    kernels::cpu::profile::enable(false);
-    let ops: serde_json::Map<String, serde_json::Value> = kernels::cpu::profile::take()
+    kernels::profile::enable(false);
+    let ops: serde_json::Map<String, serde_json::Value> = kernels::profile::take()
         .into_iter()
         .map(|(op, _, secs)| (op.to_string(), json!(secs * 1e3 / a.steps as f64)))
         .collect();

@@ -10,11 +10,12 @@
 
 pub mod backend;
 pub mod bf16;
-pub mod checks;
 pub mod cpu;
 pub mod cuda;
 pub mod families;
 pub mod limits;
+pub mod profile;
+pub mod shapes;
 pub mod tensor;
 
 pub use backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};

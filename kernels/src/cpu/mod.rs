@@ -16,7 +16,6 @@ pub mod infonce;
 pub mod l2norm;
 pub mod layernorm;
 pub mod linear;
-pub mod profile;
 
 use std::cell::UnsafeCell;
 use std::sync::Arc;
@@ -24,7 +23,8 @@ use std::sync::Arc;
 use anyhow::{ensure, Result};
 
 use crate::backend::{Activation, AdamWStep, Backend, DType, InfoNceDims};
-use crate::checks::{
+use crate::profile;
+use crate::shapes::{
     check_adamw, check_bce, check_infonce, check_layernorm_bwd, check_layernorm_fwd, check_len, check_linear_bwd,
     check_linear_fwd, check_vision_embed_bwd, check_vision_embed_fwd, in_place_or_disjoint, outputs,
 };

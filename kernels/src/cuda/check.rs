@@ -808,11 +808,11 @@ fn bce(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) {
     }
 }
 
-/// The per-op profiler on CUDA: with `cpu::profile` on, each op is timed by a pair of CUDA
+/// The per-op profiler on CUDA: with `crate::profile` on, each op is timed by a pair of CUDA
 /// events and lands in the profiler's table at the next synchronisation, as
 /// `coordinator bench train-step --profile --device cuda` reads it.
 fn op_timing(cuda: &Cuda) -> CheckResult {
-    use crate::cpu::profile;
+    use crate::profile;
     let size = "n=4194304, 3 launches";
     let r = (|| -> Result<Vec<(&'static str, u64, f64)>> {
         let t = cuda.alloc(1 << 22, DType::F32)?;

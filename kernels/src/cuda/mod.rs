@@ -36,11 +36,10 @@ pub use device::CudaStorage;
 use device::{elem_size, Args, Device};
 
 use crate::backend::{Activation, AdamWConsts, AdamWStep, Backend, DType, InfoNceDims};
-use crate::checks::{
+use crate::shapes::{
     self, check_adamw, check_bce, check_layernorm_bwd, check_layernorm_fwd, check_len, check_linear_bwd,
     check_linear_fwd, check_vision_embed_bwd, check_vision_embed_fwd, in_place_or_disjoint, outputs,
 };
-use crate::cpu;
 use crate::tensor::Tensor;
 
 type T = Tensor<Cuda>;
@@ -234,10 +233,10 @@ impl Cuda {
     }
 
     /// Opens an op's scope: an NVTX range when a profiler asked for ranges, and a start event
-    /// when the per-op profiler (`cpu::profile`) is on. Both checks are one atomic load.
+    /// when the per-op profiler (`crate::profile`) is on. Both checks are one atomic load.
     fn op(&self, name: &'static CStr) -> OpScope<'_> {
         let nvtx = nvtx::push(name);
-        let start = if cpu::profile::enabled() { self.record_event() } else { None };
+        let start = if crate::profile::enabled() { self.record_event() } else { None };
         OpScope { cuda: self, name, start, nvtx }
     }
 
@@ -266,7 +265,7 @@ impl Cuda {
         for (name, start, end) in pending {
             // SAFETY: both events were recorded on the stream, which has been synchronised.
             if let Ok(ms) = unsafe { drv::event::elapsed(start.0, end.0) } {
-                cpu::profile::record(name.to_str().unwrap_or("?"), ms as f64 / 1e3);
+                crate::profile::record(name.to_str().unwrap_or("?"), ms as f64 / 1e3);
             }
             t.free.push(start);
             t.free.push(end);
@@ -1419,7 +1418,7 @@ fn attention_variant(hd: usize) -> &'static nvrtc::Variant {
 /// The shared InfoNCE checks plus the CUDA kernels' limit on the feature dimension (see
 /// `limits::CUDA`: any width since the kernels walk wide features in chunks).
 fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T) {
-    checks::check_infonce(dims, img, txt, all_img, all_txt);
+    shapes::check_infonce(dims, img, txt, all_img, all_txt);
     if let Err(e) = crate::limits::CUDA.check_infonce_dim(dims.dim) {
         panic!("{e}");
     }

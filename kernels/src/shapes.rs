@@ -1,6 +1,7 @@
-//! Argument checks shared by every backend: lengths against the shapes an op is given, and
-//! that no output overlaps an input or another output (what makes the CPU backend's raw
-//! slices sound, and what a CUDA kernel assumes of its pointers).
+//! The argument asserts every backend runs on an op's tensors (not `cuda::check`, which
+//! compares CUDA ops with the CPU): lengths against the shapes an op is given, and that no
+//! output overlaps an input or another output (what makes the CPU backend's raw slices sound,
+//! and what a CUDA kernel assumes of its pointers).
 
 use crate::backend::{Backend, InfoNceDims};
 use crate::tensor::Tensor;

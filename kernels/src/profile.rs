@@ -1,4 +1,4 @@
-//! Optional per-op timing of the CPU backend ("where does the step's time go?").
+//! Optional per-op timing of either backend ("where does the step's time go?").
 //!
 //! Off by default (one relaxed atomic load per op); `enable()` turns it on, `take()` returns
 //! and clears the table. The CPU backend is synchronous, so wall time per call is the op's.
