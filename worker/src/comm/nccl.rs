@@ -172,6 +172,27 @@ impl NcclComm {
     }
 }
 
+impl NcclComm {
+    /// Runs the collective `op(lib, send, recv, comm, stream)` from `send` into `recv` (device
+    /// tensors of this communicator's GPU, alive until the compute stream is done with them) on
+    /// the communication stream, after the compute that wrote `send` and before the compute that
+    /// reads `recv`.
+    fn on_comm_stream(
+        &self,
+        be: &Cuda,
+        what: &str,
+        send: &Tensor<Cuda>,
+        recv: &Tensor<Cuda>,
+        op: impl FnOnce(&Nccl, *const c_void, *mut c_void, nccl_lib::Comm, nccl_lib::Stream) -> Result<()>,
+    ) -> Result<()> {
+        let (comm, lib) = self.live()?;
+        let (s, r) = (f32_ptr(be, send, what)?, f32_ptr(be, recv, what)?);
+        be.comm_waits_for_compute()?;
+        op(lib, s as *const c_void, r, comm, be.comm_stream() as nccl_lib::Stream)?;
+        be.compute_waits_for_comm()
+    }
+}
+
 /// The device address of an f32 tensor, as NCCL takes it.
 fn f32_ptr(be: &Cuda, t: &Tensor<Cuda>, what: &str) -> Result<*mut c_void> {
     ensure!(t.dtype() == DType::F32, "NCCL {what}: an f32 tensor is needed, got {:?}", t.dtype());
@@ -189,24 +210,17 @@ impl Collectives<Cuda> for NcclComm {
     fn all_gather(&mut self, be: &Cuda, local: &Tensor<Cuda>, all: &Tensor<Cuda>) -> Result<()> {
         let n = local.len();
         ensure!(all.len() == n * self.world, "all_gather: {n} values into {}", all.len());
-        let (comm, lib) = self.live()?;
-        let (send, recv) = (f32_ptr(be, local, "all_gather")?, f32_ptr(be, all, "all_gather")?);
-        be.comm_waits_for_compute()?;
-        // SAFETY: device buffers of `n` and `world * n` f32 of this communicator's GPU, alive
-        // until the compute stream (which waits for this below) is done with them.
-        unsafe { lib.all_gather(send, recv, n, comm, be.comm_stream() as nccl_lib::Stream) }?;
-        be.compute_waits_for_comm()
+        // SAFETY: `n` values in, `world * n` out (see `on_comm_stream`).
+        self.on_comm_stream(be, "all_gather", local, all, |l, s, r, c, st| unsafe { l.all_gather(s, r, n, c, st) })
     }
 
     fn reduce_scatter(&mut self, be: &Cuda, all: &Tensor<Cuda>, local: &Tensor<Cuda>) -> Result<()> {
         let n = local.len();
         ensure!(all.len() == n * self.world, "reduce_scatter: {} values into {n}", all.len());
-        let (comm, lib) = self.live()?;
-        let (send, recv) = (f32_ptr(be, all, "reduce_scatter")?, f32_ptr(be, local, "reduce_scatter")?);
-        be.comm_waits_for_compute()?;
-        // SAFETY: as in `all_gather`, `world * n` values in and `n` out.
-        unsafe { lib.reduce_scatter(send, recv, n, comm, be.comm_stream() as nccl_lib::Stream) }?;
-        be.compute_waits_for_comm()
+        // SAFETY: `world * n` values in, `n` out (see `on_comm_stream`).
+        self.on_comm_stream(be, "reduce_scatter", all, local, |l, s, r, c, st| unsafe {
+            l.reduce_scatter(s, r, n, c, st)
+        })
     }
 
     fn all_reduce_host(&mut self, buf: &mut [f32]) -> Result<()> {
