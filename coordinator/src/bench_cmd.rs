@@ -28,6 +28,8 @@ pub enum BenchCommand {
     TrainStep(TrainStepArgs),
     /// Fused kernels against their unfused baselines (`--device cuda|cpu`, `--op`, `--json`).
     Kernels(crate::gpu_cmds::BenchKernelsArgs),
+    /// Images/s one rank's training feed delivers (`--source files|shards`, `--threads N`).
+    Feed(crate::bench_feed::FeedArgs),
 }
 
 #[derive(Args)]
@@ -53,6 +55,7 @@ pub struct TrainStepArgs {
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchCommand::Kernels(a) => crate::gpu_cmds::run_bench_kernels(a),
+        BenchCommand::Feed(a) => crate::bench_feed::run(a),
         BenchCommand::TrainStep(a) => match a.device {
             Device::Cpu => train_step(Cpu, &a),
             Device::Cuda => train_step(kernels::Cuda::new(0)?, &a),

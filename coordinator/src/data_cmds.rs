@@ -189,7 +189,8 @@ pub struct PrepareArgs {
     /// RSNA only: the share held out for testing (default 0.1).
     #[arg(long)]
     pub test_fraction: Option<f64>,
-    /// Smaller image side after resizing (the published setup used 256).
+    /// The largest smaller side stored: bigger images are resized down to it (the published
+    /// setup used 256), smaller ones are stored as decoded (never upscaled).
     #[arg(long, default_value_t = 256)]
     pub short_side: usize,
     /// Images per shard file.
@@ -220,7 +221,7 @@ pub fn run_prepare(a: PrepareArgs) -> Result<()> {
             eprintln!();
         }
     };
-    let s = data::shards::prepare(&ds, &name, &a.out, a.short_side, a.shard_size.max(1), &progress)?;
+    let s = data::shards::prepare(&ds, &name, &opts, &a.out, a.short_side, a.shard_size.max(1), &progress)?;
     for p in ds.problems.sorted().iter().take(50) {
         eprintln!("skipped: {}: {} ({})", p.kind, p.place, p.detail);
     }

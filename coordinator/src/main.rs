@@ -9,6 +9,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench_cmd;
+mod bench_feed;
 mod data_cmds;
 mod device;
 mod exec;

@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
     generate(&root, &SynthConfig { studies: n, layout: Layout::Mimic, seed: 1, size: 256, ..Default::default() })?;
     let ds = read(DatasetKind::Mimic, &root, &ReadOptions::default())?;
     let out = t.path().join("shards");
-    let s = prepare(&ds, "mimic", &out, 256, 1024, &|_, _| {})?;
+    let s = prepare(&ds, "mimic", &ReadOptions::default(), &out, 256, 1024, &|_, _| {})?;
     println!(
         "prepare: {} images in {:.2} s ({:.0} images/s, all threads)",
         s.images,

@@ -35,29 +35,37 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 /// Where the pixels come from.
 #[derive(Clone)]
 pub enum Source {
-    /// Packed shards (the fast path).
+    /// Packed shards (the fast path), sample `i` the set's pair `i`.
     Shards(Arc<ShardSet>),
     /// An unpacked tree: JPEG / DICOM decoded per sample.
     Files { root: PathBuf, pairs: Arc<Vec<Pair>> },
+    /// Packed shards under a caller's numbering: sample `i` is `pairs[i]` (text, labels, path)
+    /// with the pixels of the set's pair `slots[i]` ([`NO_SLOT`] for a placeholder that is
+    /// never read). A training feed numbers its samples by the coordinator's pair ids, from
+    /// shards as from files, so that both draw the same randomness for a pair.
+    Packed { set: Arc<ShardSet>, pairs: Arc<Vec<Pair>>, slots: Arc<Vec<usize>> },
 }
+
+/// The slot of a [`Source::Packed`] sample that has no pixels in the set.
+pub const NO_SLOT: usize = usize::MAX;
 
 impl Source {
     fn len(&self) -> usize {
         match self {
             Source::Shards(s) => s.pairs.len(),
-            Source::Files { pairs, .. } => pairs.len(),
+            Source::Files { pairs, .. } | Source::Packed { pairs, .. } => pairs.len(),
         }
     }
     fn text(&self, i: usize) -> &str {
         match self {
             Source::Shards(s) => &s.pairs[i].text,
-            Source::Files { pairs, .. } => &pairs[i].text,
+            Source::Files { pairs, .. } | Source::Packed { pairs, .. } => &pairs[i].text,
         }
     }
     fn labels(&self, i: usize) -> [LabelValue; NUM_LABELS] {
         match self {
             Source::Shards(s) => s.pairs[i].label_values(),
-            Source::Files { pairs, .. } => pairs[i].labels,
+            Source::Files { pairs, .. } | Source::Packed { pairs, .. } => pairs[i].labels,
         }
     }
     /// Where sample `i`'s image lives, for messages: the file, or (packed) the image's path
@@ -66,6 +74,7 @@ impl Source {
         match self {
             Source::Shards(s) => PathBuf::from(&s.pairs[i].image),
             Source::Files { root, pairs } => root.join(&pairs[i].image),
+            Source::Packed { pairs, .. } => pairs[i].image.clone(),
         }
     }
 }
@@ -359,13 +368,10 @@ pub fn warp_normalise(src: &[u8], w: usize, h: usize, size: usize, wp: &Warp, ou
 /// Decodes sample `id`'s image and warps it into `pixels` with `rng`'s augmentation.
 fn fill_pixels(src: &Source, id: usize, cfg: &LoaderConfig, rng: &mut ChaCha8Rng, pixels: &mut [f32]) -> Result<()> {
     match src {
-        Source::Shards(s) => {
-            let (px, w, h) = s.image(id);
-            if w == 0 || h == 0 {
-                bail!("the image failed to decode when the shards were packed");
-            }
-            let wp = make_warp(w, h, cfg.size, cfg.augment.then_some(&cfg.augmentation), rng);
-            warp_normalise(px, w, h, cfg.size, &wp, pixels);
+        Source::Shards(s) => fill_packed(s, id, cfg, rng, pixels)?,
+        Source::Packed { set, slots, .. } => {
+            ensure!(slots[id] != NO_SLOT, "sample {id} has no image in the shards at {}", set.dir.display());
+            fill_packed(set, slots[id], cfg, rng, pixels)?
         }
         Source::Files { root, pairs } => {
             let img = crate::imageio::load_grey(&root.join(&pairs[id].image))?;
@@ -376,6 +382,23 @@ fn fill_pixels(src: &Source, id: usize, cfg: &LoaderConfig, rng: &mut ChaCha8Rng
             warp_normalise(&img.pixels, img.w, img.h, cfg.size, &wp, pixels);
         }
     }
+    Ok(())
+}
+
+/// Warps the set's pair `slot` into `pixels` (see [`fill_pixels`]).
+fn fill_packed(
+    set: &ShardSet,
+    slot: usize,
+    cfg: &LoaderConfig,
+    rng: &mut ChaCha8Rng,
+    pixels: &mut [f32],
+) -> Result<()> {
+    let (px, w, h) = set.image(slot);
+    if w == 0 || h == 0 {
+        bail!("the image failed to decode when the shards were packed");
+    }
+    let wp = make_warp(w, h, cfg.size, cfg.augment.then_some(&cfg.augmentation), rng);
+    warp_normalise(px, w, h, cfg.size, &wp, pixels);
     Ok(())
 }
 

@@ -1,25 +1,38 @@
-//! Packed shards: every image decoded once, its smaller side resized to 256, and the grey pixels
-//! stored back to back in memory-mappable files with an index, beside a pairs table.
+//! Packed shards: every image decoded once, its smaller side brought down to at most 256 (never
+//! up: a smaller image is stored as decoded), and the grey pixels stored back to back in
+//! memory-mappable files with an index, beside a pairs table.
 //!
-//! Layout of a shards folder:
-//! - `meta.json`: dataset, root, short side, shard size, pair count (a resume must match it);
+//! Layout of a shards folder (a "prepared folder"):
+//! - `meta.json`: dataset, root, short side, shard size, pair count, the reading options that made
+//!   the pairs (views, report sections, label file) and the format revision (a resume must match
+//!   it all);
 //! - `shard-NNNNN.bin`: uint8 pixels; `shard-NNNNN.idx.json`: `[offset, w, h]` per image (w = 0 for
 //!   an image that failed to decode). The index is renamed into place last: it marks the shard done;
-//! - `pairs.jsonl`: one pair a line with its shard, offset and size.
+//! - `pairs.jsonl`: one pair a line with its shard, offset and size: every pair the reader gave,
+//!   in its order, those whose image failed to decode too (w = h = 0), so that the table is the
+//!   dataset's pairs one for one and a training run indexes them as it would the tree's
+//!   ([`read_prepared`]).
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{Dataset, Pair, ProblemKind, Split};
+use crate::dataset::{Dataset, DatasetKind, LabelFile, Pair, ProblemKind, Problems, ReadOptions, Split, Views};
 use crate::imageio::{load_grey, resize_short_side};
 use crate::labels::{LabelValue, NUM_LABELS};
+use crate::report::SectionPolicy;
+
+/// The format revision `prepare` writes: 2 lists failed images in `pairs.jsonl` and never
+/// upscales. Earlier folders (no revision in `meta.json`) cannot train: their table leaves
+/// failed images out, so its pair ids would not be the tree's.
+pub const FORMAT: u32 = 2;
 
 /// A pair as stored in the shards folder.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -50,15 +63,76 @@ impl PackedPair {
     pub fn split(&self) -> Split {
         Split::parse(&self.split).unwrap_or(Split::Train)
     }
+    /// The pair as the dataset reader gave it (its image path relative to the packed root).
+    pub fn to_pair(&self) -> Pair {
+        Pair {
+            subject_id: self.subject_id.clone(),
+            study_id: self.study_id.clone(),
+            image: PathBuf::from(&self.image),
+            split: self.split(),
+            view: self.view.clone(),
+            labels: self.label_values(),
+            text: self.text.clone(),
+            boxes: self.boxes.clone(),
+        }
+    }
 }
 
+/// `meta.json`: what was packed, from where, and how it was read.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-struct Meta {
-    dataset: String,
-    root: String,
-    short_side: usize,
-    shard_size: usize,
-    pairs: usize,
+pub struct Meta {
+    pub dataset: String,
+    pub root: String,
+    /// The largest smaller side stored (smaller images are stored as decoded).
+    pub short_side: usize,
+    pub shard_size: usize,
+    pub pairs: usize,
+    /// The reading options the pairs table was made with: `all` or a list such as `PA,AP`;
+    /// `paper`, `impression` or `findings+impression`; `chexpert` or `negbio`.
+    #[serde(default)]
+    pub views: String,
+    #[serde(default)]
+    pub sections: String,
+    #[serde(default)]
+    pub labels: String,
+    /// See [`FORMAT`]; 0 in folders written before it existed.
+    #[serde(default)]
+    pub format: u32,
+}
+
+fn views_name(v: &Views) -> String {
+    match v {
+        Views::All => "all".into(),
+        Views::Only(list) => list.join(","),
+    }
+}
+
+fn sections_name(s: SectionPolicy) -> &'static str {
+    match s {
+        SectionPolicy::Paper => "paper",
+        SectionPolicy::Impression => "impression",
+        SectionPolicy::FindingsImpression => "findings+impression",
+    }
+}
+
+fn labels_name(l: LabelFile) -> &'static str {
+    match l {
+        LabelFile::Chexpert => "chexpert",
+        LabelFile::Negbio => "negbio",
+    }
+}
+
+/// Whether `dir` is a prepared folder (what [`prepare`] writes): it holds `meta.json` and
+/// `pairs.jsonl`. Anything else given as data is a dataset tree.
+pub fn is_prepared(dir: &Path) -> bool {
+    dir.join("meta.json").is_file() && dir.join("pairs.jsonl").is_file()
+}
+
+/// The `meta.json` of a prepared folder.
+pub fn read_meta(dir: &Path) -> Result<Meta> {
+    let path = dir.join("meta.json");
+    let bytes = fs::read(&path).with_context(|| format!("{} is not a prepared folder", dir.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not a shards meta.json", path.display()))
 }
 
 /// What `prepare` did.
@@ -77,9 +151,13 @@ fn shard_name(k: usize, ext: &str) -> String {
 
 /// Packs a dataset into `out`. Shards whose index already exists are skipped (resume).
 /// `progress(done_shards, total_shards)` is called as shards finish.
+///
+/// `opts` must be the options `ds` was read with: they are recorded in `meta.json`, and a
+/// training run from the folder must ask for the same (see [`read_prepared`]).
 pub fn prepare(
     ds: &Dataset,
     dataset_name: &str,
+    opts: &ReadOptions,
     out: &Path,
     short_side: usize,
     shard_size: usize,
@@ -93,13 +171,17 @@ pub fn prepare(
         short_side,
         shard_size,
         pairs: ds.pairs.len(),
+        views: views_name(&opts.views),
+        sections: sections_name(opts.sections).into(),
+        labels: labels_name(opts.label_file).into(),
+        format: FORMAT,
     };
     let meta_path = out.join("meta.json");
     if meta_path.is_file() {
-        let old: Meta = serde_json::from_slice(&fs::read(&meta_path)?).context("reading meta.json")?;
+        let old = read_meta(out)?;
         if old != meta {
             bail!(
-                "{} holds shards of another preparation ({:?}); remove it or choose another --out",
+                "{} holds shards of another preparation ({:?}); remove it or choose another folder",
                 out.display(),
                 old
             );
@@ -126,7 +208,9 @@ pub fn prepare(
             .map(|p| {
                 let path = ds.image_path(p);
                 match load_grey(&path) {
-                    Ok(img) => Some(resize_short_side(&img, short_side)),
+                    // Down only: upscaling would store more bytes and no more detail.
+                    Ok(img) if img.w.min(img.h) > short_side => Some(resize_short_side(&img, short_side)),
+                    Ok(img) => Some(img),
                     Err(e) => {
                         ds.problems.add(ProblemKind::CorruptImage, path.display().to_string(), format!("{e:#}"));
                         failed.fetch_add(1, Ordering::Relaxed);
@@ -155,19 +239,19 @@ pub fn prepare(
         fs::rename(&tmp, &idx_path)?;
         progress(done.fetch_add(1, Ordering::Relaxed) + 1, n_shards);
     }
-    // The pairs table, from every shard's index (including those a previous run wrote).
+    // The pairs table, from every shard's index (including those a previous run wrote): every
+    // pair, a failed image's too (w = 0), so that a line's position is the pair's in `ds`.
     let mut lines = String::new();
     let mut images = 0;
     for k in 0..n_shards {
-        let index: Vec<[u64; 3]> = serde_json::from_slice(&fs::read(out.join(shard_name(k, "idx.json")))?)?;
+        let path = out.join(shard_name(k, "idx.json"));
+        let index: Vec<[u64; 3]> =
+            serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("reading {}", path.display()))?;
         for (j, e) in index.iter().enumerate() {
-            if e[1] == 0 {
-                continue;
-            }
             let p = &ds.pairs[k * shard_size + j];
             lines += &serde_json::to_string(&pack(p, k, e))?;
             lines.push('\n');
-            images += 1;
+            images += usize::from(e[1] != 0);
         }
     }
     let tmp = out.join("pairs.jsonl.tmp");
@@ -204,40 +288,121 @@ pub struct ShardSet {
     pub dir: PathBuf,
     pub pairs: Vec<PackedPair>,
     maps: Vec<Mmap>,
+    /// Position in `pairs` by image path (the path relative to the packed root).
+    by_image: HashMap<String, usize>,
 }
 
 impl ShardSet {
+    /// Opens `dir`: reads `pairs.jsonl`, maps every shard it names and checks that each pair's
+    /// pixels lie inside its shard. Bad input (a missing shard, a line that is not a pair, a
+    /// pair past its shard's end) is one error naming the file and line.
     pub fn open(dir: &Path) -> Result<Arc<ShardSet>> {
         let table = dir.join("pairs.jsonl");
         let text = fs::read_to_string(&table)
-            .with_context(|| format!("{} is not a shards folder: missing pairs.jsonl", dir.display()))?;
-        let pairs: Vec<PackedPair> = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()
-            .context("reading pairs.jsonl")?;
+            .with_context(|| format!("{} is not a shards folder: cannot read pairs.jsonl", dir.display()))?;
+        let mut pairs: Vec<PackedPair> = Vec::new();
+        for (k, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let p = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a packed pair (a damaged table?)", table.display(), k + 1))?;
+            pairs.push(p);
+        }
         let n = pairs.iter().map(|p| p.shard + 1).max().unwrap_or(0);
         let mut maps = Vec::with_capacity(n);
         for k in 0..n {
-            let f = fs::File::open(dir.join(shard_name(k, "bin")))?;
+            let path = dir.join(shard_name(k, "bin"));
+            let f = fs::File::open(&path)
+                .with_context(|| format!("{}: shard {k} of {n} named by pairs.jsonl", path.display()))?;
             // Safety: shard files are written once, renamed into place and never modified after.
-            maps.push(unsafe { Mmap::map(&f)? });
+            maps.push(unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))?);
         }
-        for p in &pairs {
+        let mut by_image = HashMap::with_capacity(pairs.len());
+        for (i, p) in pairs.iter().enumerate() {
             let end = p.offset as usize + p.w as usize * p.h as usize;
-            if p.shard >= maps.len() || end > maps[p.shard].len() {
-                bail!("pairs.jsonl points past the end of shard {} ({})", p.shard, p.image);
+            if end > maps[p.shard].len() {
+                bail!(
+                    "{}:{}: {} points past the end of {} ({end} > {} bytes): a truncated shard?",
+                    table.display(),
+                    i + 1,
+                    p.image,
+                    shard_name(p.shard, "bin"),
+                    maps[p.shard].len()
+                );
             }
+            by_image.insert(p.image.clone(), i);
         }
-        Ok(Arc::new(ShardSet { dir: dir.to_path_buf(), pairs, maps }))
+        Ok(Arc::new(ShardSet { dir: dir.to_path_buf(), pairs, maps, by_image }))
     }
 
-    /// The pixels of pair `i` (grey, row-major) and its width and height.
+    /// The pixels of pair `i` (grey, row-major) and its width and height (0 x 0 for an image
+    /// that failed to decode when packed).
     pub fn image(&self, i: usize) -> (&[u8], usize, usize) {
         let p = &self.pairs[i];
         let (w, h) = (p.w as usize, p.h as usize);
         let o = p.offset as usize;
         (&self.maps[p.shard][o..o + w * h], w, h)
     }
+
+    /// The position in `pairs` of the pair whose image is `image` (relative to the packed root).
+    pub fn position(&self, image: &str) -> Option<usize> {
+        self.by_image.get(image).copied()
+    }
+}
+
+/// The dataset of a prepared folder, as the reader gave it to [`prepare`]: the same pairs in the
+/// same order (with the same ids for a training run), their image paths relative to the packed
+/// root and `root` the folder itself. `opts` are the run's reading options: the report sections
+/// and the label file must be those the folder was prepared with, and its views must cover the
+/// run's (the pairs of other views are left out, as the reader leaves them out of a tree).
+/// Refused with one line naming what differs; a folder of an older format is refused too.
+pub fn read_prepared(dir: &Path, opts: &ReadOptions) -> Result<Dataset> {
+    let meta = read_meta(dir)?;
+    ensure!(
+        meta.format == FORMAT,
+        "{} was prepared by an older version (format {}, this one reads {FORMAT}): prepare it again into a new folder",
+        dir.display(),
+        meta.format
+    );
+    let kind: DatasetKind = meta.dataset.parse().map_err(|e: String| anyhow!("{}: meta.json: {e}", dir.display()))?;
+    let (sections, labels) = (sections_name(opts.sections), labels_name(opts.label_file));
+    ensure!(
+        meta.sections == sections,
+        "{} was prepared with --sections {}; this run asks for {sections}: prepare again with --sections {sections}",
+        dir.display(),
+        meta.sections
+    );
+    ensure!(
+        meta.labels == labels,
+        "{} was prepared with --labels {}; this run asks for {labels}: prepare again with --labels {labels}",
+        dir.display(),
+        meta.labels
+    );
+    let packed: Views = meta.views.parse().map_err(|e: String| anyhow!("{}: meta.json views: {e}", dir.display()))?;
+    let covered = match (&packed, &opts.views) {
+        (Views::All, _) => true,
+        (Views::Only(_), Views::All) => false,
+        (Views::Only(_), Views::Only(want)) => want.iter().all(|v| packed.keeps(v)),
+    };
+    ensure!(
+        covered,
+        "{} holds the views {}; this run asks for {}: prepare again with --views {}",
+        dir.display(),
+        meta.views,
+        views_name(&opts.views),
+        views_name(&opts.views)
+    );
+    let set = ShardSet::open(dir)?;
+    ensure!(
+        set.pairs.len() == meta.pairs,
+        "{}: pairs.jsonl holds {} pairs, meta.json says {}: an unfinished or damaged preparation",
+        dir.display(),
+        set.pairs.len(),
+        meta.pairs
+    );
+    let pairs: Vec<Pair> = set.pairs.iter().filter(|p| opts.views.keeps(&p.view)).map(PackedPair::to_pair).collect();
+    let images = set.pairs.iter().filter(|p| p.w > 0 && opts.views.keeps(&p.view)).count();
+    let studies = pairs.iter().map(|p| &p.study_id).collect::<std::collections::HashSet<_>>().len();
+    Ok(Dataset { kind, root: dir.to_path_buf(), pairs, studies, images, problems: Problems::default() })
 }

@@ -20,17 +20,17 @@ fn prepare_resumes_and_loader_is_deterministic() {
         .unwrap();
     let ds = read(DatasetKind::Mimic, &root, &ReadOptions::default()).unwrap();
     let out = t.path().join("shards");
-    let s = prepare(&ds, "mimic", &out, 64, 10, &|_, _| {}).unwrap();
+    let s = prepare(&ds, "mimic", &ReadOptions::default(), &out, 64, 10, &|_, _| {}).unwrap();
     assert_eq!(s.images, ds.pairs.len());
     assert_eq!(s.shards, ds.pairs.len().div_ceil(10));
     // Resume: remove the last shard's index, rerun: only that shard is redone.
     let last = s.shards - 1;
     std::fs::remove_file(out.join(format!("shard-{last:05}.idx.json"))).unwrap();
-    let s2 = prepare(&ds, "mimic", &out, 64, 10, &|_, _| {}).unwrap();
+    let s2 = prepare(&ds, "mimic", &ReadOptions::default(), &out, 64, 10, &|_, _| {}).unwrap();
     assert_eq!(s2.shards_skipped, s.shards - 1);
     assert_eq!(s2.images, s.images);
     // Another preparation into the same folder is refused.
-    assert!(prepare(&ds, "mimic", &out, 128, 10, &|_, _| {}).is_err());
+    assert!(prepare(&ds, "mimic", &ReadOptions::default(), &out, 128, 10, &|_, _| {}).is_err());
 
     let set = ShardSet::open(&out).unwrap();
     assert_eq!(set.pairs.len(), ds.pairs.len());

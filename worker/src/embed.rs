@@ -24,11 +24,8 @@ use model::tokenizer::ClipTokenizer;
 use model::Clip;
 use proto::v1::{Job, ShardEntry};
 
-use crate::feed::epoch_source;
+use crate::feed::{epoch_source, loader_threads, prefetch, rank_cores, Pixels};
 use crate::job::Link;
-
-/// Loader threads of an embedding pass (as the training feed's).
-const LOADER_THREADS: usize = 2;
 
 /// One rank's (or, merged, the whole job's) embeddings.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -88,13 +85,15 @@ fn embed_images<B: Backend>(
     out: &mut Embedded,
 ) -> Result<()> {
     let dim = out.dim;
-    let (source, ids) = epoch_source(root, images)?;
+    let (source, ids) = epoch_source(&Pixels::open(root)?, images)?;
+    // Sized as the training feed's default (an embed job has no --loader-threads).
+    let threads = loader_threads(0, rank_cores());
     let cfg = LoaderConfig {
         batch: b,
         size: clip.image_size(),
         augment: false,
-        workers: LOADER_THREADS,
-        prefetch: 2,
+        workers: threads,
+        prefetch: prefetch(threads),
         context: clip.context_len(),
         ..LoaderConfig::default()
     };

@@ -9,6 +9,16 @@
 //! sentence order whatever the world size, and a job resumed at step k draws what an
 //! uninterrupted one drew at step k.
 //!
+//! Pixels: from the tree's image files, or, when the job's data root is a prepared folder
+//! (`coordinator prepare`, or a run's `--shards`), from its packed shards ([`Pixels`]). The
+//! source is indexed by pair id either way and the text and labels come from the coordinator's
+//! entries either way, so a run from shards trains on the same pairs, in the same order, with
+//! the same draws, as a run from the tree they were packed from; the pixels are the same bit for
+//! bit when the shards kept the images' own size (no image larger than the packed short side).
+//!
+//! Threads: [`loader_threads`] from the job (`--loader-threads`) or from the cores the rank has
+//! ([`rank_cores`]), one left to the rank's own step thread.
+//!
 //! Unreadable images: the loader replaces one by a substitute drawn, by a hash of (seed, epoch,
 //! pair id), from the epoch's spares, a list of training pairs the coordinator sends every rank
 //! alike (so the substitute, like everything else a step sees, does not depend on the world size
@@ -19,25 +29,74 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, ensure, Result};
-use data::loader::{Batch, Loader, LoaderConfig, Recovery, Skips, Source};
+use anyhow::{anyhow, ensure, Context, Result};
+use data::loader::{Batch, Loader, LoaderConfig, Recovery, Skips, Source, NO_SLOT};
 use data::report::Tokenize;
+use data::shards::ShardSet;
 use data::{LabelValue, Pair, Split, NUM_LABELS};
 use proto::v1::{Job, ShardEntry};
 
 use crate::job::Link;
 use crate::train_opts;
 
-/// Loader threads per rank: two keep a CPU rank's small batches ahead of its steps, and on a GPU
-/// node (2 cores per GPU) they are what a rank can spare beside its own host thread.
-const LOADER_THREADS: usize = 2;
-/// Batches each loader thread may hold ready.
-const PREFETCH: usize = 2;
+/// Where a job's pixels come from.
+#[derive(Clone)]
+pub enum Pixels {
+    /// A dataset tree: each image decoded from its file under this root.
+    Files(PathBuf),
+    /// A prepared folder's packed shards (decoded once, memory-mapped).
+    Shards(Arc<ShardSet>),
+}
+
+impl Pixels {
+    /// The pixels of the data root a job names: a prepared folder (`meta.json` and
+    /// `pairs.jsonl`, see `data::shards`) opens its shards, anything else is a tree of files.
+    pub fn open(root: &Path) -> Result<Pixels> {
+        if data::shards::is_prepared(root) {
+            let set = ShardSet::open(root).with_context(|| format!("opening the shards at {}", root.display()))?;
+            Ok(Pixels::Shards(set))
+        } else {
+            Ok(Pixels::Files(root.to_path_buf()))
+        }
+    }
+}
+
+/// The cores this rank has: `CXRCLIP_CORES` (the coordinator's share of the node for each local
+/// worker), else `RAYON_NUM_THREADS` (a CPU worker's compute threads), else the cores this
+/// process may run on (its affinity mask: what Slurm or `taskset` bound it to).
+pub fn rank_cores() -> usize {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0);
+    env("CXRCLIP_CORES")
+        .or_else(|| env("RAYON_NUM_THREADS"))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Loader threads of a rank: `asked` when not 0 (`--loader-threads`), else one per core of the
+/// rank but one, which its step thread keeps (on a GPU it launches the kernels; on a CPU it
+/// runs the step with the rank's compute threads, and a loader thread that is ahead sleeps), and
+/// at least one.
+pub fn loader_threads(asked: u32, cores: usize) -> usize {
+    if asked > 0 {
+        asked as usize
+    } else {
+        cores.saturating_sub(1).max(1)
+    }
+}
+
+/// Batches each loader thread may hold ready: two for one or two threads, one for more (the
+/// threads together are then as many batches ahead, and a 224 px batch of 256 pairs is 154 MB).
+pub fn prefetch(threads: usize) -> usize {
+    if threads <= 2 {
+        2
+    } else {
+        1
+    }
+}
 
 /// The batches of steps `start..end`, in order.
 pub struct Feed {
     link: Link,
-    root: PathBuf,
+    pixels: Pixels,
     cfg: LoaderConfig,
     tok: Arc<dyn Tokenize>,
     steps_per_epoch: u64,
@@ -54,6 +113,7 @@ impl Feed {
     /// A feed of `job`'s local batches of `b` pairs at `size` pixels, `context` ids per text.
     pub fn new(link: Link, job: &Job, b: usize, size: usize, context: usize, tok: Arc<dyn Tokenize>) -> Result<Feed> {
         ensure!(job.steps_per_epoch > 0, "the job has no steps per epoch");
+        let threads = loader_threads(train_opts::options(job)?.loader_threads, rank_cores());
         let cfg = LoaderConfig {
             batch: b,
             size,
@@ -62,14 +122,14 @@ impl Feed {
             uncertain: train_opts::uncertain_policy(job)?,
             seed: job.seed,
             epoch: 0,
-            workers: LOADER_THREADS,
-            prefetch: PREFETCH,
+            workers: threads,
+            prefetch: prefetch(threads),
             context,
         };
         Ok(Feed {
             who: format!("worker {}", link.session.rank),
             link,
-            root: PathBuf::from(&job.data_root),
+            pixels: Pixels::open(Path::new(&job.data_root))?,
             cfg,
             tok,
             steps_per_epoch: job.steps_per_epoch,
@@ -125,7 +185,7 @@ impl Feed {
         ensure!(!spares.is_empty(), "the coordinator sent no spares for epoch {epoch}");
         entries.truncate(need);
         entries.extend(spares);
-        let (source, mut ids) = epoch_source(&self.root, &entries)?;
+        let (source, mut ids) = epoch_source(&self.pixels, &entries)?;
         let pool = ids.split_off(need);
         let rec = Recovery { pool: Arc::new(pool), skips: self.skips.clone() };
         let ids = ids[first as usize * b..].to_vec();
@@ -145,8 +205,9 @@ impl Drop for Feed {
 }
 
 /// The loader's source and ids for `entries`: a table indexed by pair id, where the ids this rank
-/// does not hold are empty placeholders the loader never reads (see the module note).
-pub fn epoch_source(root: &Path, entries: &[ShardEntry]) -> Result<(Source, Vec<usize>)> {
+/// does not hold are empty placeholders the loader never reads (see the module note), with the
+/// pixels of `pixels` (an entry's image is looked up in the shards by its path).
+pub fn epoch_source(pixels: &Pixels, entries: &[ShardEntry]) -> Result<(Source, Vec<usize>)> {
     let ids = entries
         .iter()
         .map(|e| usize::try_from(e.pair_id).map_err(|_| anyhow!("pair id {} is out of range", e.pair_id)))
@@ -160,7 +221,23 @@ pub fn epoch_source(root: &Path, entries: &[ShardEntry]) -> Result<(Source, Vec<
             table[id].labels = decode_labels(&e.label_values)?;
         }
     }
-    Ok((Source::Files { root: root.to_path_buf(), pairs: Arc::new(table) }, ids))
+    let source = match pixels {
+        Pixels::Files(root) => Source::Files { root: root.clone(), pairs: Arc::new(table) },
+        Pixels::Shards(set) => {
+            let mut slots = vec![NO_SLOT; len];
+            for (e, &id) in entries.iter().zip(&ids) {
+                slots[id] = set.position(&e.image).ok_or_else(|| {
+                    anyhow!(
+                        "pair {id}: {} is not in the shards at {} (prepared from another tree?)",
+                        e.image,
+                        set.dir.display()
+                    )
+                })?;
+            }
+            Source::Packed { set: set.clone(), pairs: Arc::new(table), slots: Arc::new(slots) }
+        }
+    };
+    Ok((source, ids))
 }
 
 /// The wire form of a pair's 14 raw labels (see `ShardEntry.label_values`).

@@ -157,6 +157,7 @@ mod tests {
                 augment_translate: 0.15,
                 shuffle_sentences: true,
                 uncertain: "zeros".into(),
+                loader_threads: 0,
             }),
             weight_decay: 0.2,
             ..Job::default()

@@ -67,17 +67,27 @@ impl Work {
     }
 }
 
+/// The pairs of a MIMIC-CXR-JPG root, or of a folder prepared from one (the same pairs in the
+/// same order: see `data::shards::read_prepared`), read with `opts`.
+fn read_dataset(root: &Path, opts: &data::ReadOptions) -> Result<data::Dataset> {
+    let ds = if data::shards::is_prepared(root) {
+        data::shards::read_prepared(root, opts).with_context(|| format!("--data {}", root.display()))?
+    } else {
+        data::read(data::DatasetKind::Mimic, root, opts).with_context(|| format!("reading {}", root.display()))?
+    };
+    if !ds.problems.is_empty() {
+        eprintln!("coordinator: {}: {}", root.display(), ds.problems.summary());
+    }
+    Ok(ds)
+}
+
 impl PairIndex {
-    /// The training pairs of a MIMIC-CXR-JPG root (official train split, `fraction` of the
-    /// training patients) read with `opts` (views, report sections; `opts.seed` seeds the
-    /// fraction and the epochs' order).
+    /// The training pairs of a MIMIC-CXR-JPG root or a folder prepared from one (official
+    /// train split, `fraction` of the training patients) read with `opts` (views, report
+    /// sections; `opts.seed` seeds the fraction and the epochs' order).
     pub fn read(root: &Path, opts: &data::ReadOptions, fraction: f64, global_batch: usize) -> Result<Self> {
         let seed = opts.seed;
-        let ds =
-            data::read(data::DatasetKind::Mimic, root, opts).with_context(|| format!("reading {}", root.display()))?;
-        if !ds.problems.is_empty() {
-            eprintln!("coordinator: {}: {}", root.display(), ds.problems.summary());
-        }
+        let ds = read_dataset(root, opts)?;
         let ids = data::splits::training_fraction(&ds.pairs, fraction, seed);
         let pairs: Vec<ShardEntry> = ids
             .iter()
@@ -98,14 +108,10 @@ impl PairIndex {
         Ok(Self { pairs, valid: Vec::new(), seed, global_batch })
     }
 
-    /// The training pairs of a MIMIC-CXR-JPG root with their labels (fine-tuning: `fraction`
+    /// The training pairs of a MIMIC-CXR-JPG root (or prepared folder) with their labels (fine-tuning: `fraction`
     /// of the training patients), and the validation split's images.
     pub fn read_labelled(root: &Path, opts: &data::ReadOptions, fraction: f64, global_batch: usize) -> Result<Self> {
-        let ds =
-            data::read(data::DatasetKind::Mimic, root, opts).with_context(|| format!("reading {}", root.display()))?;
-        if !ds.problems.is_empty() {
-            eprintln!("coordinator: {}: {}", root.display(), ds.problems.summary());
-        }
+        let ds = read_dataset(root, opts)?;
         let entry = |k: usize, p: &data::Pair| ShardEntry {
             pair_id: k as u64,
             image: p.image.to_string_lossy().into_owned(),

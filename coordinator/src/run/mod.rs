@@ -6,6 +6,7 @@
 //! in `run.json`, and on a dead worker (exit, kill, heartbeat timeout) every worker stopped and
 //! the job restarted from the last checkpoint, up to `--max-restarts` times.
 
+mod data_source;
 pub mod finetune;
 pub mod index;
 mod retention;
@@ -54,9 +55,21 @@ pub struct TrainArgs {
     /// address they can reach (e.g. 0.0.0.0:50051), preferably with --tls-cert/--tls-key.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
-    /// A MIMIC-CXR-JPG root to train on.
+    /// A MIMIC-CXR-JPG root to train on, or a folder `coordinator prepare` wrote from one (its
+    /// packed shards are then read instead of the JPEGs: same pairs, same order).
     #[arg(long, conflicts_with = "synthetic")]
     pub data: Option<PathBuf>,
+    /// Pack the --data tree (or the --synthetic one) into shards in DIR once, as `coordinator
+    /// prepare` does (smaller side at most 256, or the model's image size when larger), and
+    /// train from them; a later run given the same DIR reuses them.
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    pub shards: Option<PathBuf>,
+    /// Threads that load and augment each rank's batches (default: the rank's share of the
+    /// node's cores, less one for its step thread).
+    #[arg(long, value_name = "N")]
+    #[serde(default)]
+    pub loader_threads: Option<usize>,
     /// Train on a generated MIMIC-CXR-JPG tree of N studies (made once, then reused).
     #[arg(long)]
     pub synthetic: Option<usize>,
@@ -480,6 +493,7 @@ async fn train_inner(args: TrainArgs) -> Result<(Finished, PathBuf, u64, u64)> {
         (None, Some(n)) => synthetic_tree(&a, n)?,
         (None, None) => unreachable!("checked in plan"),
     };
+    let root = data_source::resolve(&a, &config, root)?;
     let finetune = a.task == "finetune";
     let (index, ft) = if finetune {
         let (ix, ft) = finetune_index(&a, &root)?;
@@ -861,12 +875,14 @@ impl<'a> Supervisor<'a> {
             return Ok(());
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // Each CPU worker gets its share of the cores (more would oversubscribe them).
+        // Each worker gets its share of the cores (more would oversubscribe them): a CPU
+        // worker's compute threads, and every worker's loader threads (worker::feed).
         let threads = (cores / self.p.world).max(1);
         for i in 0..self.p.world {
             let mut cmd = worker_command(&self.p.args)?;
             cmd.args(["--coordinator", self.url, "--device", &self.p.device])
                 .env("CXRCLIP_TOKEN", self.token)
+                .env("CXRCLIP_CORES", threads.to_string())
                 .stdin(Stdio::null());
             // Local workers trust the certificate chain the coordinator serves (a self-signed
             // certificate is its own authority; a chain file that ends in its root works too).

@@ -138,6 +138,10 @@ pub fn validate(a: &mut TrainArgs) -> Result<()> {
         "--augment-translate {} must be in [0, 1] (a fraction of the image side)",
         a.augment_translate
     );
+    if let Some(n) = a.loader_threads {
+        ensure!(n > 0, "--loader-threads must be at least 1 (leave it out to size them from the cores)");
+        ensure!(n <= 1024, "--loader-threads {n}: more threads than any node has cores");
+    }
     Ok(())
 }
 
@@ -193,6 +197,7 @@ pub fn job_options(a: &TrainArgs) -> Result<TrainOptions> {
         augment_translate: a.augment_translate,
         shuffle_sentences: !a.no_shuffle_sentences,
         uncertain: uncertain.to_string(),
+        loader_threads: a.loader_threads.map_or(Ok(0), u32::try_from)?,
     })
 }
 
@@ -250,6 +255,8 @@ mod tests {
             "--augment-translate",
             "0.05",
             "--no-shuffle-sentences",
+            "--loader-threads",
+            "3",
         ])
         .unwrap();
         assert_eq!((a.mode, a.adapter_width, a.schedule), (Mode::Adapters, Some(16), ScheduleKind::OneCycle));
@@ -267,6 +274,7 @@ mod tests {
             augment_translate: 0.05,
             shuffle_sentences: false,
             uncertain: "ignore".into(),
+            loader_threads: 3,
         };
         assert_eq!(o, want);
         let r = read_options(&a).unwrap();
