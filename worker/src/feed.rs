@@ -17,7 +17,7 @@
 //! bit when the shards kept the images' own size (no image larger than the packed short side).
 //!
 //! Threads: [`loader_threads`] from the job (`--loader-threads`) or from the cores the rank has
-//! ([`rank_cores`]), one left to the rank's own step thread.
+//! ([`rank_cores`]), one left to the rank's own step thread, at least two.
 //!
 //! Unreadable images: the loader replaces one by a substitute drawn, by a hash of (seed, epoch,
 //! pair id), from the epoch's spares, a list of training pairs the coordinator sends every rank
@@ -72,16 +72,20 @@ pub fn rank_cores() -> usize {
 }
 
 /// Loader threads of a rank: `asked` when not 0 (`--loader-threads`), else one per core of the
-/// rank but one, which its step thread keeps (on a GPU it launches the kernels; on a CPU it
-/// runs the step with the rank's compute threads, and a loader thread that is ahead sleeps), and
-/// at least one.
+/// rank but one, which its step thread keeps (on a GPU it launches the kernels; on a CPU it runs
+/// the step with the rank's compute threads, and a loader thread that is ahead sleeps), and at
+/// least two: with two, one batch is built while the other waits for the step, and on a 2-core
+/// CPU machine one thread measured 2-6% fewer images/s per step than two (BENCHMARKS.md).
 pub fn loader_threads(asked: u32, cores: usize) -> usize {
     if asked > 0 {
         asked as usize
     } else {
-        cores.saturating_sub(1).max(1)
+        cores.saturating_sub(1).max(MIN_LOADER_THREADS)
     }
 }
+
+/// The fewest loader threads a rank gets by default (see [`loader_threads`]).
+pub const MIN_LOADER_THREADS: usize = 2;
 
 /// Batches each loader thread may hold ready: two for one or two threads, one for more (the
 /// threads together are then as many batches ahead, and a 224 px batch of 256 pairs is 154 MB).

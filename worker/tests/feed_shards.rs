@@ -106,8 +106,9 @@ fn a_feed_from_shards_is_the_feed_from_the_tree() {
 
 #[test]
 fn loader_threads_leave_the_step_a_core() {
-    assert_eq!(loader_threads(0, 1), 1);
-    assert_eq!(loader_threads(0, 2), 1);
+    assert_eq!(loader_threads(0, 1), 2, "at least two");
+    assert_eq!(loader_threads(0, 2), 2);
+    assert_eq!(loader_threads(0, 3), 2);
     assert_eq!(loader_threads(0, 24), 23);
     assert_eq!(loader_threads(5, 2), 5, "the flag wins");
     assert_eq!(worker::feed::prefetch(1), 2);

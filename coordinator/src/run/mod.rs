@@ -66,7 +66,7 @@ pub struct TrainArgs {
     #[serde(default)]
     pub shards: Option<PathBuf>,
     /// Threads that load and augment each rank's batches (default: the rank's share of the
-    /// node's cores, less one for its step thread).
+    /// node's cores, less one for its step thread, at least two).
     #[arg(long, value_name = "N")]
     #[serde(default)]
     pub loader_threads: Option<usize>,
