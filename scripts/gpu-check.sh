@@ -85,10 +85,10 @@ run_step() { # name timeout_s log command...
 run_step "gpu-check" 160 gpu-check.log "$bin" gpu-check $quick
 timeout 40 "$bin" gpu-check --quick --json >"$out/gpu-check.json" 2>/dev/null || true
 run_step "bench kernels" 130 bench-kernels.log "$bin" bench kernels $quick
-run_step "bench train-step cuda" 40 train-step.log "$bin" bench train-step --device cuda --steps 10
+run_step "bench train-step cuda" 40 train-step.log "$bin" bench train-step --device cuda --width 256 --layers 4 --steps 10
 # Per-op device times (CUDA events) and the NVTX hook (CXRCLIP_NVTX=1 loads the library even
 # without a profiler: its line "nvtx: op ranges through ..." shows it was found and called).
-run_step "train-step ops cuda" 30 train-step-ops.log env CXRCLIP_NVTX=1 "$bin" bench train-step --device cuda --steps 3 --warmup 1 --profile
+run_step "train-step ops cuda" 30 train-step-ops.log env CXRCLIP_NVTX=1 "$bin" bench train-step --device cuda --width 256 --layers 4 --steps 3 --warmup 1 --profile
 # The runtime on a GPU: coordinator + worker processes (the coordinator binary in its worker
 # role), NCCL, the device collectives and gradient sum, checkpoints.
 train=(--synthetic 64 --synthetic-dir "$tmp/synth" --steps 10 --global-batch 16 --seed 7 --checkpoint-every 5)

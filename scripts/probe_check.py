@@ -6,7 +6,7 @@
       [--random-seeds 7,8,9] [--random DIR ...] [--features pooled|embeds|both] \\
       [--coordinator target/release/coordinator] [--min-pos 5] [--bootstrap 1000] [--json OUT]
 
-DIR is a MIMIC-CXR-JPG tree (for example one `coordinator synth --layout mimic` wrote). Its pairs
+DIR is a MIMIC-CXR-JPG tree (for example one `coordinator synth --dataset mimic` wrote). Its pairs
 come from `coordinator data-stats --dataset mimic --root DIR --uncertain zeros --dump-pairs N`
 (default views PA and AP, the same pairs training reads; uncertain and blank labels are 0). Each
 image is preprocessed as the loader's evaluation path does it (data/src/loader.rs, augment off:

@@ -21,7 +21,7 @@ PYTHON=${PYTHON:-/work/venv/ref/bin/python} BIN=${BIN:-target/release}
 mkdir -p "$W"
 echo "commit $(git log -1 --format=%h); $(uptime)"
 TREE="$W/tree-mimic-$STUDIES-s$TREE_SEED-$SIZE"
-[ -d "$TREE/files" ] || "$BIN/coordinator" synth --out "$TREE" --studies "$STUDIES" --layout mimic \
+[ -d "$TREE/files" ] || "$BIN/coordinator" synth --out "$TREE" --studies "$STUDIES" --dataset mimic \
     --seed "$TREE_SEED" --size "$SIZE"
 ckpts=() seeds=()
 for s in $TRAIN_SEEDS; do

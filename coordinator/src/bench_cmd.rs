@@ -13,8 +13,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use crate::device::Device;
-use crate::sizes::SizeArgs;
+use crate::sizes::ModelSizes;
+use worker::Device;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -37,7 +37,7 @@ pub struct TrainStepArgs {
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
     #[command(flatten)]
-    pub size: SizeArgs,
+    pub size: ModelSizes,
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Timed steps (after warm-up).

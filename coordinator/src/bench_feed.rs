@@ -143,7 +143,7 @@ fn generated_tree(dir: &Path, studies: usize) -> Result<PathBuf> {
     }
     let cfg = data::synth::SynthConfig {
         studies,
-        layout: data::synth::Layout::Mimic,
+        dataset: data::DatasetKind::Mimic,
         seed: 1,
         size: 256,
         ..Default::default()

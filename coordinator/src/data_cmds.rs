@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use data::synth::{generate, Layout, SynthConfig, Visibility};
+use data::synth::{generate, SynthConfig, Visibility};
+use data::DatasetKind;
 
-/// `coordinator synth --out DIR --studies N --layout mimic|chexpert|rsna --seed S [--size 256]`
+/// `coordinator synth --out DIR --studies N --dataset mimic|chexpert|rsna --seed S [--size 256]`
 #[derive(Args, Debug)]
 pub struct SynthArgs {
     /// Folder to write the tree into (created if missing).
@@ -16,9 +17,9 @@ pub struct SynthArgs {
     /// Number of studies (MIMIC, CheXpert) or patients (RSNA).
     #[arg(long)]
     pub studies: usize,
-    /// Which dataset's layout to write.
-    #[arg(long, value_parser = parse_layout)]
-    pub layout: Layout,
+    /// Which dataset's layout to write (`--layout` is the older name).
+    #[arg(long, alias = "layout")]
+    pub dataset: DatasetKind,
     /// Seed: the same seed writes the same tree.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -36,14 +37,10 @@ pub struct SynthArgs {
     pub prevalence: f32,
 }
 
-fn parse_layout(s: &str) -> std::result::Result<Layout, String> {
-    s.parse()
-}
-
 pub fn run_synth(a: SynthArgs) -> Result<()> {
     let cfg = SynthConfig {
         studies: a.studies,
-        layout: a.layout,
+        dataset: a.dataset,
         seed: a.seed,
         size: a.size,
         visibility: a.visibility,

@@ -13,7 +13,7 @@ use model::step::{self, InfoNceLoss, LocalBatch};
 use model::Clip;
 use safetensors::tensor::Dtype;
 
-use crate::device::Device;
+use worker::Device;
 
 #[derive(Args)]
 pub struct ForwardBackwardArgs {

@@ -13,6 +13,7 @@ use model::optim::{AdamW, AdamWConfig};
 use model::step::{self, InfoNceLoss, LocalBatch};
 use model::{Clip, ClipConfig};
 use serde_json::json;
+use worker::Device;
 
 #[derive(Args)]
 pub struct GpuCheckArgs {
@@ -32,12 +33,6 @@ pub struct GpuCheckArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BenchDevice {
-    Cuda,
-    Cpu,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum InfonceVariantArg {
     Fused,
     Baseline,
@@ -46,8 +41,8 @@ pub enum InfonceVariantArg {
 
 #[derive(Args)]
 pub struct BenchKernelsArgs {
-    #[arg(long, value_enum, default_value_t = BenchDevice::Cuda)]
-    pub device: BenchDevice,
+    #[arg(long, value_enum, default_value_t = Device::Cuda)]
+    pub device: Device,
     /// One op family (elementwise, linear, layernorm, l2norm, activation, attention, embed,
     /// infonce, bce, adamw), or `ceilings` (the CUDA matrix rate and copy bandwidth alone).
     #[arg(long)]
@@ -207,11 +202,11 @@ fn one_step<B: Backend>(
 pub fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     let opts = bench_options(&a)?;
     let (device, rows) = match a.device {
-        BenchDevice::Cuda => {
+        Device::Cuda => {
             let cuda = Cuda::new(a.gpu)?;
             (cuda.describe(), bench::run_cuda(&cuda, opts)?)
         }
-        BenchDevice::Cpu => ("cpu".to_string(), bench::run_cpu(opts)?),
+        Device::Cpu => ("cpu".to_string(), bench::run_cpu(opts)?),
     };
     if a.json {
         let rows: Vec<_> = rows

@@ -10,7 +10,7 @@ use model::checkpoint::TOKENIZER;
 use model::tokenizer::ClipTokenizer;
 use model::{Clip, ClipConfig};
 
-use crate::sizes::SizeArgs;
+use crate::sizes::ModelSizes;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Preset {
@@ -31,7 +31,7 @@ pub struct InitArgs {
     pub preset: Preset,
     /// Sizes for `--preset custom`.
     #[command(flatten)]
-    pub size: SizeArgs,
+    pub size: ModelSizes,
     /// quick_gelu (OpenAI CLIP) or gelu.
     #[arg(long, default_value = "quick_gelu")]
     pub act: String,

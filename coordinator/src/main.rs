@@ -11,7 +11,6 @@ use clap::{Parser, Subcommand};
 mod bench_cmd;
 mod bench_feed;
 mod data_cmds;
-mod device;
 mod exec;
 mod fb_cmd;
 mod gpu_cmds;

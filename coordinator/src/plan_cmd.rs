@@ -92,7 +92,7 @@ fn run(plan: &Plan, mut world: TrainArgs, dir: &Path, title: &str, resamples: us
         world.workers = Some(1);
     }
     // A plan on GPUs that are not there stops now, not after its data is generated.
-    let local_cuda = world.gpus.or(world.workers.filter(|_| world.device == "cuda"));
+    let local_cuda = world.gpus.or(world.workers.filter(|_| world.device == worker::Device::Cuda));
     if let Some(n) = local_cuda {
         crate::run::preflight_local_gpus(&world, n)?;
     }

@@ -1,27 +1,39 @@
-//! The model-size flags shared by the commands that build a small CLIP from scratch.
+//! The sizes of a small CLIP built from scratch: one definition for the training run's flags,
+//! `init`'s, `bench train-step`'s, and a plan's `[model]` table.
 
 use clap::Args;
 use model::ClipConfig;
+use serde::{Deserialize, Serialize};
 
-#[derive(Args, Clone, Debug)]
-pub struct SizeArgs {
+/// The sizes a run, a command or a plan uses when it is given none.
+pub const DEFAULT: ModelSizes = ModelSizes { image: 64, patch: 8, width: 128, layers: 2, heads: 4 };
+
+#[derive(Args, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSizes {
     /// Image side in pixels.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULT.image)]
     pub image: usize,
-    #[arg(long, default_value_t = 8)]
+    /// Patch side in pixels (a divisor of --image).
+    #[arg(long, default_value_t = DEFAULT.patch)]
     pub patch: usize,
-    /// Width of both towers (and the projection).
-    #[arg(long, default_value_t = 256)]
+    /// Width of both towers and of the projection.
+    #[arg(long, default_value_t = DEFAULT.width)]
     pub width: usize,
     /// Blocks in each tower.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = DEFAULT.layers)]
     pub layers: usize,
-    /// Attention heads in each tower.
-    #[arg(long, default_value_t = 4)]
+    /// Attention heads in each tower (a divisor of --width).
+    #[arg(long, default_value_t = DEFAULT.heads)]
     pub heads: usize,
 }
 
-impl SizeArgs {
+impl Default for ModelSizes {
+    fn default() -> Self {
+        DEFAULT
+    }
+}
+
+impl ModelSizes {
     /// The same sizes in both towers, context 77, the real vocabulary.
     pub fn config(&self) -> ClipConfig {
         ClipConfig::small(self.image, self.patch, self.width, self.layers, self.heads)

@@ -72,7 +72,7 @@ fn the_paper_plan_checks_against_generated_trees_in_the_three_layouts() {
     let t = Tmp::new("paper");
     let dir = |n: &str| t.0.join(n).display().to_string();
     for layout in ["mimic", "chexpert", "rsna"] {
-        ok(&["synth", "--out", &dir(layout), "--studies", "30", "--layout", layout, "--size", "64", "--seed", "1"]);
+        ok(&["synth", "--out", &dir(layout), "--studies", "30", "--dataset", layout, "--size", "64", "--seed", "1"]);
     }
     ok(&[
         "init",

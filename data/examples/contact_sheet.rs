@@ -1,19 +1,20 @@
 //! Renders 16 synthetic radiographs into a 4 x 4 contact sheet PNG with their positive labels:
 //! three rows of frontal films and a last row of laterals (captions start with LAT).
-//! `cargo run --release -p data --example contact_sheet -- docs/synthetic-contact-sheet.png [layout] [seed]`
+//! `cargo run --release -p data --example contact_sheet -- docs/synthetic-contact-sheet.png [dataset] [seed]`
 //! With a fourth argument K, writes only image K (12 and up are laterals) at three times the size,
 //! to look at details.
 
-use data::synth::{render_view, Layout, SynthConfig};
+use data::synth::{render_view, SynthConfig};
+use data::DatasetKind;
 use data::{LabelValue, LABELS};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let out = args.get(1).cloned().unwrap_or_else(|| "contact-sheet.png".into());
-    let layout: Layout =
-        args.get(2).map(|s| s.parse().map_err(anyhow::Error::msg)).transpose()?.unwrap_or(Layout::Mimic);
+    let dataset: DatasetKind =
+        args.get(2).map(|s| s.parse().map_err(anyhow::Error::msg)).transpose()?.unwrap_or(DatasetKind::Mimic);
     let seed: u64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(7);
-    let cfg = SynthConfig { layout, seed, size: 256, ..Default::default() };
+    let cfg = SynthConfig { dataset, seed, size: 256, ..Default::default() };
     if let Some(k) = args.get(4) {
         let k: usize = k.parse()?;
         let (px, w, h, _, _) = render_view(&cfg, k, k >= 12);

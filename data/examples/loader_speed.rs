@@ -8,14 +8,17 @@ use std::time::Instant;
 use data::imageio::{decode_jpeg, decode_jpeg_image_crate};
 use data::loader::{build_batch, fill_batch, Batch, LoaderConfig, Source};
 use data::shards::{prepare, ShardSet};
-use data::synth::{generate, Layout, SynthConfig};
+use data::synth::{generate, SynthConfig};
 use data::{read, DatasetKind, ReadOptions};
 
 fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(400);
     let t = tempfile::tempdir()?;
     let root = t.path().join("mimic");
-    generate(&root, &SynthConfig { studies: n, layout: Layout::Mimic, seed: 1, size: 256, ..Default::default() })?;
+    generate(
+        &root,
+        &SynthConfig { studies: n, dataset: DatasetKind::Mimic, seed: 1, size: 256, ..Default::default() },
+    )?;
     let ds = read(DatasetKind::Mimic, &root, &ReadOptions::default())?;
     let out = t.path().join("shards");
     let s = prepare(&ds, "mimic", &ReadOptions::default(), &out, 256, 1024, &|_, _| {})?;

@@ -52,7 +52,7 @@ pub struct Pair {
     pub boxes: Vec<[f32; 4]>,
 }
 
-/// Which datasets exist.
+/// Which datasets exist: what a root is read as, and which layout the generator writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DatasetKind {
     Mimic,
@@ -60,15 +60,32 @@ pub enum DatasetKind {
     Rsna,
 }
 
+impl DatasetKind {
+    pub const ALL: [DatasetKind; 3] = [DatasetKind::Mimic, DatasetKind::Chexpert, DatasetKind::Rsna];
+
+    /// The name the command line and the plan use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Mimic => "mimic",
+            DatasetKind::Chexpert => "chexpert",
+            DatasetKind::Rsna => "rsna",
+        }
+    }
+}
+
+impl std::fmt::Display for DatasetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl FromStr for DatasetKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "mimic" => Ok(DatasetKind::Mimic),
-            "chexpert" => Ok(DatasetKind::Chexpert),
-            "rsna" => Ok(DatasetKind::Rsna),
-            o => Err(format!("unknown dataset '{o}' (mimic, chexpert, rsna)")),
-        }
+        DatasetKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown dataset '{s}' (mimic, chexpert, rsna)"))
     }
 }
 

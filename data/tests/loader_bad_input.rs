@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use data::loader::{build_batch, Batch, Loader, LoaderConfig, Recovery, Source};
-use data::synth::{generate, Layout, SynthConfig};
+use data::synth::{generate, SynthConfig};
 use data::{read, DatasetKind, ReadOptions};
 use rand::{Rng, SeedableRng};
 
@@ -26,7 +26,7 @@ fn corrupt_image_is_replaced_counted_once_and_named() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("mimic");
-    let synth = SynthConfig { studies: 16, layout: Layout::Mimic, seed, size: 64, ..Default::default() };
+    let synth = SynthConfig { studies: 16, dataset: DatasetKind::Mimic, seed, size: 64, ..Default::default() };
     generate(&root, &synth).unwrap();
     let ds = read(DatasetKind::Mimic, &root, &ReadOptions::default()).unwrap();
     let n = ds.pairs.len();

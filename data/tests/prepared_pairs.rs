@@ -8,7 +8,7 @@ use std::sync::Arc;
 use data::loader::{Batch, Loader, LoaderConfig, Recovery, Source};
 use data::report::SectionPolicy;
 use data::shards::{prepare, read_prepared, ShardSet};
-use data::synth::{generate, Layout, SynthConfig};
+use data::synth::{generate, SynthConfig};
 use data::{read, Dataset, DatasetKind, ReadOptions, Views};
 use rand::{Rng, SeedableRng};
 
@@ -20,7 +20,7 @@ fn fake_tokens(t: &str) -> Vec<i32> {
 /// (start and end markers intact, the scan zeroed), as a file gone bad on disk would be.
 fn damaged_tree(dir: &Path, seed: u64, size: usize) -> (Dataset, usize) {
     let root = dir.join("mimic");
-    let synth = SynthConfig { studies: 20, layout: Layout::Mimic, seed, size, ..Default::default() };
+    let synth = SynthConfig { studies: 20, dataset: DatasetKind::Mimic, seed, size, ..Default::default() };
     generate(&root, &synth).unwrap();
     let all = read(DatasetKind::Mimic, &root, &ReadOptions::default()).unwrap();
     let victim = rand_chacha::ChaCha8Rng::seed_from_u64(seed).random_range(0..all.pairs.len());
@@ -127,7 +127,8 @@ fn a_run_may_ask_for_fewer_views_but_not_other_text() {
     let seed: u64 = rand::rng().random();
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("mimic");
-    generate(&root, &SynthConfig { studies: 24, layout: Layout::Mimic, seed, size: 48, ..Default::default() }).unwrap();
+    generate(&root, &SynthConfig { studies: 24, dataset: DatasetKind::Mimic, seed, size: 48, ..Default::default() })
+        .unwrap();
     let all = ReadOptions { views: Views::All, ..Default::default() };
     let ds = read(DatasetKind::Mimic, &root, &all).unwrap();
     let out = t.path().join("shards");
@@ -156,7 +157,7 @@ fn a_run_may_ask_for_fewer_views_but_not_other_text() {
 fn bad_prepared_folders_are_one_line() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("mimic");
-    generate(&root, &SynthConfig { studies: 12, layout: Layout::Mimic, seed: 3, size: 48, ..Default::default() })
+    generate(&root, &SynthConfig { studies: 12, dataset: DatasetKind::Mimic, seed: 3, size: 48, ..Default::default() })
         .unwrap();
     let opts = ReadOptions::default();
     let ds = read(DatasetKind::Mimic, &root, &opts).unwrap();

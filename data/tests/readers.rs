@@ -6,11 +6,11 @@ use std::path::Path;
 
 use data::dataset::ProblemKind;
 use data::report::{select_text, SectionPolicy};
-use data::synth::{generate, Layout, SynthConfig};
+use data::synth::{generate, SynthConfig};
 use data::{read, DatasetKind, LabelValue, ReadOptions, Views};
 
-fn tree(dir: &Path, layout: Layout, studies: usize, seed: u64) {
-    let cfg = SynthConfig { studies, layout, seed, size: 64, ..Default::default() };
+fn tree(dir: &Path, dataset: DatasetKind, studies: usize, seed: u64) {
+    let cfg = SynthConfig { studies, dataset, seed, size: 64, ..Default::default() };
     generate(dir, &cfg).unwrap();
 }
 
@@ -27,7 +27,7 @@ fn kinds(d: &data::Dataset) -> Vec<ProblemKind> {
 #[test]
 fn mimic_clean_tree_reads_whole() {
     let t = tempfile::tempdir().unwrap();
-    tree(t.path(), Layout::Mimic, 40, 1);
+    tree(t.path(), DatasetKind::Mimic, 40, 1);
     let meta = gunzip(&t.path().join("mimic-cxr-2.0.0-metadata.csv.gz"));
     let rows: Vec<&str> = meta.lines().skip(1).collect();
     let frontal = rows.iter().filter(|r| r.contains(",PA,") || r.contains(",AP,")).count();
@@ -77,7 +77,7 @@ fn mimic_clean_tree_reads_whole() {
 fn mimic_bad_input_is_counted_reported_and_skipped() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path();
-    tree(root, Layout::Mimic, 30, 2);
+    tree(root, DatasetKind::Mimic, 30, 2);
     let clean = read(DatasetKind::Mimic, root, &ReadOptions::default()).unwrap();
     let n = clean.pairs.len();
     let imgs: Vec<_> = clean.pairs.iter().map(|p| clean.image_path(p)).collect();
@@ -144,7 +144,7 @@ fn missing_layout_is_one_clear_error() {
 #[test]
 fn chexpert_tree_reads_with_splits_and_bad_rows() {
     let t = tempfile::tempdir().unwrap();
-    tree(t.path(), Layout::Chexpert, 120, 3);
+    tree(t.path(), DatasetKind::Chexpert, 120, 3);
     let d = read(DatasetKind::Chexpert, t.path(), &ReadOptions::default()).unwrap();
     assert!(d.problems.is_empty(), "{}", d.problems.summary());
     assert!(d.pairs.iter().all(|p| p.view == "AP" || p.view == "PA"));
@@ -180,7 +180,7 @@ fn rename(from: &Path, to: &Path) {
 #[test]
 fn chexpert_under_another_folder_name_reads_whole() {
     let t = tempfile::tempdir().unwrap();
-    tree(t.path(), Layout::Chexpert, 40, 7);
+    tree(t.path(), DatasetKind::Chexpert, 40, 7);
     let std = read(DatasetKind::Chexpert, t.path(), &ReadOptions::default()).unwrap();
     assert!(std.problems.is_empty() && !std.pairs.is_empty(), "{}", std.problems.summary());
     let key = |d: &data::Dataset| {
@@ -242,7 +242,7 @@ fn chexpert_under_another_folder_name_reads_whole() {
 #[test]
 fn chexpert_small_tree_has_test_and_validation_patients() {
     let t = tempfile::tempdir().unwrap();
-    tree(t.path(), Layout::Chexpert, 30, 1);
+    tree(t.path(), DatasetKind::Chexpert, 30, 1);
     let valid = fs::read_to_string(t.path().join("CheXpert-v1.0-small/valid.csv")).unwrap();
     assert!(valid.lines().count() > 1, "valid.csv has no rows:\n{valid}");
     let d = read(DatasetKind::Chexpert, t.path(), &ReadOptions { views: Views::All, ..Default::default() }).unwrap();
@@ -261,7 +261,7 @@ fn chexpert_small_tree_has_test_and_validation_patients() {
 #[test]
 fn chexpert_validation_is_a_tenth_of_training_patients() {
     let t = tempfile::tempdir().unwrap();
-    tree(t.path(), Layout::Chexpert, 150, 8);
+    tree(t.path(), DatasetKind::Chexpert, 150, 8);
     for seed in [0, 1] {
         let d = read(DatasetKind::Chexpert, t.path(), &ReadOptions { seed, views: Views::All, ..Default::default() })
             .unwrap();
@@ -287,7 +287,7 @@ fn chexpert_validation_is_a_tenth_of_training_patients() {
 #[test]
 fn rsna_tree_reads_dicom_groups_patients_and_skips_truncated() {
     let t = tempfile::tempdir().unwrap();
-    tree(t.path(), Layout::Rsna, 80, 4);
+    tree(t.path(), DatasetKind::Rsna, 80, 4);
     let d = read(DatasetKind::Rsna, t.path(), &ReadOptions::default()).unwrap();
     assert!(d.problems.is_empty(), "{}", d.problems.summary());
     assert_eq!(d.pairs.len(), 80);
@@ -326,7 +326,7 @@ fn eighty_ten_ten(n: usize) -> [usize; 3] {
 #[test]
 fn held_out_fractions_are_the_options_when_given() {
     let t = tempfile::tempdir().unwrap();
-    tree(t.path(), Layout::Chexpert, 150, 8);
+    tree(t.path(), DatasetKind::Chexpert, 150, 8);
     let opts = |v: f64| ReadOptions { valid_fraction: Some(v), views: Views::All, ..Default::default() };
     let d = read(DatasetKind::Chexpert, t.path(), &opts(0.25)).unwrap();
     let patients = |s: data::Split| {
@@ -338,7 +338,7 @@ fn held_out_fractions_are_the_options_when_given() {
     assert!(e.contains("validation fraction 1"), "{e}");
 
     let r = tempfile::tempdir().unwrap();
-    tree(r.path(), Layout::Rsna, 120, 9);
+    tree(r.path(), DatasetKind::Rsna, 120, 9);
     let opts = |v: f64, t: f64| ReadOptions { valid_fraction: Some(v), test_fraction: Some(t), ..Default::default() };
     let g = read(DatasetKind::Rsna, r.path(), &opts(0.2, 0.3)).unwrap();
     let c = split_counts(g.pairs.iter().map(|p| (p.labels[7] == LabelValue::Positive, p.split)));
@@ -360,7 +360,7 @@ fn split_counts(units: impl Iterator<Item = (bool, data::Split)>) -> [[usize; 3]
 #[test]
 fn rsna_splits_by_patient_or_by_row() {
     let t = tempfile::tempdir().unwrap();
-    tree(t.path(), Layout::Rsna, 120, 9);
+    tree(t.path(), DatasetKind::Rsna, 120, 9);
     let csv = fs::read_to_string(t.path().join("stage_2_train_labels.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     let positive_rows = rows.iter().filter(|l| l.ends_with(",1")).count();
@@ -422,9 +422,9 @@ fn generator_is_deterministic_and_seed_sensitive() {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     let c = tempfile::tempdir().unwrap();
-    tree(a.path(), Layout::Mimic, 12, 5);
-    tree(b.path(), Layout::Mimic, 12, 5);
-    tree(c.path(), Layout::Mimic, 12, 6);
+    tree(a.path(), DatasetKind::Mimic, 12, 5);
+    tree(b.path(), DatasetKind::Mimic, 12, 5);
+    tree(c.path(), DatasetKind::Mimic, 12, 6);
     let list = |d: &Path| {
         let mut v = Vec::new();
         let mut stack = vec![d.to_path_buf()];

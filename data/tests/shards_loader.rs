@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use data::loader::{build_batch, Loader, LoaderConfig, Source, CLIP_MEAN, CLIP_STD};
 use data::shards::{prepare, ShardSet};
-use data::synth::{generate, Layout, SynthConfig};
+use data::synth::{generate, SynthConfig};
 use data::{read, DatasetKind, ReadOptions};
 
 fn fake_tokens(t: &str) -> Vec<i32> {
@@ -16,7 +16,7 @@ fn fake_tokens(t: &str) -> Vec<i32> {
 fn prepare_resumes_and_loader_is_deterministic() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("mimic");
-    generate(&root, &SynthConfig { studies: 24, layout: Layout::Mimic, seed: 8, size: 80, ..Default::default() })
+    generate(&root, &SynthConfig { studies: 24, dataset: DatasetKind::Mimic, seed: 8, size: 80, ..Default::default() })
         .unwrap();
     let ds = read(DatasetKind::Mimic, &root, &ReadOptions::default()).unwrap();
     let out = t.path().join("shards");

@@ -112,6 +112,40 @@ pub fn train_args(run_dir: &Path, workers: usize, steps: u64) -> Vec<String> {
     .collect()
 }
 
+/// [`train_args`] on the tree or prepared folder `data` instead of the shared generated tree.
+pub fn train_args_on(run_dir: &Path, data: &Path, workers: usize, steps: u64) -> Vec<String> {
+    let mut args = train_args(run_dir, workers, steps);
+    let at = args.iter().position(|a| a == "--synthetic").expect("--synthetic");
+    // --synthetic, --synthetic-dir and --synthetic-size with their values.
+    args.drain(at..at + 6);
+    args.extend(["--data".to_string(), data.to_str().expect("utf-8 path").to_string()]);
+    args
+}
+
+/// A generated MIMIC tree of 96 studies at 64 px in `fresh_dir(name)`, with every `every`-th
+/// image (from the `first`-th, in path order) broken so that it still passes the index's cheap
+/// check (start and end markers in place) and fails only when decoded.
+pub fn tree_with_broken_images(name: &str, seed: u64, every: usize, first: usize) -> PathBuf {
+    let tree = fresh_dir(name);
+    let out = coordinator()
+        .args(["synth", "--out", tree.to_str().expect("utf-8 path"), "--studies", "96", "--dataset", "mimic"])
+        .args(["--seed", &seed.to_string(), "--size", "64"])
+        .output()
+        .expect("synth");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut images: Vec<_> =
+        files_under(&tree.join("files")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
+    images.sort();
+    assert!(images.len() > 90, "{} images", images.len());
+    for (k, p) in images.iter().enumerate().filter(|(k, _)| k % every == first) {
+        let mut broken = vec![0xFF, 0xD8, 0xFF, 0x01];
+        broken.extend(format!("not a radiograph {k}").bytes());
+        broken.extend([0xFF, 0xD9]);
+        std::fs::write(p, broken).expect("break");
+    }
+    tree
+}
+
 /// `(step, loss)` of every step line of `metrics.jsonl`.
 pub fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();

@@ -144,34 +144,13 @@ fn bad_flags_fail_with_one_line() {
 #[test]
 fn unreadable_images_are_skipped_alike_on_any_world_size() {
     let _g = serial();
-    let tree = fresh_dir("bad-images-tree");
-    let out = coordinator()
-        .args(["synth", "--out", tree.to_str().expect("utf-8"), "--studies", "96", "--layout", "mimic"])
-        .args(["--seed", "11", "--size", "64"])
-        .output()
-        .expect("synth");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // Break a third of the images so that they still pass the index's cheap check (start and
-    // end markers in place) and fail only when decoded, in the workers: most steps meet one.
-    let mut images: Vec<_> =
-        files_under(&tree.join("files")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
-    images.sort();
-    assert!(images.len() > 90, "{} images", images.len());
-    for (k, p) in images.iter().enumerate().filter(|(k, _)| k % 3 == 1) {
-        let mut broken = vec![0xFF, 0xD8, 0xFF, 0x01];
-        broken.extend(format!("not a radiograph {k}").bytes());
-        broken.extend([0xFF, 0xD9]);
-        std::fs::write(p, broken).expect("break");
-    }
+    // A third of the images broken (they fail only when decoded, in the workers): most steps
+    // meet one.
+    let tree = tree_with_broken_images("bad-images-tree", 11, 3, 1);
     let mut runs = Vec::new();
     for workers in [1, 2] {
         let dir = fresh_dir(&format!("bad-images-{workers}"));
-        let mut args = train_args(&dir, workers, 6);
-        // The generated tree of the other tests, replaced by this one.
-        let at = args.iter().position(|a| a == "--synthetic").expect("--synthetic");
-        args.drain(at..at + 6);
-        args.extend(["--data".to_string(), tree.to_str().expect("utf-8").to_string()]);
-        let out = run_ok(&args);
+        let out = run_ok(&train_args_on(&dir, &tree, workers, 6));
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(err.contains("skipping unreadable image"), "{err}");
         runs.push(losses(&dir));
@@ -237,4 +216,45 @@ fn slurm_style_workers_get_their_procid_and_the_same_losses() {
     for ((s, g), (_, w)) in got.iter().zip(want) {
         assert_close(&format!("loss of step {s}"), *g, *w, 1e-6);
     }
+}
+
+/// A worker started on the other backend is refused at registration with the flag to use, and
+/// its slot stays free: a CPU rank among NCCL ranks (or the reverse) would wait in collectives
+/// the others never join.
+#[test]
+fn a_worker_on_the_wrong_device_is_refused_at_registration() {
+    let _g = serial();
+    let dir = fresh_dir("wrong-device");
+    let mut args = train_args(&dir, 1, 2);
+    let at = args.iter().position(|a| a == "--workers").expect("--workers");
+    args[at] = "--expect-workers".into();
+    args.extend(["--register-timeout".to_string(), "60".to_string()]);
+    let mut coord = coordinator().args(&args).stderr(Stdio::piped()).spawn().expect("coordinator");
+    let url_file = dir.join("coordinator.url");
+    assert!(
+        wait_for(Duration::from_secs(60), || std::fs::read_to_string(&url_file).is_ok_and(|u| u.ends_with('\n'))),
+        "the coordinator did not start serving"
+    );
+    let url = std::fs::read_to_string(&url_file).expect("url").trim().to_string();
+    let token = std::fs::read_to_string(dir.join("token")).expect("token").trim().to_string();
+    let start = |device: &str| {
+        worker()
+            .args(["--coordinator", &url, "--device", device])
+            .env("CXRCLIP_TOKEN", &token)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("worker")
+    };
+    let mut wrong = start("cuda");
+    let status = wait_child(&mut wrong, Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(wrong.stderr.as_mut().expect("stderr"), &mut err).expect("stderr");
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("this run computes on cpu; start the worker with --device cpu"), "{err}");
+    // The slot is still free: the right worker takes it and the run finishes.
+    let mut right = start("cpu");
+    assert!(wait_child(&mut right, Duration::from_secs(120)).success());
+    let status = wait_child(&mut coord, Duration::from_secs(60));
+    assert!(status.success(), "{status}");
+    assert_eq!(losses(&dir).len(), 2);
 }

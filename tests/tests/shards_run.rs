@@ -12,12 +12,9 @@ use e2e::*;
 
 const STEPS: u64 = 6;
 
-/// `train_args` on `data` instead of the shared generated tree, plus `extra`.
+/// `train_args_on` `data` on 2 workers, plus `extra`.
 fn args_on(run_dir: &Path, data: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args = train_args(run_dir, 2, STEPS);
-    let at = args.iter().position(|a| a == "--synthetic").expect("--synthetic");
-    args.drain(at..at + 6);
-    args.extend(["--data".to_string(), data.to_str().expect("utf-8").to_string()]);
+    let mut args = train_args_on(run_dir, data, 2, STEPS);
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
@@ -25,24 +22,9 @@ fn args_on(run_dir: &Path, data: &Path, extra: &[&str]) -> Vec<String> {
 #[test]
 fn runs_from_shards_train_as_the_run_from_the_tree() {
     let _g = serial();
-    let tree = fresh_dir("shards-tree");
-    let out = coordinator()
-        .args(["synth", "--out", tree.to_str().expect("utf-8"), "--studies", "96", "--layout", "mimic"])
-        .args(["--seed", "5", "--size", "64"])
-        .output()
-        .expect("synth");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // A few images that pass the index's check and fail when decoded (in the workers, or when
-    // packed): substituted alike from the tree and from the shards.
-    let mut images: Vec<_> =
-        files_under(&tree.join("files")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
-    images.sort();
-    for (k, p) in images.iter().enumerate().filter(|(k, _)| k % 10 == 3) {
-        let mut broken = vec![0xFF, 0xD8, 0xFF, 0x01];
-        broken.extend(format!("not a radiograph {k}").bytes());
-        broken.extend([0xFF, 0xD9]);
-        std::fs::write(p, broken).expect("break");
-    }
+    // A few images that fail when decoded (in the workers, or when packed): substituted alike
+    // from the tree and from the shards.
+    let tree = tree_with_broken_images("shards-tree", 5, 10, 3);
 
     let from_tree = fresh_dir("shards-from-tree");
     let out = run_ok(&args_on(&from_tree, &tree, &["--loader-threads", "1"]));

@@ -8,7 +8,7 @@ use e2e::*;
 
 fn synth(out: &Path, extra: &[&str]) -> std::process::Output {
     coordinator()
-        .args(["synth", "--out", out.to_str().expect("utf-8"), "--studies", "12", "--layout", "mimic"])
+        .args(["synth", "--out", out.to_str().expect("utf-8"), "--studies", "12", "--dataset", "mimic"])
         .args(["--seed", "5", "--size", "64"])
         .args(extra)
         .output()

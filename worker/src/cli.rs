@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::comm::{self, OverHost, RingHello, TcpRing};
 use crate::job::{self, Link};
+use crate::Device;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use proto::tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -33,8 +34,8 @@ pub struct Args {
     #[arg(long)]
     pub coordinator: String,
     /// cpu, or cuda (the GPU is CUDA_VISIBLE_DEVICES' first, or SLURM_LOCALID's).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
     /// Address other ranks reach this one at for the CPU ring (its port is chosen freely).
     #[arg(long, default_value = "127.0.0.1")]
     pub ring_host: String,
@@ -147,12 +148,16 @@ fn run(args: Args) -> Result<i32> {
         token: token.clone(),
         host,
         pid: std::process::id(),
-        device: args.device.clone(),
+        device: args.device.name().into(),
         capabilities: vec![
             "cls-train".into(),
             "finetune".into(),
             "embed".into(),
-            if args.device == "cpu" { "tcp-ring" } else { "nccl" }.into(),
+            match args.device {
+                Device::Cpu => "tcp-ring",
+                Device::Cuda => "nccl",
+            }
+            .into(),
         ],
         ring_addr,
         preferred_rank: preferred,
@@ -171,14 +176,13 @@ fn run(args: Args) -> Result<i32> {
     let rank = reply.rank as usize;
     let world = reply.world_size as usize;
     let link = Link { client: client.clone(), session: session.clone(), handle: rt.handle().clone() };
-    let result = if args.device == "cpu" {
-        let hello = RingHello { run: run_number(&reply.run_id), generation: reply.generation };
-        let ring = TcpRing::connect(rank, listener, &reply.peer_addrs, hello, Duration::from_secs(600))?;
-        job::run(kernels::Cpu, &job, &mut OverHost::new(ring), &link)
-    } else if args.device == "cuda" {
-        train_cuda(&rt, &mut client, &session, rank, world, &job, &link)
-    } else {
-        bail!("--device {}: expected cpu or cuda", args.device)
+    let result = match args.device {
+        Device::Cpu => {
+            let hello = RingHello { run: run_number(&reply.run_id), generation: reply.generation };
+            let ring = TcpRing::connect(rank, listener, &reply.peer_addrs, hello, Duration::from_secs(600))?;
+            job::run(kernels::Cpu, &job, &mut OverHost::new(ring), &link)
+        }
+        Device::Cuda => train_cuda(&rt, &mut client, &session, rank, world, &job, &link),
     };
     match result {
         Ok(loss) => {

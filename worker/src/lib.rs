@@ -2,13 +2,16 @@
 //! `model::collectives::Collectives`; the step itself is `model::step`), the jobs the
 //! coordinator hands out ([`job`]: contrastive training, [`finetune`], [`embed`]), their data
 //! feed ([`feed`]), the job's training choices made concrete
-//! ([`train_opts`]), and the command line that runs them ([`cli`]).
+//! ([`train_opts`]), the command line that runs them ([`cli`]) and its [`Device`].
 
 pub mod cli;
 pub mod comm;
+pub mod device;
 pub mod embed;
 pub mod fault;
 pub mod feed;
 pub mod finetune;
 pub mod job;
 pub mod train_opts;
+
+pub use device::Device;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use data::loader::{Batch, Loader, LoaderConfig, Recovery};
-use data::synth::{generate, Layout, SynthConfig};
+use data::synth::{generate, SynthConfig};
 use data::{read, DatasetKind, ReadOptions};
 use proto::v1::ShardEntry;
 use rand::seq::SliceRandom;
@@ -34,7 +34,8 @@ fn a_feed_from_shards_is_the_feed_from_the_tree() {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("mimic");
-    generate(&root, &SynthConfig { studies: 24, layout: Layout::Mimic, seed, size: 64, ..Default::default() }).unwrap();
+    generate(&root, &SynthConfig { studies: 24, dataset: DatasetKind::Mimic, seed, size: 64, ..Default::default() })
+        .unwrap();
     let opts = ReadOptions::default();
     let ds = read(DatasetKind::Mimic, &root, &opts).unwrap();
     // One training image gone bad after the tree was read (its scan zeroed, markers intact).

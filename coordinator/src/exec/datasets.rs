@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, ensure, Context, Result};
-use data::{DatasetKind, Split, Views};
+use data::{Split, Views};
 
 use crate::plan::{DataSource, DatasetSpec};
 
@@ -28,12 +28,8 @@ pub fn root(name: &str, spec: &DatasetSpec, data_dir: &Path) -> Result<PathBuf> 
     fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let tmp = data_dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
-    let layout = match spec.kind {
-        DatasetKind::Mimic => data::synth::Layout::Mimic,
-        DatasetKind::Chexpert => data::synth::Layout::Chexpert,
-        DatasetKind::Rsna => data::synth::Layout::Rsna,
-    };
-    let cfg = data::synth::SynthConfig { studies, layout, seed, size, ..data::synth::SynthConfig::default() };
+    let cfg =
+        data::synth::SynthConfig { studies, dataset: spec.kind, seed, size, ..data::synth::SynthConfig::default() };
     let t0 = Instant::now();
     data::synth::generate(&tmp, &cfg).with_context(|| format!("generating the {name} tree"))?;
     fs::write(tmp.join(".complete"), b"")?;

@@ -48,7 +48,7 @@ pub fn origin_kind(plan: &Plan, start: &Start) -> Option<RunKind> {
 /// A random CLIP (the plan's random sizes, or the init folder's shapes) as a Hugging Face folder.
 fn write_random(plan: &Plan, dir: &Path, seed: u64) -> Result<()> {
     let config = match plan.model.random {
-        RandomModel::Sizes(s) => ClipConfig::small(s.image, s.patch, s.width, s.layers, s.heads),
+        RandomModel::Sizes(s) => s.config(),
         RandomModel::LikeInit => {
             let init = plan.model.init.as_ref().ok_or_else(|| anyhow!("random like init, but no init folder"))?;
             ClipConfig::from_file(&init.join(model::checkpoint::CONFIG))?

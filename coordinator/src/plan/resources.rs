@@ -9,15 +9,13 @@ use data::{DatasetKind, UncertainPolicy};
 use toml::Spanned;
 
 use super::schema::{RawDataset, RawDatasetTable, RawModel, RawRsnaSplit};
-use super::spec::{
-    dataset_labels, dataset_name, default_labels, DataSource, DatasetSpec, ModelSizes, ModelSpec, RandomModel,
-};
+use super::spec::{DataSource, DatasetSpec, ModelSizes, ModelSpec, RandomModel};
 use super::values::Checker;
 use super::Overrides;
 
 /// The sizes of `from = "random"` when the plan gives neither an init folder nor sizes (those
 /// of `coordinator`'s training run).
-pub const DEFAULT_SIZES: ModelSizes = ModelSizes { image: 64, patch: 8, width: 128, layers: 2, heads: 4 };
+pub const DEFAULT_SIZES: ModelSizes = crate::sizes::DEFAULT;
 
 /// The smallest synthetic image the generator writes.
 const MIN_SYNTH_SIZE: u64 = 32;
@@ -83,7 +81,7 @@ fn dataset(
 ) -> DatasetSpec {
     let source = source(c, name, t, span, base, over);
     let labels = match &t.labels {
-        None => default_labels(kind).iter().map(|s| s.to_string()).collect(),
+        None => data::default_eval_labels(kind).iter().map(|s| s.to_string()).collect(),
         Some(l) => labels(c, name, kind, l),
     };
     let uncertain = t.uncertain.as_ref().map_or(UncertainPolicy::Zeros, |u| u.get_ref().0);
@@ -176,7 +174,7 @@ fn source(
 }
 
 fn labels(c: &mut Checker<'_>, name: &str, kind: DatasetKind, l: &Spanned<Vec<String>>) -> Vec<String> {
-    let have = dataset_labels(kind);
+    let have = data::dataset_labels(kind);
     if l.get_ref().is_empty() {
         c.at(l, format!("dataset `{name}`: `labels` is empty (leave it out for the default)"));
     }
@@ -184,7 +182,7 @@ fn labels(c: &mut Checker<'_>, name: &str, kind: DatasetKind, l: &Spanned<Vec<St
     for label in l.get_ref() {
         if !have.contains(&label.as_str()) {
             let list = if have.len() > 5 { "the 14 CheXpert labels".to_string() } else { have.join(", ") };
-            c.at(l, format!("dataset `{name}` has no label `{label}` ({} has: {list})", dataset_name(kind)));
+            c.at(l, format!("dataset `{name}` has no label `{label}` ({} has: {list})", kind.name()));
         } else if seen.contains(&label.as_str()) {
             c.at(l, format!("dataset `{name}`: label `{label}` is listed twice"));
         }

@@ -74,14 +74,7 @@ pub enum RandomModel {
     Sizes(ModelSizes),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ModelSizes {
-    pub image: usize,
-    pub patch: usize,
-    pub width: usize,
-    pub layers: usize,
-    pub heads: usize,
-}
+pub use crate::sizes::ModelSizes;
 
 /// The kinds of run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -392,32 +385,6 @@ impl Default for Templates {
             negative: vec!["no {label}".into()],
             neutral: "a chest x-ray".into(),
         }
-    }
-}
-
-/// The labels a dataset's layout carries.
-pub fn dataset_labels(kind: DatasetKind) -> &'static [&'static str] {
-    match kind {
-        DatasetKind::Mimic | DatasetKind::Chexpert => &data::LABELS,
-        DatasetKind::Rsna => &["Pneumonia"],
-    }
-}
-
-/// The labels evaluated on a dataset when the plan does not say.
-pub fn default_labels(kind: DatasetKind) -> &'static [&'static str] {
-    match kind {
-        DatasetKind::Mimic => &data::LABELS,
-        DatasetKind::Chexpert => &data::labels::COMPETITION_FIVE,
-        DatasetKind::Rsna => &["Pneumonia"],
-    }
-}
-
-/// The layout's name as `[data]` spells it.
-pub fn dataset_name(kind: DatasetKind) -> &'static str {
-    match kind {
-        DatasetKind::Mimic => "mimic",
-        DatasetKind::Chexpert => "chexpert",
-        DatasetKind::Rsna => "rsna",
     }
 }
 

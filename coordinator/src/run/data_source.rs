@@ -1,11 +1,13 @@
 //! Which folder a training run's workers read: the tree given (`--data`, `--synthetic`), a
-//! prepared folder given as `--data`, or the shards `--shards DIR` packs from the tree once.
+//! prepared folder given as `--data`, or the shards `--shards DIR` packs from the tree once;
+//! and the `--synthetic N` tree, generated once and reused.
 //!
 //! A prepared folder is what `coordinator prepare` writes (see `data::shards`): its pairs table
 //! lists the tree's pairs one for one, so the index built from it (`index::PairIndex`) has the
 //! same pair ids in the same order as the tree's, and the workers read the packed pixels
 //! (`worker::feed::Pixels`) instead of decoding JPEGs.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -77,4 +79,49 @@ fn prepare(a: &TrainArgs, tree: &Path, dir: &Path, short_side: usize) -> Result<
         );
     }
     Ok(())
+}
+
+/// The generated tree for `--synthetic N`, made once (atomically, by rename) and then reused by
+/// runs of the same generator version, study count, seed and size.
+pub(super) fn synthetic_tree(a: &TrainArgs, studies: usize) -> Result<PathBuf> {
+    let dir = a.synthetic_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!(
+            "cxrclip-synthetic-v{}-{studies}-seed{}-size{}",
+            data::synth::VERSION,
+            a.seed,
+            a.synthetic_size
+        ))
+    });
+    if dir.join(".complete").exists() {
+        return Ok(dir);
+    }
+    let tmp = dir.with_file_name(format!(
+        ".{}.tmp-{}",
+        dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&tmp);
+    let cfg = data::synth::SynthConfig {
+        studies,
+        dataset: data::DatasetKind::Mimic,
+        seed: a.seed,
+        size: a.synthetic_size,
+        visibility: data::synth::Visibility::default(),
+        prevalence: 1.0,
+    };
+    let t0 = Instant::now();
+    data::synth::generate(&tmp, &cfg).with_context(|| format!("generating {}", tmp.display()))?;
+    fs::write(tmp.join(".complete"), b"")?;
+    if fs::rename(&tmp, &dir).is_err() {
+        // Another run made it meanwhile: use theirs.
+        let _ = fs::remove_dir_all(&tmp);
+        ensure!(dir.join(".complete").exists(), "cannot put the synthetic tree at {}", dir.display());
+    } else {
+        eprintln!(
+            "coordinator: generated {studies} synthetic studies in {:.1} s -> {}",
+            t0.elapsed().as_secs_f64(),
+            dir.display()
+        );
+    }
+    Ok(dir)
 }

@@ -6,12 +6,16 @@
 //! command or an error, never a say in the current job. Bad input gets an error status: a
 //! malformed or hostile message never takes the coordinator down.
 
+use std::fs;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use proto::tonic;
-use proto::v1::coordinator_server::Coordinator;
+use proto::tonic::transport::{Identity, Server, ServerTlsConfig};
+use proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use proto::v1::{
     Ack, Command, HeartbeatReply, HeartbeatRequest, Job, JobResult, NcclId, RegisterReply, RegisterRequest, ResultKind,
     Session, ShardChunk, ShardEntry, ShardRequest, StepMetrics,
@@ -21,6 +25,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::index::Work;
+use super::TrainArgs;
 
 /// What the service tells the supervisor.
 #[derive(Debug)]
@@ -126,6 +131,13 @@ impl Coordinator for Service {
             let mut g = sh.lock();
             if !g.open {
                 return Err(Status::unavailable("the run is not taking workers now (restarting or finished)"));
+            }
+            // A rank on the other backend would wait in collectives the rest never join.
+            if r.device != g.job.device {
+                return Err(Status::failed_precondition(format!(
+                    "this run computes on {}; start the worker with --device {}",
+                    g.job.device, g.job.device
+                )));
             }
             let free = |k: usize| g.regs[k].is_none();
             let rank = match r.preferred_rank {
@@ -302,6 +314,38 @@ fn shard_chunks(entries: Vec<ShardEntry>) -> Vec<Vec<ShardEntry>> {
         out.push(cur);
     }
     out
+}
+
+/// Binds the server (TLS when asked) and serves in the background; returns its URL.
+pub(super) async fn serve(a: &TrainArgs, shared: Arc<Shared>) -> anyhow::Result<String> {
+    let addr: SocketAddr = a.listen.parse().map_err(|e| anyhow::anyhow!("--listen {}: {e}", a.listen))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let bound = listener.local_addr()?;
+    let mut builder = Server::builder();
+    let tls = a.tls_cert.is_some();
+    if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        let c = fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+        let k = fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(c, k)))?;
+    } else if !bound.ip().is_loopback() {
+        eprintln!("coordinator: warning: serving on {bound} without TLS; the run token travels in clear text");
+    }
+    let svc = CoordinatorServer::new(Service { shared })
+        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let router = builder
+        .concurrency_limit_per_connection(64)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(svc);
+    tokio::spawn(async move {
+        if let Err(e) = router.serve_with_incoming(incoming).await {
+            eprintln!("coordinator: the gRPC server stopped: {e}");
+        }
+    });
+    let host = if bound.ip().is_unspecified() { "127.0.0.1".to_string() } else { bound.ip().to_string() };
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    Ok(format!("{}://{host}:{}", if tls { "https" } else { "http" }, bound.port()))
 }
 
 #[cfg(test)]

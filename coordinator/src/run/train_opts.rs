@@ -151,7 +151,7 @@ pub fn model_config(a: &TrainArgs) -> Result<ClipConfig> {
     let mut config = match &a.init {
         Some(dir) => ClipConfig::from_file(&dir.join(model::checkpoint::CONFIG))?,
         None => {
-            let c = ClipConfig::small(a.image, a.patch, a.width, a.layers, a.heads);
+            let c = a.size.config();
             c.validate().context("model sizes")?;
             c
         }

@@ -11,7 +11,6 @@ pub mod visibility;
 use std::fs;
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -21,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::csvio::write_csv_gz;
 use crate::labels::{LabelValue, LABELS, NUM_LABELS};
+use crate::DatasetKind;
 use render::Scratch;
 use site::Site;
 use truth::{Truth, View};
@@ -32,31 +32,12 @@ pub use visibility::{Visibility, DESIGN};
 /// 3: CheXpert's `valid.csv` holds at least a few patients in small trees ([`chexpert_valid_patients`]).
 pub const VERSION: u32 = 3;
 
-/// Which dataset layout to write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
-    Mimic,
-    Chexpert,
-    Rsna,
-}
-
-impl FromStr for Layout {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "mimic" => Ok(Layout::Mimic),
-            "chexpert" => Ok(Layout::Chexpert),
-            "rsna" => Ok(Layout::Rsna),
-            o => Err(format!("unknown layout '{o}' (mimic, chexpert, rsna)")),
-        }
-    }
-}
-
 /// Generator settings.
 #[derive(Clone, Debug)]
 pub struct SynthConfig {
     pub studies: usize,
-    pub layout: Layout,
+    /// Which dataset's layout to write.
+    pub dataset: DatasetKind,
     pub seed: u64,
     /// The smaller image side in pixels (the width; some sites make taller images).
     pub size: usize,
@@ -70,7 +51,7 @@ impl Default for SynthConfig {
     fn default() -> Self {
         SynthConfig {
             studies: 100,
-            layout: Layout::Mimic,
+            dataset: DatasetKind::Mimic,
             seed: 0,
             size: 256,
             visibility: Visibility::default(),
@@ -182,7 +163,7 @@ fn make_study(cfg: &SynthConfig, site: &Site, p: Planned, scratch: &mut Scratch,
     let truth = truth::sample(&mut rng, site, cfg.prevalence);
     let report = report::write(&mut rng, &truth);
     let mut views = vec![truth.frontal];
-    if cfg.layout != Layout::Rsna {
+    if cfg.dataset != DatasetKind::Rsna {
         // Some studies repeat the frontal film (rotation, inspiration); some add a lateral.
         if rng.random::<f32>() < 0.08 {
             views.push(truth.frontal);
@@ -255,7 +236,7 @@ fn study_id(index: usize) -> u64 {
     50_000_014 + 71 * index as u64
 }
 
-/// Writes a tree of `cfg.studies` studies under `out` in `cfg.layout`. Rendering, encoding and
+/// Writes a tree of `cfg.studies` studies under `out` in `cfg.dataset`. Rendering, encoding and
 /// writing run on rayon's pool; the csv files are written at the end in study order, so the
 /// output is byte-identical for a seed whatever the thread count.
 pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
@@ -266,11 +247,7 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
         bail!("--studies must be at least 1");
     }
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let site = site::for_layout(match cfg.layout {
-        Layout::Mimic => "mimic",
-        Layout::Chexpert => "chexpert",
-        Layout::Rsna => "rsna",
-    });
+    let site = site::for_dataset(cfg.dataset);
     let (plan, patients) = plan(cfg.seed, cfg.studies);
     let chexpert_valid = chexpert_valid_patients(cfg.seed, patients);
     let start = Instant::now();
@@ -286,10 +263,10 @@ pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
         all.extend(r?);
     }
     let images = all.iter().filter(|r| r.is_image).count();
-    match cfg.layout {
-        Layout::Mimic => write_mimic_tables(out, &all)?,
-        Layout::Chexpert => write_chexpert_tables(out, &all)?,
-        Layout::Rsna => write_rsna_tables(out, &all)?,
+    match cfg.dataset {
+        DatasetKind::Mimic => write_mimic_tables(out, &all)?,
+        DatasetKind::Chexpert => write_chexpert_tables(out, &all)?,
+        DatasetKind::Rsna => write_rsna_tables(out, &all)?,
     }
     Ok(SynthSummary {
         studies: cfg.studies,
@@ -321,10 +298,10 @@ fn alphabetical() -> Vec<usize> {
 }
 
 fn write_study(out: &Path, cfg: &SynthConfig, s: &Study, chexpert_valid: &[bool]) -> Result<Vec<Row>> {
-    match cfg.layout {
-        Layout::Mimic => write_mimic_study(out, cfg, s),
-        Layout::Chexpert => write_chexpert_study(out, cfg, s, chexpert_valid),
-        Layout::Rsna => write_rsna_study(out, cfg, s),
+    match cfg.dataset {
+        DatasetKind::Mimic => write_mimic_study(out, cfg, s),
+        DatasetKind::Chexpert => write_chexpert_study(out, cfg, s, chexpert_valid),
+        DatasetKind::Rsna => write_rsna_study(out, cfg, s),
     }
 }
 
@@ -574,11 +551,7 @@ pub fn render_view(
     index: usize,
     lateral: bool,
 ) -> (Vec<u8>, usize, usize, [LabelValue; NUM_LABELS], String) {
-    let site = site::for_layout(match cfg.layout {
-        Layout::Mimic => "mimic",
-        Layout::Chexpert => "chexpert",
-        Layout::Rsna => "rsna",
-    });
+    let site = site::for_dataset(cfg.dataset);
     let mut scratch = Scratch::default();
     // Only the frontal: rendering the study's other views here would cost time for images that
     // are thrown away (benchmarks count one image per call).

@@ -2,6 +2,7 @@
 //! sharpness, image shape, AP/PA mix and prevalence, so that transfer between them is a real test.
 
 use crate::labels::NUM_LABELS;
+use crate::DatasetKind;
 
 /// One imaging site's acquisition and population parameters.
 #[derive(Clone, Debug)]
@@ -85,11 +86,11 @@ pub const RSNA: Site = Site {
     technique: [0.9, 1.12],
 };
 
-/// The site for a layout name.
-pub fn for_layout(layout: &str) -> &'static Site {
-    match layout {
-        "chexpert" => &CHEXPERT,
-        "rsna" => &RSNA,
-        _ => &MIMIC,
+/// The site whose layout a dataset has.
+pub fn for_dataset(dataset: DatasetKind) -> &'static Site {
+    match dataset {
+        DatasetKind::Mimic => &MIMIC,
+        DatasetKind::Chexpert => &CHEXPERT,
+        DatasetKind::Rsna => &RSNA,
     }
 }

@@ -1,9 +1,0 @@
-//! The `--device` flag shared by the commands.
-
-use clap::ValueEnum;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Device {
-    Cpu,
-    Cuda,
-}

@@ -1,0 +1,383 @@
+//! Runs a job on its world and sees it to the end: serves it, starts the local workers, and
+//! supervises them: metrics into `metrics.jsonl` and the progress bar, checkpoints recorded in
+//! `run.json` (older ones pruned), and on a dead worker (exit, kill, heartbeat timeout, a
+//! reported failure) every worker stopped and the job restarted from the last checkpoint, up to
+//! `--max-restarts` times.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Proc, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use proto::v1::{Command, Job};
+use serde_json::json;
+use worker::Device;
+
+use super::folder::{checkpoint_dir, truncate_metrics, write_json_atomically, RunRecord};
+use super::server::{serve, Event, Inner, Shared};
+use super::{finetune, index, retention, Plan, TrainArgs};
+
+/// How a launched job ended (a failure past the restarts is an error).
+pub enum Finished {
+    Done(f64),
+    Interrupted,
+}
+
+/// Called when every rank has written its validation part of a step: returns the line to add
+/// to the metrics (e.g. the validation macro AUC).
+pub type OnValidation<'a> = Box<dyn FnMut(u64, Vec<PathBuf>) -> Result<serde_json::Value> + Send + 'a>;
+
+/// Serves `job` over `work` to the world `p` describes, starts the local workers, and
+/// supervises them to the end: metrics into `metrics.jsonl` and the progress bar, checkpoints
+/// into `record` (`run.json`), and on a dead worker every worker stopped and the job restarted
+/// from the last checkpoint, up to `--max-restarts` times.
+pub async fn launch(
+    p: &Plan,
+    run_dir: &Path,
+    token: &str,
+    job: Job,
+    work: index::Work,
+    record: &mut RunRecord,
+    on_validation: Option<OnValidation<'_>>,
+) -> Result<Finished> {
+    let a = &p.args;
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        token: token.to_string(),
+        run_id: p.run_id.clone(),
+        world: p.world,
+        work,
+        inner: Mutex::new(Inner {
+            generation: 0,
+            open: false,
+            regs: (0..p.world).map(|_| None).collect(),
+            job: job.clone(),
+            command: Command::Continue,
+            last_seen: vec![None; p.world],
+            nccl_id: None,
+        }),
+        events: tx,
+        register_wait: Duration::from_secs(a.register_timeout),
+    });
+    let url = serve(a, shared.clone()).await?;
+    fs::write(run_dir.join("coordinator.url"), format!("{url}\n"))?;
+    eprintln!(
+        "coordinator: run {} in {}: {} steps of {} pairs ({} per epoch) on {} {} worker(s); serving {url}",
+        p.run_id,
+        run_dir.display(),
+        p.steps,
+        a.global_batch,
+        job.steps_per_epoch * a.global_batch as u64,
+        p.world,
+        p.device
+    );
+    if !p.local {
+        eprintln!(
+            "coordinator: waiting for {} workers: CXRCLIP_TOKEN=$(cat {}) worker --coordinator {url}",
+            p.world,
+            run_dir.join("token").display()
+        );
+    }
+
+    let bar = progress_bar(p.steps, p.last_checkpoint);
+    let mut sup = Supervisor {
+        p,
+        shared: &shared,
+        run_dir,
+        token,
+        url: &url,
+        bar: &bar,
+        children: Vec::new(),
+        on_validation: None,
+    };
+    sup.on_validation = on_validation;
+    let mut restarts = 0u32;
+    let mut generation = 0u64;
+    loop {
+        generation += 1;
+        sup.start_generation(generation, record.last_checkpoint, &job)?;
+        let outcome = sup.watch(generation, &mut events, record).await?;
+        match outcome {
+            Outcome::Done(loss) => {
+                shared.lock().command = Command::Shutdown;
+                sup.reap(Duration::from_secs(10)).await;
+                record.finished = true;
+                write_json_atomically(&run_dir.join("run.json"), &*record)?;
+                bar.finish_and_clear();
+                return Ok(Finished::Done(loss));
+            }
+            Outcome::Interrupted => {
+                {
+                    let mut g = shared.lock();
+                    g.command = Command::Shutdown;
+                    g.open = false;
+                }
+                sup.reap(Duration::from_secs(5)).await;
+                bar.abandon();
+                return Ok(Finished::Interrupted);
+            }
+            Outcome::Failed(why) => {
+                {
+                    // A new generation: the old one's sessions turn stale and get an abort.
+                    let mut g = shared.lock();
+                    g.generation += 1;
+                    g.open = false;
+                    g.command = Command::Continue;
+                }
+                sup.kill_all().await;
+                restarts += 1;
+                if restarts > a.max_restarts {
+                    bar.abandon();
+                    bail!(
+                        "{why}; gave up after {} restarts; last checkpoint at step {} (continue with --resume {})",
+                        a.max_restarts,
+                        record.last_checkpoint,
+                        run_dir.display()
+                    );
+                }
+                truncate_metrics(&run_dir.join("metrics.jsonl"), record.last_checkpoint)?;
+                bar.set_position(record.last_checkpoint);
+                bar.suspend(|| {
+                    eprintln!(
+                        "coordinator: {why}; restarting from step {} ({restarts}/{})",
+                        record.last_checkpoint, a.max_restarts
+                    )
+                });
+            }
+        }
+    }
+}
+
+fn progress_bar(steps: u64, start: u64) -> ProgressBar {
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(start);
+    bar
+}
+
+/// The command that starts one local worker: `--worker-bin` when given, else this very
+/// executable in its `worker` role (so a fresh `cargo run -p coordinator` needs no separate
+/// worker build, and a stale `worker` binary left beside it is never picked up by mistake).
+fn worker_command(a: &TrainArgs) -> Result<Proc> {
+    if let Some(p) = &a.worker_bin {
+        ensure!(p.exists(), "--worker-bin {}: no such file", p.display());
+        return Ok(Proc::new(p));
+    }
+    let exe = std::env::current_exe().context("finding the coordinator's own executable")?;
+    let mut cmd = Proc::new(exe);
+    cmd.arg("worker");
+    Ok(cmd)
+}
+
+enum Outcome {
+    Done(f64),
+    Failed(String),
+    Interrupted,
+}
+
+struct Supervisor<'a> {
+    p: &'a Plan,
+    shared: &'a Arc<Shared>,
+    run_dir: &'a Path,
+    token: &'a str,
+    url: &'a str,
+    bar: &'a ProgressBar,
+    /// Local workers of the current generation.
+    children: Vec<Child>,
+    on_validation: Option<OnValidation<'a>>,
+}
+
+impl<'a> Supervisor<'a> {
+    fn start_generation(&mut self, generation: u64, from: u64, job: &Job) -> Result<()> {
+        {
+            let mut g = self.shared.lock();
+            g.generation = generation;
+            let mut job = job.clone();
+            if from > 0 {
+                job.resume_step = from;
+                job.resume_dir = checkpoint_dir(self.run_dir, from).to_string_lossy().into_owned();
+            }
+            g.job = job;
+            g.regs.iter_mut().for_each(|r| *r = None);
+            g.last_seen.iter_mut().for_each(|t| *t = None);
+            g.nccl_id = None;
+            g.command = Command::Continue;
+            g.open = true;
+        }
+        if !self.p.local {
+            return Ok(());
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Each worker gets its share of the cores (more would oversubscribe them): a CPU
+        // worker's compute threads, and every worker's loader threads (worker::feed).
+        let threads = (cores / self.p.world).max(1);
+        for i in 0..self.p.world {
+            let mut cmd = worker_command(&self.p.args)?;
+            cmd.args(["--coordinator", self.url, "--device", self.p.device.name()])
+                .env("CXRCLIP_TOKEN", self.token)
+                .env("CXRCLIP_CORES", threads.to_string())
+                .stdin(Stdio::null());
+            // Local workers trust the certificate chain the coordinator serves (a self-signed
+            // certificate is its own authority; a chain file that ends in its root works too).
+            if let Some(cert) = &self.p.args.tls_cert {
+                cmd.arg("--tls-ca").arg(cert);
+            }
+            if self.p.device == Device::Cuda {
+                cmd.env("CUDA_VISIBLE_DEVICES", i.to_string());
+            } else {
+                cmd.env("RAYON_NUM_THREADS", threads.to_string());
+            }
+            // SAFETY: prctl is async-signal-safe; it makes the kernel kill the worker if the
+            // coordinator dies, so no worker outlives its run.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().with_context(|| format!("starting worker {i}: {:?}", cmd.get_program()))?;
+            self.children.push(child);
+        }
+        Ok(())
+    }
+
+    async fn watch(
+        &mut self,
+        generation: u64,
+        events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+        record: &mut RunRecord,
+    ) -> Result<Outcome> {
+        let world = self.p.world;
+        let mut done: HashSet<usize> = HashSet::new();
+        // Validation parts of a step, by rank, until every rank's is in.
+        let mut validation: std::collections::BTreeMap<u64, std::collections::BTreeMap<usize, PathBuf>> =
+            std::collections::BTreeMap::new();
+        let mut last_loss = f64::NAN;
+        let mut pid_rank: Vec<(u32, usize)> = Vec::new();
+        let started = Instant::now();
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let mut metrics = fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+        let plain = !console_is_terminal();
+        let every = (self.p.steps / 10).max(1);
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        loop {
+            tokio::select! {
+                _ = &mut ctrl_c => return Ok(Outcome::Interrupted),
+                ev = events.recv() => {
+                    let Some(ev) = ev else { bail!("the gRPC service stopped") };
+                    match ev {
+                        Event::Registered { generation: g, rank, host, pid } if g == generation => {
+                            pid_rank.push((pid, rank));
+                            self.bar.suspend(|| eprintln!("coordinator: rank {rank} joined from {host} (pid {pid})"));
+                        }
+                        Event::Metrics { generation: g, m } if g == generation => {
+                            let line = json!({
+                                "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
+                                "logit_scale": m.logit_scale, "images_per_s": m.images_per_s,
+                                "step_seconds": m.step_seconds, "world": world, "generation": generation,
+                            });
+                            writeln!(metrics, "{line}")?;
+                            metrics.flush()?;
+                            self.bar.set_position(m.step);
+                            self.bar.set_message(format!("loss {:.4}  {:.1} img/s", m.loss, m.images_per_s));
+                            if plain && (m.step.is_multiple_of(every) || m.step == self.p.steps) {
+                                eprintln!("step {}/{}  loss {:.4}  {:.1} img/s", m.step, self.p.steps, m.loss, m.images_per_s);
+                            }
+                        }
+                        Event::Checkpoint { generation: g, step, path } if g == generation => {
+                            record.last_checkpoint = step;
+                            if plain {
+                                eprintln!("coordinator: checkpoint {path}");
+                            }
+                            write_json_atomically(&self.run_dir.join("run.json"), record)?;
+                            let best = finetune::Best::read(self.run_dir).map(|b| b.checkpoint);
+                            let keep = self.p.args.keep_checkpoints;
+                            if let Err(e) = retention::prune(self.run_dir, step, keep, best.as_deref()) {
+                                // Disk hygiene only: the run goes on with the old checkpoints left.
+                                self.bar.suspend(|| eprintln!("coordinator: removing old checkpoints: {e}"));
+                            }
+                        }
+                        Event::Done { generation: g, rank, loss } if g == generation => {
+                            done.insert(rank);
+                            if rank == 0 { last_loss = loss; }
+                            if done.len() == world { return Ok(Outcome::Done(last_loss)); }
+                        }
+                        Event::Failed { generation: g, rank, message } if g == generation => {
+                            return Ok(Outcome::Failed(format!("rank {rank} failed: {message}")));
+                        }
+                        Event::Validation { generation: g, rank, step, path } if g == generation => {
+                            let parts = validation.entry(step).or_default();
+                            parts.insert(rank, PathBuf::from(path));
+                            if parts.len() == world {
+                                let paths = validation.remove(&step).unwrap_or_default().into_values().collect();
+                                if let Some(hook) = self.on_validation.as_mut() {
+                                    let line = hook(step, paths)?;
+                                    writeln!(metrics, "{line}")?;
+                                    metrics.flush()?;
+                                    self.bar.suspend(|| eprintln!("coordinator: step {step}: {line}"));
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    for c in &mut self.children {
+                        if let Ok(Some(status)) = c.try_wait() {
+                            let pid = c.id();
+                            let rank = pid_rank.iter().find(|(p, _)| *p == pid).map(|(_, r)| *r);
+                            let finished = rank.is_some_and(|r| done.contains(&r));
+                            if !(status.success() && finished) {
+                                let who = rank.map_or(format!("worker pid {pid}"), |r| format!("rank {r} (pid {pid})"));
+                                return Ok(Outcome::Failed(format!("{who} exited ({status})")));
+                            }
+                        }
+                    }
+                    let timeout = Duration::from_secs(self.p.args.heartbeat_timeout);
+                    let g = self.shared.lock();
+                    for (rank, seen) in g.last_seen.iter().enumerate() {
+                        if seen.is_some_and(|t| t.elapsed() > timeout) && !done.contains(&rank) {
+                            return Ok(Outcome::Failed(format!("rank {rank} sent no heartbeat for {} s", timeout.as_secs())));
+                        }
+                    }
+                    let registered = g.regs.iter().filter(|r| r.is_some()).count();
+                    if registered < world && started.elapsed() > Duration::from_secs(self.p.args.register_timeout) {
+                        drop(g);
+                        bail!("only {registered} of {world} workers registered within {} s", self.p.args.register_timeout);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits up to `grace` for the local workers to exit, then kills the rest.
+    async fn reap(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && self.children.iter_mut().any(|c| matches!(c.try_wait(), Ok(None))) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.kill_all().await;
+    }
+
+    async fn kill_all(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn console_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
