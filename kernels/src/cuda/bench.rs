@@ -513,10 +513,11 @@ trait Clock: Backend {
     fn median_ms(&self, reps: usize, f: &mut dyn FnMut(usize)) -> Result<f64>;
     /// The peak memory an op used above `base` bytes (see the module docs), after
     /// [`Clock::reset_peak`].
-    fn peak_above_bytes(&self, base: usize) -> usize;
+    fn peak_above_bytes(&self, base: isize) -> usize;
     fn reset_peak(&self);
-    /// The bytes in use now (the base the peak is measured above).
-    fn in_use(&self) -> usize;
+    /// The bytes in use now (the base the peak is measured above; the CPU's meter counts from
+    /// when it started, so it can be negative).
+    fn in_use(&self) -> isize;
     fn is_cpu(&self) -> bool;
 }
 
@@ -531,13 +532,13 @@ impl Clock for Cpu {
         }
         Ok(median(v))
     }
-    fn peak_above_bytes(&self, base: usize) -> usize {
-        heap::peak().saturating_sub(base)
+    fn peak_above_bytes(&self, base: isize) -> usize {
+        (heap::peak() - base).max(0) as usize
     }
     fn reset_peak(&self) {
         heap::reset_peak();
     }
-    fn in_use(&self) -> usize {
+    fn in_use(&self) -> isize {
         heap::current()
     }
     fn is_cpu(&self) -> bool {
@@ -549,14 +550,14 @@ impl Clock for Cuda {
     fn median_ms(&self, reps: usize, f: &mut dyn FnMut(usize)) -> Result<f64> {
         self.time_median(reps, f)
     }
-    fn peak_above_bytes(&self, base: usize) -> usize {
-        self.peak_above(base)
+    fn peak_above_bytes(&self, base: isize) -> usize {
+        self.peak_above(base.max(0) as usize)
     }
     fn reset_peak(&self) {
         self.reset_peak_memory();
     }
-    fn in_use(&self) -> usize {
-        self.memory_stats().0
+    fn in_use(&self) -> isize {
+        self.memory_stats().0 as isize
     }
     fn is_cpu(&self) -> bool {
         false
@@ -910,6 +911,7 @@ pub fn run_cpu(opts: BenchOptions) -> Result<Vec<BenchRow>> {
             bail!("the ceilings are measured on CUDA only (--device cuda)");
         }
     }
+    heap::start_metering();
     let mut rows = Vec::new();
     let mut h = Harness { be: &Cpu, rng: Rng::from_clock(), ceil: None, quick: opts.quick, rows: &mut rows };
     for f in families::FAMILIES {
