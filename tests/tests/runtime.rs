@@ -109,6 +109,37 @@ fn a_rank_failing_mid_run_is_reported_with_its_reason_and_the_run_restarts_from_
     assert!(String::from_utf8_lossy(&out.stderr).contains("CXRCLIP_FAULT"));
 }
 
+/// A rank that stops computing but keeps heartbeating (a wedged GPU, a collective that never
+/// returns) is caught by the step watchdog, and the run restarts from its checkpoint.
+#[test]
+fn a_rank_hanging_mid_run_is_caught_by_the_step_watchdog_and_the_run_restarts() {
+    let _g = serial();
+    let want = reference();
+    let dir = fresh_dir("hang");
+    let fired = dir.join("hang-fired");
+    let fault = format!("rank=1,step=6,hang,once={}", fired.display());
+    let t = std::time::Instant::now();
+    let out = coordinator()
+        .args(train_args(&dir, 2, STEPS))
+        .args(["--step-timeout", "5"])
+        .env("CXRCLIP_FAULT", &fault)
+        .output()
+        .expect("coordinator");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(fired.exists(), "the hang never happened");
+    assert!(err.contains("no step finished for") && err.contains("a rank is stuck"), "{err}");
+    assert!(err.contains("restarting from step 4"), "{err}");
+    // Not the heartbeat's 30 s: the hung rank kept heartbeating.
+    assert!(!err.contains("sent no heartbeat"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(120), "took {:?}", t.elapsed());
+    let got = losses(&dir);
+    assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=STEPS).collect::<Vec<_>>(), "{err}");
+    for ((s, g), (_, w)) in got.iter().zip(want) {
+        assert_close(&format!("loss of step {s}"), *g, *w, 1e-5);
+    }
+}
+
 #[test]
 fn a_worker_with_a_wrong_token_is_refused_while_the_run_goes_on() {
     let _g = serial();

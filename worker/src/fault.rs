@@ -1,6 +1,8 @@
-//! Injected faults, for rehearsing recovery: `CXRCLIP_FAULT="rank=R,step=S[,once=FILE]"` makes
-//! rank `R` fail with an error as it starts step `S` (1-based, the step the metrics would
-//! call `S`) of a training or fine-tuning job. With `once=FILE` the fault fires only while
+//! Injected faults, for rehearsing recovery: `CXRCLIP_FAULT="rank=R,step=S[,hang][,once=FILE]"`
+//! makes rank `R` fail with an error as it starts step `S` (1-based, the step the metrics would
+//! call `S`) of a training or fine-tuning job, or with `hang` stop computing there for good
+//! while its heartbeat goes on (a wedged GPU, a stuck collective: the coordinator's step
+//! watchdog, `--step-timeout`, must catch it). With `once=FILE` the fault fires only while
 //! `FILE` does not exist, and creates it: the restarted job then runs through, as after a real
 //! transient failure. The end-to-end tests use it to check that a failing rank is reported
 //! with its reason and the run restarts from its checkpoint without hanging the others; an
@@ -15,6 +17,8 @@ use anyhow::{bail, Context, Result};
 pub struct Fault {
     pub rank: usize,
     pub step: u64,
+    /// Hang instead of failing.
+    pub hang: bool,
     pub once: Option<PathBuf>,
 }
 
@@ -29,26 +33,31 @@ impl Fault {
     }
 
     pub fn parse(text: &str) -> Result<Fault> {
-        let (mut rank, mut step, mut once) = (None, None, None);
+        let (mut rank, mut step, mut once, mut hang) = (None, None, None, false);
         for part in text.split(',') {
+            if part.trim() == "hang" {
+                hang = true;
+                continue;
+            }
             let Some((key, value)) = part.split_once('=') else {
-                bail!("'{part}' is not key=value (expected rank=R,step=S[,once=FILE])")
+                bail!("'{part}' is not key=value (expected rank=R,step=S[,hang][,once=FILE])")
             };
             match key.trim() {
                 "rank" => rank = Some(value.trim().parse().with_context(|| format!("rank '{value}'"))?),
                 "step" => step = Some(value.trim().parse().with_context(|| format!("step '{value}'"))?),
                 "once" => once = Some(PathBuf::from(value.trim())),
-                other => bail!("unknown key '{other}' (expected rank, step, once)"),
+                other => bail!("unknown key '{other}' (expected rank, step, hang, once)"),
             }
         }
         match (rank, step) {
-            (Some(rank), Some(step)) if step >= 1 => Ok(Fault { rank, step, once }),
+            (Some(rank), Some(step)) if step >= 1 => Ok(Fault { rank, step, hang, once }),
             (Some(_), Some(_)) => bail!("step counts from 1"),
             _ => bail!("needs rank=R and step=S"),
         }
     }
 
-    /// Fails when this is the rank and step the fault names (and its `once` file is absent).
+    /// Fails (or hangs) when this is the rank and step the fault names (and its `once` file is
+    /// absent).
     pub fn check(&self, rank: usize, step: u64) -> Result<()> {
         if rank != self.rank || step != self.step {
             return Ok(());
@@ -59,6 +68,12 @@ impl Fault {
             }
             std::fs::write(f, format!("fired at rank {rank} step {step}\n"))
                 .with_context(|| format!("writing the fault's once-file {}", f.display()))?;
+        }
+        if self.hang {
+            eprintln!("worker: rank {rank}: injected hang (CXRCLIP_FAULT) at step {step}");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
         }
         bail!("injected fault (CXRCLIP_FAULT) at step {step}")
     }
@@ -95,5 +110,7 @@ mod tests {
             assert!(Fault::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Fault::parse("rank=0,step=1").unwrap().once, None);
+        assert!(!Fault::parse("rank=0,step=1").unwrap().hang);
+        assert!(Fault::parse("rank=0, hang ,step=1").unwrap().hang);
     }
 }

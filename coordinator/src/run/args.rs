@@ -164,6 +164,12 @@ pub struct TrainArgs {
     /// Seconds without a heartbeat before a worker counts as dead.
     #[arg(long, default_value_t = 30)]
     pub heartbeat_timeout: u64,
+    /// Seconds without a finished step (after the first) before the run counts as stuck and
+    /// restarts from its checkpoint: a rank whose GPU or collective hangs keeps heartbeating.
+    /// 0 (the default): 20 times the slowest step so far, and at least 300 s.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    #[serde(default)]
+    pub step_timeout: u64,
     /// Seconds to wait for the whole world to register.
     #[arg(long, default_value_t = 300)]
     pub register_timeout: u64,

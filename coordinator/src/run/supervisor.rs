@@ -264,6 +264,7 @@ impl<'a> Supervisor<'a> {
         let mut last_loss = f64::NAN;
         let mut pid_rank: Vec<(u32, usize)> = Vec::new();
         let started = Instant::now();
+        let mut watchdog = StepWatchdog::new(self.p.args.step_timeout);
         let metrics_path = self.run_dir.join("metrics.jsonl");
         let mut metrics = fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
         let plain = !console_is_terminal();
@@ -281,6 +282,7 @@ impl<'a> Supervisor<'a> {
                             self.bar.suspend(|| eprintln!("coordinator: rank {rank} joined from {host} (pid {pid})"));
                         }
                         Event::Metrics { generation: g, m } if g == generation => {
+                            watchdog.stepped(m.step_seconds);
                             let line = json!({
                                 "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
                                 "logit_scale": m.logit_scale, "images_per_s": m.images_per_s,
@@ -295,6 +297,7 @@ impl<'a> Supervisor<'a> {
                             }
                         }
                         Event::Checkpoint { generation: g, step, path } if g == generation => {
+                            watchdog.progressed();
                             record.last_checkpoint = step;
                             if plain {
                                 eprintln!("coordinator: checkpoint {path}");
@@ -316,6 +319,7 @@ impl<'a> Supervisor<'a> {
                             return Ok(Outcome::Failed(format!("rank {rank} failed: {message}")));
                         }
                         Event::Validation { generation: g, rank, step, path } if g == generation => {
+                            watchdog.progressed();
                             let parts = validation.entry(step).or_default();
                             parts.insert(rank, PathBuf::from(path));
                             if parts.len() == world {
@@ -342,6 +346,9 @@ impl<'a> Supervisor<'a> {
                                 return Ok(Outcome::Failed(format!("{who} exited ({status})")));
                             }
                         }
+                    }
+                    if let Some(why) = watchdog.stuck() {
+                        return Ok(Outcome::Failed(why));
                     }
                     let timeout = Duration::from_secs(self.p.args.heartbeat_timeout);
                     let g = self.shared.lock();
@@ -380,4 +387,79 @@ impl<'a> Supervisor<'a> {
 fn console_is_terminal() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal()
+}
+
+/// Catches a run whose ranks heartbeat but no longer step (a wedged GPU, a collective waiting
+/// for a peer that will never come): armed by the generation's first step, it counts the time
+/// since the last sign of progress (a step, a checkpoint, a validation part) against a limit.
+struct StepWatchdog {
+    /// `--step-timeout` (0: from the slowest step).
+    fixed: Option<Duration>,
+    slowest: f64,
+    last: Option<Instant>,
+}
+
+/// The automatic limit: this many times the slowest step so far...
+const STUCK_STEPS: f64 = 20.0;
+/// ...and never less than this (a checkpoint or an epoch's validation takes longer than a step).
+const STUCK_FLOOR: Duration = Duration::from_secs(300);
+
+impl StepWatchdog {
+    fn new(seconds: u64) -> Self {
+        Self { fixed: (seconds > 0).then(|| Duration::from_secs(seconds)), slowest: 0.0, last: None }
+    }
+
+    fn stepped(&mut self, step_seconds: f64) {
+        if step_seconds.is_finite() {
+            self.slowest = self.slowest.max(step_seconds);
+        }
+        self.last = Some(Instant::now());
+    }
+
+    /// Progress that is not a step (only once the steps have begun).
+    fn progressed(&mut self) {
+        if self.last.is_some() {
+            self.last = Some(Instant::now());
+        }
+    }
+
+    fn limit(&self) -> Duration {
+        self.fixed.unwrap_or_else(|| STUCK_FLOOR.max(Duration::from_secs_f64(STUCK_STEPS * self.slowest)))
+    }
+
+    /// Why the run counts as stuck, if it does.
+    fn stuck(&self) -> Option<String> {
+        let idle = self.last?.elapsed();
+        (idle > self.limit()).then(|| {
+            format!(
+                "no step finished for {} s (the slowest took {:.1} s; --step-timeout): a rank is stuck while its heartbeat goes on",
+                idle.as_secs(),
+                self.slowest
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_waits_for_the_first_step_and_scales_with_the_slowest() {
+        let mut w = StepWatchdog::new(0);
+        assert!(w.stuck().is_none(), "not armed before the first step");
+        w.progressed();
+        assert!(w.last.is_none(), "a checkpoint before any step does not arm it");
+        w.stepped(2.0);
+        assert_eq!(w.limit(), STUCK_FLOOR);
+        w.stepped(30.0);
+        w.stepped(f64::NAN);
+        assert_eq!(w.limit(), Duration::from_secs(600));
+        let mut fixed = StepWatchdog::new(5);
+        fixed.stepped(100.0);
+        assert_eq!(fixed.limit(), Duration::from_secs(5));
+        fixed.last = Some(Instant::now() - Duration::from_secs(6));
+        let why = fixed.stuck().expect("stuck");
+        assert!(why.contains("no step finished for 6 s"), "{why}");
+    }
 }
