@@ -96,16 +96,20 @@ run_step "train run --gpus 1" 60 train-run.log "$bin" --gpus 1 "${train[@]}" --r
 [ -f "$tmp/run/metrics.jsonl" ] && cp "$tmp/run/metrics.jsonl" "$out/train-run-metrics.jsonl"
 # A rank failing mid-run (an injected fault at step 7, once): reported with its reason, the run
 # restarts from the checkpoint of step 5 and ends; nothing hangs.
-drill() { # name gpus rank log
-    local name="$1" g="$2" r="$3" log="$4" t0=$(date +%s)
-    echo "=== $name: CXRCLIP_FAULT=rank=$r,step=7 $bin --gpus $g ..."
-    CXRCLIP_FAULT="rank=$r,step=7,once=$tmp/fired-$g" timeout 90 "$bin" --gpus "$g" "${train[@]}" \
-        --run-dir "$tmp/drill-$g" 2>&1 | tee "$out/$log"
+# With `hang` the rank stops for good while it heartbeats (its peers wait in NCCL): the step
+# watchdog (--step-timeout 15) restarts the run.
+drill() { # name gpus rank log [hang]
+    local name="$1" g="$2" r="$3" log="$4" hang="${5:+,hang}" t0=$(date +%s)
+    local want="rank $r failed: injected fault" what=failed
+    [ -n "$hang" ] && want="a rank is stuck" what=hung
+    echo "=== $name: CXRCLIP_FAULT=rank=$r,step=7$hang $bin --gpus $g ..."
+    CXRCLIP_FAULT="rank=$r,step=7$hang,once=$tmp/fired-$g$hang" timeout 90 "$bin" --gpus "$g" "${train[@]}" \
+        --step-timeout 15 --run-dir "$tmp/drill-$g$hang" 2>&1 | tee "$out/$log"
     local rc=${PIPESTATUS[0]} dt=$(( $(date +%s) - t0 ))
     if [ "$rc" = 124 ]; then
         note "$name" TIME "$dt" "hung: stopped after 90s"
-    elif [ "$rc" = 0 ] && grep -q "rank $r failed: injected fault" "$out/$log" && grep -q "restarting from step 5" "$out/$log"; then
-        note "$name" ok "$dt" "rank $r failed at step 7, reported, restarted from step 5"
+    elif [ "$rc" = 0 ] && grep -q "$want" "$out/$log" && grep -q "restarting from step 5" "$out/$log"; then
+        note "$name" ok "$dt" "rank $r $what at step 7, caught, restarted from step 5"
     else
         note "$name" FAIL "$dt" "$(grep -v '^\s*$' "$out/$log" | tail -n 1 | cut -c1-90)"
     fi
@@ -123,6 +127,7 @@ print(f"{len(a)} vs {len(b)} steps, max relative difference {d:.2e}")
 sys.exit(0 if len(a) == len(b) == 10 and d < 2e-2 else 1)
 PY
     drill "fault drill --gpus 2" 2 1 drill-2.log
+    drill "hang drill --gpus 2" 2 1 drill-2-hang.log hang
 else
     note "train run --gpus 2" SKIP 0 "one GPU visible: the 2-rank NCCL run needs two"
 fi
