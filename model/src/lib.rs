@@ -9,6 +9,7 @@ pub mod config;
 pub mod freeze;
 pub mod head;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod params;
 pub mod schedule;
