@@ -1,19 +1,22 @@
-// The distributed symmetric InfoNCE loss, fused: local rows x gathered columns in tiles on
-// the tensor cores (mma.sync m16n8k16, bf16 operands, f32 accumulation), an online
-// log-sum-exp, and only the row log-sum-exps saved. Memory is O((local + global) x dim)
-// plus small per-split partials; the local x global similarity matrix never exists.
+// The distributed symmetric InfoNCE loss as one similarity block per rank, fused: rank r's
+// block S = s * img_r . TXT^T (local images x gathered texts, s = exp(logit_scale)) carries
+// both directions (row i: image i against every text; column j: text j against this rank's
+// images). Tiles on the tensor cores (mma.sync m16n8k16, bf16 operands, f32 accumulation),
+// online log-sum-exps, only per-row and per-column statistics saved. Memory is
+// O((local + global) x dim) plus small per-split partials; the block never exists whole.
 //
 // One kernel shape serves every pass: a block of 8 warps owns a tile of 64 "fixed" rows
 // (held in shared memory for the whole run) and streams 64-row tiles of the "streaming"
-// features past it. With s = exp(logit_scale) and logit(i, j) = s * x_i . y_j for local row i
-// and global column j:
-//   fwd       fixed = local rows,  streaming = a split of the global columns: partial (max, sum)
-//             of exp(logit) per row, in the log2 domain, and the positive logit (column off + i);
-//   bwd rows  fixed = local rows,  streaming = a split of the global columns:
+// features past it. With logit(i, j) = s * x_i . y_j for fixed row i and streaming row j:
+//   fwd       partial (max, sum) of exp(logit) per fixed row over a split of the streaming
+//             rows, in the log2 domain, and the positive logit (streaming row off + i). Run
+//             twice: fixed = images (row statistics), then fixed = texts (column statistics);
+//   bwd rows  fixed = local images, streaming = a split of the texts:
 //             dX_i += s * sum_j G_ij Y_j (per-split partials, reduced in order afterwards)
 //             and the partial sums of G_ij * logit_ij for d logit_scale;
-//   bwd cols  fixed = global columns, streaming = all local rows: dY_j += s * sum_i G_ij X_i;
-// with G_ij = coef * (exp(logit_ij - lse_i) - [j == off + i]), coef = dloss / (2 * global).
+//   bwd cols  fixed = texts, streaming = all local images: dY_j += s * sum_i G_ij X_i;
+// with G_ij = coef * (exp(logit_ij - lse_row_i) + exp(logit_ij - lse_col_j) - 2 [j == off + i]),
+// coef = dloss / (2 * global): both directions' gradients from one recomputed logit.
 //
 // Any feature width: the width is padded to a multiple of 64 (dp) with zero columns, which
 // change no dot product, and outputs are written only for the real columns. Shared memory
@@ -70,7 +73,8 @@ __device__ __forceinline__ void load_rows(bf16* dst, int pitch, const void* src,
 // output columns [z * 512, min(dp, (z + 1) * 512)) (the forward has one z).
 template <int MODE>
 __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, const void* sx, int sb, i64 ns, int dim,
-                                             i64 chunk, i64 off, const float* lse, const float* logit_scale, float coef,
+                                             i64 chunk, i64 off, const float* lse_f, const float* lse_s,
+                                             const float* logit_scale, float coef,
                                              float* part_m, float* part_l, float* pos, float* part_d, float* part_ds,
                                              void* dout, int ob) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -89,10 +93,10 @@ __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, con
     const i64 frow[2] = {f0 + mt * 16 + g, f0 + mt * 16 + g + 8};
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // fwd
-    float lrow[2] = {0.f, 0.f};                              // bwd rows: lse of the fixed rows (log2 domain)
-    if (MODE == 1) {
+    float lrow[2] = {0.f, 0.f};                              // bwd: lse of the fixed rows (log2 domain)
+    if (MODE != 0) {
 #pragma unroll
-        for (int r = 0; r < 2; r++) lrow[r] = frow[r] < nf ? lse[frow[r]] * LOG2E : INFINITY;
+        for (int r = 0; r < 2; r++) lrow[r] = frow[r] < nf ? lse_f[frow[r]] * LOG2E : INFINITY;
     }
     float ds = 0.f;
     float acc[4][8][4];
@@ -119,8 +123,8 @@ __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, con
         __syncthreads();
         if (nch > 1) load_rows(sm.f, pitch, fx, fb, f0, nf, dim, c0, cw);
         load_rows(sm.s, pitch, sx, sb, s0, s_end, dim, c0, cw);
-        if (MODE == 2 && i == 0) {
-            for (int j = threadIdx.x; j < ST; j += blockDim.x) sm.lse[j] = s0 + j < s_end ? lse[s0 + j] * LOG2E : INFINITY;
+        if (MODE != 0 && i == 0) {
+            for (int j = threadIdx.x; j < ST; j += blockDim.x) sm.lse[j] = s0 + j < s_end ? lse_s[s0 + j] * LOG2E : INFINITY;
         }
         __syncthreads();
         for (int k = 0; k < cw; k += 16) {
@@ -159,16 +163,11 @@ __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, con
                 } else {
                     float gv = 0.f;
                     if (live) {
-                        bool diag;
-                        float p;
-                        if (MODE == 1) {
-                            p = exp2f(logit * LOG2E - lrow[r]);
-                            diag = sj == off + frow[r];
-                        } else {
-                            p = exp2f(logit * LOG2E - sm.lse[sc]);
-                            diag = frow[r] == off + sj;
-                        }
-                        gv = coef * (p - (diag ? 1.f : 0.f));
+                        // The fixed row's and the streaming row's softmax: one per direction.
+                        const float v = logit * LOG2E;
+                        const float p = exp2f(v - lrow[r]) + exp2f(v - sm.lse[sc]);
+                        const bool diag = MODE == 1 ? sj == off + frow[r] : frow[r] == off + sj;
+                        gv = coef * (p - (diag ? 2.f : 0.f));
                         if (MODE == 1) ds += gv * logit;
                     }
                     st[nt][e] = gv;
@@ -278,48 +277,86 @@ __device__ __forceinline__ void infonce_tile(const void* fx, int fb, i64 nf, con
             }
 }
 
+// Fixed rows against a split of the streaming rows: per-split (max, sum) of exp(logit) per
+// fixed row in the log2 domain, and pos[i] = logit(i, off + i) where that column is streamed
+// (pos may be null when no column is: pass off outside the streaming rows).
 extern "C" __global__ void __launch_bounds__(256) infonce_fwd_partial(const void* fx, int fb, i64 nf, const void* sx, int sb,
                                                                       i64 ns, int dim, i64 chunk, i64 off,
                                                                       const float* logit_scale, float* part_m,
                                                                       float* part_l, float* pos) {
-    infonce_tile<0>(fx, fb, nf, sx, sb, ns, dim, chunk, off, nullptr, logit_scale, 0.f, part_m, part_l, pos, nullptr,
-                    nullptr, nullptr, 0);
+    infonce_tile<0>(fx, fb, nf, sx, sb, ns, dim, chunk, off, nullptr, nullptr, logit_scale, 0.f, part_m, part_l, pos,
+                    nullptr, nullptr, nullptr, 0);
 }
 
+// fixed = local images (lse_f: row lse), streaming = texts (lse_s: column lse).
 extern "C" __global__ void __launch_bounds__(256) infonce_bwd_rows(const void* fx, int fb, i64 nf, const void* sx, int sb,
-                                                                   i64 ns, int dim, i64 chunk, i64 off, const float* lse,
+                                                                   i64 ns, int dim, i64 chunk, i64 off,
+                                                                   const float* lse_f, const float* lse_s,
                                                                    const float* logit_scale, float coef, float* part_d,
                                                                    float* part_ds) {
-    infonce_tile<1>(fx, fb, nf, sx, sb, ns, dim, chunk, off, lse, logit_scale, coef, nullptr, nullptr, nullptr, part_d,
-                    part_ds, nullptr, 0);
+    infonce_tile<1>(fx, fb, nf, sx, sb, ns, dim, chunk, off, lse_f, lse_s, logit_scale, coef, nullptr, nullptr, nullptr,
+                    part_d, part_ds, nullptr, 0);
 }
 
+// fixed = texts (lse_f: column lse), streaming = all local images (lse_s: row lse).
 extern "C" __global__ void __launch_bounds__(256) infonce_bwd_cols(const void* fx, int fb, i64 nf, const void* sx, int sb,
-                                                                   i64 ns, int dim, i64 off, const float* lse,
-                                                                   const float* logit_scale, float coef, void* dout,
-                                                                   int ob) {
-    infonce_tile<2>(fx, fb, nf, sx, sb, ns, dim, ns, off, lse, logit_scale, coef, nullptr, nullptr, nullptr, nullptr,
-                    nullptr, dout, ob);
+                                                                   i64 ns, int dim, i64 off, const float* lse_f,
+                                                                   const float* lse_s, const float* logit_scale,
+                                                                   float coef, void* dout, int ob) {
+    infonce_tile<2>(fx, fb, nf, sx, sb, ns, dim, ns, off, lse_f, lse_s, logit_scale, coef, nullptr, nullptr, nullptr,
+                    nullptr, nullptr, dout, ob);
 }
 
-// Both directions' partials -> lse_img, lse_txt and the loss share. part_m / part_l hold
-// [2][splits][local] (direction 0: image rows), pos [2][local]. One block of 256 threads.
-extern "C" __global__ void infonce_fwd_finish(float* loss, float* lse_img, float* lse_txt, const float* part_m,
-                                              const float* part_l, const float* pos, i64 local, int splits, float inv2g) {
+// The split partials merged in split order: row_lse[i] (natural log) from the row pass's
+// [rsplits][local] partials; col_max[j] (natural units) and col_sum[j] = sum of
+// exp(S_ij - col_max_j) over the local rows from the column pass's [csplits][global].
+extern "C" __global__ void infonce_block_fwd_finish(float* row_lse, float* col_max, float* col_sum, const float* rpart_m,
+                                                    const float* rpart_l, i64 local, int rsplits, const float* cpart_m,
+                                                    const float* cpart_l, i64 global, int csplits) {
+    for (i64 k = (i64)blockIdx.x * blockDim.x + threadIdx.x; k < local + global; k += (i64)gridDim.x * blockDim.x) {
+        const bool row = k < local;
+        const i64 i = row ? k : k - local, n = row ? local : global;
+        const int splits = row ? rsplits : csplits;
+        const float* pm = row ? rpart_m : cpart_m;
+        const float* pl = row ? rpart_l : cpart_l;
+        float mx = -INFINITY;
+        for (int y = 0; y < splits; y++) mx = fmaxf(mx, pm[(i64)y * n + i]);
+        float sum = 0.f;
+        for (int y = 0; y < splits; y++) sum += pl[(i64)y * n + i] * exp2f(pm[(i64)y * n + i] - mx);
+        if (row) {
+            row_lse[i] = (mx + log2f(sum)) / LOG2E;
+        } else {
+            col_max[i] = mx / LOG2E;
+            col_sum[i] = sum;  // exp2(v - mx) = exp(S - col_max): the same sum in either domain
+        }
+    }
+}
+
+// col_sum[j] *= exp(col_max[j] - global_max[j]).
+extern "C" __global__ void infonce_col_rescale(float* col_sum, const float* col_max, const float* global_max, i64 n) {
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (i64)gridDim.x * blockDim.x) {
+        const float m = col_max[j], g = global_max[j];
+        if (m != g) col_sum[j] *= expf(m - g);
+    }
+}
+
+// col_lse[j] = global_max[j] + log(col_sum[j]) (grid-stride, any grid).
+extern "C" __global__ void infonce_col_lse(float* col_lse, const float* global_max, const float* col_sum, i64 n) {
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (i64)gridDim.x * blockDim.x) {
+        col_lse[j] = global_max[j] + logf(col_sum[j]);
+    }
+}
+
+// loss[0] = sum_i (row_lse_i + col_lse_{off+i} - 2 pos_i) * inv2g, the column lse of this
+// rank's own texts computed here as infonce_col_lse does. One block of 256 threads.
+extern "C" __global__ void infonce_block_loss(float* loss, const float* row_lse, const float* pos,
+                                              const float* global_max, const float* col_sum, i64 local, i64 off,
+                                              float inv2g) {
     __shared__ double red[256];
     double acc = 0.0;
-    for (i64 k = threadIdx.x; k < 2 * local; k += blockDim.x) {
-        int dir = (int)(k / local);
-        i64 i = k % local;
-        const float* pm = part_m + (i64)dir * splits * local;
-        const float* pl = part_l + (i64)dir * splits * local;
-        float mx = -INFINITY;
-        for (int y = 0; y < splits; y++) mx = fmaxf(mx, pm[(i64)y * local + i]);
-        float sum = 0.f;
-        for (int y = 0; y < splits; y++) sum += pl[(i64)y * local + i] * exp2f(pm[(i64)y * local + i] - mx);
-        float lse = (mx + log2f(sum)) / LOG2E;
-        (dir == 0 ? lse_img : lse_txt)[i] = lse;
-        acc += (double)(lse - pos[(i64)dir * local + i]);
+    for (i64 i = threadIdx.x; i < local; i += blockDim.x) {
+        const float col = global_max[off + i] + logf(col_sum[off + i]);
+        acc += (double)(row_lse[i] - pos[i]) + (double)(col - pos[i]);
     }
     red[threadIdx.x] = acc;
     __syncthreads();

@@ -33,9 +33,9 @@ pub enum Activation {
 
 /// Sizes of one rank's share of the distributed InfoNCE loss.
 ///
-/// The rank holds `local` rows of image and text features; the gathered features of all
-/// ranks hold `global` rows, and this rank's rows start at row `offset` of them, so the
-/// positive pair of local row `i` is global column `offset + i`.
+/// The rank holds `local` rows of image (and text) features; the gathered text features of
+/// all ranks hold `global` rows, and this rank's rows start at row `offset` of them, so the
+/// positive pair of local image `i` is global text column `offset + i`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InfoNceDims {
     pub local: usize,
@@ -314,45 +314,66 @@ pub trait Backend: Sized + 'static {
 
     // ---------------------------------------------------------------- the contrastive loss
 
-    /// This rank's share of the symmetric InfoNCE loss, without materialising the
-    /// `local x global` similarity matrix. With `s = exp(logit_scale[0])`:
-    /// `loss[0] = ( sum_i lse_j(s img_i . TXT_j) - s img_i . TXT_{off+i}
-    ///            + sum_i lse_j(s txt_i . IMG_j) - s txt_i . IMG_{off+i} ) / (2 * global)`,
-    /// so the global loss is the sum over ranks. Saves the row log-sum-exps `lse_img[local]`
-    /// (image rows against text columns) and `lse_txt[local]`.
+    /// The forward of this rank's similarity block `S = s * img . all_txt^T` (`local x
+    /// global`, `s = exp(logit_scale[0])`), never held whole. Row i of `S` is local image i
+    /// against every text; column j is text j against this rank's images only. Writes the row
+    /// log-sum-exps `row_lse[local]` (complete), the positive logits `pos[local]`
+    /// (`S[i, offset + i]`), and per column the maximum over the local rows `col_max[global]`
+    /// and the sum `col_sum[global]` of `exp(S_ij - col_max_j)` over them: the caller combines
+    /// the column statistics across ranks (all-reduce the maxima into `global_max`,
+    /// [`Backend::infonce_col_rescale`], all-reduce the sums), then
+    /// [`Backend::infonce_block_loss`].
     #[allow(clippy::too_many_arguments)]
-    fn infonce_fwd(
+    fn infonce_block_fwd(
         &self,
-        loss: &Tensor<Self>,
-        lse_img: &Tensor<Self>,
-        lse_txt: &Tensor<Self>,
+        row_lse: &Tensor<Self>,
+        pos: &Tensor<Self>,
+        col_max: &Tensor<Self>,
+        col_sum: &Tensor<Self>,
         img: &Tensor<Self>,
-        txt: &Tensor<Self>,
-        all_img: &Tensor<Self>,
         all_txt: &Tensor<Self>,
         logit_scale: &Tensor<Self>,
         dims: InfoNceDims,
     );
-    /// Gradients of `dloss * loss` (recomputing the similarity tiles from the saved
-    /// log-sum-exps): into the local rows (`d_img`, `d_txt`: the row terms only), into the
-    /// gathered columns (`d_all_img`, `d_all_txt`, which the runtime reduce-scatters back to
-    /// their owners) and into `d_logit_scale[0]`.
+    /// `col_sum[j] *= exp(col_max[j] - global_max[j])` in place (`global[j]` the maximum over
+    /// the ranks of their `col_max[j]`): the local column sums on the common scale, ready to
+    /// be summed over the ranks.
+    fn infonce_col_rescale(&self, col_sum: &Tensor<Self>, col_max: &Tensor<Self>, global_max: &Tensor<Self>);
+    /// From the column statistics combined over the ranks (`global_max`, and `col_sum` summed
+    /// after [`Backend::infonce_col_rescale`]): writes the column log-sum-exps
+    /// `col_lse[j] = global_max[j] + ln(col_sum[j])` (`global`) and this rank's share of the
+    /// symmetric loss,
+    /// `loss[0] = sum_i (row_lse_i - pos_i + col_lse_{offset+i} - pos_i) / (2 * global)`,
+    /// so that the global mean loss of both directions is the sum over ranks.
     #[allow(clippy::too_many_arguments)]
-    fn infonce_bwd(
+    fn infonce_block_loss(
+        &self,
+        loss: &Tensor<Self>,
+        col_lse: &Tensor<Self>,
+        row_lse: &Tensor<Self>,
+        pos: &Tensor<Self>,
+        global_max: &Tensor<Self>,
+        col_sum: &Tensor<Self>,
+        dims: InfoNceDims,
+    );
+    /// Gradients of `dloss * loss` (summed over ranks), recomputing each tile of the block
+    /// once for both directions: with
+    /// `G_ij = dloss * (exp(S_ij - row_lse_i) + exp(S_ij - col_lse_j) - 2 [j == offset + i])
+    /// / (2 * global)`, adds `s G . all_txt` into `d_img[local, dim]`, `s G^T . img` into
+    /// `d_all_txt[global, dim]` (which the caller reduce-scatters to the texts' owners) and
+    /// `sum G_ij S_ij` into `d_logit_scale[0]`.
+    #[allow(clippy::too_many_arguments)]
+    fn infonce_block_bwd(
         &self,
         d_img: &Tensor<Self>,
-        d_txt: &Tensor<Self>,
-        d_all_img: &Tensor<Self>,
         d_all_txt: &Tensor<Self>,
         d_logit_scale: Option<&Tensor<Self>>,
         dloss: f32,
         img: &Tensor<Self>,
-        txt: &Tensor<Self>,
-        all_img: &Tensor<Self>,
         all_txt: &Tensor<Self>,
         logit_scale: &Tensor<Self>,
-        lse_img: &Tensor<Self>,
-        lse_txt: &Tensor<Self>,
+        row_lse: &Tensor<Self>,
+        col_lse: &Tensor<Self>,
         dims: InfoNceDims,
     );
 

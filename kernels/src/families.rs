@@ -46,7 +46,11 @@ pub const FAMILIES: &[Family] = &[
         ops: "im2col, vision_embed_fwd/bwd, token_embed_fwd/bwd, gather_rows(_bwd)",
         cuda: CudaImpl::Nvrtc,
     },
-    Family { name: "infonce", ops: "infonce_fwd, infonce_bwd", cuda: CudaImpl::Nvrtc },
+    Family {
+        name: "infonce",
+        ops: "infonce_block_fwd, infonce_col_rescale, infonce_block_loss, infonce_block_bwd",
+        cuda: CudaImpl::Nvrtc,
+    },
     Family { name: "bce", ops: "bce_with_logits_fwd, bce_with_logits_bwd", cuda: CudaImpl::Nvrtc },
     Family { name: "adamw", ops: "adamw, adamw_with_bf16_copy", cuda: CudaImpl::Nvrtc },
 ];

@@ -26,6 +26,14 @@ pub type Ready<'a> = &'a mut dyn FnMut(Range<usize>);
 /// A backward pass that reports the ranges it finishes to the closure it is given.
 pub type Backward<'a> = &'a mut dyn FnMut(Ready<'_>);
 
+/// How an all-reduce combines the ranks' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// The maximum (a NaN on any rank gives NaN).
+    Max,
+}
+
 /// The collectives a training step uses, over tensors of backend `B`. Calls are made in the
 /// same order on every rank (what NCCL and the ring both require).
 pub trait Collectives<B: Backend> {
@@ -35,6 +43,9 @@ pub trait Collectives<B: Backend> {
     fn all_gather(&mut self, be: &B, local: &Tensor<B>, all: &Tensor<B>) -> Result<()>;
     /// `local` = chunk `rank` of the sum over the ranks of `all` (`all.len() = world * n`).
     fn reduce_scatter(&mut self, be: &B, all: &Tensor<B>, local: &Tensor<B>) -> Result<()>;
+    /// Combines `buf` (f32) over the ranks with `op`, in place: the InfoNCE column statistics
+    /// (a maximum and a sum per gathered text, `2 x global` values a step).
+    fn all_reduce(&mut self, be: &B, buf: &Tensor<B>, op: ReduceOp) -> Result<()>;
     /// Sums a few host values over the ranks, in place (the loss, a label count, a small head).
     fn all_reduce_host(&mut self, buf: &mut [f32]) -> Result<()>;
     /// Runs `backward` and sums the trainable gradient (`model.grads`) over the ranks, bucket by
@@ -66,6 +77,9 @@ impl<B: Backend> Collectives<B> for Single {
             local.len()
         );
         be.copy(local, all);
+        Ok(())
+    }
+    fn all_reduce(&mut self, _be: &B, _buf: &Tensor<B>, _op: ReduceOp) -> Result<()> {
         Ok(())
     }
     fn all_reduce_host(&mut self, _buf: &mut [f32]) -> Result<()> {

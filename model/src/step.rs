@@ -4,19 +4,22 @@
 //! over the ranks, AdamW. Written once over [`Collectives`], so a single process (a world of
 //! one, [`crate::collectives::Single`]) runs exactly what each rank of a distributed run runs.
 //!
-//! Each rank holds `b` pairs of a global batch of `world * b`. The image and text features are
-//! all-gathered; each rank computes the InfoNCE terms of its own rows against all columns with
-//! the fused kernels (`offset = rank * b`), so the per-rank losses sum to the global mean loss;
-//! the column gradients go back to the ranks that own those features by reduce-scatter and are
-//! added to the row gradients; the parameter gradients are summed over the ranks in buckets
-//! while the backward runs. The gradient of a step is thus the single-process gradient of the
-//! global batch, whatever the world size.
+//! Each rank holds `b` pairs of a global batch of `world * b`. Only the text features are
+//! all-gathered: each rank computes one similarity block, its images against all texts
+//! (`offset = rank * b`), whose rows give the image-to-text terms of its images whole and whose
+//! columns give its share of every text's text-to-image log-sum-exp; those column statistics
+//! (a maximum and a sum of exponentials per text) are combined over the ranks by two small
+//! all-reduces, so the per-rank losses sum to the global mean loss of both directions. The
+//! backward writes the local images' gradient directly; the texts' gradient goes back to the
+//! ranks that own them by reduce-scatter; the parameter gradients are summed over the ranks in
+//! buckets while the backward runs. The gradient of a step is thus the single-process gradient
+//! of the global batch, whatever the world size.
 
 use anyhow::{ensure, Result};
 use kernels::{Backend, DType, InfoNceDims, Tensor};
 
 use crate::clip::Clip;
-use crate::collectives::{Buckets, Collectives, DEFAULT_BUCKET_VALUES};
+use crate::collectives::{Buckets, Collectives, ReduceOp, DEFAULT_BUCKET_VALUES};
 use crate::optim::AdamW;
 
 type T<B> = Tensor<B>;
@@ -28,16 +31,17 @@ pub struct InfoNceLoss<B: Backend> {
     dim: usize,
     world: usize,
     loss: T<B>,
-    lse_img: T<B>,
-    lse_txt: T<B>,
-    all_img: T<B>,
+    /// The block's row log-sum-exps and positive logits (`capacity`).
+    row_lse: T<B>,
+    pos: T<B>,
+    /// Per gathered text: this rank's column maximum and sum of exponentials, the maximum
+    /// over the ranks, and the column log-sum-exp (`world * capacity` each).
+    col_max: T<B>,
+    col_sum: T<B>,
+    global_max: T<B>,
+    col_lse: T<B>,
     all_txt: T<B>,
-    d_img: T<B>,
-    d_txt: T<B>,
-    d_all_img: T<B>,
     d_all_txt: T<B>,
-    /// The reduce-scattered column gradient of this rank's rows.
-    d_cols: T<B>,
     /// The parameter gradient's sum over the ranks.
     pub grad_sum: GradientSum,
 }
@@ -162,20 +166,20 @@ impl<B: Backend> InfoNceLoss<B> {
         let be = &model.backend;
         let (cap, d) = (model.capacity(), model.config.projection_dim);
         let g = world * cap * d;
+        let cols = || be.alloc(world * cap, DType::F32);
         Ok(Self {
             capacity: cap,
             dim: d,
             world,
             loss: be.alloc(1, DType::F32)?,
-            lse_img: be.alloc(cap, DType::F32)?,
-            lse_txt: be.alloc(cap, DType::F32)?,
-            all_img: be.alloc(g, DType::F32)?,
+            row_lse: be.alloc(cap, DType::F32)?,
+            pos: be.alloc(cap, DType::F32)?,
+            col_max: cols()?,
+            col_sum: cols()?,
+            global_max: cols()?,
+            col_lse: cols()?,
             all_txt: be.alloc(g, DType::F32)?,
-            d_img: be.alloc(cap * d, DType::F32)?,
-            d_txt: be.alloc(cap * d, DType::F32)?,
-            d_all_img: be.alloc(g, DType::F32)?,
             d_all_txt: be.alloc(g, DType::F32)?,
-            d_cols: be.alloc(cap * d, DType::F32)?,
             grad_sum: GradientSum::new(model)?,
         })
     }
@@ -184,23 +188,6 @@ impl<B: Backend> InfoNceLoss<B> {
     pub fn with_bucket_values(mut self, model: &Clip<B>, values: usize) -> Self {
         self.grad_sum = GradientSum::with_bucket_values(model, values);
         self
-    }
-
-    /// Reduce-scatters one tower's column gradients and adds this rank's share to its row
-    /// gradients, writing the embeddings' gradient.
-    fn scatter_into(
-        &self,
-        be: &B,
-        comm: &mut dyn Collectives<B>,
-        d_all: &T<B>,
-        d_rows: &T<B>,
-        out: &T<B>,
-        n: usize,
-    ) -> Result<()> {
-        let cols = self.d_cols.slice(0, n);
-        comm.reduce_scatter(be, d_all, &cols)?;
-        be.add(out, d_rows, &cols);
-        Ok(())
     }
 
     /// The global mean loss of the last forward of both towers on `b` local pairs per rank;
@@ -216,28 +203,32 @@ impl<B: Backend> InfoNceLoss<B> {
         );
         let be = &model.backend;
         let d = self.dim;
-        let n = b * d;
         let global = b * self.world;
         let dims = InfoNceDims { local: b, global, dim: d, offset: comm.rank() * b };
         let (img, txt) = (model.image_embeds(b), model.text_embeds(b));
-        let (all_img, all_txt) = (self.all_img.slice(0, global * d), self.all_txt.slice(0, global * d));
-        comm.all_gather(be, &img, &all_img)?;
+        let all_txt = self.all_txt.slice(0, global * d);
         comm.all_gather(be, &txt, &all_txt)?;
         let scale = &model.logit_scale().value;
-        let (lse_img, lse_txt) = (self.lse_img.slice(0, b), self.lse_txt.slice(0, b));
-        be.infonce_fwd(&self.loss, &lse_img, &lse_txt, &img, &txt, &all_img, &all_txt, scale, dims);
-        let (d_img, d_txt) = (self.d_img.slice(0, n), self.d_txt.slice(0, n));
-        let (d_all_img, d_all_txt) = (self.d_all_img.slice(0, global * d), self.d_all_txt.slice(0, global * d));
-        for g in [&d_img, &d_txt, &d_all_img, &d_all_txt] {
-            be.fill(g, 0.0);
-        }
+        let (row_lse, pos) = (self.row_lse.slice(0, b), self.pos.slice(0, b));
+        let col = |t: &T<B>| t.slice(0, global);
+        let (col_max, col_sum, global_max, col_lse) =
+            (col(&self.col_max), col(&self.col_sum), col(&self.global_max), col(&self.col_lse));
+        be.infonce_block_fwd(&row_lse, &pos, &col_max, &col_sum, &img, &all_txt, scale, dims);
+        // The texts' log-sum-exps over all images: the maxima over the ranks, each rank's sums
+        // brought to them, summed.
+        be.copy(&global_max, &col_max);
+        comm.all_reduce(be, &global_max, ReduceOp::Max)?;
+        be.infonce_col_rescale(&col_sum, &col_max, &global_max);
+        comm.all_reduce(be, &col_sum, ReduceOp::Sum)?;
+        be.infonce_block_loss(&self.loss, &col_lse, &row_lse, &pos, &global_max, &col_sum, dims);
+        let d_img = model.image_embeds_grad(b);
+        let d_all_txt = self.d_all_txt.slice(0, global * d);
+        be.fill(&d_img, 0.0);
+        be.fill(&d_all_txt, 0.0);
         let d_scale = model.logit_scale().train.then_some(&model.logit_scale().grad);
-        be.infonce_bwd(
-            &d_img, &d_txt, &d_all_img, &d_all_txt, d_scale, 1.0, &img, &txt, &all_img, &all_txt, scale, &lse_img,
-            &lse_txt, dims,
-        );
-        self.scatter_into(be, comm, &d_all_img, &d_img, &model.image_embeds_grad(b), n)?;
-        self.scatter_into(be, comm, &d_all_txt, &d_txt, &model.text_embeds_grad(b), n)?;
+        be.infonce_block_bwd(&d_img, &d_all_txt, d_scale, 1.0, &img, &all_txt, scale, &row_lse, &col_lse, dims);
+        // Every text's gradient comes from the columns of every rank's block.
+        comm.reduce_scatter(be, &d_all_txt, &model.text_embeds_grad(b))?;
         // Each rank's share sums to the global loss.
         let mut loss = [0.0f32];
         be.download_f32(&self.loss, &mut loss)?;

@@ -1,9 +1,9 @@
 """Executes kernels/cuda/infonce.cu warp by warp in float64, launched as kernels/src/cuda/mod.rs
-launches it (splits, chunks of output columns in grid z), and compares the loss, log-sum-exps
-and every gradient with a plain float64 distributed InfoNCE.
+launches it (splits, chunks of output columns in grid z), and compares the one-block op's
+statistics, loss and gradients with the block materialised in float64.
 
-Mirrors infonce_tile (the three modes), infonce_fwd_finish, infonce_reduce_rows and
-infonce_finish_scale: the same loops, chunk order, padding masks and fragment indexing, with
+Mirrors infonce_tile (the three modes), infonce_block_fwd_finish, infonce_col_rescale,
+infonce_col_lse, infonce_block_loss, infonce_reduce_rows and infonce_finish_scale: the same loops, chunk order, padding masks and fragment indexing, with
 the mma.sync m16n8k16 layouts of the PTX ISA (mma_emu.py), shared memory poisoned with NaN.
 bf16 rounding is left out. Keep it in step with infonce.cu and the host's launch code.
 
@@ -42,8 +42,8 @@ def load_rows(dst, pitch, src, r0, n, dim, c0, cw):
     dst[r * pitch + d] = v
 
 
-def infonce_tile(mode, fx, nf, sx, ns, dim, chunk, off, lse, logit_scale, coef, part_m, part_l, pos, part_d, part_ds,
-                 dout, bx, by, bz, gx):
+def infonce_tile(mode, fx, nf, sx, ns, dim, chunk, off, lse_f, lse_s, logit_scale, coef, part_m, part_l, pos, part_d,
+                 part_ds, dout, bx, by, bz, gx):
     dp, kw = padded_dim(dim), chunk_width(dim)
     nch = (dp + KC - 1) // KC
     pitch = kw + 8
@@ -65,10 +65,10 @@ def infonce_tile(mode, fx, nf, sx, ns, dim, chunk, off, lse, logit_scale, coef, 
     m = [np.full((NW, WARP), -np.inf) for _ in range(2)]
     l = [np.zeros((NW, WARP)) for _ in range(2)]
     lrow = [np.zeros((NW, WARP)) for _ in range(2)]
-    if mode == 1:
+    if mode != 0:
         for r in range(2):
             live = frow[r] < nf
-            lrow[r] = np.where(live, lse[np.where(live, frow[r], 0)] * LOG2E, np.inf)
+            lrow[r] = np.where(live, lse_f[np.where(live, frow[r], 0)] * LOG2E, np.inf)
     ds = np.zeros((NW, WARP))
     acc = np.zeros((NW, 4, 8, WARP, 4))  # [warp][a_mt][nt] per lane
 
@@ -80,9 +80,9 @@ def infonce_tile(mode, fx, nf, sx, ns, dim, chunk, off, lse, logit_scale, coef, 
             if nch > 1:
                 load_rows(sm_f, pitch, fx, f0, nf, dim, c0, cw)
             load_rows(sm_s, pitch, sx, s0, s_end, dim, c0, cw)
-            if mode == 2 and i == 0:
+            if mode != 0 and i == 0:
                 for j in range(ST):
-                    sm_lse[j] = lse[s0 + j] * LOG2E if s0 + j < s_end else np.inf
+                    sm_lse[j] = lse_s[s0 + j] * LOG2E if s0 + j < s_end else np.inf
             for k in range(0, cw, 16):
                 a = np.stack([
                     lds32(sm_f, (mt * 16 + G) * pitch + k + 2 * Q),
@@ -112,14 +112,11 @@ def infonce_tile(mode, fx, nf, sx, ns, dim, chunk, off, lse, logit_scale, coef, 
                     hit = live & (sj == off + frow[r])
                     pos[frow[r][hit]] = logit[hit]
                 else:
-                    if mode == 1:
-                        with np.errstate(invalid="ignore"):
-                            p = np.exp2(logit * LOG2E - lrow[r])
-                        diag = sj == off + frow[r]
-                    else:
-                        p = np.exp2(logit * LOG2E - sm_lse[np.minimum(sc, ST - 1)])
-                        diag = frow[r] == off + sj
-                    gv = np.where(live, coef * (p - np.where(diag, 1.0, 0.0)), 0.0)
+                    v = logit * LOG2E
+                    with np.errstate(invalid="ignore"):
+                        p = np.exp2(v - lrow[r]) + np.exp2(v - sm_lse[np.minimum(sc, ST - 1)])
+                    diag = (sj == off + frow[r]) if mode == 1 else (frow[r] == off + sj)
+                    gv = np.where(live, coef * (p - np.where(diag, 2.0, 0.0)), 0.0)
                     if mode == 1:
                         ds = ds + np.where(live, gv * logit, 0.0)
                     st[nt][..., e] = gv
@@ -214,81 +211,88 @@ def split_plan(glob, blocks_per_split, resident):
     return best[1], best[2] * 64
 
 
-def infonce(img, txt, all_img, all_txt, ls, local, glob, dim, off, resident):
-    """The host's infonce_fwd and infonce_bwd (mod.rs), with `resident` blocks per device."""
+def infonce(img, all_txt, ls, local, glob, dim, off, resident, other):
+    """The host's infonce_block_fwd, infonce_col_rescale, infonce_block_loss and
+    infonce_block_bwd (mod.rs), with `resident` blocks per device; `other` raises the column
+    maxima as another rank's would (the all-reduce of the maxima)."""
     dp = padded_dim(dim)
     nz = -(-dp // KC)
-    row_tiles = -(-local // 64)
-    # forward
-    splits, chunk = split_plan(glob, row_tiles, resident)
-    pm = np.full(2 * splits * local, np.nan)
-    pl = np.full(2 * splits * local, np.nan)
-    pos = np.full(2 * local, np.nan)
-    for d, (fx, sx) in enumerate([(img, all_txt), (txt, all_img)]):
-        for by in range(splits):
-            for bx in range(row_tiles):
-                infonce_tile(0, fx, local, sx, glob, dim, chunk, off, None, ls, 0.0,
-                             pm[d * splits * local:], pl[d * splits * local:], pos[d * local:], None, None, None,
-                             bx, by, 0, row_tiles)
-    lse = [np.zeros(local), np.zeros(local)]
-    acc = 0.0
-    for k in range(2 * local):
-        d, i = k // local, k % local
-        mx = max(pm[d * splits * local + y * local + i] for y in range(splits))
-        sm = sum(pl[d * splits * local + y * local + i] * np.exp2(pm[d * splits * local + y * local + i] - mx)
-                 for y in range(splits))
-        lse[d][i] = (mx + np.log2(sm)) / LOG2E
-        acc += lse[d][i] - pos[d * local + i]
-    loss = acc / (2 * glob)
+    row_tiles, col_tiles = -(-local // 64), -(-glob // 64)
+    # forward: rows (images fixed, texts streamed), then columns (texts fixed, images streamed)
+    rsplits, rchunk = split_plan(glob, row_tiles, resident)
+    csplits, cchunk = split_plan(local, col_tiles, resident)
+    rpm, rpl = np.full(rsplits * local, np.nan), np.full(rsplits * local, np.nan)
+    cpm, cpl = np.full(csplits * glob, np.nan), np.full(csplits * glob, np.nan)
+    pos = np.full(local, np.nan)
+    for by in range(rsplits):
+        for bx in range(row_tiles):
+            infonce_tile(0, img, local, all_txt, glob, dim, rchunk, off, None, None, ls, 0.0, rpm, rpl, pos, None, None,
+                         None, bx, by, 0, row_tiles)
+    never = np.full(1, np.nan)
+    for by in range(csplits):
+        for bx in range(col_tiles):
+            infonce_tile(0, all_txt, glob, img, local, dim, cchunk, -(glob + local + 1), None, None, ls, 0.0, cpm, cpl,
+                         never, None, None, None, bx, by, 0, col_tiles)
+    assert np.isnan(never).all()
+    # infonce_block_fwd_finish
+    row_lse, col_max, col_sum = np.zeros(local), np.zeros(glob), np.zeros(glob)
+    for k in range(local + glob):
+        row = k < local
+        i, n, splits = (k, local, rsplits) if row else (k - local, glob, csplits)
+        pm, pl = (rpm, rpl) if row else (cpm, cpl)
+        mx = max(pm[y * n + i] for y in range(splits))
+        sm = sum(pl[y * n + i] * np.exp2(pm[y * n + i] - mx) for y in range(splits))
+        if row:
+            row_lse[i] = (mx + np.log2(sm)) / LOG2E
+        else:
+            col_max[i], col_sum[i] = mx / LOG2E, sm
+    # the all-reduce of the maxima, infonce_col_rescale, infonce_col_lse, infonce_block_loss
+    gmax = col_max + other
+    col_sum = np.where(col_max != gmax, col_sum * np.exp(col_max - gmax), col_sum)
+    col_lse = gmax + np.log(col_sum)
+    loss = sum((row_lse[i] - pos[i]) + (gmax[off + i] + np.log(col_sum[off + i]) - pos[i])
+               for i in range(local)) / (2 * glob)
     # backward (dloss = 1), gradients added to zero-filled outputs
     coef = 1.0 / (2 * glob)
     splits, chunk = split_plan(glob, row_tiles * nz, resident)
-    grads = {k: np.zeros(n * dim) for k, n in [("d_img", local), ("d_txt", local), ("d_all_img", glob), ("d_all_txt", glob)]}
+    d_img, d_all_txt = np.zeros(local * dim), np.zeros(glob * dim)
     nds = splits * row_tiles
-    part_ds = np.full(2 * nds, np.nan)
-    dirs = [(img, all_txt, lse[0], "d_img", "d_all_txt"), (txt, all_img, lse[1], "d_txt", "d_all_img")]
-    for d, (x, y, l, dx, dy) in enumerate(dirs):
-        part_d = np.full(splits * local * dim, np.nan)
-        for bz in range(nz):
-            for by in range(splits):
-                for bx in range(row_tiles):
-                    infonce_tile(1, x, local, y, glob, dim, chunk, off, l, ls, coef, None, None, None, part_d,
-                                 part_ds[d * nds:], None, bx, by, bz, row_tiles)
-        s = np.exp(ls)
-        n = local * dim
-        grads[dx] += s * sum(part_d[yy * n:(yy + 1) * n] for yy in range(splits))
-        for bz in range(nz):
-            for bx in range(-(-glob // 64)):
-                infonce_tile(2, y, glob, x, local, dim, local, off, l, ls, coef, None, None, None, None, None,
-                             grads[dy], bx, 0, bz, -(-glob // 64))
-    d_scale = part_ds.sum()
-    return loss, lse, grads, d_scale
-
-
-def reference(img, txt, all_img, all_txt, ls, local, glob, dim, off):
+    part_ds = np.full(nds, np.nan)
+    part_d = np.full(splits * local * dim, np.nan)
+    for bz in range(nz):
+        for by in range(splits):
+            for bx in range(row_tiles):
+                infonce_tile(1, img, local, all_txt, glob, dim, chunk, off, row_lse, col_lse, ls, coef, None, None, None,
+                             part_d, part_ds, None, bx, by, bz, row_tiles)
     s = np.exp(ls)
-    X, T = img.reshape(local, dim), txt.reshape(local, dim)
-    AI, AT = all_img.reshape(glob, dim), all_txt.reshape(glob, dim)
-    out = {}
-    loss = 0.0
-    d_scale = 0.0
-    g = {"d_img": np.zeros_like(X), "d_txt": np.zeros_like(T), "d_all_img": np.zeros_like(AI),
-         "d_all_txt": np.zeros_like(AT)}
-    lses = []
-    for x, y, dx, dy in [(X, AT, "d_img", "d_all_txt"), (T, AI, "d_txt", "d_all_img")]:
-        logit = s * x @ y.T
-        mx = logit.max(1, keepdims=True)
-        lse = (mx + np.log(np.exp(logit - mx).sum(1, keepdims=True)))[:, 0]
-        lses.append(lse)
-        idx = np.arange(local)
-        loss += (lse - logit[idx, off + idx]).sum()
-        gm = np.exp(logit - lse[:, None])
-        gm[idx, off + idx] -= 1
-        gm /= 2 * glob
-        g[dx] += s * gm @ y
-        g[dy] += s * gm.T @ x
-        d_scale += (gm * logit).sum()
-    return loss / (2 * glob), lses, {k: v.reshape(-1) for k, v in g.items()}, d_scale
+    n = local * dim
+    d_img += s * sum(part_d[yy * n:(yy + 1) * n] for yy in range(splits))
+    for bz in range(nz):
+        for bx in range(col_tiles):
+            infonce_tile(2, all_txt, glob, img, local, dim, local, off, col_lse, row_lse, ls, coef, None, None, None,
+                         None, None, d_all_txt, bx, 0, bz, col_tiles)
+    d_scale = part_ds.sum()
+    stats = {"row_lse": row_lse, "pos": pos, "col_max": col_max, "col_lse": col_lse}
+    return loss, stats, {"d_img": d_img, "d_all_txt": d_all_txt}, d_scale
+
+
+def reference(img, all_txt, ls, local, glob, dim, off):
+    """The block materialised: its images against all texts, the columns over its images."""
+    s = np.exp(ls)
+    X, AT = img.reshape(local, dim), all_txt.reshape(glob, dim)
+    S = s * X @ AT.T
+    rm, cm = S.max(1, keepdims=True), S.max(0, keepdims=True)
+    row_lse = (rm + np.log(np.exp(S - rm).sum(1, keepdims=True)))[:, 0]
+    col_lse = (cm + np.log(np.exp(S - cm).sum(0, keepdims=True)))[0]
+    idx = np.arange(local)
+    pos = S[idx, off + idx]
+    loss = (row_lse - pos + col_lse[off + idx] - pos).sum() / (2 * glob)
+    gm = np.exp(S - row_lse[:, None]) + np.exp(S - col_lse[None, :])
+    gm[idx, off + idx] -= 2
+    gm /= 2 * glob
+    grads = {"d_img": (s * gm @ AT).reshape(-1), "d_all_txt": (s * gm.T @ X).reshape(-1)}
+    stats = {"row_lse": row_lse, "pos": pos, "col_max": cm[0], "col_lse": col_lse}
+    return loss, stats, grads, (gm * S).sum()
 
 
 def rows(rng, n, d):
@@ -304,14 +308,15 @@ def main():
              (50, 130, 600, 20, 6), (64, 192, 768, 64, 3), (40, 100, 1000, 30, 4), (30, 70, 1, 10, 2)]
     worst = 0.0
     for local, glob, dim, off, resident in sizes:
-        ai, at = rows(rng, glob, dim), rows(rng, glob, dim)
-        img, txt = ai[off * dim:(off + local) * dim], at[off * dim:(off + local) * dim]
+        at = rows(rng, glob, dim)
+        img = rows(rng, local, dim)
         ls = np.log(1 / 0.07) if dim != 1 else np.log(3.0)
-        loss, lse, grads, dsc = infonce(img, txt, ai, at, ls, local, glob, dim, off, resident)
-        rl, rlse, rg, rdsc = reference(img, txt, ai, at, ls, local, glob, dim, off)
+        other = rng.uniform(0, 2, glob)
+        loss, stats, grads, dsc = infonce(img, at, ls, local, glob, dim, off, resident, other)
+        rl, rstats, rg, rdsc = reference(img, at, ls, local, glob, dim, off)
         rel = lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-30)
-        errs = {"loss": rel(loss, rl), "lse_img": rel(lse[0], rlse[0]), "lse_txt": rel(lse[1], rlse[1]),
-                "d_scale": rel(dsc, rdsc)}
+        errs = {"loss": rel(loss, rl), "d_scale": rel(dsc, rdsc)}
+        errs.update({k: rel(stats[k], rstats[k]) for k in rstats})
         errs.update({k: rel(grads[k], rg[k]) for k in rg})
         e = max(v if np.isfinite(v) else np.inf for v in errs.values())
         worst = max(worst, e)

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use kernels::Cpu;
+use kernels::{Backend, Cpu};
 use model::collectives::Single;
 use model::optim::{AdamW, AdamWConfig};
 use model::step::{forward_backward, train_step, InfoNceLoss, LocalBatch};
@@ -151,5 +151,101 @@ fn bucketed_gradient_sums_equal_single_process() {
         let (loss, grads) = distributed_buckets(world, 1, Some(bucket));
         assert_close(&format!("loss on {world} ranks, buckets of {bucket}"), &loss, &ref_loss, 1e-5);
         assert_close(&format!("gradient on {world} ranks, buckets of {bucket}"), &grads, &ref_grads, 1e-4);
+    }
+}
+
+/// The symmetric InfoNCE loss of `n` pairs materialised in f64 (both directions' `n x n`
+/// logits, the definition the two-block op computed): the loss and its gradients with respect
+/// to the image and text features.
+fn materialised(img: &[f32], txt: &[f32], n: usize, d: usize, ls: f64) -> (f64, Vec<f64>, Vec<f64>) {
+    let (mut di, mut dt) = (vec![0.0f64; n * d], vec![0.0f64; n * d]);
+    let a = direction(img, txt, n, d, ls, &mut di, &mut dt);
+    let b = direction(txt, img, n, d, ls, &mut dt, &mut di);
+    ((a + b) / (2 * n) as f64, di, dt)
+}
+
+/// One direction of [`materialised`]: the sum of `lse_i - logit_ii`; adds the gradients.
+fn direction(x: &[f32], y: &[f32], n: usize, d: usize, ls: f64, dx: &mut [f64], dy: &mut [f64]) -> f64 {
+    let s = ls.exp();
+    let mut loss = 0.0;
+    for i in 0..n {
+        let z: Vec<f64> =
+            (0..n).map(|j| s * (0..d).map(|k| x[i * d + k] as f64 * y[j * d + k] as f64).sum::<f64>()).collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        loss += lse - z[i];
+        for j in 0..n {
+            let g = ((z[j] - lse).exp() - f64::from(u8::from(i == j))) / (2 * n) as f64;
+            for k in 0..d {
+                dx[i * d + k] += g * s * y[j * d + k] as f64;
+                dy[j * d + k] += g * s * x[i * d + k] as f64;
+            }
+        }
+    }
+    loss
+}
+
+/// Each rank's one similarity block (its images against all texts, the column statistics
+/// combined over the ring) gives the materialised two-direction loss of the global batch and
+/// every feature's gradient, on 1, 2 and 4 ranks, at a global batch of 64 (a partial column
+/// tile, and row tiles of 64, 32 and 16 images).
+#[test]
+fn one_block_loss_equals_materialised_on_1_2_4_ranks() {
+    const N: usize = 64;
+    for world in [1usize, 2, 4] {
+        let rings = loopback_world(world, Duration::from_secs(30)).expect("ring");
+        let handles: Vec<_> = rings
+            .into_iter()
+            .map(|ring| {
+                std::thread::spawn(move || {
+                    let b = N / world;
+                    let r = ring.rank();
+                    let mut comm = OverHost::new(ring);
+                    let clip = Clip::random(Cpu, config(), b, SEED).expect("model");
+                    let mut loss = InfoNceLoss::new(&clip, world).expect("loss");
+                    let (s, ctx) = (clip.image_size(), clip.context_len());
+                    // Fresh inputs for each run: a different batch of the same shape.
+                    let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+                    let px: Vec<f32> = (0..b * 3 * s * s).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                    let ids: Vec<i32> = (0..b * ctx)
+                        .map(|i| match i % ctx {
+                            0 => 49406,
+                            k if k == 6 + (r + i / ctx) % 9 => 49407,
+                            k if k > 6 + (r + i / ctx) % 9 => 0,
+                            _ => rng.random_range(1..49406),
+                        })
+                        .collect();
+                    let lb = LocalBatch { pixels: &px, ids: &ids, b };
+                    let l = forward_backward(&clip, &mut loss, &mut comm, &lb).expect("fb");
+                    let be = &clip.backend;
+                    let d = clip.config.projection_dim;
+                    let get = |t: &kernels::Tensor<Cpu>| {
+                        let mut v = vec![0.0f32; b * d];
+                        be.download_f32(t, &mut v).expect("download");
+                        v
+                    };
+                    let mut ls = [0.0f32];
+                    be.download_f32(&clip.logit_scale().value, &mut ls).expect("scale");
+                    let out = [
+                        get(&clip.image_embeds(b)),
+                        get(&clip.text_embeds(b)),
+                        get(&clip.image_embeds_grad(b)),
+                        get(&clip.text_embeds_grad(b)),
+                    ];
+                    (l, ls[0], out)
+                })
+            })
+            .collect();
+        let ranks: Vec<_> = handles.into_iter().map(|h| h.join().expect("rank")).collect();
+        let cat = |k: usize| ranks.iter().flat_map(|r| r.2[k].clone()).collect::<Vec<f32>>();
+        let (img, txt, d_img, d_txt) = (cat(0), cat(1), cat(2), cat(3));
+        let d = img.len() / N;
+        let (want, want_img, want_txt) = materialised(&img, &txt, N, d, ranks[0].1 as f64);
+        let w32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        for (r, rank) in ranks.iter().enumerate() {
+            assert_close(&format!("loss of rank {r} on {world} ranks"), &[rank.0], &[want as f32], 1e-5);
+        }
+        assert_close(&format!("image feature gradient on {world} ranks"), &d_img, &w32(&want_img), 1e-4);
+        assert_close(&format!("text feature gradient on {world} ranks"), &d_txt, &w32(&want_txt), 1e-4);
     }
 }

@@ -53,6 +53,39 @@ fn all_reduce_sums_every_length() {
     }
 }
 
+/// The maximum over the ranks, exact, for lengths around the world size; a NaN on one rank
+/// reaches every rank (the column maxima of a diverged loss must not hide it).
+#[test]
+fn all_reduce_max_every_length() {
+    for world in 1..=4 {
+        for len in [1usize, 3, 5, 1000] {
+            let seed = (world * 100 + len) as u64 + 7;
+            let out = on_world(world, move |r| {
+                let mut v = data(r.rank(), len, seed);
+                r.all_reduce_max(&mut v).expect("all_reduce_max");
+                v
+            });
+            for i in 0..len {
+                let want = (0..world).map(|k| data(k, len, seed)[i]).fold(f32::NEG_INFINITY, f32::max);
+                for o in &out {
+                    assert_eq!(o[i].to_bits(), want.to_bits(), "world {world} len {len} [{i}]");
+                }
+            }
+        }
+        let out = on_world(world, move |r| {
+            let mut v = data(r.rank(), 9, 5);
+            if r.rank() == world - 1 {
+                v[4] = f32::NAN;
+            }
+            r.all_reduce_max(&mut v).expect("all_reduce_max");
+            v
+        });
+        for o in &out {
+            assert!(o[4].is_nan() && o.iter().enumerate().all(|(i, x)| i == 4 || !x.is_nan()), "{o:?}");
+        }
+    }
+}
+
 #[test]
 fn all_gather_reduce_scatter_broadcast_barrier() {
     for world in 1..=4 {

@@ -11,6 +11,7 @@ pub mod attention;
 pub mod bce;
 pub mod elementwise;
 pub mod embed;
+pub mod fastexp;
 pub mod heap;
 pub mod infonce;
 pub mod l2norm;
@@ -387,73 +388,102 @@ impl Backend for Cpu {
         embed::gather_rows_bwd(f32s_mut(dinp), f32s(dout), i32s(index), b, t, d);
     }
 
-    fn infonce_fwd(
+    fn infonce_block_fwd(
         &self,
-        loss: &T,
-        lse_img: &T,
-        lse_txt: &T,
+        row_lse: &T,
+        pos: &T,
+        col_max: &T,
+        col_sum: &T,
         img: &T,
-        txt: &T,
-        all_img: &T,
         all_txt: &T,
         logit_scale: &T,
         dims: InfoNceDims,
     ) {
-        let _p = profile::scope("infonce_fwd");
-        check_infonce(&dims, img, txt, all_img, all_txt);
-        check_len("infonce loss", loss, 1);
-        check_len("infonce lse_img", lse_img, dims.local);
-        check_len("infonce lse_txt", lse_txt, dims.local);
-        outputs(&[loss, lse_img, lse_txt], &[img, txt, all_img, all_txt, logit_scale]);
-        let l = infonce::fwd(
-            f32s_mut(lse_img),
-            f32s_mut(lse_txt),
+        let _p = profile::scope("infonce_block_fwd");
+        check_infonce(&dims, img, all_txt);
+        check_len("infonce row_lse", row_lse, dims.local);
+        check_len("infonce pos", pos, dims.local);
+        check_len("infonce col_max", col_max, dims.global);
+        check_len("infonce col_sum", col_sum, dims.global);
+        check_len("infonce logit_scale", logit_scale, 1);
+        outputs(&[row_lse, pos, col_max, col_sum], &[img, all_txt, logit_scale]);
+        infonce::block_fwd(
+            f32s_mut(row_lse),
+            f32s_mut(pos),
+            f32s_mut(col_max),
+            f32s_mut(col_sum),
             f32s(img),
-            f32s(txt),
-            f32s(all_img),
             f32s(all_txt),
             f32s(logit_scale)[0],
             dims,
         );
+    }
+
+    fn infonce_col_rescale(&self, col_sum: &T, col_max: &T, global_max: &T) {
+        let _p = profile::scope("infonce_col_rescale");
+        check_len("infonce col_max", col_max, col_sum.len());
+        check_len("infonce global_max", global_max, col_sum.len());
+        outputs(&[col_sum], &[col_max, global_max]);
+        infonce::col_rescale(f32s_mut(col_sum), f32s(col_max), f32s(global_max));
+    }
+
+    fn infonce_block_loss(
+        &self,
+        loss: &T,
+        col_lse: &T,
+        row_lse: &T,
+        pos: &T,
+        global_max: &T,
+        col_sum: &T,
+        dims: InfoNceDims,
+    ) {
+        let _p = profile::scope("infonce_block_loss");
+        check_len("infonce loss", loss, 1);
+        for (w, t, n) in [
+            ("col_lse", col_lse, dims.global),
+            ("row_lse", row_lse, dims.local),
+            ("pos", pos, dims.local),
+            ("global_max", global_max, dims.global),
+            ("col_sum", col_sum, dims.global),
+        ] {
+            check_len(&format!("infonce {w}"), t, n);
+        }
+        assert!(dims.offset + dims.local <= dims.global, "infonce: rows {dims:?} beyond the global batch");
+        outputs(&[loss, col_lse], &[row_lse, pos, global_max, col_sum]);
+        let l = infonce::block_loss(f32s_mut(col_lse), f32s(row_lse), f32s(pos), f32s(global_max), f32s(col_sum), dims);
         f32s_mut(loss)[0] = l;
     }
 
-    fn infonce_bwd(
+    fn infonce_block_bwd(
         &self,
         d_img: &T,
-        d_txt: &T,
-        d_all_img: &T,
         d_all_txt: &T,
         d_logit_scale: Option<&T>,
         dloss: f32,
         img: &T,
-        txt: &T,
-        all_img: &T,
         all_txt: &T,
         logit_scale: &T,
-        lse_img: &T,
-        lse_txt: &T,
+        row_lse: &T,
+        col_lse: &T,
         dims: InfoNceDims,
     ) {
-        let _p = profile::scope("infonce_bwd");
-        check_infonce(&dims, img, txt, all_img, all_txt);
-        check_infonce(&dims, d_img, d_txt, d_all_img, d_all_txt);
-        let mut outs = vec![d_img, d_txt, d_all_img, d_all_txt];
+        let _p = profile::scope("infonce_block_bwd");
+        check_infonce(&dims, img, all_txt);
+        check_infonce(&dims, d_img, d_all_txt);
+        check_len("infonce row_lse", row_lse, dims.local);
+        check_len("infonce col_lse", col_lse, dims.global);
+        let mut outs = vec![d_img, d_all_txt];
         outs.extend(d_logit_scale);
-        outputs(&outs, &[img, txt, all_img, all_txt, logit_scale, lse_img, lse_txt]);
-        let d_scale = infonce::bwd(
+        outputs(&outs, &[img, all_txt, logit_scale, row_lse, col_lse]);
+        let d_scale = infonce::block_bwd(
             f32s_mut(d_img),
-            f32s_mut(d_txt),
-            f32s_mut(d_all_img),
             f32s_mut(d_all_txt),
             dloss,
             f32s(img),
-            f32s(txt),
-            f32s(all_img),
             f32s(all_txt),
             f32s(logit_scale)[0],
-            f32s(lse_img),
-            f32s(lse_txt),
+            f32s(row_lse),
+            f32s(col_lse),
             dims,
         );
         if let Some(t) = d_logit_scale {

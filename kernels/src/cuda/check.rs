@@ -683,32 +683,40 @@ fn infonce(cuda: &Cuda, rng: &mut Rng, res: &mut Vec<CheckResult>, quick: bool) 
     for &(local, global, dim, offset) in sizes {
         for ls in [(1.0f32 / 0.07).ln(), 100f32.ln()] {
             let size = format!("local={local} global={global} d={dim} off={offset} scale={:.1}", ls.exp());
-            let all_img = normalized_rows(rng, global, dim);
             let all_txt = normalized_rows(rng, global, dim);
-            let img = all_img[offset * dim..(offset + local) * dim].to_vec();
-            let txt = all_txt[offset * dim..(offset + local) * dim].to_vec();
+            let img = normalized_rows(rng, local, dim);
             let dims = InfoNceDims { local, global, dim, offset };
             let g = |rng: &mut Rng, n| rng.vec(n, 1e-3);
-            let (gi, gt, gai, gat) =
-                (g(rng, local * dim), g(rng, local * dim), g(rng, global * dim), g(rng, global * dim));
+            let (gi, gat) = (g(rng, local * dim), g(rng, global * dim));
+            // Another rank's column maxima above this one's by up to 2: the rescale then does
+            // real work (and the column log-sum-exps come out the same).
+            let other: Vec<f32> = rng.vec(global, 1.0).iter().map(|x| 1.0 + x).collect();
             let out = both!(cuda, |be| {
-                let (ti, tt) = (up(be, &img, DType::Bf16)?, up(be, &txt, DType::Bf16)?);
-                let (tai, tat) = (up(be, &all_img, DType::Bf16)?, up(be, &all_txt, DType::Bf16)?);
+                let (ti, tat) = (up(be, &img, DType::Bf16)?, up(be, &all_txt, DType::Bf16)?);
                 let tls = up(be, &[ls], DType::F32)?;
                 let loss = poisoned(be, 1, DType::F32)?;
-                let (li, lt) = (poisoned(be, local, DType::F32)?, poisoned(be, local, DType::F32)?);
-                be.infonce_fwd(&loss, &li, &lt, &ti, &tt, &tai, &tat, &tls, dims);
-                let (di, dt) = (up(be, &gi, DType::F32)?, up(be, &gt, DType::F32)?);
-                let (dai, dat) = (up(be, &gai, DType::F32)?, up(be, &gat, DType::F32)?);
+                let (row_lse, pos) = (poisoned(be, local, DType::F32)?, poisoned(be, local, DType::F32)?);
+                let (col_max, col_sum) = (poisoned(be, global, DType::F32)?, poisoned(be, global, DType::F32)?);
+                let col_lse = poisoned(be, global, DType::F32)?;
+                be.infonce_block_fwd(&row_lse, &pos, &col_max, &col_sum, &ti, &tat, &tls, dims);
+                let fwd_max = down(be, &col_max)?;
+                let fwd_sum = down(be, &col_sum)?;
+                let gmax: Vec<f32> = fwd_max.iter().zip(&other).map(|(m, o)| m.max(m + o)).collect();
+                let gmax_t = up(be, &gmax, DType::F32)?;
+                be.infonce_col_rescale(&col_sum, &col_max, &gmax_t);
+                be.infonce_block_loss(&loss, &col_lse, &row_lse, &pos, &gmax_t, &col_sum, dims);
+                let (di, dat) = (up(be, &gi, DType::F32)?, up(be, &gat, DType::F32)?);
                 let dls = up(be, &[0.25], DType::F32)?;
-                be.infonce_bwd(&di, &dt, &dai, &dat, Some(&dls), 1.0, &ti, &tt, &tai, &tat, &tls, &li, &lt, dims);
+                be.infonce_block_bwd(&di, &dat, Some(&dls), 1.0, &ti, &tat, &tls, &row_lse, &col_lse, dims);
                 Ok(vec![
                     ("loss", down(be, &loss)?),
-                    ("lse_img", down(be, &li)?),
-                    ("lse_txt", down(be, &lt)?),
+                    ("row_lse", down(be, &row_lse)?),
+                    ("pos", down(be, &pos)?),
+                    ("col_max", fwd_max),
+                    ("col_sum", fwd_sum),
+                    ("col_sum rescaled", down(be, &col_sum)?),
+                    ("col_lse", down(be, &col_lse)?),
                     ("d_img", down(be, &di)?),
-                    ("d_txt", down(be, &dt)?),
-                    ("d_all_img", down(be, &dai)?),
                     ("d_all_txt", down(be, &dat)?),
                     ("d_logit_scale", down(be, &dls)?),
                 ])

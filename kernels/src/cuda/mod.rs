@@ -1138,104 +1138,182 @@ impl Backend for Cuda {
         );
     }
 
-    fn infonce_fwd(
+    fn infonce_block_fwd(
         &self,
-        loss: &T,
-        lse_img: &T,
-        lse_txt: &T,
+        row_lse: &T,
+        pos: &T,
+        col_max: &T,
+        col_sum: &T,
         img: &T,
-        txt: &T,
-        all_img: &T,
         all_txt: &T,
         logit_scale: &T,
         dims: InfoNceDims,
     ) {
-        let _op = self.op(c"infonce_fwd");
-        check_infonce(&dims, img, txt, all_img, all_txt);
-        check_len("infonce loss", loss, 1);
-        check_len("infonce lse_img", lse_img, dims.local);
-        check_len("infonce lse_txt", lse_txt, dims.local);
-        for (w, t) in [("loss", loss), ("lse_img", lse_img), ("lse_txt", lse_txt), ("logit_scale", logit_scale)] {
+        let _op = self.op(c"infonce_block_fwd");
+        check_infonce(&dims, img, all_txt);
+        check_len("infonce row_lse", row_lse, dims.local);
+        check_len("infonce pos", pos, dims.local);
+        check_len("infonce col_max", col_max, dims.global);
+        check_len("infonce col_sum", col_sum, dims.global);
+        for (w, t) in [
+            ("row_lse", row_lse),
+            ("pos", pos),
+            ("col_max", col_max),
+            ("col_sum", col_sum),
+            ("logit_scale", logit_scale),
+        ] {
             want_f32(&format!("infonce {w}"), t);
         }
-        outputs(&[loss, lse_img, lse_txt], &[img, txt, all_img, all_txt, logit_scale]);
+        outputs(&[row_lse, pos, col_max, col_sum], &[img, all_txt, logit_scale]);
         let InfoNceDims { local, global, dim, offset } = dims;
         let r = (|| {
             let smem = self.infonce_smem_checked(dim)?;
-            let (splits, chunk) = self.infonce_splits("infonce_fwd_partial", local, global, 1, smem);
-            let sl = splits * local;
-            let base = self.dev.scratch((4 * sl + 2 * local) * 4)?;
-            let (pm, pl, pos) = (base, base + (2 * sl * 4) as u64, base + (4 * sl * 4) as u64);
-            for (dir, (fx, sx)) in [(img, all_txt), (txt, all_img)].into_iter().enumerate() {
-                let o = |p: u64, per: usize| p + (dir * per * 4) as u64;
+            // Rows: the images fixed, the texts streamed in splits. Columns: the texts fixed,
+            // the images streamed (the same logits, transposed).
+            let (rsplits, rchunk) = self.infonce_splits("infonce_fwd_partial", local, global, 1, smem);
+            let (csplits, cchunk) = self.infonce_splits("infonce_fwd_partial", global, local, 1, smem);
+            let (rl, cl) = (rsplits * local, csplits * global);
+            let base = self.dev.scratch((2 * rl + 2 * cl) * 4)?;
+            let (rpm, rpl) = (base, base + (rl * 4) as u64);
+            let (cpm, cpl) = (base + (2 * rl * 4) as u64, base + ((2 * rl + cl) * 4) as u64);
+            let passes = [
+                (img, local, all_txt, global, rsplits, rchunk, offset as i64, rpm, rpl, dptr(pos)),
+                // No positive in the column pass: an offset no streaming row matches.
+                (all_txt, global, img, local, csplits, cchunk, -((global + local + 1) as i64), cpm, cpl, 0),
+            ];
+            for (fx, nf, sx, ns, splits, chunk, off, pm, pl, pp) in passes {
                 self.dev.launch(
                     "infonce_fwd_partial",
-                    (local.div_ceil(64) as u32, splits as u32, 1),
+                    (nf.div_ceil(64) as u32, splits as u32, 1),
                     256,
                     smem,
                     Args::new()
                         .t(fx)
-                        .i64(local as i64)
+                        .i64(nf as i64)
                         .t(sx)
-                        .i64(global as i64)
+                        .i64(ns as i64)
                         .i32(dim as i32)
                         .i64(chunk as i64)
-                        .i64(offset as i64)
+                        .i64(off)
                         .ptr(dptr(logit_scale))
-                        .ptr(o(pm, sl))
-                        .ptr(o(pl, sl))
-                        .ptr(o(pos, local)),
+                        .ptr(pm)
+                        .ptr(pl)
+                        .ptr(pp),
                 )?;
             }
             self.dev.launch(
-                "infonce_fwd_finish",
-                (1, 1, 1),
-                256,
+                "infonce_block_fwd_finish",
+                (blocks(local + global).min(self.dev.sm_count * 16), 1, 1),
+                BLOCK,
                 0,
                 Args::new()
-                    .ptr(dptr(loss))
-                    .ptr(dptr(lse_img))
-                    .ptr(dptr(lse_txt))
-                    .ptr(pm)
-                    .ptr(pl)
-                    .ptr(pos)
+                    .ptr(dptr(row_lse))
+                    .ptr(dptr(col_max))
+                    .ptr(dptr(col_sum))
+                    .ptr(rpm)
+                    .ptr(rpl)
                     .i64(local as i64)
-                    .i32(splits as i32)
-                    .f32(1.0 / (2.0 * global as f32)),
+                    .i32(rsplits as i32)
+                    .ptr(cpm)
+                    .ptr(cpl)
+                    .i64(global as i64)
+                    .i32(csplits as i32),
             )
         })();
         self.run(r);
     }
 
-    fn infonce_bwd(
+    fn infonce_col_rescale(&self, col_sum: &T, col_max: &T, global_max: &T) {
+        let _op = self.op(c"infonce_col_rescale");
+        let n = col_sum.len();
+        check_len("infonce col_max", col_max, n);
+        check_len("infonce global_max", global_max, n);
+        for (w, t) in [("col_sum", col_sum), ("col_max", col_max), ("global_max", global_max)] {
+            want_f32(&format!("infonce {w}"), t);
+        }
+        outputs(&[col_sum], &[col_max, global_max]);
+        self.ew(
+            "infonce_col_rescale",
+            n,
+            Args::new().ptr(dptr(col_sum)).ptr(dptr(col_max)).ptr(dptr(global_max)).i64(n as i64),
+        );
+    }
+
+    fn infonce_block_loss(
+        &self,
+        loss: &T,
+        col_lse: &T,
+        row_lse: &T,
+        pos: &T,
+        global_max: &T,
+        col_sum: &T,
+        dims: InfoNceDims,
+    ) {
+        let _op = self.op(c"infonce_block_loss");
+        let InfoNceDims { local, global, offset, .. } = dims;
+        assert!(local > 0 && offset + local <= global, "infonce: rows {dims:?} outside the global batch");
+        check_len("infonce loss", loss, 1);
+        for (w, t, n) in [
+            ("col_lse", col_lse, global),
+            ("row_lse", row_lse, local),
+            ("pos", pos, local),
+            ("global_max", global_max, global),
+            ("col_sum", col_sum, global),
+        ] {
+            check_len(&format!("infonce {w}"), t, n);
+            want_f32(&format!("infonce {w}"), t);
+        }
+        want_f32("infonce loss", loss);
+        outputs(&[loss, col_lse], &[row_lse, pos, global_max, col_sum]);
+        self.ew(
+            "infonce_col_lse",
+            global,
+            Args::new().ptr(dptr(col_lse)).ptr(dptr(global_max)).ptr(dptr(col_sum)).i64(global as i64),
+        );
+        self.launch(
+            "infonce_block_loss",
+            (1, 1, 1),
+            256,
+            0,
+            Args::new()
+                .ptr(dptr(loss))
+                .ptr(dptr(row_lse))
+                .ptr(dptr(pos))
+                .ptr(dptr(global_max))
+                .ptr(dptr(col_sum))
+                .i64(local as i64)
+                .i64(offset as i64)
+                .f32(1.0 / (2.0 * global as f32)),
+        );
+    }
+
+    fn infonce_block_bwd(
         &self,
         d_img: &T,
-        d_txt: &T,
-        d_all_img: &T,
         d_all_txt: &T,
         d_logit_scale: Option<&T>,
         dloss: f32,
         img: &T,
-        txt: &T,
-        all_img: &T,
         all_txt: &T,
         logit_scale: &T,
-        lse_img: &T,
-        lse_txt: &T,
+        row_lse: &T,
+        col_lse: &T,
         dims: InfoNceDims,
     ) {
-        let _op = self.op(c"infonce_bwd");
-        check_infonce(&dims, img, txt, all_img, all_txt);
-        check_infonce(&dims, d_img, d_txt, d_all_img, d_all_txt);
-        for (w, t) in [("lse_img", lse_img), ("lse_txt", lse_txt), ("logit_scale", logit_scale)] {
+        let _op = self.op(c"infonce_block_bwd");
+        check_infonce(&dims, img, all_txt);
+        check_infonce(&dims, d_img, d_all_txt);
+        check_len("infonce row_lse", row_lse, dims.local);
+        check_len("infonce col_lse", col_lse, dims.global);
+        for (w, t) in [("row_lse", row_lse), ("col_lse", col_lse), ("logit_scale", logit_scale)] {
             want_f32(&format!("infonce {w}"), t);
         }
         if let Some(t) = d_logit_scale {
             want_f32("infonce d_logit_scale", t);
         }
-        let mut outs = vec![d_img, d_txt, d_all_img, d_all_txt];
+        let mut outs = vec![d_img, d_all_txt];
         outs.extend(d_logit_scale);
-        outputs(&outs, &[img, txt, all_img, all_txt, logit_scale, lse_img, lse_txt]);
+        outputs(&outs, &[img, all_txt, logit_scale, row_lse, col_lse]);
         let InfoNceDims { local, global, dim, offset } = dims;
         let row_tiles = local.div_ceil(64);
         let coef = dloss / (2.0 * global as f32);
@@ -1245,61 +1323,62 @@ impl Backend for Cuda {
             let (splits, chunk) = self.infonce_splits("infonce_bwd_rows", local, global, nz as usize, smem);
             let part_d_len = splits * local * dim;
             let nds = splits * row_tiles;
-            let base = self.dev.scratch((part_d_len + 2 * nds) * 4)?;
+            let base = self.dev.scratch((part_d_len + nds) * 4)?;
             let part_ds = base + (part_d_len * 4) as u64;
-            let dirs = [(img, all_txt, lse_img, d_img, d_all_txt), (txt, all_img, lse_txt, d_txt, d_all_img)];
-            for (dir, (x, y, lse, dx, dy)) in dirs.into_iter().enumerate() {
-                self.dev.launch(
-                    "infonce_bwd_rows",
-                    (row_tiles as u32, splits as u32, nz),
-                    256,
-                    smem,
-                    Args::new()
-                        .t(x)
-                        .i64(local as i64)
-                        .t(y)
-                        .i64(global as i64)
-                        .i32(dim as i32)
-                        .i64(chunk as i64)
-                        .i64(offset as i64)
-                        .ptr(dptr(lse))
-                        .ptr(dptr(logit_scale))
-                        .f32(coef)
-                        .ptr(base)
-                        .ptr(part_ds + (dir * nds * 4) as u64),
-                )?;
-                self.dev.launch(
-                    "infonce_reduce_rows",
-                    (blocks(local * dim).min(self.dev.sm_count * 16), 1, 1),
-                    BLOCK,
-                    0,
-                    Args::new().t(dx).ptr(base).i32(splits as i32).i64((local * dim) as i64).ptr(dptr(logit_scale)),
-                )?;
-                self.dev.launch(
-                    "infonce_bwd_cols",
-                    (global.div_ceil(64) as u32, 1, nz),
-                    256,
-                    smem,
-                    Args::new()
-                        .t(y)
-                        .i64(global as i64)
-                        .t(x)
-                        .i64(local as i64)
-                        .i32(dim as i32)
-                        .i64(offset as i64)
-                        .ptr(dptr(lse))
-                        .ptr(dptr(logit_scale))
-                        .f32(coef)
-                        .t(dy),
-                )?;
-            }
+            // The images' gradient: images fixed, texts streamed in splits.
+            self.dev.launch(
+                "infonce_bwd_rows",
+                (row_tiles as u32, splits as u32, nz),
+                256,
+                smem,
+                Args::new()
+                    .t(img)
+                    .i64(local as i64)
+                    .t(all_txt)
+                    .i64(global as i64)
+                    .i32(dim as i32)
+                    .i64(chunk as i64)
+                    .i64(offset as i64)
+                    .ptr(dptr(row_lse))
+                    .ptr(dptr(col_lse))
+                    .ptr(dptr(logit_scale))
+                    .f32(coef)
+                    .ptr(base)
+                    .ptr(part_ds),
+            )?;
+            self.dev.launch(
+                "infonce_reduce_rows",
+                (blocks(local * dim).min(self.dev.sm_count * 16), 1, 1),
+                BLOCK,
+                0,
+                Args::new().t(d_img).ptr(base).i32(splits as i32).i64((local * dim) as i64).ptr(dptr(logit_scale)),
+            )?;
+            // The texts' gradient: texts fixed, all images streamed (the same logits again).
+            self.dev.launch(
+                "infonce_bwd_cols",
+                (global.div_ceil(64) as u32, 1, nz),
+                256,
+                smem,
+                Args::new()
+                    .t(all_txt)
+                    .i64(global as i64)
+                    .t(img)
+                    .i64(local as i64)
+                    .i32(dim as i32)
+                    .i64(offset as i64)
+                    .ptr(dptr(col_lse))
+                    .ptr(dptr(row_lse))
+                    .ptr(dptr(logit_scale))
+                    .f32(coef)
+                    .t(d_all_txt),
+            )?;
             if let Some(t) = d_logit_scale {
                 self.dev.launch(
                     "infonce_finish_scale",
                     (1, 1, 1),
                     32,
                     0,
-                    Args::new().ptr(dptr(t)).ptr(part_ds).i64((2 * nds) as i64),
+                    Args::new().ptr(dptr(t)).ptr(part_ds).i64(nds as i64),
                 )?;
             }
             Ok(())
@@ -1417,8 +1496,8 @@ fn attention_variant(hd: usize) -> &'static nvrtc::Variant {
 
 /// The shared InfoNCE checks plus the CUDA kernels' limit on the feature dimension (see
 /// `limits::CUDA`: any width since the kernels walk wide features in chunks).
-fn check_infonce(dims: &InfoNceDims, img: &T, txt: &T, all_img: &T, all_txt: &T) {
-    shapes::check_infonce(dims, img, txt, all_img, all_txt);
+fn check_infonce(dims: &InfoNceDims, img: &T, all_txt: &T) {
+    shapes::check_infonce(dims, img, all_txt);
     if let Err(e) = crate::limits::CUDA.check_infonce_dim(dims.dim) {
         panic!("{e}");
     }

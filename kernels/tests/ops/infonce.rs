@@ -1,47 +1,49 @@
+//! The one-block InfoNCE op, run as a world of ranks would run it (each rank its block of
+//! local images against all texts, the column statistics combined across the ranks), against
+//! the materialised symmetric loss in f64: the two-direction definition the earlier two-block
+//! op computed (each rank's images against all texts and its texts against all images).
+
 use kernels::cpu::infonce;
 use kernels::InfoNceDims;
 
 use crate::common::*;
 
-/// Everything the materialised f64 loss gives: the loss share, the row log-sum-exps and the
-/// gradients of `dloss * loss`.
+/// Everything the materialised f64 loss of the whole batch gives: the global mean loss, both
+/// directions' log-sum-exps (image rows, text rows = the block's columns) and the gradients of
+/// `dloss * loss`.
 struct Reference {
     loss: f64,
     lse_img: Vec<f64>,
     lse_txt: Vec<f64>,
     d_img: Vec<f64>,
     d_txt: Vec<f64>,
-    d_all_img: Vec<f64>,
-    d_all_txt: Vec<f64>,
     d_scale: f64,
 }
 
-/// One direction over the full `local x global` matrix: returns the sum of
-/// `lse_i - logit_{i, off+i}`, and accumulates the gradients.
+/// One direction over the full `n x n` matrix: returns the sum of `lse_i - logit_ii` and
+/// accumulates the gradients.
 #[allow(clippy::too_many_arguments)]
 fn direction(
     x: &[f64],
     y: &[f64],
+    n: usize,
+    d: usize,
     ls: f64,
-    dims: InfoNceDims,
     dloss: f64,
     lse: &mut [f64],
     dx: &mut [f64],
     dy: &mut [f64],
     dscale: &mut f64,
 ) -> f64 {
-    let InfoNceDims { local, global, dim: d, offset } = dims;
     let s = ls.exp();
     let mut total = 0.0;
-    for i in 0..local {
-        let logits: Vec<f64> =
-            (0..global).map(|j| s * (0..d).map(|k| x[i * d + k] * y[j * d + k]).sum::<f64>()).collect();
+    for i in 0..n {
+        let logits: Vec<f64> = (0..n).map(|j| s * (0..d).map(|k| x[i * d + k] * y[j * d + k]).sum::<f64>()).collect();
         let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         lse[i] = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
-        total += lse[i] - logits[offset + i];
-        for j in 0..global {
-            let g =
-                ((logits[j] - lse[i]).exp() - if j == offset + i { 1.0 } else { 0.0 }) * dloss / (2 * global) as f64;
+        total += lse[i] - logits[i];
+        for j in 0..n {
+            let g = ((logits[j] - lse[i]).exp() - if j == i { 1.0 } else { 0.0 }) * dloss / (2 * n) as f64;
             *dscale += g * logits[j];
             for k in 0..d {
                 dx[i * d + k] += g * s * y[j * d + k];
@@ -52,68 +54,36 @@ fn direction(
     total
 }
 
-fn reference(
-    img: &[f32],
-    txt: &[f32],
-    all_img: &[f32],
-    all_txt: &[f32],
-    ls: f32,
-    dims: InfoNceDims,
-    dloss: f64,
-) -> Reference {
-    let (l, g, d) = (dims.local, dims.global, dims.dim);
+fn reference(all_img: &[f32], all_txt: &[f32], n: usize, d: usize, ls: f32, dloss: f64) -> Reference {
     let mut r = Reference {
         loss: 0.0,
-        lse_img: vec![0.0; l],
-        lse_txt: vec![0.0; l],
-        d_img: vec![0.0; l * d],
-        d_txt: vec![0.0; l * d],
-        d_all_img: vec![0.0; g * d],
-        d_all_txt: vec![0.0; g * d],
+        lse_img: vec![0.0; n],
+        lse_txt: vec![0.0; n],
+        d_img: vec![0.0; n * d],
+        d_txt: vec![0.0; n * d],
         d_scale: 0.0,
     };
-    let ls = ls as f64;
-    let a = direction(
-        &to64(img),
-        &to64(all_txt),
-        ls,
-        dims,
-        dloss,
-        &mut r.lse_img,
-        &mut r.d_img,
-        &mut r.d_all_txt,
-        &mut r.d_scale,
-    );
-    let b = direction(
-        &to64(txt),
-        &to64(all_img),
-        ls,
-        dims,
-        dloss,
-        &mut r.lse_txt,
-        &mut r.d_txt,
-        &mut r.d_all_img,
-        &mut r.d_scale,
-    );
-    r.loss = (a + b) / (2 * g) as f64;
+    let (i64_, t64, ls) = (to64(all_img), to64(all_txt), ls as f64);
+    let a = direction(&i64_, &t64, n, d, ls, dloss, &mut r.lse_img, &mut r.d_img, &mut r.d_txt, &mut r.d_scale);
+    let b = direction(&t64, &i64_, n, d, ls, dloss, &mut r.lse_txt, &mut r.d_txt, &mut r.d_img, &mut r.d_scale);
+    r.loss = (a + b) / (2 * n) as f64;
     r
 }
 
 /// The loss alone in f64 from f64 inputs, for finite differences.
-fn loss64(img: &[f64], txt: &[f64], all_img: &[f64], all_txt: &[f64], ls: f64, dims: InfoNceDims) -> f64 {
-    let InfoNceDims { local, global, dim: d, offset } = dims;
+fn loss64(all_img: &[f64], all_txt: &[f64], n: usize, d: usize, ls: f64) -> f64 {
     let s = ls.exp();
     let dir = |x: &[f64], y: &[f64]| -> f64 {
-        (0..local)
+        (0..n)
             .map(|i| {
                 let logits: Vec<f64> =
-                    (0..global).map(|j| s * (0..d).map(|k| x[i * d + k] * y[j * d + k]).sum::<f64>()).collect();
+                    (0..n).map(|j| s * (0..d).map(|k| x[i * d + k] * y[j * d + k]).sum::<f64>()).collect();
                 let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln() - logits[offset + i]
+                max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln() - logits[i]
             })
             .sum()
     };
-    (dir(img, all_txt) + dir(txt, all_img)) / (2 * global) as f64
+    (dir(all_img, all_txt) + dir(all_txt, all_img)) / (2 * n) as f64
 }
 
 /// Unit rows, as the model feeds the loss.
@@ -126,244 +96,187 @@ fn features(cx: &mut Ctx, n: usize, d: usize) -> Vec<f32> {
     x
 }
 
-/// The op's outputs from buffers that start at `start` values.
-struct Ours {
+/// What a world of ranks computes, assembled: the summed loss, the row log-sum-exps of every
+/// rank in order, the column log-sum-exps (the same on every rank), every image's gradient
+/// (its rank's rows) and every text's (the sum of the ranks' column gradients: the
+/// reduce-scatter), and the summed log-scale gradient.
+struct World {
     loss: f32,
-    lse_img: Vec<f32>,
-    lse_txt: Vec<f32>,
+    row_lse: Vec<f32>,
+    col_lse: Vec<f32>,
     d_img: Vec<f32>,
     d_txt: Vec<f32>,
-    d_all_img: Vec<f32>,
-    d_all_txt: Vec<f32>,
     d_scale: f32,
 }
 
+/// Runs `ranks` ranks of `n / ranks` pairs on `all_img`, `all_txt` (`n x d`), the column
+/// statistics combined as the step combines them (maxima, rescale, sums in rank order). The
+/// gradient outputs of rank 0 start at `start` (`(d_img rows, d_all_txt)`), as a caller's
+/// accumulating buffers would; the assembled gradients include that start.
 #[allow(clippy::too_many_arguments)]
-fn run(
-    img: &[f32],
-    txt: &[f32],
+fn world(
     all_img: &[f32],
     all_txt: &[f32],
+    n: usize,
+    d: usize,
+    ranks: usize,
     ls: f32,
-    dims: InfoNceDims,
     dloss: f32,
-    start: Option<&Ours>,
-) -> Ours {
-    let (l, g, d) = (dims.local, dims.global, dims.dim);
-    let mut o = match start {
-        Some(s) => Ours {
-            loss: 0.0,
-            lse_img: vec![0.0; l],
-            lse_txt: vec![0.0; l],
-            d_img: s.d_img.clone(),
-            d_txt: s.d_txt.clone(),
-            d_all_img: s.d_all_img.clone(),
-            d_all_txt: s.d_all_txt.clone(),
-            d_scale: 0.0,
-        },
-        None => Ours {
-            loss: 0.0,
-            lse_img: vec![0.0; l],
-            lse_txt: vec![0.0; l],
-            d_img: vec![0.0; l * d],
-            d_txt: vec![0.0; l * d],
-            d_all_img: vec![0.0; g * d],
-            d_all_txt: vec![0.0; g * d],
-            d_scale: 0.0,
-        },
-    };
-    o.loss = infonce::fwd(&mut o.lse_img, &mut o.lse_txt, img, txt, all_img, all_txt, ls, dims);
-    o.d_scale = infonce::bwd(
-        &mut o.d_img,
-        &mut o.d_txt,
-        &mut o.d_all_img,
-        &mut o.d_all_txt,
-        dloss,
-        img,
-        txt,
-        all_img,
-        all_txt,
-        ls,
-        &o.lse_img,
-        &o.lse_txt,
-        dims,
-    );
-    o
-}
-
-/// Gradient buffers holding values of the gradients' own magnitude (about 1 / global), so
-/// that the relative tolerance still bites on the gradient itself.
-fn random_start(cx: &mut Ctx, dims: InfoNceDims) -> Ours {
-    let (l, g, d) = (dims.local, dims.global, dims.dim);
-    let a = 1.0 / g as f32;
-    Ours {
+    start: Option<(&[f32], &[f32])>,
+) -> World {
+    assert_eq!(n % ranks, 0);
+    let b = n / ranks;
+    let dims = |r: usize| InfoNceDims { local: b, global: n, dim: d, offset: r * b };
+    let img = |r: usize| &all_img[r * b * d..(r + 1) * b * d];
+    let mut row_lse = vec![0.0f32; n];
+    let mut pos = vec![0.0f32; n];
+    let (mut col_max, mut col_sum) = (vec![vec![0.0f32; n]; ranks], vec![vec![0.0f32; n]; ranks]);
+    for r in 0..ranks {
+        let rows = r * b..(r + 1) * b;
+        infonce::block_fwd(
+            &mut row_lse[rows.clone()],
+            &mut pos[rows],
+            &mut col_max[r],
+            &mut col_sum[r],
+            img(r),
+            all_txt,
+            ls,
+            dims(r),
+        );
+    }
+    // The all-reduce of the maxima, each rank's rescale, the all-reduce of the sums.
+    let gmax: Vec<f32> = (0..n).map(|j| (0..ranks).map(|r| col_max[r][j]).fold(f32::NEG_INFINITY, f32::max)).collect();
+    for r in 0..ranks {
+        infonce::col_rescale(&mut col_sum[r], &col_max[r], &gmax);
+    }
+    let gsum: Vec<f32> = (0..n).map(|j| (0..ranks).map(|r| col_sum[r][j]).sum()).collect();
+    let mut out = World {
         loss: 0.0,
-        lse_img: vec![],
-        lse_txt: vec![],
-        d_img: cx.uniform(l * d, -a, a),
-        d_txt: cx.uniform(l * d, -a, a),
-        d_all_img: cx.uniform(g * d, -a, a),
-        d_all_txt: cx.uniform(g * d, -a, a),
+        row_lse: row_lse.clone(),
+        col_lse: vec![0.0; n],
+        d_img: vec![0.0; n * d],
+        d_txt: vec![0.0; n * d],
         d_scale: 0.0,
-    }
-}
-
-fn plus(start: &[f32], delta: &[f64]) -> Vec<f64> {
-    start.iter().zip(delta).map(|(&a, &b)| a as f64 + b).collect()
-}
-
-/// Single process (local == global, offset 0), against the materialised f64 loss, with the
-/// gradient buffers holding values beforehand.
-#[test]
-fn infonce_single_process_matches_materialised() {
-    let mut cx = ctx();
-    // 300 rows: 5 row tiles (the last partial) and 2 column tiles (the last partial).
-    for (g, d, ls) in [(300, 32, (1.0f32 / 0.07).ln()), (300, 16, 100f32.ln()), (1, 4, 0.3), (64, 8, 1.0)] {
-        println!("global {g} dim {d} logit_scale {ls}");
-        let dims = InfoNceDims { local: g, global: g, dim: d, offset: 0 };
-        let (img, txt) = (features(&mut cx, g, d), features(&mut cx, g, d));
-        let dloss = 0.75;
-        let start = random_start(&mut cx, dims);
-        let ours = run(&img, &txt, &img, &txt, ls, dims, dloss, Some(&start));
-        let want = reference(&img, &txt, &img, &txt, ls, dims, dloss as f64);
-        assert_close(&cx, "infonce loss", &[ours.loss], &[want.loss], 1e-6, 1e-5);
-        assert_close(&cx, "infonce lse_img", &ours.lse_img, &want.lse_img, 1e-5, 1e-5);
-        assert_close(&cx, "infonce lse_txt", &ours.lse_txt, &want.lse_txt, 1e-5, 1e-5);
-        let (atol, rtol) = (1e-6, 1e-4);
-        assert_close(&cx, "infonce d_img", &ours.d_img, &plus(&start.d_img, &want.d_img), atol, rtol);
-        assert_close(&cx, "infonce d_txt", &ours.d_txt, &plus(&start.d_txt, &want.d_txt), atol, rtol);
-        assert_close(&cx, "infonce d_all_img", &ours.d_all_img, &plus(&start.d_all_img, &want.d_all_img), atol, rtol);
-        assert_close(&cx, "infonce d_all_txt", &ours.d_all_txt, &plus(&start.d_all_txt, &want.d_all_txt), atol, rtol);
-        assert_close(&cx, "infonce d_logit_scale", &[ours.d_scale], &[want.d_scale], 1e-6, 1e-4);
-    }
-}
-
-/// Three ranks of 70 rows: their losses sum to the single-process loss, and the gradient of
-/// each feature row (its local row term plus the reduce-scattered column terms of every
-/// rank) equals the single-process one.
-#[test]
-fn infonce_three_ranks_sum_to_single_process() {
-    let mut cx = ctx();
-    let (ranks, b, d) = (3, 70, 24);
-    let g = ranks * b;
-    let ls = (1.0f32 / 0.07).ln();
-    let (all_img, all_txt) = (features(&mut cx, g, d), features(&mut cx, g, d));
-    let dloss = 1.0;
-    let single = run(
-        &all_img,
-        &all_txt,
-        &all_img,
-        &all_txt,
-        ls,
-        InfoNceDims { local: g, global: g, dim: d, offset: 0 },
-        dloss,
-        None,
-    );
+    };
     let mut loss = 0.0f64;
     let mut d_scale = 0.0f64;
-    let (mut tot_img, mut tot_txt) = (vec![0.0f64; g * d], vec![0.0f64; g * d]);
-    let mut lse_img = vec![];
     for r in 0..ranks {
-        let dims = InfoNceDims { local: b, global: g, dim: d, offset: r * b };
-        let rows = r * b * d..(r + 1) * b * d;
-        let o = run(&all_img[rows.clone()], &all_txt[rows.clone()], &all_img, &all_txt, ls, dims, dloss, None);
-        loss += o.loss as f64;
-        d_scale += o.d_scale as f64;
-        lse_img.extend(o.lse_img);
-        for (k, v) in rows.zip(o.d_img.iter().zip(&o.d_txt)) {
-            tot_img[k] += *v.0 as f64;
-            tot_txt[k] += *v.1 as f64;
+        let rows = r * b..(r + 1) * b;
+        let mut col_lse = vec![0.0f32; n];
+        loss +=
+            infonce::block_loss(&mut col_lse, &row_lse[rows.clone()], &pos[rows.clone()], &gmax, &gsum, dims(r)) as f64;
+        if r == 0 {
+            out.col_lse = col_lse.clone();
+        } else {
+            assert_eq!(out.col_lse, col_lse, "every rank computes the same column log-sum-exps");
         }
-        for k in 0..g * d {
-            tot_img[k] += o.d_all_img[k] as f64;
-            tot_txt[k] += o.d_all_txt[k] as f64;
+        let (mut di, mut dt) = match (r, start) {
+            (0, Some((si, st))) => (si.to_vec(), st.to_vec()),
+            _ => (vec![0.0f32; b * d], vec![0.0f32; n * d]),
+        };
+        let ds = infonce::block_bwd(&mut di, &mut dt, dloss, img(r), all_txt, ls, &row_lse[rows], &col_lse, dims(r));
+        d_scale += ds as f64;
+        out.d_img[r * b * d..(r + 1) * b * d].copy_from_slice(&di);
+        out.d_txt.iter_mut().zip(&dt).for_each(|(o, v)| *o += v);
+    }
+    out.loss = loss as f32;
+    out.d_scale = d_scale as f32;
+    out
+}
+
+/// Worlds of 1, 2 and 4 ranks against the materialised f64 loss of the whole batch: the loss,
+/// both directions' log-sum-exps and every gradient. 600 texts are three column tiles (the
+/// last partial); 150 images per rank two row tiles and a partial one.
+#[test]
+fn infonce_block_worlds_match_materialised() {
+    let mut cx = ctx();
+    for (n, d, ls) in [(600, 32, (1.0f32 / 0.07).ln()), (600, 16, 100f32.ln()), (4, 4, 0.3), (64, 8, 1.0)] {
+        let (all_img, all_txt) = (features(&mut cx, n, d), features(&mut cx, n, d));
+        let dloss = 0.75;
+        let want = reference(&all_img, &all_txt, n, d, ls, dloss as f64);
+        for ranks in [1, 2, 4] {
+            println!("global {n} dim {d} logit_scale {ls} ranks {ranks}");
+            let got = world(&all_img, &all_txt, n, d, ranks, ls, dloss, None);
+            let at = format!("({ranks} ranks, global {n}, dim {d})");
+            assert_close(&cx, &format!("loss {at}"), &[got.loss], &[want.loss], 1e-6, 1e-5);
+            assert_close(&cx, &format!("row lse {at}"), &got.row_lse, &want.lse_img, 1e-5, 1e-5);
+            assert_close(&cx, &format!("col lse {at}"), &got.col_lse, &want.lse_txt, 1e-5, 1e-5);
+            let (atol, rtol) = (1e-6, 1e-4);
+            assert_close(&cx, &format!("d_img {at}"), &got.d_img, &want.d_img, atol, rtol);
+            assert_close(&cx, &format!("d_txt {at}"), &got.d_txt, &want.d_txt, atol, rtol);
+            assert_close(&cx, &format!("d_logit_scale {at}"), &[got.d_scale], &[want.d_scale], 1e-6, 1e-4);
         }
     }
-    assert_close(&cx, "sum of rank losses", &[single.loss], &[loss], 1e-6, 1e-5);
-    assert_close(&cx, "lse_img of the ranks", &single.lse_img, &to64(&lse_img), 1e-6, 1e-5);
-    assert_close(&cx, "sum of rank d_logit_scale", &[single.d_scale], &[d_scale], 1e-6, 1e-4);
-    let single_img: Vec<f64> = (0..g * d).map(|k| single.d_img[k] as f64 + single.d_all_img[k] as f64).collect();
-    let single_txt: Vec<f64> = (0..g * d).map(|k| single.d_txt[k] as f64 + single.d_all_txt[k] as f64).collect();
-    let (ti, tt): (Vec<f32>, Vec<f32>) =
-        (tot_img.iter().map(|&v| v as f32).collect(), tot_txt.iter().map(|&v| v as f32).collect());
-    assert_close(&cx, "assembled image gradient", &ti, &single_img, 1e-6, 1e-4);
-    assert_close(&cx, "assembled text gradient", &tt, &single_txt, 1e-6, 1e-4);
-    // And against the f64 reference, for good measure.
-    let want = reference(
-        &all_img,
-        &all_txt,
-        &all_img,
-        &all_txt,
-        ls,
-        InfoNceDims { local: g, global: g, dim: d, offset: 0 },
-        1.0,
-    );
-    assert_close(&cx, "sum of rank losses vs f64", &[loss as f32], &[want.loss], 1e-6, 1e-5);
 }
 
-/// Finite differences of the f64 loss for every input and the log scale, with a rank that
-/// is neither first nor last.
-fn fd_case(local: usize, global: usize, offset: usize, d: usize, coords: usize) {
+/// The backward adds into its gradient outputs: buffers that hold values (of the gradients'
+/// own magnitude, about 1 / global, so that the relative tolerance still bites) keep them.
+#[test]
+fn infonce_block_bwd_accumulates() {
     let mut cx = ctx();
-    println!("infonce local {local} global {global} offset {offset} dim {d}");
-    let dims = InfoNceDims { local, global, dim: d, offset };
-    // Unnormalised features of varied norms: the op must not assume unit rows.
-    let (img, txt) = (cx.vec(local * d), cx.vec(local * d));
-    let (all_img, all_txt) = (cx.vec(global * d), cx.vec(global * d));
-    let ls = 1.2f32;
-    let dloss = 0.6f32;
-    let start = random_start(&mut cx, dims);
-    let ours = run(&img, &txt, &all_img, &all_txt, ls, dims, dloss, Some(&start));
-    let (i64_, t64, ai64, at64) = (to64(&img), to64(&txt), to64(&all_img), to64(&all_txt));
-    let ls64 = ls as f64;
-    let k = dloss as f64;
-    assert_close(&cx, "infonce loss", &[ours.loss], &[loss64(&i64_, &t64, &ai64, &at64, ls64, dims)], 1e-6, 1e-5);
-    let f_img = |x: &[f64]| k * loss64(x, &t64, &ai64, &at64, ls64, dims);
-    let f_txt = |x: &[f64]| k * loss64(&i64_, x, &ai64, &at64, ls64, dims);
-    let f_all_img = |x: &[f64]| k * loss64(&i64_, &t64, x, &at64, ls64, dims);
-    let f_all_txt = |x: &[f64]| k * loss64(&i64_, &t64, &ai64, x, ls64, dims);
-    let f_ls = |x: &[f64]| k * loss64(&i64_, &t64, &ai64, &at64, x[0], dims);
+    let (n, d, ranks) = (300, 24, 2);
+    let (all_img, all_txt) = (features(&mut cx, n, d), features(&mut cx, n, d));
+    let a = 1.0 / n as f32;
+    let (si, st) = (cx.uniform(n / ranks * d, -a, a), cx.uniform(n * d, -a, a));
+    let got = world(&all_img, &all_txt, n, d, ranks, 2.0, 1.0, Some((&si, &st)));
+    let want = reference(&all_img, &all_txt, n, d, 2.0, 1.0);
+    let mut want_img = want.d_img.clone();
+    want_img.iter_mut().zip(&si).for_each(|(w, &s)| *w += s as f64);
+    let want_txt: Vec<f64> = want.d_txt.iter().zip(&st).map(|(w, &s)| w + s as f64).collect();
+    assert_close(&cx, "d_img with a start", &got.d_img, &want_img, 1e-6, 1e-4);
+    assert_close(&cx, "d_txt with a start", &got.d_txt, &want_txt, 1e-6, 1e-4);
+}
+
+/// Finite differences of the f64 loss for every feature and the log scale, through a world of
+/// `ranks` ranks (unnormalised features of varied norms: the op must not assume unit rows).
+fn fd_case(n: usize, ranks: usize, d: usize, coords: usize) {
+    let mut cx = ctx();
+    println!("infonce global {n} ranks {ranks} dim {d}");
+    let (all_img, all_txt) = (cx.vec(n * d), cx.vec(n * d));
+    let (ls, dloss) = (1.2f32, 0.6f32);
+    let got = world(&all_img, &all_txt, n, d, ranks, ls, dloss, None);
+    let (i64_, t64, ls64, k) = (to64(&all_img), to64(&all_txt), ls as f64, dloss as f64);
+    assert_close(&cx, "infonce loss", &[got.loss], &[loss64(&i64_, &t64, n, d, ls64)], 1e-6, 1e-5);
+    let f_img = |x: &[f64]| k * loss64(x, &t64, n, d, ls64);
+    let f_txt = |x: &[f64]| k * loss64(&i64_, x, n, d, ls64);
+    let f_ls = |x: &[f64]| k * loss64(&i64_, &t64, n, d, x[0]);
     let (atol, rtol) = (1e-6, 1e-4);
-    let idx = cx.coords(local * d, coords);
-    check_grad(&cx, "infonce d_img", &f_img, &img, &start.d_img, &ours.d_img, &idx, atol, rtol);
-    check_grad(&cx, "infonce d_txt", &f_txt, &txt, &start.d_txt, &ours.d_txt, &idx, atol, rtol);
-    let idx = cx.coords(global * d, coords);
-    check_grad(&cx, "infonce d_all_img", &f_all_img, &all_img, &start.d_all_img, &ours.d_all_img, &idx, atol, rtol);
-    check_grad(&cx, "infonce d_all_txt", &f_all_txt, &all_txt, &start.d_all_txt, &ours.d_all_txt, &idx, atol, rtol);
-    check_grad(&cx, "infonce d_logit_scale", &f_ls, &[ls], &[0.0], &[ours.d_scale], &[0], 1e-6, 1e-4);
+    let zeros = vec![0.0f32; n * d];
+    let idx = cx.coords(n * d, coords);
+    check_grad(&cx, "infonce d_img", &f_img, &all_img, &zeros, &got.d_img, &idx, atol, rtol);
+    check_grad(&cx, "infonce d_txt", &f_txt, &all_txt, &zeros, &got.d_txt, &idx, atol, rtol);
+    check_grad(&cx, "infonce d_logit_scale", &f_ls, &[ls], &[0.0], &[got.d_scale], &[0], 1e-6, 1e-4);
 }
 
 #[test]
-fn infonce_finite_differences_small() {
-    fd_case(5, 13, 4, 6, usize::MAX);
-    fd_case(1, 1, 0, 3, usize::MAX);
-    fd_case(3, 3, 0, 2, usize::MAX);
+fn infonce_block_finite_differences_small() {
+    fd_case(15, 3, 6, usize::MAX);
+    fd_case(1, 1, 3, usize::MAX);
+    fd_case(6, 2, 2, usize::MAX);
 }
 
 #[test]
-fn infonce_finite_differences_tiled() {
-    // The last of three ranks of 100: a partial row tile and a partial column tile.
-    fd_case(100, 300, 200, 8, 12);
+fn infonce_block_finite_differences_tiled() {
+    // Three ranks of 100: a partial row tile, two column tiles (the last partial).
+    fd_case(300, 3, 8, 12);
 }
 
-/// Column gradients are accumulated per column tile in a fixed order: the same bits on
-/// every run, whatever the threads do.
+/// Sums run in a fixed order (column splits, row blocks, split order): the same bits on every
+/// run, whatever the threads do.
 #[test]
-fn infonce_bwd_is_deterministic() {
+fn infonce_block_is_deterministic() {
     let mut cx = ctx();
-    let (l, g, d) = (200, 600, 16);
-    let dims = InfoNceDims { local: l, global: g, dim: d, offset: 300 };
-    let (img, txt) = (features(&mut cx, l, d), features(&mut cx, l, d));
-    let (all_img, all_txt) = (features(&mut cx, g, d), features(&mut cx, g, d));
-    let first = run(&img, &txt, &all_img, &all_txt, 2.0, dims, 1.0, None);
+    let (n, d) = (1200, 16);
+    let (all_img, all_txt) = (features(&mut cx, n, d), features(&mut cx, n, d));
+    let first = world(&all_img, &all_txt, n, d, 2, 2.0, 1.0, None);
     for _ in 0..3 {
-        let again = run(&img, &txt, &all_img, &all_txt, 2.0, dims, 1.0, None);
+        let again = world(&all_img, &all_txt, n, d, 2, 2.0, 1.0, None);
         assert!(
             again.loss == first.loss
+                && again.row_lse == first.row_lse
+                && again.col_lse == first.col_lse
                 && again.d_img == first.d_img
                 && again.d_txt == first.d_txt
-                && again.d_all_img == first.d_all_img
-                && again.d_all_txt == first.d_all_txt
                 && again.d_scale == first.d_scale,
             "infonce differs between runs"
         );

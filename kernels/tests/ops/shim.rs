@@ -101,57 +101,58 @@ fn token_embedding_through_the_backend() {
     }
 }
 
+/// The four block ops through the backend equal the CPU functions they wrap, bit for bit,
+/// with the gradient outputs (views of one buffer, as the step's are) holding values before.
 #[test]
 fn infonce_through_the_backend() {
     let mut cx = ctx();
     let cpu = Cpu;
-    let (g, d) = (9, 4);
-    let dims = InfoNceDims { local: g, global: g, dim: d, offset: 0 };
-    let (img, txt) = (cx.vec(g * d), cx.vec(g * d));
+    let (l, g, d, off) = (3, 9, 4, 3);
+    let dims = InfoNceDims { local: l, global: g, dim: d, offset: off };
+    let (img, txt) = (cx.vec(l * d), cx.vec(g * d));
     let up = |x: &[f32]| {
         let t = cpu.alloc(x.len(), DType::F32).unwrap();
         cpu.upload_f32(&t, x).unwrap();
         t
     };
+    let down = |t: &kernels::Tensor<Cpu>| {
+        let mut v = vec![0.0; t.len()];
+        cpu.download_f32(t, &mut v).unwrap();
+        v
+    };
     let (ti, tt, ts) = (up(&img), up(&txt), up(&[0.5]));
-    let (loss, lse_i, lse_t) = (up(&[0.0]), up(&vec![0.0; g]), up(&vec![0.0; g]));
-    // img and txt are their own gathered copies (one process).
-    cpu.infonce_fwd(&loss, &lse_i, &lse_t, &ti, &tt, &ti, &tt, &ts, dims);
-    let mut l = [0.0];
-    cpu.download_f32(&loss, &mut l).unwrap();
-    let (mut li, mut lt) = (vec![0.0; g], vec![0.0; g]);
-    let want = kernels::cpu::infonce::fwd(&mut li, &mut lt, &img, &txt, &img, &txt, 0.5, dims);
-    assert_eq!(l[0], want);
-    assert!(l[0] > 0.0);
-    let grads = cpu.alloc(4 * g * d + 1, DType::F32).unwrap();
-    cpu.fill(&grads, 1.0);
-    let part = |k: usize| grads.slice(k * g * d, g * d);
-    let dscale = grads.slice(4 * g * d, 1);
-    cpu.infonce_bwd(
-        &part(0),
-        &part(1),
-        &part(2),
-        &part(3),
-        Some(&dscale),
-        1.0,
-        &ti,
-        &tt,
-        &ti,
-        &tt,
-        &ts,
-        &lse_i,
-        &lse_t,
-        dims,
+    let (row_lse, pos) = (up(&vec![0.0; l]), up(&vec![0.0; l]));
+    let (col_max, col_sum, col_lse) = (up(&vec![0.0; g]), up(&vec![0.0; g]), up(&vec![0.0; g]));
+    cpu.infonce_block_fwd(&row_lse, &pos, &col_max, &col_sum, &ti, &tt, &ts, dims);
+    let (mut rl, mut p, mut cm, mut cs) = (vec![0.0; l], vec![0.0; l], vec![0.0; g], vec![0.0; g]);
+    kernels::cpu::infonce::block_fwd(&mut rl, &mut p, &mut cm, &mut cs, &img, &txt, 0.5, dims);
+    assert_eq!(
+        (down(&row_lse), down(&pos), down(&col_max), down(&col_sum)),
+        (rl.clone(), p.clone(), cm.clone(), cs.clone())
     );
-    let mut got = vec![0.0; 4 * g * d + 1];
-    cpu.download_f32(&grads, &mut got).unwrap();
-    let mut want = vec![1.0; 4 * g * d];
-    let (a, rest) = want.split_at_mut(g * d);
-    let (b, rest) = rest.split_at_mut(g * d);
-    let (c, e) = rest.split_at_mut(g * d);
-    let ds = kernels::cpu::infonce::bwd(a, b, c, e, 1.0, &img, &txt, &img, &txt, 0.5, &li, &lt, dims);
+    // Another rank's maxima, above this one's.
+    let gm: Vec<f32> = cm.iter().map(|m| m + 0.25).collect();
+    let tgm = up(&gm);
+    cpu.infonce_col_rescale(&col_sum, &col_max, &tgm);
+    kernels::cpu::infonce::col_rescale(&mut cs, &cm, &gm);
+    assert_eq!(down(&col_sum), cs);
+    let loss = up(&[0.0]);
+    cpu.infonce_block_loss(&loss, &col_lse, &row_lse, &pos, &tgm, &col_sum, dims);
+    let mut cl = vec![0.0; g];
+    let want = kernels::cpu::infonce::block_loss(&mut cl, &rl, &p, &gm, &cs, dims);
+    assert_eq!(down(&loss), vec![want]);
+    assert!(want > 0.0 && want.is_finite());
+    assert_eq!(down(&col_lse), cl);
+    let grads = cpu.alloc(l * d + g * d + 1, DType::F32).unwrap();
+    cpu.fill(&grads, 1.0);
+    let (di, dt, dscale) = (grads.slice(0, l * d), grads.slice(l * d, g * d), grads.slice(l * d + g * d, 1));
+    cpu.infonce_block_bwd(&di, &dt, Some(&dscale), 1.0, &ti, &tt, &ts, &row_lse, &col_lse, dims);
+    let (mut wi, mut wt) = (vec![1.0; l * d], vec![1.0; g * d]);
+    let ds = kernels::cpu::infonce::block_bwd(&mut wi, &mut wt, 1.0, &img, &txt, 0.5, &rl, &cl, dims);
+    let mut want = wi;
+    want.extend(wt);
     want.push(1.0 + ds);
-    assert_eq!(got, want);
+    assert_eq!(down(&grads), want);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::sync::mpsc;
 
 use anyhow::{anyhow, ensure, Result};
 use kernels::{Backend, Tensor};
-use model::collectives::{Backward, Buckets, Collectives};
+use model::collectives::{Backward, Buckets, Collectives, ReduceOp};
 use model::Clip;
 
 use super::HostCollectives;
@@ -56,6 +56,15 @@ impl<B: Backend, C: HostCollectives> Collectives<B> for OverHost<C> {
         be.download_f32(all, &mut self.all)?;
         self.transport.reduce_scatter(&self.all, &mut self.local)?;
         be.upload_f32(local, &self.local)
+    }
+    fn all_reduce(&mut self, be: &B, buf: &Tensor<B>, op: ReduceOp) -> Result<()> {
+        self.local.resize(buf.len(), 0.0);
+        be.download_f32(buf, &mut self.local)?;
+        match op {
+            ReduceOp::Sum => self.transport.all_reduce(&mut self.local)?,
+            ReduceOp::Max => self.transport.all_reduce_max(&mut self.local)?,
+        }
+        be.upload_f32(buf, &self.local)
     }
     fn all_reduce_host(&mut self, buf: &mut [f32]) -> Result<()> {
         self.transport.all_reduce(buf)

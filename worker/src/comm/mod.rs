@@ -27,6 +27,8 @@ pub trait HostCollectives: Send {
     fn reduce_scatter(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()>;
     /// Sums `buf` over the ranks, in place.
     fn all_reduce(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// The elementwise maximum of `buf` over the ranks, in place (NaN if any rank has one).
+    fn all_reduce_max(&mut self, buf: &mut [f32]) -> Result<()>;
     /// Copies `buf` of rank `root` to every rank.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has entered it.

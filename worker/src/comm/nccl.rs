@@ -4,8 +4,8 @@
 //! before [`nccl_library`] has opened both (NCCL through `kernels::cuda::nccl_lib`, which finds
 //! `libnccl.so.2` as the system package or NVIDIA's wheel installs it).
 //!
-//! The feature all-gather, the reduce-scatter of the gathered feature gradients and the
-//! gradient buckets all run on the backend's communication stream, on the tensors' own device
+//! The feature all-gather, the reduce-scatter of the gathered feature gradients, the InfoNCE
+//! column statistics' all-reduces and the gradient buckets all run on the backend's communication stream, on the tensors' own device
 //! buffers: the communication stream waits (through an event) for the compute that wrote the
 //! input, and the compute stream waits for the collective before it reads the output. Nothing
 //! goes through the host but the few values of [`Collectives::all_reduce_host`] (the loss, a
@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use kernels::cuda::nccl_lib::{self, Nccl};
 use kernels::{Cuda, DType, Tensor};
-use model::collectives::{Backward, Buckets, Collectives};
+use model::collectives::{Backward, Buckets, Collectives, ReduceOp};
 use model::Clip;
 
 /// The CUDA driver and NCCL, opened; one line naming what is missing otherwise.
@@ -221,6 +221,18 @@ impl Collectives<Cuda> for NcclComm {
         self.on_comm_stream(be, "reduce_scatter", all, local, |l, s, r, c, st| unsafe {
             l.reduce_scatter(s, r, n, c, st)
         })
+    }
+
+    /// In place on the tensor's device buffer, on the communication stream (ordered by events
+    /// as the gather and the scatter are).
+    fn all_reduce(&mut self, be: &Cuda, buf: &Tensor<Cuda>, op: ReduceOp) -> Result<()> {
+        let n = buf.len();
+        let red = match op {
+            ReduceOp::Sum => nccl_lib::SUM,
+            ReduceOp::Max => nccl_lib::MAX,
+        };
+        // SAFETY: an in-place reduction of `n` values (see `on_comm_stream`).
+        self.on_comm_stream(be, "all_reduce", buf, buf, |l, s, r, c, st| unsafe { l.all_reduce(s, r, n, red, c, st) })
     }
 
     fn all_reduce_host(&mut self, buf: &mut [f32]) -> Result<()> {

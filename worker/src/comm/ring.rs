@@ -99,6 +99,22 @@ fn peer_error(e: std::io::Error, from: usize) -> anyhow::Error {
     }
 }
 
+/// How a reduction combines two ranks' values.
+type Combine = fn(f32, f32) -> f32;
+
+fn sum(a: f32, b: f32) -> f32 {
+    a + b
+}
+
+/// The maximum, NaN if either is (`f32::max` would drop a NaN silently).
+fn max_nan(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
+}
+
 /// `(&v[a], &mut v[b])` for disjoint ranges.
 fn split_pair(v: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&[f32], &mut [f32]) {
     if a.start < b.start {
@@ -204,8 +220,9 @@ impl TcpRing {
         })
     }
 
-    /// Reduce-scatter in place: afterwards `work[ranges[rank]]` holds the sum over ranks.
-    fn reduce_scatter_in_place(&mut self, work: &mut [f32], ranges: &[Range<usize>]) -> Result<()> {
+    /// Reduce-scatter in place: afterwards `work[ranges[rank]]` holds the values of every rank
+    /// combined by `op` (a sum or a maximum).
+    fn reduce_scatter_in_place(&mut self, work: &mut [f32], ranges: &[Range<usize>], op: Combine) -> Result<()> {
         let n = self.world;
         let mut scratch = std::mem::take(&mut self.scratch);
         for s in 0..n - 1 {
@@ -217,10 +234,10 @@ impl TcpRing {
                 self.scratch = scratch;
                 return Err(e);
             }
-            // The partial sum that arrived plus this rank's values: the ring order (f32
-            // addition commutes, so `+=` is the same sum).
+            // The partial result that arrived combined with this rank's values: the ring order
+            // (f32 addition and the maximum commute, so the order of the operands is moot).
             for (w, x) in work[recv].iter_mut().zip(&scratch) {
-                *w += *x;
+                *w = op(*w, *x);
             }
         }
         self.scratch = scratch;
@@ -241,6 +258,17 @@ impl TcpRing {
 
     fn begin(&mut self) {
         self.seq += 1;
+    }
+
+    /// All-reduce in place: a reduce-scatter combining with `op`, then an all-gather.
+    fn all_reduce_with(&mut self, buf: &mut [f32], op: Combine) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.begin();
+        let ranges = chunks(buf.len(), self.world);
+        self.reduce_scatter_in_place(buf, &ranges, op)?;
+        self.all_gather_in_place(buf, &ranges)
     }
 }
 
@@ -284,19 +312,17 @@ impl HostCollectives for TcpRing {
         self.begin();
         let ranges: Vec<_> = (0..self.world).map(|k| k * n..(k + 1) * n).collect();
         let mut work = send.to_vec();
-        self.reduce_scatter_in_place(&mut work, &ranges)?;
+        self.reduce_scatter_in_place(&mut work, &ranges, sum)?;
         recv.copy_from_slice(&work[ranges[self.rank].clone()]);
         Ok(())
     }
 
     fn all_reduce(&mut self, buf: &mut [f32]) -> Result<()> {
-        if self.world == 1 {
-            return Ok(());
-        }
-        self.begin();
-        let ranges = chunks(buf.len(), self.world);
-        self.reduce_scatter_in_place(buf, &ranges)?;
-        self.all_gather_in_place(buf, &ranges)
+        self.all_reduce_with(buf, sum)
+    }
+
+    fn all_reduce_max(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.all_reduce_with(buf, max_nan)
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
