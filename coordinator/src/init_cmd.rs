@@ -18,6 +18,9 @@ pub enum Preset {
     VitB32,
     /// OpenAI's ViT-B/16 shapes.
     VitB16,
+    /// OpenAI's ViT-L/14 shapes (224 px, patch 14, vision 1024 x 24 layers, text 768 x 12,
+    /// projection 768).
+    VitL14,
     /// The sizes given by --image/--patch/--width/--layers/--heads in both towers.
     Custom,
 }
@@ -43,23 +46,38 @@ pub struct InitArgs {
 }
 
 pub fn config_for(args: &InitArgs) -> ClipConfig {
-    let mut c = match args.preset {
-        Preset::VitB32 | Preset::VitB16 => {
-            let mut c: ClipConfig = serde_json::from_str("{}").expect("defaults");
-            if matches!(args.preset, Preset::VitB16) {
-                c.vision_config.patch_size = 16;
-            }
-            c
-        }
-        Preset::Custom => {
-            let mut c = args.size.config();
-            c.vision_config.hidden_act = args.act.clone();
-            c.text_config.hidden_act = args.act.clone();
-            c
-        }
-    };
+    let mut c = preset_config(args.preset, &args.size);
+    if matches!(args.preset, Preset::Custom) {
+        c.vision_config.hidden_act = args.act.clone();
+        c.text_config.hidden_act = args.act.clone();
+    }
     c.adapter_dim = args.adapter_dim;
     c
+}
+
+/// A preset's config (`custom`: `size` in both towers).
+pub fn preset_config(preset: Preset, size: &ModelSizes) -> ClipConfig {
+    // transformers' CLIPConfig defaults are OpenAI's ViT-B/32.
+    let base = || -> ClipConfig { serde_json::from_str("{}").expect("defaults") };
+    match preset {
+        Preset::VitB32 => base(),
+        Preset::VitB16 => {
+            let mut c = base();
+            c.vision_config.patch_size = 16;
+            c
+        }
+        Preset::VitL14 => {
+            let mut c = base();
+            let v = &mut c.vision_config;
+            (v.patch_size, v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads) =
+                (14, 1024, 4096, 24, 16);
+            let t = &mut c.text_config;
+            (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads) = (768, 3072, 12, 12);
+            c.projection_dim = 768;
+            c
+        }
+        Preset::Custom => size.config(),
+    }
 }
 
 pub fn run(args: InitArgs) -> Result<()> {

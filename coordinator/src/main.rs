@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod bench_cmd;
 mod bench_feed;
 mod data_cmds;
+mod estimate;
 mod exec;
 mod fb_cmd;
 mod gpu_cmds;
@@ -49,6 +50,8 @@ enum Command {
     Init(init_cmd::InitArgs),
     /// Benchmarks (`bench train-step`, ...).
     Bench(bench_cmd::BenchArgs),
+    /// Memory and time of a training step per GPU for a cluster run, before booking it.
+    Estimate(estimate::EstimateArgs),
     /// Write a synthetic dataset tree (MIMIC-CXR-JPG, CheXpert or RSNA layout).
     Synth(data_cmds::SynthArgs),
     /// Read a dataset root and print a JSON summary (and optionally some pairs).
@@ -96,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::ForwardBackward(a) => fb_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
         Command::Init(a) => init_cmd::run(a),
+        Command::Estimate(a) => estimate::run(a),
         Command::Synth(a) => data_cmds::run_synth(a),
         Command::DataStats(a) => data_cmds::run_data_stats(a),
         Command::Prepare(a) => data_cmds::run_prepare(a),
