@@ -11,4 +11,5 @@ pub mod fault;
 pub mod feed;
 pub mod finetune;
 pub mod job;
+pub mod memory;
 pub mod train_opts;
