@@ -166,6 +166,10 @@ pub(crate) fn forward_backward<B: Backend>(
     Ok(l)
 }
 
+/// A loss computed per sample on the host: given a micro-batch's rows of the local batch and
+/// their embeddings (`[rows, dim]`), the loss's gradient with respect to those embeddings.
+pub type SampleLoss<'a> = &'a mut dyn FnMut(Range<usize>, &[f32]) -> Result<Vec<f32>>;
+
 /// The vision tower's step for a loss computed per sample (fine-tuning's head): zeroes the
 /// gradients, then for each micro-batch of the model's capacity (one when `b` fits) uploads its
 /// images, embeds them, asks `loss(rows, embeddings)` for the gradient of the loss with respect
@@ -178,7 +182,7 @@ pub fn vision_accumulate<B: Backend>(
     comm: &mut dyn Collectives<B>,
     pixels: &[f32],
     b: usize,
-    loss: &mut dyn FnMut(Range<usize>, &[f32]) -> Result<Vec<f32>>,
+    loss: SampleLoss<'_>,
 ) -> Result<()> {
     let px = 3 * model.image_size() * model.image_size();
     ensure!(b > 0, "a batch of no images");
