@@ -7,6 +7,7 @@ pub mod clip;
 pub mod collectives;
 pub mod config;
 pub mod freeze;
+pub mod gradcache;
 pub mod head;
 pub mod loss;
 pub mod memory;

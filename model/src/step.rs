@@ -19,13 +19,16 @@ use anyhow::{ensure, Result};
 use kernels::{Backend, DType, InfoNceDims, Tensor};
 
 use crate::clip::Clip;
-use crate::collectives::{Buckets, Collectives, ReduceOp, DEFAULT_BUCKET_VALUES};
+use crate::collectives::{Buckets, Collectives, Ready, ReduceOp, DEFAULT_BUCKET_VALUES};
+use crate::gradcache::{self, FeatureCache};
 use crate::optim::AdamW;
 
 type T<B> = Tensor<B>;
 
 /// The InfoNCE loss's buffers for a local batch capacity and a world size, and the gradient
-/// buckets of the model's trainable set.
+/// buckets of the model's trainable set. Its capacity is the local batch, independent of the
+/// model's: a local batch above the model's capacity runs in micro-batches of that capacity
+/// ([`crate::gradcache`]), its features cached in buffers the loss owns.
 pub struct InfoNceLoss<B: Backend> {
     capacity: usize,
     dim: usize,
@@ -44,6 +47,16 @@ pub struct InfoNceLoss<B: Backend> {
     d_all_txt: T<B>,
     /// The parameter gradient's sum over the ranks.
     pub grad_sum: GradientSum,
+    /// The local batch's features and their gradients, when the capacity exceeds the model's.
+    pub(crate) features: Option<FeatureCache<B>>,
+}
+
+/// The local features a loss reads and where it writes their gradients (`[b, dim]` each, f32).
+pub struct Features<'a, B: Backend> {
+    pub img: &'a T<B>,
+    pub txt: &'a T<B>,
+    pub d_img: &'a T<B>,
+    pub d_txt: &'a T<B>,
 }
 
 /// The parameter gradient's sum over the ranks, in buckets of the model's trainable set,
@@ -88,16 +101,8 @@ impl GradientSum {
         towers: Towers,
         after: Observer<'_>,
     ) -> Result<()> {
-        if self.buckets_for != model.trainable() {
-            self.buckets = Buckets::new(model, self.bucket_values);
-            self.buckets_for = model.trainable().to_vec();
-        }
-        // The loss wrote the logit scale's gradient: it is final before the towers start.
-        let scale = model.grad_order().logit_scale.clone();
         let mut observed = Ok(());
-        comm.backward_and_sum(model, &mut self.buckets, &mut |ready| {
-            // (Frozen in fine-tuning: the buckets then leave it out.)
-            ready(scale.clone());
+        self.sum_during(model, comm, &mut |ready| {
             model.backward_vision_with(b, ready);
             observed = after(Phase::VisionBackward);
             if towers == Towers::Both {
@@ -109,6 +114,27 @@ impl GradientSum {
             }
         })?;
         observed
+    }
+
+    /// Runs `backward` (which reports the towers' finished ranges to the closure it is given)
+    /// with the trainable gradient summed over the ranks bucket by bucket. The logit scale's
+    /// range is reported first: the loss wrote its gradient before any tower's backward.
+    pub(crate) fn sum_during<B: Backend>(
+        &mut self,
+        model: &Clip<B>,
+        comm: &mut dyn Collectives<B>,
+        backward: &mut dyn FnMut(Ready<'_>),
+    ) -> Result<()> {
+        if self.buckets_for != model.trainable() {
+            self.buckets = Buckets::new(model, self.bucket_values);
+            self.buckets_for = model.trainable().to_vec();
+        }
+        let scale = model.grad_order().logit_scale.clone();
+        comm.backward_and_sum(model, &mut self.buckets, &mut |ready| {
+            // (Frozen in fine-tuning: the buckets then leave it out.)
+            ready(scale.clone());
+            backward(ready);
+        })
     }
 }
 
@@ -162,11 +188,20 @@ pub enum Towers {
 impl<B: Backend> InfoNceLoss<B> {
     /// Buffers for `model`'s batch capacity on each of `world` ranks.
     pub fn new(model: &Clip<B>, world: usize) -> Result<Self> {
+        Self::for_batch(model, model.capacity(), world)
+    }
+
+    /// Buffers for a local batch of up to `capacity` pairs on each of `world` ranks. Above the
+    /// model's capacity a step runs in micro-batches of the model's capacity (gradient caching,
+    /// [`crate::gradcache`]); the loss then also holds the local features and their gradients.
+    pub fn for_batch(model: &Clip<B>, capacity: usize, world: usize) -> Result<Self> {
         ensure!(world > 0, "a world of no ranks");
+        ensure!(capacity > 0, "a local batch of no pairs");
         let be = &model.backend;
-        let (cap, d) = (model.capacity(), model.config.projection_dim);
+        let (cap, d) = (capacity, model.config.projection_dim);
         let g = world * cap * d;
         let cols = || be.alloc(world * cap, DType::F32);
+        let features = if cap > model.capacity() { Some(FeatureCache::new(be, cap, d)?) } else { None };
         Ok(Self {
             capacity: cap,
             dim: d,
@@ -181,7 +216,13 @@ impl<B: Backend> InfoNceLoss<B> {
             all_txt: be.alloc(g, DType::F32)?,
             d_all_txt: be.alloc(g, DType::F32)?,
             grad_sum: GradientSum::new(model)?,
+            features,
         })
+    }
+
+    /// The largest local batch a step with this loss takes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Gradient buckets of at least `values` values (0: one per finished range).
@@ -194,6 +235,22 @@ impl<B: Backend> InfoNceLoss<B> {
     /// writes the embeddings' gradients (and the logit scale's, if it trains) so that the
     /// towers' backward can run.
     pub fn forward_backward(&mut self, model: &Clip<B>, comm: &mut dyn Collectives<B>, b: usize) -> Result<f32> {
+        ensure!(b > 0 && b <= model.capacity(), "local batch {b} outside the model's 1..={}", model.capacity());
+        let (img, txt) = (model.image_embeds(b), model.text_embeds(b));
+        let (d_img, d_txt) = (model.image_embeds_grad(b), model.text_embeds_grad(b));
+        self.forward_backward_features(model, comm, b, Features { img: &img, txt: &txt, d_img: &d_img, d_txt: &d_txt })
+    }
+
+    /// The global mean loss of `b` local feature pairs per rank (`f.img`, `f.txt`); writes
+    /// their gradients into `f.d_img` and `f.d_txt` (and the logit scale's into the model's
+    /// gradient, if it trains). `model` gives the backend and the logit scale.
+    pub fn forward_backward_features(
+        &mut self,
+        model: &Clip<B>,
+        comm: &mut dyn Collectives<B>,
+        b: usize,
+        f: Features<'_, B>,
+    ) -> Result<f32> {
         ensure!(b > 0 && b <= self.capacity, "local batch {b} outside 1..={}", self.capacity);
         ensure!(
             comm.world() == self.world,
@@ -203,17 +260,21 @@ impl<B: Backend> InfoNceLoss<B> {
         );
         let be = &model.backend;
         let d = self.dim;
+        let n = b * d;
+        for (name, t) in [("img", f.img), ("txt", f.txt), ("d_img", f.d_img), ("d_txt", f.d_txt)] {
+            ensure!(t.len() == n, "loss features {name}: {} values for {b} rows of {d}", t.len());
+        }
         let global = b * self.world;
         let dims = InfoNceDims { local: b, global, dim: d, offset: comm.rank() * b };
-        let (img, txt) = (model.image_embeds(b), model.text_embeds(b));
+        let (img, txt) = (f.img, f.txt);
         let all_txt = self.all_txt.slice(0, global * d);
-        comm.all_gather(be, &txt, &all_txt)?;
+        comm.all_gather(be, txt, &all_txt)?;
         let scale = &model.logit_scale().value;
         let (row_lse, pos) = (self.row_lse.slice(0, b), self.pos.slice(0, b));
         let col = |t: &T<B>| t.slice(0, global);
         let (col_max, col_sum, global_max, col_lse) =
             (col(&self.col_max), col(&self.col_sum), col(&self.global_max), col(&self.col_lse));
-        be.infonce_block_fwd(&row_lse, &pos, &col_max, &col_sum, &img, &all_txt, scale, dims);
+        be.infonce_block_fwd(&row_lse, &pos, &col_max, &col_sum, img, &all_txt, scale, dims);
         // The texts' log-sum-exps over all images: the maxima over the ranks, each rank's sums
         // brought to them, summed.
         be.copy(&global_max, &col_max);
@@ -221,14 +282,13 @@ impl<B: Backend> InfoNceLoss<B> {
         be.infonce_col_rescale(&col_sum, &col_max, &global_max);
         comm.all_reduce(be, &col_sum, ReduceOp::Sum)?;
         be.infonce_block_loss(&self.loss, &col_lse, &row_lse, &pos, &global_max, &col_sum, dims);
-        let d_img = model.image_embeds_grad(b);
         let d_all_txt = self.d_all_txt.slice(0, global * d);
-        be.fill(&d_img, 0.0);
+        be.fill(f.d_img, 0.0);
         be.fill(&d_all_txt, 0.0);
         let d_scale = model.logit_scale().train.then_some(&model.logit_scale().grad);
-        be.infonce_block_bwd(&d_img, &d_all_txt, d_scale, 1.0, &img, &all_txt, scale, &row_lse, &col_lse, dims);
+        be.infonce_block_bwd(f.d_img, &d_all_txt, d_scale, 1.0, img, &all_txt, scale, &row_lse, &col_lse, dims);
         // Every text's gradient comes from the columns of every rank's block.
-        comm.reduce_scatter(be, &d_all_txt, &model.text_embeds_grad(b))?;
+        comm.reduce_scatter(be, &d_all_txt, f.d_txt)?;
         // Each rank's share sums to the global loss.
         let mut loss = [0.0f32];
         be.download_f32(&self.loss, &mut loss)?;
@@ -278,7 +338,9 @@ pub struct StepOut {
 }
 
 /// Forward, loss, backward and gradient sum: the model's `grads` then hold the global batch's
-/// gradient; returns the global mean loss.
+/// gradient; returns the global mean loss. A local batch above the model's capacity (up to the
+/// loss's) runs in micro-batches of the model's capacity with the same loss and gradient
+/// ([`crate::gradcache`]); one that fits runs in one pass.
 pub fn forward_backward<B: Backend>(
     model: &Clip<B>,
     loss: &mut InfoNceLoss<B>,
@@ -297,6 +359,10 @@ pub fn forward_backward_observed<B: Backend>(
     after: Observer<'_>,
 ) -> Result<f32> {
     let b = batch.b;
+    if b > model.capacity() {
+        // The local batch does not fit the model's activations: micro-batches of its capacity.
+        return gradcache::forward_backward(model, loss, comm, batch, after);
+    }
     model.zero_grads();
     model.upload_pixels(batch.pixels, b)?;
     model.forward_vision(b)?;

@@ -27,7 +27,8 @@ use model::Clip;
 use proto::v1::{Job, ResultKind, StepMetrics};
 
 use model::collectives::Collectives;
-use model::step::{GradientSum, Towers};
+use model::gradcache::vision_accumulate;
+use model::step::GradientSum;
 
 use crate::embed::{embed_entries, part_path, write_part};
 use crate::feed::Feed;
@@ -69,7 +70,9 @@ pub fn finetune<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, lin
     let resume = (job.resume_step > 0).then(|| PathBuf::from(&job.resume_dir));
     // The model as the training job builds it (a checkpoint to resume, the init folder with the
     // job's config, adapters included, or a random initialisation).
-    let (mut clip, start) = crate::train_opts::build_model(be, job, b)?;
+    // With --micro-batch the model holds one micro-batch's activations; the step accumulates
+    // over the local batch's micro-batches (model::gradcache::vision_accumulate).
+    let (mut clip, start) = crate::train_opts::build_model(be, job, crate::train_opts::model_capacity(job, b)?)?;
     ensure!(
         job.mode != "adapters" || clip.config.adapter_dim.is_some(),
         "fine-tuning in adapters mode needs a model with adapters (its config has no adapter_dim)"
@@ -109,7 +112,6 @@ pub fn finetune<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, lin
         link.handle.spawn(async move { client.stream_metrics(tokio_stream::wrappers::ReceiverStream::new(rx)).await })
     });
     let mut last = f32::NAN;
-    let mut embeds = vec![0.0f32; b * dim];
     let (mut targets, mut mask) = (vec![0.0f32; b * n_labels], vec![0.0f32; b * n_labels]);
     let mut flat = vec![0.0f32; n_labels * dim + n_labels + 1];
     let fault = crate::fault::Fault::from_env()?;
@@ -125,23 +127,27 @@ pub fn finetune<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, lin
                 mask[i * n_labels + k] = batch.mask[i * data::NUM_LABELS + c];
             }
         }
-        clip.zero_grads();
-        clip.upload_pixels(&batch.pixels, b)?;
-        feed.recycle(batch);
-        clip.forward_vision(b)?;
-        clip.backend.download_f32(&clip.image_embeds(b), &mut embeds)?;
+        // The global count of unmasked entries first: every micro-batch's gradient is divided by
+        // it, so that their sum is the global mean's gradient.
         let mut count = [mask.iter().sum::<f32>()];
         comm.all_reduce_host(&mut count)?;
         ensure!(count[0] > 0.0, "step {}: every label of the global batch is masked", step + 1);
-        let t = Targets { targets: &targets, mask: &mask, pos_weight: &pos_weight };
-        let hg = head.loss_backward(&embeds, &t, count[0] as f64)?;
-        clip.backend.upload_f32(&clip.image_embeds_grad(b), &hg.d_embeds)?;
-        grad_sum.backward_and_sum(&clip, comm, b, Towers::Vision)?;
-        // The head's gradient and the loss, summed over the ranks in one call (one buffer for
-        // the run: weights, biases, then the loss).
-        flat[..n_labels * dim].copy_from_slice(&hg.d_weight);
-        flat[n_labels * dim..n_labels * dim + n_labels].copy_from_slice(&hg.d_bias);
-        flat[n_labels * dim + n_labels] = hg.loss_sum as f32;
+        // The head's gradient and the loss, accumulated over the micro-batches, then summed over
+        // the ranks in one call (one buffer for the run: weights, biases, then the loss).
+        flat.fill(0.0);
+        let mut loss_sum = 0.0f64;
+        vision_accumulate(&clip, &mut grad_sum, comm, &batch.pixels, b, &mut |rows, embeds| {
+            let cells = rows.start * n_labels..rows.end * n_labels;
+            let t = Targets { targets: &targets[cells.clone()], mask: &mask[cells], pos_weight: &pos_weight };
+            let hg = head.loss_backward(embeds, &t, count[0] as f64)?;
+            for (acc, g) in flat.iter_mut().zip(hg.d_weight.iter().chain(&hg.d_bias)) {
+                *acc += g;
+            }
+            loss_sum += hg.loss_sum;
+            Ok(hg.d_embeds)
+        })?;
+        feed.recycle(batch);
+        flat[n_labels * dim + n_labels] = loss_sum as f32;
         comm.all_reduce_host(&mut flat)?;
         let loss = flat[n_labels * dim + n_labels] / count[0];
         ensure!(loss.is_finite(), "step {}: the loss is {loss}", step + 1);
@@ -167,6 +173,7 @@ pub fn finetune<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, lin
                 logit_scale: scale[0] as f64,
                 images_per_s: g as f64 / secs.max(1e-9),
                 step_seconds: secs,
+                rss_mb: crate::memory::peak_rss_mb(),
             };
             link.handle.block_on(tx.send(m)).map_err(|_| anyhow!("the metrics stream closed"))?;
         }
@@ -174,7 +181,7 @@ pub fn finetune<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, lin
         let epoch_end = done.is_multiple_of(job.steps_per_epoch) || done == job.steps;
         let due = job.checkpoint_every > 0 && done.is_multiple_of(job.checkpoint_every);
         if epoch_end {
-            validate(&clip, &head, job, link, rank, b, done, tok.clone())?;
+            validate(&clip, &head, job, link, rank, clip.capacity(), done, tok.clone())?;
         }
         if rank == 0 && (due || epoch_end) {
             let dir = checkpoint_dir(&run_dir, done);

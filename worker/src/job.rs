@@ -103,14 +103,16 @@ pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, link: 
     ensure!(g.is_multiple_of(world), "global batch {g} is not a multiple of the world size {world}");
     let b = g / world;
     let run_dir = PathBuf::from(&job.run_dir);
-    let (mut clip, start) = train_opts::build_model(be, job, b)?;
+    // With --micro-batch the model holds one micro-batch's activations and the loss the whole
+    // local batch's features (model::gradcache).
+    let (mut clip, start) = train_opts::build_model(be, job, train_opts::model_capacity(job, b)?)?;
     train_opts::apply_mode(&mut clip, job)?;
     let mut opt = AdamW::new(&clip, train_opts::adamw_config(job)?)?;
     if start > 0 {
         let pos = train_state::load(&PathBuf::from(&job.resume_dir).join("train_state.safetensors"), &clip, &mut opt)?;
         ensure!(pos.step == start, "checkpoint {} holds step {}, expected {start}", job.resume_dir, pos.step);
     }
-    let mut loss = InfoNceLoss::new(&clip, world)?;
+    let mut loss = InfoNceLoss::for_batch(&clip, b, world)?;
     let schedule = train_opts::build_schedule(job)?;
     let (image, ctx) = (clip.image_size(), clip.context_len());
     // The tokenizer frames every text in exactly CONTEXT_LEN ids; a model with a shorter context
@@ -154,6 +156,7 @@ pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, link: 
                 logit_scale: scale[0] as f64,
                 images_per_s: g as f64 / secs.max(1e-9),
                 step_seconds: secs,
+                rss_mb: crate::memory::peak_rss_mb(),
             };
             link.handle.block_on(tx.send(m)).map_err(|_| anyhow!("the metrics stream closed"))?;
         }

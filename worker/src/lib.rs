@@ -12,6 +12,7 @@ pub mod fault;
 pub mod feed;
 pub mod finetune;
 pub mod job;
+pub mod memory;
 pub mod train_opts;
 
 pub use device::Device;

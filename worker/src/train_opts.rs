@@ -65,6 +65,16 @@ fn width(dim: Option<usize>) -> String {
     dim.map_or("none".to_string(), |d| d.to_string())
 }
 
+/// Pairs of activations the model holds for a local batch of `b`: the job's micro-batch
+/// (`--micro-batch`) when it is smaller than `b` (the step then runs in micro-batches, see
+/// `model::gradcache`), else `b` (one pass, as without the option).
+pub fn model_capacity(job: &Job, b: usize) -> Result<usize> {
+    match options(job)?.micro_batch {
+        0 => Ok(b),
+        m => Ok((m as usize).min(b)),
+    }
+}
+
 /// Freezes what the job's mode leaves out. Call before building the optimiser, whose update
 /// runs follow the trainable set.
 pub fn apply_mode<B: Backend>(clip: &mut Clip<B>, job: &Job) -> Result<()> {
@@ -158,6 +168,7 @@ mod tests {
                 shuffle_sentences: true,
                 uncertain: "zeros".into(),
                 loader_threads: 0,
+                micro_batch: 0,
             }),
             weight_decay: 0.2,
             ..Job::default()
@@ -178,6 +189,16 @@ mod tests {
         assert_eq!(augmentation(&j).unwrap(), Augment::PAPER);
         assert_eq!(build_schedule(&j).unwrap(), Schedule::WarmupCosine { warmup: 0, total: 100, min_ratio: 0.0 });
         assert_eq!(uncertain_policy(&j).unwrap(), UncertainPolicy::Zeros);
+        assert_eq!(model_capacity(&j, 64).unwrap(), 64);
+    }
+
+    #[test]
+    fn a_micro_batch_below_the_local_batch_sizes_the_model() {
+        let j = with(|o| o.micro_batch = 16);
+        assert_eq!(model_capacity(&j, 128).unwrap(), 16);
+        // At or above the local batch: one pass, as without the option.
+        assert_eq!(model_capacity(&j, 16).unwrap(), 16);
+        assert_eq!(model_capacity(&j, 8).unwrap(), 8);
     }
 
     #[test]

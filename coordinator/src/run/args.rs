@@ -45,6 +45,12 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N")]
     #[serde(default)]
     pub loader_threads: Option<usize>,
+    /// Pairs per micro-batch on each rank: the local batch is embedded M at a time and the
+    /// step's loss and gradient stay those of the whole batch (gradient caching), so the batch
+    /// is limited by the features' memory, not the activations'. Default: one pass.
+    #[arg(long, value_name = "M")]
+    #[serde(default)]
+    pub micro_batch: Option<usize>,
     /// Train on a generated MIMIC-CXR-JPG tree of N studies (made once, then reused).
     #[arg(long)]
     pub synthetic: Option<usize>,

@@ -287,6 +287,7 @@ impl<'a> Supervisor<'a> {
                                 "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
                                 "logit_scale": m.logit_scale, "images_per_s": m.images_per_s,
                                 "step_seconds": m.step_seconds, "world": world, "generation": generation,
+                                "rss_mb": m.rss_mb,
                             });
                             writeln!(metrics, "{line}")?;
                             metrics.flush()?;

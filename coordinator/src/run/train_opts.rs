@@ -142,6 +142,10 @@ pub fn validate(a: &mut TrainArgs) -> Result<()> {
         ensure!(n > 0, "--loader-threads must be at least 1 (leave it out to size them from the cores)");
         ensure!(n <= 1024, "--loader-threads {n}: more threads than any node has cores");
     }
+    if let Some(m) = a.micro_batch {
+        ensure!(m > 0, "--micro-batch must be at least 1 pair (leave it out to embed the local batch in one pass)");
+        ensure!(u32::try_from(m).is_ok(), "--micro-batch {m}: more pairs than a job can carry");
+    }
     Ok(())
 }
 
@@ -198,6 +202,7 @@ pub fn job_options(a: &TrainArgs) -> Result<TrainOptions> {
         shuffle_sentences: !a.no_shuffle_sentences,
         uncertain: uncertain.to_string(),
         loader_threads: a.loader_threads.map_or(Ok(0), u32::try_from)?,
+        micro_batch: a.micro_batch.map_or(Ok(0), u32::try_from)?,
     })
 }
 
@@ -257,6 +262,8 @@ mod tests {
             "--no-shuffle-sentences",
             "--loader-threads",
             "3",
+            "--micro-batch",
+            "4",
         ])
         .unwrap();
         assert_eq!((a.mode, a.adapter_width, a.schedule), (Mode::Adapters, Some(16), ScheduleKind::OneCycle));
@@ -275,6 +282,7 @@ mod tests {
             shuffle_sentences: false,
             uncertain: "ignore".into(),
             loader_threads: 3,
+            micro_batch: 4,
         };
         assert_eq!(o, want);
         let r = read_options(&a).unwrap();
@@ -296,6 +304,7 @@ mod tests {
         assert_eq!((o.beta1, o.beta2, o.eps), (0.9, 0.98, 1e-6));
         assert_eq!((o.augment_rotate_deg, o.augment_scale_lo, o.augment_scale_hi), (45.0, 0.9, 1.1));
         assert_eq!((o.augment_translate, o.shuffle_sentences, o.uncertain.as_str()), (0.15, true, "zeros"));
+        assert_eq!(o.micro_batch, 0);
         let r = read_options(&a).unwrap();
         let before = data::ReadOptions::default();
         assert_eq!((r.views, r.sections, r.uncertain), (before.views, before.sections, before.uncertain));
@@ -375,6 +384,7 @@ mod tests {
             (&["--augment-scale", "1.2,0.8"], "--augment-scale"),
             (&["--augment-scale", "0,1"], "--augment-scale"),
             (&["--augment-translate", "2"], "--augment-translate"),
+            (&["--micro-batch", "0"], "--micro-batch"),
         ];
         for (flags, want) in cases {
             let e = validated(flags).and_then(|a| model_config(&a).map(drop)).expect_err("accepted").to_string();
