@@ -85,6 +85,9 @@ run_step() { # name timeout_s log command...
 run_step "gpu-check" 160 gpu-check.log "$bin" gpu-check $quick
 timeout 40 "$bin" gpu-check --quick --json >"$out/gpu-check.json" 2>/dev/null || true
 run_step "bench kernels" 130 bench-kernels.log "$bin" bench kernels $quick
+# The loss at the scale (8,192 rows against 65,536 columns, D 512), fused one-block
+# against OpenCLIP's materialised logits (2 GiB of them): time and peak device memory.
+run_step "bench infonce 8k x 65k" 60 bench-infonce-65k.log "$bin" bench kernels --op infonce --local 8192 --global 65536 --dim 512 --variant both --json
 run_step "bench train-step cuda" 40 train-step.log "$bin" bench train-step --device cuda --width 256 --layers 4 --steps 10
 # Per-op device times (CUDA events) and the NVTX hook (CXRCLIP_NVTX=1 loads the library even
 # without a profiler: its line "nvtx: op ranges through ..." shows it was found and called).

@@ -173,6 +173,11 @@ fn the_demo_plans_check_as_they_are() {
         assert_eq!(r.len(), n, "{out}");
         assert!(out.contains("data mimic: generated, "), "{out}");
     }
+    // The batch ablation: rand + LP, CLS at six batches (micro-batches of 64 where the local
+    // batch is larger), an LP of each.
+    let out = ok(&["check-plan", "plans/batch-sweep.toml"]);
+    assert_eq!(runs(&out).len(), 13, "{out}");
+    assert!(out.contains("batch=1344 micro_batch=64"), "{out}");
 }
 
 /// A plan with one mistake, and what check-plan must say: the line holding `marker` and words

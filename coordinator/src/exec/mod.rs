@@ -286,6 +286,7 @@ impl Ctx<'_> {
         a.synthetic = None;
         a.init = Some(init.to_path_buf());
         a.global_batch = t.global_batch;
+        a.micro_batch = t.micro_batch;
         a.lr = t.lr;
         a.weight_decay = t.weight_decay;
         a.seed = run.seed;

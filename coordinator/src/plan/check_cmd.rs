@@ -143,6 +143,9 @@ fn settings(r: &RunSpec) -> String {
             Length::Steps(n) => format!("steps={n}"),
         });
         s.push(format!("batch={}", t.global_batch));
+        if let Some(m) = t.micro_batch {
+            s.push(format!("micro_batch={m}"));
+        }
         s.push(format!("lr={:e}", t.lr));
         s.push(match t.schedule {
             Schedule::OneCycle { warmup_fraction } => format!("one-cycle(warmup {warmup_fraction})"),

@@ -231,6 +231,7 @@ run_keys! {
     epochs: u64 => &[P, F];
     steps: u64 => &[P, F];
     global_batch: u64 => &[P, F];
+    micro_batch: u64 => &[P, F];
     lr: f64 => &[P, F];
     schedule: RawSchedule => &[P, F];
     warmup_fraction: f64 => &[P, F];

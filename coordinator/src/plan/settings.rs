@@ -48,6 +48,10 @@ pub fn training(
     };
     let global_batch =
         m.global_batch.as_ref().map_or(Some(DEFAULT_GLOBAL_BATCH as usize), |v| c.count(v, "global_batch", 1));
+    let micro_batch = match &m.micro_batch {
+        None => Some(None),
+        Some(v) => c.count(v, "micro_batch", 1).map(Some),
+    };
     let lr = m.lr.as_ref().map_or(Some(DEFAULT_LR), |v| c.positive(v, "lr"));
     let schedule = match m.schedule.as_ref().map_or(RawSchedule::OneCycle, |s| *s.get_ref()) {
         RawSchedule::OneCycle => {
@@ -98,6 +102,7 @@ pub fn training(
     Some(Training {
         length: length?,
         global_batch: global_batch?,
+        micro_batch: micro_batch?,
         lr: lr?,
         schedule: schedule?,
         betas: betas?,

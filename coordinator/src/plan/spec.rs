@@ -296,6 +296,8 @@ impl Job {
 pub struct Training {
     pub length: Length,
     pub global_batch: usize,
+    /// Pairs per rank embedded at a time (gradient caching; `None`: the local batch at once).
+    pub micro_batch: Option<usize>,
     /// Peak learning rate.
     pub lr: f64,
     pub schedule: Schedule,
