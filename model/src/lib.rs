@@ -15,6 +15,8 @@ pub mod optim;
 pub mod params;
 pub mod schedule;
 pub mod step;
+#[doc(hidden)]
+pub mod testkit;
 pub mod tokenizer;
 
 pub use clip::Clip;

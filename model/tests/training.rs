@@ -2,7 +2,6 @@
 //! finite differences), freezing, checkpoint round trips and their error messages.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use kernels::{Backend, Cpu};
 use model::checkpoint::{write_f32_safetensors, WEIGHTS};
@@ -16,12 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn seed() -> u64 {
-    let s = std::env::var("MODEL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
-    eprintln!("seed {s} (rerun with MODEL_SEED={s})");
-    s
+    model::testkit::seed("MODEL_SEED")
 }
 
 fn tiny(adapter: Option<usize>) -> ClipConfig {
@@ -43,18 +37,7 @@ struct Batch {
 }
 
 fn batch(rng: &mut ChaCha8Rng, c: &ClipConfig, b: usize) -> Batch {
-    let s = c.vision_config.image_size;
-    let t = c.text_config.max_position_embeddings;
-    let pixels = (0..b * 3 * s * s).map(|_| rng.random_range(-1.5..1.5)).collect();
-    let mut ids = vec![0i32; b * t];
-    for r in 0..b {
-        let len = rng.random_range(3..=t);
-        ids[r * t] = 48;
-        for k in 1..len - 1 {
-            ids[r * t + k] = rng.random_range(1..48);
-        }
-        ids[r * t + len - 1] = 49;
-    }
+    let (pixels, ids) = model::testkit::random_batch(rng, c, b);
     Batch { b, pixels, ids }
 }
 

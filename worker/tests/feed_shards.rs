@@ -34,7 +34,7 @@ fn a_feed_from_shards_is_the_feed_from_the_tree() {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("mimic");
-    generate(&root, &SynthConfig { studies: 24, dataset: DatasetKind::Mimic, seed, size: 64, ..Default::default() })
+    generate(&root, &SynthConfig { studies: 40, dataset: DatasetKind::Mimic, seed, size: 64, ..Default::default() })
         .unwrap();
     let opts = ReadOptions::default();
     let ds = read(DatasetKind::Mimic, &root, &opts).unwrap();

@@ -5,7 +5,7 @@
 //! replay one).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kernels::Cpu;
 use model::collectives::{Collectives, Single};
@@ -22,12 +22,7 @@ const LOCAL: usize = 10;
 const LABELS: usize = 4;
 
 fn seed() -> u64 {
-    let s = std::env::var("GRADCACHE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
-    eprintln!("seed {s} (rerun with GRADCACHE_SEED={s})");
-    s
+    model::testkit::seed("GRADCACHE_SEED")
 }
 
 fn config() -> ClipConfig {
