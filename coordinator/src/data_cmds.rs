@@ -103,6 +103,10 @@ pub struct DataStatsArgs {
     /// RSNA only: the share held out for testing (default 0.1).
     #[arg(long)]
     pub test_fraction: Option<f64>,
+    /// Read a labels table that lacks some of the 14 label columns, those labels blank (by
+    /// default a missing label column is an error).
+    #[arg(long)]
+    pub allow_missing_labels: bool,
     /// Print the summary as one JSON object (the only output format).
     #[arg(long)]
     pub json: bool,
@@ -122,6 +126,7 @@ pub fn run_data_stats(a: DataStatsArgs) -> Result<()> {
         rsna_split: a.rsna_split,
         valid_fraction: a.valid_fraction,
         test_fraction: a.test_fraction,
+        allow_missing_labels: a.allow_missing_labels,
     };
     let mut ds = data::read(a.dataset, &a.root, &opts)?;
     if let Some(s) = &a.split {
@@ -186,6 +191,10 @@ pub struct PrepareArgs {
     /// RSNA only: the share held out for testing (default 0.1).
     #[arg(long)]
     pub test_fraction: Option<f64>,
+    /// Read a labels table that lacks some of the 14 label columns, those labels blank (by
+    /// default a missing label column is an error).
+    #[arg(long)]
+    pub allow_missing_labels: bool,
     /// The largest smaller side stored: bigger images are resized down to it (the published
     /// setup used 256), smaller ones are stored as decoded (never upscaled).
     #[arg(long, default_value_t = 256)]
@@ -206,6 +215,7 @@ pub fn run_prepare(a: PrepareArgs) -> Result<()> {
         rsna_split: a.rsna_split,
         valid_fraction: a.valid_fraction,
         test_fraction: a.test_fraction,
+        allow_missing_labels: a.allow_missing_labels,
     };
     let ds = data::read(a.dataset, &a.root, &opts)?;
     let name = format!("{:?}", a.dataset).to_lowercase();

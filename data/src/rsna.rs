@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use crate::dataset::{Dataset, DatasetKind, Pair, ProblemKind, Problems, ReadOptions, RsnaSplit, Split};
+use crate::dataset::{
+    stays_under_root, Dataset, DatasetKind, Pair, ProblemKind, Problems, ReadOptions, RsnaSplit, Split,
+};
 use crate::labels::{LabelValue, NUM_LABELS};
 use crate::mimic::{col, read_rows};
 use crate::splits::stratified_split;
@@ -59,6 +61,10 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
         let id = r[cid].trim();
         if id.is_empty() {
             problems.add(ProblemKind::NoFileNamed, place, "empty patientId");
+            continue;
+        }
+        if !stays_under_root(Path::new(id)) || id.contains(['/', '\\']) {
+            problems.add(ProblemKind::OutsideRoot, place, format!("patientId '{id}' is not a file name"));
             continue;
         }
         let target = match r[ct].trim() {
