@@ -23,7 +23,7 @@ pub struct SynthArgs {
     /// Seed: the same seed writes the same tree.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Image width in pixels (the smaller side; some sites write taller images).
+    /// Image width in pixels (the smaller side; some sites write taller images): 32..=4096.
     #[arg(long, default_value_t = 256)]
     pub size: usize,
     /// How strongly findings show in the pixels (1 = as designed, lower = subtler): one number
@@ -196,7 +196,7 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub allow_missing_labels: bool,
     /// The largest smaller side stored: bigger images are resized down to it (the published
-    /// setup used 256), smaller ones are stored as decoded (never upscaled).
+    /// setup used 256), smaller ones are stored as decoded (never upscaled): 16..=8192.
     #[arg(long, default_value_t = 256)]
     pub short_side: usize,
     /// Images per shard file.
@@ -205,6 +205,8 @@ pub struct PrepareArgs {
 }
 
 pub fn run_prepare(a: PrepareArgs) -> Result<()> {
+    // Refused before the (long) read of the dataset.
+    data::shards::check_short_side(a.short_side)?;
     let opts = data::ReadOptions {
         views: a.views,
         sections: a.sections,
@@ -232,11 +234,15 @@ pub fn run_prepare(a: PrepareArgs) -> Result<()> {
     for p in ds.problems.sorted().iter().take(50) {
         eprintln!("skipped: {}: {} ({})", p.kind, p.place, p.detail);
     }
+    for why in &s.shards_redone {
+        eprintln!("prepare: redone a finished shard that was damaged: {why}");
+    }
     eprintln!(
-        "prepare: {} images in {} shards ({} already done, skipped) in {:.1} s; {} -> {}",
+        "prepare: {} images in {} shards ({} already done, skipped; {} damaged, redone) in {:.1} s; {} -> {}",
         s.images,
         s.shards,
         s.shards_skipped,
+        s.shards_redone.len(),
         s.seconds,
         ds.problems.summary(),
         a.out.display()

@@ -151,17 +151,20 @@ fn write_rows<W: Write>(w: W, header: &[&str], rows: impl Iterator<Item = Vec<St
 pub fn write_csv_gz(path: &Path, header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Result<()> {
     let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let gz = GzEncoder::new(BufWriter::new(f), Compression::fast());
-    let gz = write_rows(gz, header, rows)?;
-    gz.finish()?.flush()?;
+    let gz = write_rows(gz, header, rows).with_context(|| format!("writing {}", path.display()))?;
+    gz.finish().and_then(|mut w| w.flush()).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
 /// Writes a plain csv table.
 pub fn write_csv(path: &Path, header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Result<()> {
     if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    write_rows(BufWriter::new(f), header, rows)?.flush()?;
+    write_rows(BufWriter::new(f), header, rows)
+        .with_context(|| format!("writing {}", path.display()))?
+        .flush()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

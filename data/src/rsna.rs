@@ -167,9 +167,8 @@ struct Patient {
 /// Opens a DICOM file and checks that its pixel data is all there; returns its ViewPosition.
 fn check_dicom(path: &Path) -> Result<String> {
     use dicom_dictionary_std::tags;
-    let obj = dicom_object::open_file(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let rows = obj.element(tags::ROWS).map_err(|e| anyhow::anyhow!("{e}"))?.to_int::<u32>()?;
-    let cols = obj.element(tags::COLUMNS).map_err(|e| anyhow::anyhow!("{e}"))?.to_int::<u32>()?;
+    let obj = crate::dicom::open_checked(path)?;
+    let (cols, rows) = crate::dicom::checked_dims(&obj)?;
     let bits = obj.element(tags::BITS_ALLOCATED).map_err(|e| anyhow::anyhow!("{e}"))?.to_int::<u32>()?;
     let px = obj.element(tags::PIXEL_DATA).map_err(|e| anyhow::anyhow!("{e}"))?;
     let need = rows as usize * cols as usize * (bits as usize).div_ceil(8);
