@@ -171,7 +171,7 @@ fn check_dicom(path: &Path) -> Result<String> {
     let (cols, rows) = crate::dicom::checked_dims(&obj)?;
     let bits = obj.element(tags::BITS_ALLOCATED).map_err(|e| anyhow::anyhow!("{e}"))?.to_int::<u32>()?;
     let px = obj.element(tags::PIXEL_DATA).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let need = rows as usize * cols as usize * (bits as usize).div_ceil(8);
+    let need = rows * cols * (bits as usize).div_ceil(8);
     if let Ok(bytes) = px.value().to_bytes() {
         // Encapsulated (compressed) data has no fixed size; native data must be complete.
         if px.value().fragments().is_none() && bytes.len() < need {

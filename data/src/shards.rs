@@ -425,7 +425,7 @@ impl ShardSet {
         }
         let mut by_image = HashMap::with_capacity(pairs.len());
         for (i, p) in pairs.iter().enumerate() {
-            let end = (p.w as u64 * p.h as u64).checked_add(p.offset).unwrap_or(u64::MAX);
+            let end = (p.w as u64 * p.h as u64).saturating_add(p.offset);
             if end > maps[p.shard].len() as u64 {
                 bail!(
                     "{}:{}: {} points past the end of {} ({end} > {} bytes): a truncated shard?",
