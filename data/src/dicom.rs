@@ -94,9 +94,10 @@ pub fn checked_dims(obj: &dicom_object::DefaultDicomObject) -> Result<(usize, us
 /// by `tests/fuzz.rs`: 3.3 GB resident for 300 mutated 400-byte files). This walks the
 /// top-level elements of the file meta group and of the data set in the little-endian
 /// transfer syntaxes (explicit or implicit VR; every compressed syntax is explicit VR little
-/// endian) and checks each defined length against what is left. It stops (and leaves the rest
-/// to the parser) at an undefined length (a sequence or encapsulated pixel data), inside
-/// which it does not look, and at a big-endian or deflated data set.
+/// endian) and checks each defined length against what is left, going into sequences' items
+/// (explicit VR) and over encapsulated pixel fragments. It stops (and leaves the rest to the
+/// parser) at a big-endian or deflated data set; in implicit VR a sequence of defined length is
+/// skipped whole (its VR is not in the file).
 pub fn check_element_lengths(bytes: &[u8]) -> Result<()> {
     const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
     const BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
@@ -109,10 +110,28 @@ pub fn check_element_lengths(bytes: &[u8]) -> Result<()> {
     let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     let mut pos = 132;
     let mut syntax = String::new();
+    // Inside encapsulated pixel data, whose items hold raw fragments rather than elements.
+    let mut fragments = false;
     while pos + 8 <= bytes.len() {
         let (group, element) = (u16_at(pos), u16_at(pos + 2));
         if group == 0xFFFE {
-            return Ok(());
+            // Items and delimiters (always a 4-byte length): the walk goes into sequences'
+            // items, whose elements the parser reads alike, and over pixel fragments.
+            let len = u32_at(pos + 4);
+            let left = bytes.len() - pos - 8;
+            match element {
+                0xE000 if len != u32::MAX && len as usize > left => {
+                    bail!("an item declares {len} bytes, the file has {left} left: damaged or truncated")
+                }
+                0xE000 if fragments && len != u32::MAX => pos += 8 + len as usize,
+                0xE000 | 0xE00D => pos += 8,
+                0xE0DD => {
+                    fragments = false;
+                    pos += 8;
+                }
+                _ => bail!("unknown item tag (FFFE,{element:04X}): damaged"),
+            }
+            continue;
         }
         let explicit = group == 0x0002 || syntax != IMPLICIT_LE;
         if group != 0x0002 && (syntax == BIG_ENDIAN || syntax == DEFLATED) {
@@ -144,7 +163,10 @@ pub fn check_element_lengths(bytes: &[u8]) -> Result<()> {
             (8, u32_at(pos + 4))
         };
         if len == u32::MAX {
-            return Ok(());
+            // A sequence or encapsulated pixel data: its items follow.
+            fragments = (group, element) == (0x7FE0, 0x0010);
+            pos += header;
+            continue;
         }
         let left = bytes.len() - pos - header;
         if len as usize > left {
@@ -154,7 +176,9 @@ pub fn check_element_lengths(bytes: &[u8]) -> Result<()> {
             let v = &bytes[pos + header..pos + header + len as usize];
             syntax = String::from_utf8_lossy(v).trim_end_matches(['\0', ' ']).to_string();
         }
-        pos += header + len as usize;
+        // A sequence of defined length: walk into its items.
+        let sequence = explicit && &bytes[pos + 4..pos + 6] == b"SQ";
+        pos += header + if sequence { 0 } else { len as usize };
     }
     Ok(())
 }
