@@ -137,6 +137,7 @@ pub fn check_element_lengths(bytes: &[u8]) -> Result<()> {
         if group != 0x0002 && (syntax == BIG_ENDIAN || syntax == DEFLATED) {
             return Ok(());
         }
+        let mut unit = 1u32;
         let (header, len) = if explicit {
             let vr = &bytes[pos + 4..pos + 6];
             // A valid file has only the standard's VRs; the parser reads an unknown one with a
@@ -151,6 +152,15 @@ pub fn check_element_lengths(bytes: &[u8]) -> Result<()> {
                 vr,
                 b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV"
             );
+            // A binary VR's length must hold whole values: the parser reads as many as fit
+            // and then takes the leftover bytes for the next element's header (found by the
+            // fuzz target: a UL of 18 bytes led to a garbage length and a 1.3 GB allocation).
+            unit = match vr {
+                b"US" | b"SS" | b"OW" => 2,
+                b"UL" | b"SL" | b"FL" | b"AT" | b"OL" | b"OF" => 4,
+                b"FD" | b"SV" | b"UV" | b"OD" | b"OV" => 8,
+                _ => 1,
+            };
             if long {
                 if pos + 12 > bytes.len() {
                     return Ok(());
@@ -171,6 +181,9 @@ pub fn check_element_lengths(bytes: &[u8]) -> Result<()> {
         let left = bytes.len() - pos - header;
         if len as usize > left {
             bail!("element ({group:04X},{element:04X}) declares {len} bytes, the file has {left} left: damaged or truncated");
+        }
+        if explicit && len % unit != 0 {
+            bail!("element ({group:04X},{element:04X}) holds {len} bytes, not whole {unit}-byte values: damaged");
         }
         if (group, element) == (0x0002, 0x0010) {
             let v = &bytes[pos + header..pos + header + len as usize];
