@@ -23,7 +23,7 @@ pub struct SynthArgs {
     /// Seed: the same seed writes the same tree.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Image width in pixels (the smaller side; some sites write taller images).
+    /// Image width in pixels (the smaller side; some sites write taller images): 32..=4096.
     #[arg(long, default_value_t = 256)]
     pub size: usize,
     /// How strongly findings show in the pixels (1 = as designed, lower = subtler): one number
@@ -103,6 +103,10 @@ pub struct DataStatsArgs {
     /// RSNA only: the share held out for testing (default 0.1).
     #[arg(long)]
     pub test_fraction: Option<f64>,
+    /// Read a labels table that lacks some of the 14 label columns, those labels blank (by
+    /// default a missing label column is an error).
+    #[arg(long)]
+    pub allow_missing_labels: bool,
     /// Print the summary as one JSON object (the only output format).
     #[arg(long)]
     pub json: bool,
@@ -122,6 +126,7 @@ pub fn run_data_stats(a: DataStatsArgs) -> Result<()> {
         rsna_split: a.rsna_split,
         valid_fraction: a.valid_fraction,
         test_fraction: a.test_fraction,
+        allow_missing_labels: a.allow_missing_labels,
     };
     let mut ds = data::read(a.dataset, &a.root, &opts)?;
     if let Some(s) = &a.split {
@@ -186,8 +191,12 @@ pub struct PrepareArgs {
     /// RSNA only: the share held out for testing (default 0.1).
     #[arg(long)]
     pub test_fraction: Option<f64>,
+    /// Read a labels table that lacks some of the 14 label columns, those labels blank (by
+    /// default a missing label column is an error).
+    #[arg(long)]
+    pub allow_missing_labels: bool,
     /// The largest smaller side stored: bigger images are resized down to it (the published
-    /// setup used 256), smaller ones are stored as decoded (never upscaled).
+    /// setup used 256), smaller ones are stored as decoded (never upscaled): 16..=8192.
     #[arg(long, default_value_t = 256)]
     pub short_side: usize,
     /// Images per shard file.
@@ -196,6 +205,8 @@ pub struct PrepareArgs {
 }
 
 pub fn run_prepare(a: PrepareArgs) -> Result<()> {
+    // Refused before the (long) read of the dataset.
+    data::shards::check_short_side(a.short_side)?;
     let opts = data::ReadOptions {
         views: a.views,
         sections: a.sections,
@@ -206,6 +217,7 @@ pub fn run_prepare(a: PrepareArgs) -> Result<()> {
         rsna_split: a.rsna_split,
         valid_fraction: a.valid_fraction,
         test_fraction: a.test_fraction,
+        allow_missing_labels: a.allow_missing_labels,
     };
     let ds = data::read(a.dataset, &a.root, &opts)?;
     let name = format!("{:?}", a.dataset).to_lowercase();
@@ -222,11 +234,15 @@ pub fn run_prepare(a: PrepareArgs) -> Result<()> {
     for p in ds.problems.sorted().iter().take(50) {
         eprintln!("skipped: {}: {} ({})", p.kind, p.place, p.detail);
     }
+    for why in &s.shards_redone {
+        eprintln!("prepare: redone a finished shard that was damaged: {why}");
+    }
     eprintln!(
-        "prepare: {} images in {} shards ({} already done, skipped) in {:.1} s; {} -> {}",
+        "prepare: {} images in {} shards ({} already done, skipped; {} damaged, redone) in {:.1} s; {} -> {}",
         s.images,
         s.shards,
         s.shards_skipped,
+        s.shards_redone.len(),
         s.seconds,
         ds.problems.summary(),
         a.out.display()

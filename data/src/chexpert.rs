@@ -21,8 +21,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use crate::dataset::{check_jpeg, Dataset, DatasetKind, Pair, ProblemKind, Problems, ReadOptions, Split};
-use crate::mimic::{col, parse_labels, read_rows};
+use crate::dataset::{
+    check_jpeg, stays_under_root, Dataset, DatasetKind, Pair, ProblemKind, Problems, ReadOptions, Split,
+};
+use crate::mimic::{col, parse_labels, read_rows, require_label_columns};
 use crate::splits::stratified_split;
 
 /// The five labels of the CheXpert competition, evaluated beside all 14.
@@ -110,6 +112,13 @@ fn choose_strip(dir: &Path, rels: &[&str]) -> Result<usize> {
     )
 }
 
+/// A path that names a place from the file system's root (`/x`, `\\x`, `C:x`) rather than
+/// from the dataset folder.
+fn is_absolute_like(rel: &str) -> bool {
+    let b = rel.as_bytes();
+    rel.starts_with(['/', '\\']) || (b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':')
+}
+
 /// A row kept from the csv before its path is resolved.
 struct Row {
     /// `file.csv:line`
@@ -131,6 +140,8 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
     let problems = Problems::default();
     let mut rows: Vec<Row> = Vec::new();
     let mut all_paths: Vec<String> = Vec::new();
+    // Path -> where it was first read: a repeated row would count its image twice.
+    let mut first_place: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     for (file, from_valid) in [("train.csv", false), ("valid.csv", true)] {
         let path = dir.join(file);
         if !path.is_file() {
@@ -141,6 +152,7 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
         }
         let (h, table) = read_rows(&path, &problems)?;
         let (cp, cf, cap) = (col(&h, "Path", &path)?, col(&h, "Frontal/Lateral", &path)?, col(&h, "AP/PA", &path)?);
+        require_label_columns(&h, &path, opts.allow_missing_labels, &problems)?;
         for (line, r) in table {
             let place = || format!("{}:{line}", path.display());
             let rel = r[cp].trim();
@@ -148,6 +160,15 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
                 problems.add(ProblemKind::NoFileNamed, place(), "empty Path");
                 continue;
             }
+            if is_absolute_like(rel) || rel.split(['/', '\\']).any(|c| c == "..") {
+                problems.add(ProblemKind::OutsideRoot, place(), format!("'{rel}' leaves {}", dir.display()));
+                continue;
+            }
+            if let Some(first) = first_place.get(rel) {
+                problems.add(ProblemKind::DuplicateRow, place(), format!("{rel} repeats {first}; dropped"));
+                continue;
+            }
+            first_place.insert(rel.to_string(), place());
             all_paths.push(rel.to_string());
             let view = if r[cf].trim().eq_ignore_ascii_case("lateral") {
                 "LATERAL".to_string()
@@ -206,6 +227,10 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
                 );
                 return None;
             };
+            if !stays_under_root(&image) {
+                problems.add(ProblemKind::OutsideRoot, place, format!("'{rel}' leaves {}", dir.display()));
+                return None;
+            }
             let full = dir.join(&image);
             if let Err((kind, detail)) = check_jpeg(&full) {
                 problems.add(kind, full.display().to_string(), detail);

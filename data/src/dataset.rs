@@ -221,6 +221,18 @@ pub struct ReadOptions {
     pub valid_fraction: Option<f64>,
     /// RSNA only: the fraction of units held out for testing; `None`: 0.1.
     pub test_fraction: Option<f64>,
+    /// Read a labels table that lacks some of the 14 label columns, those labels blank (and
+    /// listed among the problems); by default a missing column is an error.
+    pub allow_missing_labels: bool,
+}
+
+/// Whether a path taken from a table stays under the root it is joined to: relative, and made
+/// only of plain names (no `..`, no root or drive prefix), so that a csv cannot point the
+/// reader at `../../etc/passwd` or `/etc/passwd`.
+pub fn stays_under_root(rel: &Path) -> bool {
+    use std::path::Component;
+    rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        && !rel.to_string_lossy().contains('\\')
 }
 
 /// What kind of bad input was met.
@@ -233,6 +245,12 @@ pub enum ProblemKind {
     NoFileNamed,
     MissingReport,
     MissingSplit,
+    /// A row repeating an earlier row's image (dropped: it would count the image twice).
+    DuplicateRow,
+    /// A row whose image path leaves the data root (`..`, an absolute path).
+    OutsideRoot,
+    /// A label column the table lacks, read as blank because the options allow it.
+    MissingLabelColumn,
 }
 
 impl fmt::Display for ProblemKind {
@@ -245,6 +263,9 @@ impl fmt::Display for ProblemKind {
             ProblemKind::NoFileNamed => "row names no file",
             ProblemKind::MissingReport => "missing report",
             ProblemKind::MissingSplit => "no split for image",
+            ProblemKind::DuplicateRow => "duplicate row",
+            ProblemKind::OutsideRoot => "image path outside the data root",
+            ProblemKind::MissingLabelColumn => "missing label column (read as blank)",
         })
     }
 }

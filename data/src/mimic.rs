@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
-use crate::csvio::{csv_reader, find_table, open_table};
-use crate::dataset::{check_jpeg, Dataset, DatasetKind, LabelFile, Pair, ProblemKind, Problems, ReadOptions, Split};
-use crate::labels::{label_index, LabelValue, NUM_LABELS};
+use crate::csvio::{find_table, parse_table, read_table_bytes};
+use crate::dataset::{
+    check_jpeg, stays_under_root, Dataset, DatasetKind, LabelFile, Pair, ProblemKind, Problems, ReadOptions, Split,
+};
+use crate::labels::{label_index, LabelValue, LABELS, NUM_LABELS};
 use crate::report::select_text;
 
 pub const METADATA: &str = "mimic-cxr-2.0.0-metadata.csv";
@@ -18,36 +20,58 @@ pub const SPLIT: &str = "mimic-cxr-2.0.0-split.csv";
 pub const CHEXPERT: &str = "mimic-cxr-2.0.0-chexpert.csv";
 pub const NEGBIO: &str = "mimic-cxr-2.0.0-negbio.csv";
 
-/// Reads a csv table as header + rows; ragged rows are reported and left out.
 /// A table: its header and its (line number, cells) rows.
 pub(crate) type Table = (Vec<String>, Vec<(u64, Vec<String>)>);
 
+/// Reads a csv table as header + rows. A row that does not parse (an unbalanced quote) or has
+/// another width than the header is reported with its line and left out; a truncated gzip or a
+/// table without a header is an error naming the file.
 pub(crate) fn read_rows(path: &Path, problems: &Problems) -> Result<Table> {
-    let mut rd = csv_reader(open_table(path)?);
-    let header: Vec<String> = rd.headers()?.iter().map(|s| s.trim().to_string()).collect();
-    let mut rows = Vec::new();
-    for rec in rd.records() {
-        match rec {
-            Ok(r) => {
-                let line = r.position().map_or(0, |p| p.line());
-                if r.len() != header.len() {
-                    problems.add(
-                        ProblemKind::MalformedRow,
-                        format!("{}:{line}", path.display()),
-                        format!("{} fields, expected {}", r.len(), header.len()),
-                    );
-                    continue;
-                }
-                rows.push((line, r.iter().map(|s| s.to_string()).collect()));
-            }
-            Err(e) => problems.add(ProblemKind::MalformedRow, path.display().to_string(), e.to_string()),
-        }
+    let bytes = read_table_bytes(path)?;
+    let t = parse_table(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for (line, why) in t.bad {
+        problems.add(ProblemKind::MalformedRow, format!("{}:{line}", path.display()), why);
     }
-    Ok((header, rows))
+    let width = t.header.len();
+    let mut rows = Vec::with_capacity(t.rows.len());
+    for (line, r) in t.rows {
+        if r.len() != width {
+            problems.add(
+                ProblemKind::MalformedRow,
+                format!("{}:{line}", path.display()),
+                format!("{} fields, expected {width}", r.len()),
+            );
+            continue;
+        }
+        rows.push((line, r));
+    }
+    Ok((t.header, rows))
 }
 
 pub(crate) fn col(header: &[String], name: &str, path: &Path) -> Result<usize> {
     header.iter().position(|h| h == name).ok_or_else(|| anyhow::anyhow!("{} has no '{name}' column", path.display()))
+}
+
+/// Checks that a labels table has every one of the 14 label columns. A missing column is an
+/// error naming the file and the columns, unless `allow` (then each is one problem and its
+/// labels read as blank).
+pub(crate) fn require_label_columns(header: &[String], path: &Path, allow: bool, problems: &Problems) -> Result<()> {
+    let missing: Vec<&str> = LABELS.iter().copied().filter(|l| !header.iter().any(|h| h == l)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !allow {
+        bail!(
+            "{} has no column for {} (of the 14 labels): a damaged or foreign labels table; \
+             --allow-missing-labels reads those labels as blank",
+            path.display(),
+            missing.join(", ")
+        );
+    }
+    for l in missing {
+        problems.add(ProblemKind::MissingLabelColumn, path.display().to_string(), format!("no '{l}' column"));
+    }
+    Ok(())
 }
 
 /// Parses the 14 labels of a row by header name; an unknown value is reported and fails the row.
@@ -136,6 +160,7 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
 
     let (h, rows) = read_rows(&labels, &problems)?;
     let cst = col(&h, "study_id", &labels)?;
+    require_label_columns(&h, &labels, opts.allow_missing_labels, &problems)?;
     let mut study_labels: HashMap<String, Option<[LabelValue; NUM_LABELS]>> = HashMap::with_capacity(rows.len());
     for (line, r) in &rows {
         let place = || format!("{}:{line}", labels.display());
@@ -150,8 +175,24 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
         col(&h, "study_id", &meta)?,
         col(&h, "ViewPosition", &meta)?,
     );
+    // A repeated image would be trained on twice: the first row of each dicom_id is kept.
+    let mut first_line: HashMap<&str, u64> = HashMap::with_capacity(rows.len());
+    let mut unique = Vec::with_capacity(rows.len());
+    for (line, r) in &rows {
+        match first_line.get(r[cdi].trim()) {
+            Some(first) => problems.add(
+                ProblemKind::DuplicateRow,
+                format!("{}:{line}", meta.display()),
+                format!("dicom_id {} repeats line {first}; dropped", r[cdi].trim()),
+            ),
+            None => {
+                first_line.insert(r[cdi].trim(), *line);
+                unique.push((*line, r));
+            }
+        }
+    }
     let reports_root = opts.reports_root.clone().unwrap_or_else(|| root.to_path_buf());
-    let results: Vec<(bool, Option<Pair>)> = rows
+    let results: Vec<(bool, Option<Pair>)> = unique
         .par_iter()
         .filter(|(_, r)| opts.views.keeps(&r[cv]))
         .map(|(line, r)| {
@@ -162,6 +203,10 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
                 return (false, None);
             }
             let rel = image_rel(subject, study, dicom);
+            if !stays_under_root(&rel) {
+                problems.add(ProblemKind::OutsideRoot, place, format!("{} leaves {}", rel.display(), root.display()));
+                return (false, None);
+            }
             if let Err((kind, detail)) = check_jpeg(&root.join(&rel)) {
                 problems.add(kind, root.join(&rel).display().to_string(), detail);
                 return (false, None);

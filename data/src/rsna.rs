@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use crate::dataset::{Dataset, DatasetKind, Pair, ProblemKind, Problems, ReadOptions, RsnaSplit, Split};
+use crate::dataset::{
+    stays_under_root, Dataset, DatasetKind, Pair, ProblemKind, Problems, ReadOptions, RsnaSplit, Split,
+};
 use crate::labels::{LabelValue, NUM_LABELS};
 use crate::mimic::{col, read_rows};
 use crate::splits::stratified_split;
@@ -59,6 +61,10 @@ pub fn read(root: &Path, opts: &ReadOptions) -> Result<Dataset> {
         let id = r[cid].trim();
         if id.is_empty() {
             problems.add(ProblemKind::NoFileNamed, place, "empty patientId");
+            continue;
+        }
+        if !stays_under_root(Path::new(id)) || id.contains(['/', '\\']) {
+            problems.add(ProblemKind::OutsideRoot, place, format!("patientId '{id}' is not a file name"));
             continue;
         }
         let target = match r[ct].trim() {
@@ -161,12 +167,11 @@ struct Patient {
 /// Opens a DICOM file and checks that its pixel data is all there; returns its ViewPosition.
 fn check_dicom(path: &Path) -> Result<String> {
     use dicom_dictionary_std::tags;
-    let obj = dicom_object::open_file(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let rows = obj.element(tags::ROWS).map_err(|e| anyhow::anyhow!("{e}"))?.to_int::<u32>()?;
-    let cols = obj.element(tags::COLUMNS).map_err(|e| anyhow::anyhow!("{e}"))?.to_int::<u32>()?;
+    let obj = crate::dicom::open_checked(path)?;
+    let (cols, rows) = crate::dicom::checked_dims(&obj)?;
     let bits = obj.element(tags::BITS_ALLOCATED).map_err(|e| anyhow::anyhow!("{e}"))?.to_int::<u32>()?;
     let px = obj.element(tags::PIXEL_DATA).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let need = rows as usize * cols as usize * (bits as usize).div_ceil(8);
+    let need = rows * cols * (bits as usize).div_ceil(8);
     if let Ok(bytes) = px.value().to_bytes() {
         // Encapsulated (compressed) data has no fixed size; native data must be complete.
         if px.value().fragments().is_none() && bytes.len() < need {

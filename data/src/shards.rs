@@ -34,6 +34,85 @@ use crate::report::SectionPolicy;
 /// failed images out, so its pair ids would not be the tree's.
 pub const FORMAT: u32 = 2;
 
+/// The `--short-side` values `prepare` accepts: 0 would store 1 x 1 images, and a side past
+/// the largest image any dataset holds only asks for huge buffers.
+pub const SHORT_SIDE_RANGE: std::ops::RangeInclusive<usize> = 16..=8192;
+
+/// Refuses a short side outside [`SHORT_SIDE_RANGE`] with one line naming the range.
+pub fn check_short_side(short_side: usize) -> Result<()> {
+    ensure!(
+        SHORT_SIDE_RANGE.contains(&short_side),
+        "--short-side {short_side} is out of range: {}..={} pixels",
+        SHORT_SIDE_RANGE.start(),
+        SHORT_SIDE_RANGE.end()
+    );
+    Ok(())
+}
+
+/// `shard-NNNNN.idx.json`: what its `.bin` must hold, recorded when it was written, so that a
+/// resumed `prepare` trusts a finished shard only when its file is whole.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardIndex {
+    /// Length of the `.bin` file in bytes.
+    pub bytes: u64,
+    /// CRC-32 (the gzip polynomial) of the `.bin` file.
+    pub crc32: u32,
+    /// `[offset, w, h]` per image (w = h = 0 for an image that failed to decode).
+    pub images: Vec<[u64; 3]>,
+}
+
+impl ShardIndex {
+    /// Parses an index file's bytes and checks that it is consistent (every image inside
+    /// `bytes`). An index of the first format (a bare list) or garbage is an error.
+    pub fn parse(raw: &[u8]) -> Result<ShardIndex> {
+        let idx: ShardIndex = serde_json::from_slice(raw).context("not a shard index")?;
+        for (j, &[o, w, h]) in idx.images.iter().enumerate() {
+            let end = w.checked_mul(h).and_then(|n| n.checked_add(o));
+            ensure!(
+                end.is_some_and(|e| e <= idx.bytes),
+                "image {j} ({w} x {h} at {o}) lies past the shard's {} bytes",
+                idx.bytes
+            );
+        }
+        Ok(idx)
+    }
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = flate2::Crc::new();
+    c.update(bytes);
+    c.sum()
+}
+
+/// Why finished shard `k` cannot be trusted on resume, or None when its index parses, names
+/// `images` images and its `.bin` has the recorded length and checksum.
+fn shard_damage(out: &Path, k: usize, images: usize) -> Option<String> {
+    let idx_path = out.join(shard_name(k, "idx.json"));
+    let raw = match fs::read(&idx_path) {
+        Ok(r) => r,
+        Err(e) => return Some(format!("{}: {e}", idx_path.display())),
+    };
+    let idx = match ShardIndex::parse(&raw) {
+        Ok(i) => i,
+        Err(e) => return Some(format!("{}: {e:#}", idx_path.display())),
+    };
+    if idx.images.len() != images {
+        return Some(format!("{}: {} images, {images} expected", idx_path.display(), idx.images.len()));
+    }
+    let bin_path = out.join(shard_name(k, "bin"));
+    let bin = match fs::read(&bin_path) {
+        Ok(b) => b,
+        Err(e) => return Some(format!("{}: {e}", bin_path.display())),
+    };
+    if bin.len() as u64 != idx.bytes {
+        return Some(format!("{}: {} bytes, {} recorded (truncated?)", bin_path.display(), bin.len(), idx.bytes));
+    }
+    if crc32(&bin) != idx.crc32 {
+        return Some(format!("{}: checksum differs from the one recorded (damaged)", bin_path.display()));
+    }
+    None
+}
+
 /// A pair as stored in the shards folder.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PackedPair {
@@ -140,6 +219,9 @@ pub fn read_meta(dir: &Path) -> Result<Meta> {
 pub struct PrepareSummary {
     pub shards: usize,
     pub shards_skipped: usize,
+    /// Shards a previous run had finished whose files were damaged, truncated or deleted, with
+    /// the reason: written again.
+    pub shards_redone: Vec<String>,
     pub images: usize,
     pub failed: usize,
     pub seconds: f64,
@@ -149,7 +231,8 @@ fn shard_name(k: usize, ext: &str) -> String {
     format!("shard-{k:05}.{ext}")
 }
 
-/// Packs a dataset into `out`. Shards whose index already exists are skipped (resume).
+/// Packs a dataset into `out`. Shards whose index already exists and whose `.bin` has the
+/// length and checksum recorded in it are skipped (resume); a damaged one is written again.
 /// `progress(done_shards, total_shards)` is called as shards finish.
 ///
 /// `opts` must be the options `ds` was read with: they are recorded in `meta.json`, and a
@@ -164,6 +247,8 @@ pub fn prepare(
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<PrepareSummary> {
     let start = std::time::Instant::now();
+    check_short_side(short_side)?;
+    ensure!(shard_size > 0, "--shard-size must be at least 1");
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let meta = Meta {
         dataset: dataset_name.into(),
@@ -187,22 +272,29 @@ pub fn prepare(
             );
         }
     } else {
-        fs::write(&meta_path, serde_json::to_vec_pretty(&meta)?)?;
+        fs::write(&meta_path, serde_json::to_vec_pretty(&meta)?)
+            .with_context(|| format!("writing {}", meta_path.display()))?;
     }
     let n_shards = ds.pairs.len().div_ceil(shard_size);
     let done = AtomicUsize::new(0);
     let skipped = AtomicUsize::new(0);
     let failed = AtomicUsize::new(0);
+    let mut redone = Vec::new();
     // Shards are built one after another, each with all threads decoding its images: memory
     // stays at one shard and finished shards appear in order (resume loses at most one).
     for k in 0..n_shards {
         let idx_path = out.join(shard_name(k, "idx.json"));
-        if idx_path.is_file() {
-            skipped.fetch_add(1, Ordering::Relaxed);
-            progress(done.fetch_add(1, Ordering::Relaxed) + 1, n_shards);
-            continue;
-        }
         let slice = &ds.pairs[k * shard_size..((k + 1) * shard_size).min(ds.pairs.len())];
+        if idx_path.is_file() {
+            match shard_damage(out, k, slice.len()) {
+                None => {
+                    skipped.fetch_add(1, Ordering::Relaxed);
+                    progress(done.fetch_add(1, Ordering::Relaxed) + 1, n_shards);
+                    continue;
+                }
+                Some(why) => redone.push(why),
+            }
+        }
         let imgs: Vec<Option<crate::dicom::GreyImage>> = slice
             .par_iter()
             .map(|p| {
@@ -231,12 +323,9 @@ pub fn prepare(
             }
         }
         let bin_path = out.join(shard_name(k, "bin"));
-        let tmp = out.join(shard_name(k, "bin.tmp"));
-        fs::write(&tmp, &bin)?;
-        fs::rename(&tmp, &bin_path)?;
-        let tmp = out.join(shard_name(k, "idx.json.tmp"));
-        fs::write(&tmp, serde_json::to_vec(&index)?)?;
-        fs::rename(&tmp, &idx_path)?;
+        let record = ShardIndex { bytes: bin.len() as u64, crc32: crc32(&bin), images: index };
+        write_renamed(&bin_path, &bin)?;
+        write_renamed(&idx_path, &serde_json::to_vec(&record)?)?;
         progress(done.fetch_add(1, Ordering::Relaxed) + 1, n_shards);
     }
     // The pairs table, from every shard's index (including those a previous run wrote): every
@@ -245,8 +334,8 @@ pub fn prepare(
     let mut images = 0;
     for k in 0..n_shards {
         let path = out.join(shard_name(k, "idx.json"));
-        let index: Vec<[u64; 3]> =
-            serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("reading {}", path.display()))?;
+        let raw = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let index = ShardIndex::parse(&raw).with_context(|| format!("{}", path.display()))?.images;
         for (j, e) in index.iter().enumerate() {
             let p = &ds.pairs[k * shard_size + j];
             lines += &serde_json::to_string(&pack(p, k, e))?;
@@ -254,16 +343,25 @@ pub fn prepare(
             images += usize::from(e[1] != 0);
         }
     }
-    let tmp = out.join("pairs.jsonl.tmp");
-    fs::write(&tmp, lines)?;
-    fs::rename(&tmp, out.join("pairs.jsonl"))?;
+    write_renamed(&out.join("pairs.jsonl"), lines.as_bytes())?;
     Ok(PrepareSummary {
         shards: n_shards,
         shards_skipped: skipped.into_inner(),
+        shards_redone: redone,
         images,
         failed: failed.into_inner(),
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Writes `path` through a temporary beside it and a rename, so that a reader never sees half a
+/// file; an error (a read-only folder, a full disk) names the file.
+fn write_renamed(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 fn pack(p: &Pair, shard: usize, e: &[u64; 3]) -> PackedPair {
@@ -283,6 +381,21 @@ fn pack(p: &Pair, shard: usize, e: &[u64; 3]) -> PackedPair {
     }
 }
 
+/// Parses `pairs.jsonl` (its text; `table` names it in errors): one packed pair a line, blank
+/// lines skipped. A line that is not a pair is one error naming the file and line.
+pub fn parse_pairs_table(text: &str, table: &Path) -> Result<Vec<PackedPair>> {
+    let mut pairs: Vec<PackedPair> = Vec::new();
+    for (k, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a packed pair (a damaged table?)", table.display(), k + 1))?;
+        pairs.push(p);
+    }
+    Ok(pairs)
+}
+
 /// An opened shards folder: the pairs table and the memory-mapped shard files.
 pub struct ShardSet {
     pub dir: PathBuf,
@@ -300,16 +413,8 @@ impl ShardSet {
         let table = dir.join("pairs.jsonl");
         let text = fs::read_to_string(&table)
             .with_context(|| format!("{} is not a shards folder: cannot read pairs.jsonl", dir.display()))?;
-        let mut pairs: Vec<PackedPair> = Vec::new();
-        for (k, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let p = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not a packed pair (a damaged table?)", table.display(), k + 1))?;
-            pairs.push(p);
-        }
-        let n = pairs.iter().map(|p| p.shard + 1).max().unwrap_or(0);
+        let pairs = parse_pairs_table(&text, &table)?;
+        let n = pairs.iter().map(|p| p.shard.saturating_add(1)).max().unwrap_or(0);
         let mut maps = Vec::with_capacity(n);
         for k in 0..n {
             let path = dir.join(shard_name(k, "bin"));
@@ -320,8 +425,8 @@ impl ShardSet {
         }
         let mut by_image = HashMap::with_capacity(pairs.len());
         for (i, p) in pairs.iter().enumerate() {
-            let end = p.offset as usize + p.w as usize * p.h as usize;
-            if end > maps[p.shard].len() {
+            let end = (p.w as u64 * p.h as u64).saturating_add(p.offset);
+            if end > maps[p.shard].len() as u64 {
                 bail!(
                     "{}:{}: {} points past the end of {} ({end} > {} bytes): a truncated shard?",
                     table.display(),

@@ -236,12 +236,16 @@ fn study_id(index: usize) -> u64 {
     50_000_014 + 71 * index as u64
 }
 
+/// The image widths the generator accepts: below 32 the anatomy does not fit, above 4096 a film
+/// only asks for huge buffers (real chest films are stored at 2000-3000 pixels a side).
+pub const SIZE_RANGE: std::ops::RangeInclusive<usize> = 32..=4096;
+
 /// Writes a tree of `cfg.studies` studies under `out` in `cfg.dataset`. Rendering, encoding and
 /// writing run on rayon's pool; the csv files are written at the end in study order, so the
 /// output is byte-identical for a seed whatever the thread count.
 pub fn generate(out: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
-    if cfg.size < 32 {
-        bail!("--size must be at least 32 pixels (got {})", cfg.size);
+    if !SIZE_RANGE.contains(&cfg.size) {
+        bail!("--size {} is out of range: {}..={} pixels", cfg.size, SIZE_RANGE.start(), SIZE_RANGE.end());
     }
     if cfg.studies == 0 {
         bail!("--studies must be at least 1");
