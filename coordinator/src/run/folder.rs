@@ -135,11 +135,9 @@ pub(super) fn clear_for_fresh_start(run_dir: &Path, force: bool) -> Result<()> {
         run_dir.display()
     );
     eprintln!("coordinator: --force: deleting the checkpoints and metrics of {what} in {}", run_dir.display());
-    for dir in ["checkpoints"] {
-        let p = run_dir.join(dir);
-        if p.exists() {
-            fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-        }
+    let checkpoints = run_dir.join("checkpoints");
+    if checkpoints.exists() {
+        fs::remove_dir_all(&checkpoints).with_context(|| format!("removing {}", checkpoints.display()))?;
     }
     for file in ["metrics.jsonl", "run.json"] {
         let p = run_dir.join(file);

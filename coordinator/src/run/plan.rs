@@ -243,7 +243,7 @@ mod tests {
             (&["--augment-scale", "0.5,1"], "--augment-scale 0.5,1"),
             (&["--synthetic", "8"], "--synthetic 8"),
         ] {
-            let e = resumed_options(dir, stored(), &given(flags)).err().expect("accepted").to_string();
+            let e = resumed_options(dir, stored(), &given(flags)).expect_err("accepted").to_string();
             assert!(e.contains(want), "{flags:?}: {e}");
             assert_eq!(e.lines().count(), 1, "{e}");
         }
