@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use clap::{Args, Subcommand};
 use kernels::{Backend, Cpu};
 use model::collectives::Single;
@@ -56,11 +56,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchCommand::Kernels(a) => crate::gpu_cmds::run_bench_kernels(a),
         BenchCommand::Feed(a) => crate::bench_feed::run(a),
-        BenchCommand::TrainStep(a) => match a.device {
+        BenchCommand::TrainStep(a) => match check_train_step(&a).map(|()| a.device)? {
             Device::Cpu => train_step(Cpu, &a),
             Device::Cuda => train_step(kernels::Cuda::new(0)?, &a),
         },
     }
+}
+
+/// The flags, before any device or model: one line naming the flag.
+fn check_train_step(a: &TrainStepArgs) -> Result<()> {
+    a.size.check()?;
+    ensure!(a.batch > 0, "--batch must be at least 1");
+    ensure!(a.steps > 0, "--steps must be at least 1 (the timed steps, after --warmup)");
+    Ok(())
 }
 
 /// The training step's phases, timed on the host with a synchronisation at each boundary

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use clap::Args;
 use data::synth::{generate, SynthConfig, Visibility};
 use data::DatasetKind;
@@ -38,6 +38,11 @@ pub struct SynthArgs {
 }
 
 pub fn run_synth(a: SynthArgs) -> Result<()> {
+    ensure!(
+        a.prevalence.is_finite() && a.prevalence >= 0.0,
+        "--prevalence {} must be a number, 0 or more (a multiplier of every finding's prevalence)",
+        a.prevalence
+    );
     let cfg = SynthConfig {
         studies: a.studies,
         dataset: a.dataset,

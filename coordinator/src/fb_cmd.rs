@@ -71,10 +71,26 @@ fn read_inputs(path: &Path) -> Result<Inputs> {
 }
 
 pub fn run(args: ForwardBackwardArgs) -> Result<()> {
+    refuse_an_input_as_output(&args)?;
     match args.device {
         Device::Cpu => run_on(Cpu, &args),
         Device::Cuda => run_on(kernels::Cuda::new(0)?, &args),
     }
+}
+
+/// `--out` must not be one of the inputs (the inputs file, the checkpoint folder or a file in
+/// it), whatever path reaches it: writing it would destroy what it is computed from.
+fn refuse_an_input_as_output(args: &ForwardBackwardArgs) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // Nothing there yet: it cannot be an input.
+    let Ok(out) = std::fs::metadata(&args.out) else { return Ok(()) };
+    let is_out = |p: &Path| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == (out.dev(), out.ino()));
+    let mut inputs = vec![args.inputs.clone(), args.checkpoint.clone()];
+    inputs.extend(std::fs::read_dir(&args.checkpoint).into_iter().flatten().flatten().map(|e| e.path()));
+    if let Some(p) = inputs.iter().find(|p| is_out(p)) {
+        bail!("--out {} is one of the inputs ({}); write the results elsewhere", args.out.display(), p.display());
+    }
+    Ok(())
 }
 
 fn run_on<B: Backend>(backend: B, args: &ForwardBackwardArgs) -> Result<()> {

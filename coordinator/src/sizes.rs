@@ -1,6 +1,7 @@
 //! The sizes of a small CLIP built from scratch: one definition for the training run's flags,
 //! `init`'s, `bench train-step`'s, and a plan's `[model]` table.
 
+use anyhow::{ensure, Result};
 use clap::Args;
 use model::ClipConfig;
 use serde::{Deserialize, Serialize};
@@ -37,5 +38,21 @@ impl ModelSizes {
     /// The same sizes in both towers, context 77, the real vocabulary.
     pub fn config(&self) -> ClipConfig {
         ClipConfig::small(self.image, self.patch, self.width, self.layers, self.heads)
+    }
+
+    /// The flags' values, checked before any model is built: one line naming the flag.
+    pub fn check(&self) -> Result<()> {
+        for (flag, v) in [
+            ("--image", self.image),
+            ("--patch", self.patch),
+            ("--width", self.width),
+            ("--layers", self.layers),
+            ("--heads", self.heads),
+        ] {
+            ensure!(v > 0, "{flag} must be at least 1");
+        }
+        ensure!(self.image.is_multiple_of(self.patch), "--patch {} must divide --image {}", self.patch, self.image);
+        ensure!(self.width.is_multiple_of(self.heads), "--heads {} must divide --width {}", self.heads, self.width);
+        self.config().validate()
     }
 }

@@ -126,3 +126,35 @@ fn bad_inputs_are_one_clear_line() {
     assert!(!ok && err.contains("truncated"), "{err}");
     std::fs::remove_file(inp).unwrap();
 }
+
+/// `--out` naming one of the inputs (a file of the checkpoint, the inputs file, through any
+/// path that reaches them) is refused in one line, and the file is left as it was.
+#[test]
+fn an_output_that_is_an_input_is_refused() {
+    let ck = tmp("own-checkpoint");
+    std::fs::create_dir_all(&ck).unwrap();
+    for e in std::fs::read_dir(fixture()).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, ck.join(p.file_name().unwrap())).unwrap();
+    }
+    let inputs = ck.join("reference.safetensors");
+    let dotted = ck.join("..").join(ck.file_name().unwrap()).join("model.safetensors");
+    for out in [ck.join("model.safetensors"), dotted, inputs.clone(), ck.join("config.json")] {
+        let before = std::fs::read(&out).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args(["forward-backward", "--checkpoint"])
+            .arg(&ck)
+            .arg("--inputs")
+            .arg(&inputs)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{}: accepted", out.display());
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("--out") && err.contains("input"), "{err}");
+        assert_eq!(std::fs::read(&out).unwrap(), before, "{} changed", out.display());
+    }
+    std::fs::remove_dir_all(&ck).unwrap();
+}

@@ -266,6 +266,70 @@ impl ClipConfig {
             t.eos_token_id >= 0 && (t.eos_token_id as usize) < t.vocab_size,
             "text_config.eos_token_id outside the vocabulary"
         );
+        for (key, value) in [
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.image_size", v.image_size),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("text_config.max_position_embeddings", t.max_position_embeddings),
+            ("projection_dim", self.projection_dim),
+        ] {
+            ensure!(value > 0, "{key} is 0; it must be positive");
+        }
+        if let Some(a) = self.adapter_dim {
+            ensure!(a > 0, "adapter_dim is 0; it must be positive (or absent)");
+        }
+        // A layer norm divides by sqrt(var + eps): eps <= 0 turns a constant row into NaN.
+        for (key, eps) in [("vision_config", v.layer_norm_eps), ("text_config", t.layer_norm_eps)] {
+            ensure!(eps.is_finite() && eps > 0.0, "{key}.layer_norm_eps is {eps}; it must be positive");
+        }
+        self.check_size(machine_memory_bytes())
+    }
+
+    /// The parameters this config makes, counted from its sizes alone (no layout built, no
+    /// overflow: in f64), the figure [`crate::memory::parameters`] gives exactly.
+    pub fn parameter_count(&self) -> f64 {
+        let v = &self.vision_config;
+        let t = &self.text_config;
+        let a = self.adapter_dim.map_or(0.0, |a| a as f64);
+        let block = |c: f64, i: f64| {
+            // 2 layer norms, q k v out (weights and biases), fc1 fc2, the adapter's two linears.
+            4.0 * c + 4.0 * c * c + 4.0 * c + 2.0 * c * i + i + c + if a > 0.0 { 2.0 * a * c + a + c } else { 0.0 }
+        };
+        let (cv, ct) = (v.hidden_size as f64, t.hidden_size as f64);
+        let (img, patch) = (v.image_size as f64, v.patch_size.max(1) as f64);
+        let seq = (img / patch).floor().powi(2) + 1.0;
+        let vision = cv
+            + cv * 3.0 * patch * patch
+            + seq * cv
+            + 2.0 * cv
+            + v.num_hidden_layers as f64 * block(cv, v.intermediate_size as f64)
+            + 2.0 * cv;
+        let text = (t.vocab_size + t.max_position_embeddings) as f64 * ct
+            + t.num_hidden_layers as f64 * block(ct, t.intermediate_size as f64)
+            + 2.0 * ct;
+        vision + text + self.projection_dim as f64 * (cv + ct) + 1.0
+    }
+
+    /// Refuses a model whose f32 weights alone exceed `memory` bytes (the machine's, when
+    /// known), or the address space: one line with the figure, before anything is allocated.
+    pub fn check_size(&self, memory: Option<u64>) -> Result<()> {
+        let params = self.parameter_count();
+        let bytes = params * 4.0;
+        ensure!(
+            bytes < (isize::MAX as f64) / 8.0,
+            "the config makes a model of {params:.3e} parameters ({}): more than any machine can hold",
+            human_bytes(bytes)
+        );
+        if let Some(m) = memory {
+            ensure!(
+                bytes <= m as f64,
+                "the config makes a model of {params:.3e} parameters, whose weights alone take {}: more than this machine's {} of memory",
+                human_bytes(bytes),
+                human_bytes(m as f64)
+            );
+        }
         Ok(())
     }
 
@@ -283,6 +347,23 @@ impl ClipConfig {
             }
         }
         limits.check_infonce_dim(self.projection_dim).map_err(anyhow::Error::msg)
+    }
+}
+
+/// The machine's memory (`MemTotal` of /proc/meminfo), where the OS says.
+pub fn machine_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 =
+        text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn human_bytes(b: f64) -> String {
+    let gib = b / (1u64 << 30) as f64;
+    if gib >= 1024.0 {
+        format!("{:.3e} GiB", gib)
+    } else {
+        format!("{gib:.1} GiB")
     }
 }
 
@@ -325,6 +406,52 @@ mod tests {
         assert_eq!(back["torch_dtype"], "float32");
         assert_eq!(back["text_config"]["dropout"], 0.0);
         assert_eq!(back["text_config"]["hidden_size"], 64);
+    }
+
+    /// The count from the sizes alone is the layout's, with and without adapters.
+    #[test]
+    fn the_parameter_count_is_the_layouts() {
+        for (img, patch, width, layers, heads) in [(32, 8, 64, 2, 2), (64, 16, 96, 3, 4), (30, 7, 32, 1, 1)] {
+            let mut c = ClipConfig::small(img, patch, width, layers, heads);
+            c.text_config.intermediate_size = 3 * width + 5;
+            c.projection_dim = width / 2 + 3;
+            assert_eq!(c.parameter_count(), crate::memory::parameters(&c) as f64, "{img} {patch} {width}");
+            c.adapter_dim = Some(7);
+            assert_eq!(c.parameter_count(), crate::memory::parameters(&c) as f64, "adapters");
+        }
+    }
+
+    /// Absurd sizes in a config.json are one line with the model's size, before any layout or
+    /// weight is allocated; a bad layer-norm eps or a zero width are refused too.
+    #[test]
+    fn absurd_sizes_and_values_are_refused_in_one_line() {
+        let dir = std::env::temp_dir().join(format!("cxrclip-config-sizes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base: Value = serde_json::from_str(&ClipConfig::small(32, 8, 64, 2, 2).to_json()).unwrap();
+        let cases: [(&str, &str, Value, &str); 6] = [
+            ("vision_config", "num_hidden_layers", Value::from(1_000_000_000u64), "parameters"),
+            ("text_config", "intermediate_size", Value::from(1_000_000_000_000u64), "parameters"),
+            ("text_config", "vocab_size", Value::from(1u64 << 40), "parameters"),
+            ("vision_config", "layer_norm_eps", Value::from(0.0), "layer_norm_eps"),
+            ("text_config", "layer_norm_eps", Value::from(-1e-5), "layer_norm_eps"),
+            ("vision_config", "hidden_size", Value::from(0), "hidden_size"),
+        ];
+        for (tower, key, value, want) in cases {
+            let mut raw = base.clone();
+            raw[tower][key] = value.clone();
+            let path = dir.join("config.json");
+            std::fs::write(&path, raw.to_string()).unwrap();
+            let e = format!("{:#}", ClipConfig::from_file(&path).expect_err("accepted"));
+            assert!(e.contains(want), "{tower}.{key} = {value}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        // Within the address space but past the memory given: the figure and the memory.
+        let mut big = ClipConfig::small(32, 8, 64, 2, 2);
+        big.text_config.vocab_size = 100_000_000;
+        let e = big.check_size(Some(1 << 30)).unwrap_err().to_string();
+        assert!(e.contains("6.4") && e.contains("1.0 GiB of memory"), "{e}");
+        assert!(big.check_size(Some(1 << 40)).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -289,3 +289,42 @@ fn a_worker_on_the_wrong_device_is_refused_at_registration() {
     assert!(status.success(), "{status}");
     assert_eq!(losses(&dir).len(), 2);
 }
+
+/// Failures a restart cannot change are not retried: an --init model whose weights do not
+/// load, and a loss gone NaN, stop the run at once with the cause (each worker says so in its
+/// failure report), where a dead worker would be restarted.
+#[test]
+fn failures_a_restart_cannot_change_stop_the_run_at_once() {
+    let _g = serial();
+    let init = fresh_dir("bad-init");
+    std::fs::write(init.join("config.json"), model_config_json()).expect("config");
+    std::fs::write(init.join("model.safetensors"), b"not tensors").expect("weights");
+    let mut a = train_args(&fresh_dir("bad-init-run"), 1, 4);
+    // The --init model sets the sizes.
+    for flag in ["--image", "--patch", "--width", "--layers", "--heads"] {
+        let at = a.iter().position(|x| x == flag).expect(flag);
+        a.drain(at..at + 2);
+    }
+    a.extend(["--init".to_string(), init.to_string_lossy().into_owned(), "--max-restarts".into(), "3".into()]);
+    let mut b = train_args(&fresh_dir("nan-loss-run"), 1, 4);
+    b.extend(["--lr".to_string(), "1e30".into(), "--max-restarts".into(), "3".into()]);
+    for (args, cause) in [(a, "the --init model does not load"), (b, "the training diverged")] {
+        let out = coordinator().args(&args).output().expect("coordinator");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(cause) && err.contains("not restarted"), "{err}");
+        assert!(!err.contains("restarting from step"), "{err}");
+    }
+}
+
+/// The config of `train_args`' model, as `coordinator init` writes it.
+fn model_config_json() -> String {
+    let dir = fresh_dir("bad-init-config");
+    let out = coordinator()
+        .args(["init", "--out", &dir.to_string_lossy(), "--image", "32", "--patch", "8", "--width", "64"])
+        .args(["--layers", "2", "--heads", "2"])
+        .output()
+        .expect("init");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(dir.join("config.json")).expect("config.json")
+}

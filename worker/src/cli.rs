@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::comm::{self, OverHost, RingHello, TcpRing};
+use crate::failure::{self, Permanent};
 use crate::job::{self, Link};
 use crate::Device;
 use anyhow::{anyhow, bail, Context, Result};
@@ -191,7 +192,8 @@ fn run(args: Args) -> Result<i32> {
         }
         Err(e) => {
             // Tell the coordinator why, so that its log says more than "exited with 1".
-            let _ = link.report(ResultKind::ResultFailed, 0, "", &format!("{e:#}"), f64::NAN);
+            // Whether a restart can change it decides whether the coordinator retries.
+            let _ = link.report_failure(&format!("{e:#}"), failure::is_permanent(&e));
             Err(e)
         }
     }
@@ -211,7 +213,7 @@ fn train_cuda(
     job: &proto::v1::Job,
     link: &Link,
 ) -> Result<f32> {
-    comm::nccl_library().context("--device cuda")?;
+    comm::nccl_library().context("--device cuda").context(Permanent("this worker cannot use its GPU"))?;
     let ordinal = if std::env::var_os("CUDA_VISIBLE_DEVICES").is_some() {
         0
     } else {
@@ -229,7 +231,7 @@ fn train_cuda(
             .id
     };
     let mut nccl = comm::NcclComm::new(ordinal, rank, world, &id)?;
-    let be = kernels::Cuda::new(ordinal)?;
+    let be = kernels::Cuda::new(ordinal).context(Permanent("this worker cannot use its GPU"))?;
     let r = job::run(be, job, &mut nccl, link);
     // Only a rank that finished waits for the others: a failed one returns at once, so that
     // its report reaches the coordinator (which aborts the others) instead of it sitting in a

@@ -36,6 +36,7 @@ use data::shards::ShardSet;
 use data::{LabelValue, Pair, Split, NUM_LABELS};
 use proto::v1::{Job, ShardEntry};
 
+use crate::failure::Permanent;
 use crate::job::Link;
 use crate::train_opts;
 
@@ -151,7 +152,16 @@ impl Feed {
             self.current = Some((epoch, self.start_epoch(epoch, step % spe)?));
         }
         let (_, loader) = self.current.as_mut().expect("started above");
-        let batch = loader.next().ok_or_else(|| anyhow!("the loader of epoch {epoch} ran out at step {step}"))??;
+        let batch = loader.next().ok_or_else(|| anyhow!("the loader of epoch {epoch} ran out at step {step}"))?;
+        // A sample none of whose substitutes decode fails the same way on every retry (they
+        // are drawn from the step's seed): the data, not the run, needs fixing.
+        let batch = batch.map_err(|e| {
+            if format!("{e:#}").contains("substitutes drawn for it were unreadable too") {
+                e.context(Permanent("the images cannot be read"))
+            } else {
+                e
+            }
+        })?;
         for s in self.skips.take_new() {
             eprintln!("{}: skipping unreadable image {}: {}", self.who, s.path.display(), s.reason);
         }

@@ -31,6 +31,7 @@ use model::gradcache::vision_accumulate;
 use model::step::GradientSum;
 
 use crate::embed::{embed_entries, part_path, write_part};
+use crate::failure::Permanent;
 use crate::feed::Feed;
 use crate::job::{checkpoint_dir, Link};
 
@@ -150,7 +151,10 @@ pub fn finetune<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, lin
         flat[n_labels * dim + n_labels] = loss_sum as f32;
         comm.all_reduce_host(&mut flat)?;
         let loss = flat[n_labels * dim + n_labels] / count[0];
-        ensure!(loss.is_finite(), "step {}: the loss is {loss}", step + 1);
+        if !loss.is_finite() {
+            return Err(anyhow!("step {}: the loss is {loss}", step + 1)
+                .context(Permanent("the training diverged (a restart from the checkpoint repeats it)")));
+        }
         let grad_norm = opt.step(&clip, lr as f32)?;
         head_opt.step += 1;
         let (dw, db) = flat[..n_labels * dim + n_labels].split_at(n_labels * dim);
@@ -246,14 +250,23 @@ fn save_checkpoint<B: Backend>(
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    clip.save_pretrained_with(&staging, &[], &head.tensors())?;
-    ClipTokenizer::new()?.save_json(staging.join("tokenizer.json"))?;
-    train_state::save(&staging.join("train_state.safetensors"), clip, opt, pos)?;
-    save_head_state(&staging.join(HEAD_STATE), head_opt)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::rename(&staging, dir).with_context(|| format!("renaming {} to {}", staging.display(), dir.display()))
+    // A failed write (a full disk) names the checkpoint and leaves no staging folder behind.
+    let write = || -> Result<()> {
+        clip.save_pretrained_with(&staging, &[], &head.tensors())?;
+        ClipTokenizer::new()?.save_json(staging.join("tokenizer.json"))?;
+        train_state::save(&staging.join("train_state.safetensors"), clip, opt, pos)?;
+        save_head_state(&staging.join(HEAD_STATE), head_opt)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::rename(&staging, dir)
+            .with_context(|| format!("renaming {} to {}", staging.display(), dir.display()))?;
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staging);
+        e.context(format!("writing checkpoint {}", dir.display()))
+    })
 }
 
 fn save_head_state(path: &Path, s: &HostAdamW) -> Result<()> {

@@ -22,6 +22,7 @@ use proto::v1::{Job, JobResult, ResultKind, Session, ShardEntry, ShardRequest, S
 use model::collectives::Collectives;
 use model::step::{train_step, InfoNceLoss, LocalBatch};
 
+use crate::failure::Permanent;
 use crate::feed::Feed;
 use crate::train_opts;
 
@@ -67,6 +68,23 @@ impl Link {
             .map_err(|s| anyhow!("fetching the shard of epoch {epoch}: {}", s.message()))
     }
 
+    /// Reports the job's failure; `permanent`: a restart cannot change it.
+    pub fn report_failure(&self, message: &str, permanent: bool) -> Result<()> {
+        let mut client = self.client.clone();
+        let req = JobResult {
+            session: Some(self.session.clone()),
+            kind: ResultKind::ResultFailed as i32,
+            message: message.to_string(),
+            final_loss: f64::NAN,
+            permanent,
+            ..JobResult::default()
+        };
+        self.handle
+            .block_on(async move { client.report_result(req).await })
+            .map_err(|s| anyhow!("reporting to the coordinator: {}", s.message()))?;
+        Ok(())
+    }
+
     pub fn report(&self, kind: ResultKind, step: u64, path: &str, message: &str, final_loss: f64) -> Result<()> {
         let mut client = self.client.clone();
         let req = JobResult {
@@ -76,6 +94,7 @@ impl Link {
             path: path.to_string(),
             message: message.to_string(),
             final_loss,
+            permanent: false,
         };
         self.handle
             .block_on(async move { client.report_result(req).await })
@@ -141,7 +160,10 @@ pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, link: 
         let lb = LocalBatch { pixels: &batch.pixels, ids: &batch.tokens, b };
         let out = train_step(&clip, &mut opt, &mut loss, comm, &lb, lr)?;
         feed.recycle(batch);
-        ensure!(out.loss.is_finite(), "step {}: the loss is {}", step + 1, out.loss);
+        if !out.loss.is_finite() {
+            return Err(anyhow!("step {}: the loss is {}", step + 1, out.loss)
+                .context(Permanent("the training diverged (a restart from the checkpoint repeats it)")));
+        }
         last = out.loss;
         let secs = t0.elapsed().as_secs_f64();
         if rank == 0 {
@@ -192,12 +214,21 @@ fn save_checkpoint<B: Backend>(clip: &Clip<B>, opt: &AdamW<B>, pos: &RunPosition
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    clip.save_pretrained(&staging, &[])?;
-    ClipTokenizer::new()?.save_json(staging.join("tokenizer.json"))?;
-    train_state::save(&staging.join("train_state.safetensors"), clip, opt, pos)?;
-    if dir.exists() {
-        // A checkpoint of the same step left by an aborted generation: replaced whole.
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::rename(&staging, dir).with_context(|| format!("renaming {} to {}", staging.display(), dir.display()))
+    // A failed write (a full disk) names the checkpoint and leaves no staging folder behind.
+    let write = || -> Result<()> {
+        clip.save_pretrained(&staging, &[])?;
+        ClipTokenizer::new()?.save_json(staging.join("tokenizer.json"))?;
+        train_state::save(&staging.join("train_state.safetensors"), clip, opt, pos)?;
+        if dir.exists() {
+            // A checkpoint of the same step left by an aborted generation: replaced whole.
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::rename(&staging, dir)
+            .with_context(|| format!("renaming {} to {}", staging.display(), dir.display()))?;
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staging);
+        e.context(format!("writing checkpoint {}", dir.display()))
+    })
 }

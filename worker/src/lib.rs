@@ -8,6 +8,7 @@ pub mod cli;
 pub mod comm;
 pub mod device;
 pub mod embed;
+pub mod failure;
 pub mod fault;
 pub mod feed;
 pub mod finetune;

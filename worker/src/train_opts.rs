@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use crate::failure::Permanent;
 use anyhow::{bail, ensure, Context, Result};
 use data::loader::Augment;
 use data::UncertainPolicy;
@@ -55,7 +56,8 @@ pub fn build_model<B: Backend>(be: B, job: &Job, capacity: usize) -> Result<(Cli
     if !job.init_dir.is_empty() {
         let dir = PathBuf::from(&job.init_dir);
         let (clip, _) = Clip::from_pretrained_with(be, &dir, config, capacity)
-            .with_context(|| format!("loading {}", dir.display()))?;
+            .with_context(|| format!("loading {}", dir.display()))
+            .context(Permanent("the --init model does not load"))?;
         return Ok((clip, 0));
     }
     Ok((Clip::random(be, config, capacity, job.seed)?, 0))

@@ -164,6 +164,11 @@ pub struct TrainArgs {
     /// Continue the run in this folder from its last checkpoint.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start afresh in a --run-dir that holds a run: deletes that run's checkpoints and
+    /// metrics (without it, such a folder is refused).
+    #[arg(long, conflicts_with = "resume")]
+    #[serde(skip)]
+    pub force: bool,
     /// Restarts from the last checkpoint after a worker dies, before giving up.
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,

@@ -191,6 +191,7 @@ pub async fn embed(e: EmbedJob) -> Result<Vec<worker::embed::Embedded>> {
         device,
         steps: 1,
         resumed: false,
+        _lock: Some(folder::RunLock::take(&run_dir)?),
     };
     let mut record = RunRecord { run_id, args, last_checkpoint: 0, finished: false };
     let job = Job {

@@ -30,12 +30,39 @@ use super::TrainArgs;
 /// What the service tells the supervisor.
 #[derive(Debug)]
 pub enum Event {
-    Registered { generation: u64, rank: usize, host: String, pid: u32 },
-    Metrics { generation: u64, m: StepMetrics },
-    Checkpoint { generation: u64, step: u64, path: String },
-    Done { generation: u64, rank: usize, loss: f64 },
-    Failed { generation: u64, rank: usize, message: String },
-    Validation { generation: u64, rank: usize, step: u64, path: String },
+    Registered {
+        generation: u64,
+        rank: usize,
+        host: String,
+        pid: u32,
+    },
+    Metrics {
+        generation: u64,
+        m: StepMetrics,
+    },
+    Checkpoint {
+        generation: u64,
+        step: u64,
+        path: String,
+    },
+    Done {
+        generation: u64,
+        rank: usize,
+        loss: f64,
+    },
+    /// `permanent`: the worker says a restart cannot change it.
+    Failed {
+        generation: u64,
+        rank: usize,
+        message: String,
+        permanent: bool,
+    },
+    Validation {
+        generation: u64,
+        rank: usize,
+        step: u64,
+        path: String,
+    },
 }
 
 pub struct Registration {
@@ -284,7 +311,9 @@ impl Coordinator for Service {
         let ev = match ResultKind::try_from(r.kind) {
             Ok(ResultKind::ResultCheckpoint) => Event::Checkpoint { generation, step: r.step, path: r.path },
             Ok(ResultKind::ResultDone) => Event::Done { generation, rank, loss: r.final_loss },
-            Ok(ResultKind::ResultFailed) => Event::Failed { generation, rank, message: r.message },
+            Ok(ResultKind::ResultFailed) => {
+                Event::Failed { generation, rank, message: r.message, permanent: r.permanent }
+            }
             Ok(ResultKind::ResultValidation) => Event::Validation { generation, rank, step: r.step, path: r.path },
             _ => return Err(Status::invalid_argument("unknown result kind")),
         };

@@ -121,6 +121,19 @@ pub async fn launch(
                 bar.abandon();
                 return Ok(Finished::Interrupted);
             }
+            Outcome::Permanent(why) => {
+                {
+                    let mut g = shared.lock();
+                    g.command = Command::Shutdown;
+                    g.open = false;
+                }
+                sup.kill_all().await;
+                bar.abandon();
+                bail!(
+                    "{why}; not restarted (a restart cannot change this); last checkpoint at step {}",
+                    record.last_checkpoint
+                );
+            }
             Outcome::Failed(why) => {
                 {
                     // A new generation: the old one's sessions turn stale and get an abort.
@@ -140,7 +153,9 @@ pub async fn launch(
                         run_dir.display()
                     );
                 }
-                truncate_metrics(&run_dir.join("metrics.jsonl"), record.last_checkpoint)?;
+                // (A full disk fails here too: the error keeps the failure that led to it.)
+                truncate_metrics(&run_dir.join("metrics.jsonl"), record.last_checkpoint)
+                    .with_context(|| format!("{why}; then, restarting"))?;
                 bar.set_position(record.last_checkpoint);
                 bar.suspend(|| {
                     eprintln!(
@@ -179,7 +194,10 @@ fn worker_command(a: &TrainArgs) -> Result<Proc> {
 
 enum Outcome {
     Done(f64),
+    /// A dead, lost or stuck worker, or a failure it reported as retryable: restarted.
     Failed(String),
+    /// A failure its worker says a restart cannot change: the run stops with it.
+    Permanent(String),
     Interrupted,
 }
 
@@ -316,8 +334,9 @@ impl<'a> Supervisor<'a> {
                             if rank == 0 { last_loss = loss; }
                             if done.len() == world { return Ok(Outcome::Done(last_loss)); }
                         }
-                        Event::Failed { generation: g, rank, message } if g == generation => {
-                            return Ok(Outcome::Failed(format!("rank {rank} failed: {message}")));
+                        Event::Failed { generation: g, rank, message, permanent } if g == generation => {
+                            let why = format!("rank {rank} failed: {message}");
+                            return Ok(if permanent { Outcome::Permanent(why) } else { Outcome::Failed(why) });
                         }
                         Event::Validation { generation: g, rank, step, path } if g == generation => {
                             watchdog.progressed();

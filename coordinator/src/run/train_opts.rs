@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use clap::ValueEnum;
 use data::report::SectionPolicy;
 use data::{UncertainPolicy, Views};
@@ -155,9 +155,8 @@ pub fn model_config(a: &TrainArgs) -> Result<ClipConfig> {
     let mut config = match &a.init {
         Some(dir) => ClipConfig::from_file(&dir.join(model::checkpoint::CONFIG))?,
         None => {
-            let c = a.size.config();
-            c.validate().context("model sizes")?;
-            c
+            a.size.check()?;
+            a.size.config()
         }
     };
     match (a.adapter_width, config.adapter_dim) {
