@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Result};
 use kernels::Backend;
 use model::head::{HostAdamW, LabelHead, Targets};
 use model::optim::AdamW;
@@ -245,27 +245,11 @@ fn save_checkpoint<B: Backend>(
     pos: &RunPosition,
     dir: &Path,
 ) -> Result<()> {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let staging = dir.with_file_name(format!(".{name}.staging-{}", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
-    }
-    // A failed write (a full disk) names the checkpoint and leaves no staging folder behind.
-    let write = || -> Result<()> {
-        clip.save_pretrained_with(&staging, &[], &head.tensors())?;
+    crate::job::write_checkpoint(dir, |staging| {
+        clip.save_pretrained_with(staging, &[], &head.tensors())?;
         ClipTokenizer::new()?.save_json(staging.join("tokenizer.json"))?;
         train_state::save(&staging.join("train_state.safetensors"), clip, opt, pos)?;
-        save_head_state(&staging.join(HEAD_STATE), head_opt)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir)?;
-        }
-        std::fs::rename(&staging, dir)
-            .with_context(|| format!("renaming {} to {}", staging.display(), dir.display()))?;
-        Ok(())
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_dir_all(&staging);
-        e.context(format!("writing checkpoint {}", dir.display()))
+        save_head_state(&staging.join(HEAD_STATE), head_opt)
     })
 }
 

@@ -209,16 +209,24 @@ pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, link: 
 
 /// Model, tokenizer and train state into `dir`, made visible by one rename.
 fn save_checkpoint<B: Backend>(clip: &Clip<B>, opt: &AdamW<B>, pos: &RunPosition, dir: &Path) -> Result<()> {
+    write_checkpoint(dir, |staging| {
+        clip.save_pretrained(staging, &[])?;
+        ClipTokenizer::new()?.save_json(staging.join("tokenizer.json"))?;
+        train_state::save(&staging.join("train_state.safetensors"), clip, opt, pos)
+    })
+}
+
+/// Writes a checkpoint folder through `fill` into a staging folder beside `dir`, then makes it
+/// visible by one rename; a failed write (a full disk) names the checkpoint and leaves no
+/// staging folder behind.
+pub(crate) fn write_checkpoint(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let staging = dir.with_file_name(format!(".{name}.staging-{}", std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    // A failed write (a full disk) names the checkpoint and leaves no staging folder behind.
     let write = || -> Result<()> {
-        clip.save_pretrained(&staging, &[])?;
-        ClipTokenizer::new()?.save_json(staging.join("tokenizer.json"))?;
-        train_state::save(&staging.join("train_state.safetensors"), clip, opt, pos)?;
+        fill(&staging)?;
         if dir.exists() {
             // A checkpoint of the same step left by an aborted generation: replaced whole.
             std::fs::remove_dir_all(dir)?;
