@@ -21,12 +21,14 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::fastexp::exp;
+use super::lanes::{self, lanes, LANES};
 use super::linear::{matmul, View};
 use crate::backend::InfoNceDims;
 
-/// Rows (local images) per tile.
-const TILE_ROWS: usize = 64;
-/// Columns (gathered texts) per tile: a 64 x 256 f32 tile is 64 KiB, L2-resident.
+/// Rows (local images) per tile. Larger tiles spread gemm's packing over more work: 256 x 256
+/// ran the block ~10% faster than 64 x 256 here (BENCHMARKS.md, issue 11).
+const TILE_ROWS: usize = 256;
+/// Columns (gathered texts) per tile: a 256 x 256 f32 tile is 256 KiB, L2-resident.
 const TILE_COLS: usize = 256;
 /// The most column ranges the work is split into (the unit of parallel work): a fixed
 /// number, not the thread count, so that every sum has one order.
@@ -92,15 +94,44 @@ struct SplitFwd {
     pos: Vec<(usize, f32)>,
 }
 
-/// Online log-sum-exp update of `(max, sum)` with the values `v`.
-fn lse_update(max: &mut f32, sum: &mut f32, v: &[f32]) {
-    let m = v.iter().fold(*max, |m, &x| m.max(x));
-    if m == f32::NEG_INFINITY {
-        return;
+lanes! {
+    /// One tile's share of the forward: the column statistics `(cm, cs)` of the tile's columns
+    /// and the running row statistics `(row_max, row_sum)` of its rows, updated online (a
+    /// new maximum rescales the sum before the tile's exponentials are added).
+    fn fwd_tile(
+        t: &[f32],
+        cc: usize,
+        cm: &mut [f32],
+        cs: &mut [f32],
+        tile_max: &mut [f32],
+        row_max: &mut [f32],
+        row_sum: &mut [f32],
+    ) {
+        // Columns: the tile's maximum first, then one pass of exponentials.
+        tile_max.copy_from_slice(cm);
+        for row in t.chunks_exact(cc) {
+            tile_max.iter_mut().zip(row).for_each(|(m, &v)| *m = lanes::max(*m, v));
+        }
+        for ((s, m), &new) in cs.iter_mut().zip(cm.iter_mut()).zip(tile_max.iter()) {
+            // The first tile's maximum replaces -inf, whose sum is an empty 0 (and
+            // exp(-inf - -inf) would be NaN).
+            *s *= if *m == new { 1.0 } else { exp(*m - new) };
+            *m = new;
+        }
+        for row in t.chunks_exact(cc) {
+            cs.iter_mut().zip(row).zip(cm.iter()).for_each(|((s, &v), &m)| *s += exp(v - m));
+        }
+        // Rows.
+        for ((row, max), sum) in t.chunks_exact(cc).zip(row_max.iter_mut()).zip(row_sum.iter_mut()) {
+            let m = lanes::max_of(row, *max);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            // exp(-inf) = 0 clears the empty sum of the first update.
+            *sum = *sum * exp(*max - m) + lanes::sum_map(row, |x| exp(x - m));
+            *max = m;
+        }
     }
-    // exp(-inf) = 0 clears the empty sum of the first update.
-    *sum = *sum * exp(*max - m) + v.iter().map(|&x| exp(x - m)).sum::<f32>();
-    *max = m;
 }
 
 /// The block's forward. Writes the row log-sum-exps `row_lse[local]`, the positive logits
@@ -141,24 +172,17 @@ pub fn block_fwd(
                     let r = TILE_ROWS.min(local - r0);
                     blk.logits(&mut tile, r0, r, c0, cc);
                     let t = &tile[..r * cc];
-                    // Columns: the tile's maximum first, then one pass of exponentials.
-                    let tm = &mut tile_max[..cc];
-                    tm.copy_from_slice(cm);
-                    for row in t.chunks_exact(cc) {
-                        tm.iter_mut().zip(row).for_each(|(m, &v)| *m = m.max(v));
-                    }
-                    for ((s, m), &new) in cs.iter_mut().zip(cm.iter_mut()).zip(tm.iter()) {
-                        if *m != new {
-                            *s *= exp(*m - new);
-                            *m = new;
-                        }
-                    }
-                    for row in t.chunks_exact(cc) {
-                        cs.iter_mut().zip(row).zip(cm.iter()).for_each(|((s, &v), &m)| *s += exp(v - m));
-                    }
-                    // Rows: the split's running statistics.
+                    let rows = r0..r0 + r;
+                    fwd_tile(
+                        t,
+                        cc,
+                        cm,
+                        cs,
+                        &mut tile_max[..cc],
+                        &mut out.row_max[rows.clone()],
+                        &mut out.row_sum[rows],
+                    );
                     for (i, row) in t.chunks_exact(cc).enumerate() {
-                        lse_update(&mut out.row_max[r0 + i], &mut out.row_sum[r0 + i], row);
                         // The positive logit comes from the same product as the others, so
                         // that lse - positive is consistent (non-negative up to rounding).
                         if let Some(k) = blk.target(r0 + i, c0, cc) {
@@ -210,37 +234,39 @@ pub fn block_loss(
     (total / (2 * dims.global) as f64) as f32
 }
 
-/// Turns a logit tile into `coef * (p_row + p_col - 2 [j == offset + i])` in place, with
-/// `p_row = exp(S - row_lse_i)` and `p_col = exp(S - col_lse_j)`; returns the sum of that
-/// times the logit (the log-scale gradient's share).
-fn grad_tile(
-    blk: &Block,
-    tile: &mut [f32],
-    row_lse: &[f32],
-    col_lse: &[f32],
-    r0: usize,
-    c0: usize,
-    cc: usize,
-    coef: f32,
-) -> f64 {
-    let cl = &col_lse[c0..c0 + cc];
-    let mut dscale = 0.0f64;
-    for (i, row) in tile.chunks_exact_mut(cc).enumerate() {
-        let rl = row_lse[r0 + i];
-        let target = blk.target(r0 + i, c0, cc);
-        // The positive's term, read before the row is overwritten with gradients.
-        let mut acc = target.map_or(0.0, |k| -2.0 * coef * row[k]);
-        for (v, &c) in row.iter_mut().zip(cl) {
-            let g = coef * (exp(*v - rl) + exp(*v - c));
-            acc += g * *v;
-            *v = g;
+lanes! {
+    /// Turns a logit tile into `coef * (p_row + p_col - 2 [j == offset + i])` in place, with
+    /// `p_row = exp(S - row_lse_i)` and `p_col = exp(S - col_lse_j)`; returns the sum of that
+    /// times the logit (the log-scale gradient's share). `targets[i]` is row i's positive
+    /// column inside the tile, if there.
+    fn grad_tile(tile: &mut [f32], cc: usize, row_lse: &[f32], col_lse: &[f32], targets: &[Option<usize>], coef: f32) -> f64 {
+        let mut dscale = 0.0f64;
+        for ((row, &rl), &target) in tile.chunks_exact_mut(cc).zip(row_lse).zip(targets) {
+            // The positive's term, read before the row is overwritten with gradients.
+            let pos_term = target.map_or(0.0, |k| -2.0 * coef * row[k]);
+            let grad = |v: f32, c: f32| coef * (exp(v - rl) + exp(v - c));
+            let mut acc = [0.0f32; LANES];
+            let mut chunks = row.chunks_exact_mut(LANES);
+            let mut cols = col_lse.chunks_exact(LANES);
+            for (vs, cs) in chunks.by_ref().zip(cols.by_ref()) {
+                for k in 0..LANES {
+                    let g = grad(vs[k], cs[k]);
+                    acc[k] += g * vs[k];
+                    vs[k] = g;
+                }
+            }
+            for ((v, &c), a) in chunks.into_remainder().iter_mut().zip(cols.remainder()).zip(&mut acc) {
+                let g = grad(*v, c);
+                *a += g * *v;
+                *v = g;
+            }
+            if let Some(k) = target {
+                row[k] -= 2.0 * coef;
+            }
+            dscale += (pos_term + lanes::hsum(acc)) as f64;
         }
-        if let Some(k) = target {
-            row[k] -= 2.0 * coef;
-        }
-        dscale += acc as f64;
+        dscale
     }
-    dscale
 }
 
 /// Accumulates the gradients of `dloss * loss` (the loss of [`block_loss`]): into the local
@@ -287,7 +313,8 @@ pub fn block_bwd(
                         let r = TILE_ROWS.min(b0 + rb - r0);
                         blk.logits(&mut tile, r0, r, c0, cc);
                         let g = &mut tile[..r * cc];
-                        ds += grad_tile(&blk, g, row_lse, col_lse, r0, c0, cc, coef);
+                        let targets: Vec<Option<usize>> = (r0..r0 + r).map(|i| blk.target(i, c0, cc)).collect();
+                        ds += grad_tile(g, cc, &row_lse[r0..r0 + r], &col_lse[c0..c0 + cc], &targets, coef);
                         let x = View::rows(&img[r0 * d..(r0 + r) * d], d);
                         let dxr = &mut dx[(r0 - b0) * d..(r0 - b0 + r) * d];
                         matmul(r, d, cc, dxr, d, true, View::rows(g, cc), y, blk.s, Parallelism::None);

@@ -15,6 +15,7 @@ pub mod fastexp;
 pub mod heap;
 pub mod infonce;
 pub mod l2norm;
+pub mod lanes;
 pub mod layernorm;
 pub mod linear;
 

@@ -186,7 +186,8 @@ fn world(
 
 /// Worlds of 1, 2 and 4 ranks against the materialised f64 loss of the whole batch: the loss,
 /// both directions' log-sum-exps and every gradient. 600 texts are three column tiles (the
-/// last partial); 150 images per rank two row tiles and a partial one.
+/// last partial, 88 columns); 600 images on one rank are two backward row blocks and three row
+/// tiles (the last partial), 150 per rank on four ranks one partial tile.
 #[test]
 fn infonce_block_worlds_match_materialised() {
     let mut cx = ctx();
