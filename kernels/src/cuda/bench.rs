@@ -462,9 +462,10 @@ impl Cuda {
                 })?;
                 let peak = self.peak_above(base + inputs);
                 fused_peak = Some(peak);
-                // Useful work 8 L G D; the kernels do 12 (the block is recomputed per pass).
+                // Useful work 8 L G D; the kernels do 10 (the backward's two passes each
+                // recompute the block).
                 let floor = (8.0 * lgd / (ceil.tflops * 1e12)).max(bytes / (ceil.gbs * 1e9)) * 1e3;
-                let note = "kernels do 12 LGD";
+                let note = "kernels do 10 LGD";
                 rows.push(row("infonce", "fused one block fwd+bwd", &size, ms, 8.0 * lgd, bytes, floor, peak, note));
             }
             if !shape.variant.baseline() {

@@ -302,7 +302,7 @@ impl Device {
         let cname = CString::new(entry).expect("entry names hold no NUL");
         // SAFETY: the module is loaded and stays loaded for the device's life.
         let f = unsafe { drv::module::get_function(module, cname) }.map_err(|e| anyhow!("kernel {entry}: {e:?}"))?;
-        if entry.starts_with("infonce_bwd") || entry == "infonce_fwd_partial" {
+        if entry.starts_with("infonce_bwd") || entry == "infonce_fwd_block" {
             // These take more than the default 48 KiB of dynamic shared memory.
             // SAFETY: a valid function and attribute.
             unsafe {

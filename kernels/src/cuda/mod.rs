@@ -144,11 +144,22 @@ fn infonce_chunks(dim: usize) -> (usize, usize) {
 }
 
 /// Dynamic shared memory of the InfoNCE tile kernels for a feature dimension: a fixed and a
-/// streaming tile of 64 rows of one chunk, the G tile, the column log-sum-exps and the
-/// reduction slots (`Smem` in `infonce.cu`).
+/// streaming tile of 64 rows of one chunk, the G tile, the column log-sum-exps, the row
+/// reduction slots and the forward's column reduction slots (`Smem` in `infonce.cu`).
 fn infonce_smem(dim: usize) -> u32 {
     let (width, _) = infonce_chunks(dim);
-    (2 * 64 * (width + 8) * 2 + 64 * 72 * 2 + 64 * 4 + 4 * 64 * 4) as u32
+    (2 * 64 * (width + 8) * 2 + 64 * 72 * 2 + 64 * 4 + 4 * 64 * 4 + 8 * 64 * 4) as u32
+}
+
+/// How the one-pass forward groups the local row tiles: `(groups, tiles per group)`. Blocks
+/// are groups x splits; the partials are `splits x local` (rows) plus `groups x global`
+/// (columns), which for a fixed block count are smallest with groups / splits = local /
+/// global, i.e. groups = sqrt(resident x local / global).
+fn infonce_row_groups(local: usize, global: usize, resident: usize) -> (usize, usize) {
+    let tiles = local.div_ceil(64).max(1);
+    let want = ((resident.max(1) * local) as f64 / global.max(1) as f64).sqrt().round() as usize;
+    let per = tiles.div_ceil(want.clamp(1, tiles));
+    (tiles.div_ceil(per), per)
 }
 
 /// How the global columns are split across blocks: `resident` blocks fit on all
@@ -1168,39 +1179,36 @@ impl Backend for Cuda {
         let InfoNceDims { local, global, dim, offset } = dims;
         let r = (|| {
             let smem = self.infonce_smem_checked(dim)?;
-            // Rows: the images fixed, the texts streamed in splits. Columns: the texts fixed,
-            // the images streamed (the same logits, transposed).
-            let (rsplits, rchunk) = self.infonce_splits("infonce_fwd_partial", local, global, 1, smem);
-            let (csplits, cchunk) = self.infonce_splits("infonce_fwd_partial", global, local, 1, smem);
+            // One pass: the images fixed in row groups, the texts streamed in splits; each
+            // logit feeds its row's and its column's statistics.
+            let (groups, rtiles) = infonce_row_groups(local, global, self.infonce_resident("infonce_fwd_block", smem));
+            let (rsplits, rchunk) = self.infonce_splits("infonce_fwd_block", groups * 64, global, 1, smem);
+            let csplits = groups;
             let (rl, cl) = (rsplits * local, csplits * global);
             let base = self.dev.scratch((2 * rl + 2 * cl) * 4)?;
             let (rpm, rpl) = (base, base + (rl * 4) as u64);
             let (cpm, cpl) = (base + (2 * rl * 4) as u64, base + ((2 * rl + cl) * 4) as u64);
-            let passes = [
-                (img, local, all_txt, global, rsplits, rchunk, offset as i64, rpm, rpl, dptr(pos)),
-                // No positive in the column pass: an offset no streaming row matches.
-                (all_txt, global, img, local, csplits, cchunk, -((global + local + 1) as i64), cpm, cpl, 0),
-            ];
-            for (fx, nf, sx, ns, splits, chunk, off, pm, pl, pp) in passes {
-                self.dev.launch(
-                    "infonce_fwd_partial",
-                    (nf.div_ceil(64) as u32, splits as u32, 1),
-                    256,
-                    smem,
-                    Args::new()
-                        .t(fx)
-                        .i64(nf as i64)
-                        .t(sx)
-                        .i64(ns as i64)
-                        .i32(dim as i32)
-                        .i64(chunk as i64)
-                        .i64(off)
-                        .ptr(dptr(logit_scale))
-                        .ptr(pm)
-                        .ptr(pl)
-                        .ptr(pp),
-                )?;
-            }
+            self.dev.launch(
+                "infonce_fwd_block",
+                (groups as u32, rsplits as u32, 1),
+                256,
+                smem,
+                Args::new()
+                    .t(img)
+                    .i64(local as i64)
+                    .t(all_txt)
+                    .i64(global as i64)
+                    .i32(dim as i32)
+                    .i64(rchunk as i64)
+                    .i32(rtiles as i32)
+                    .i64(offset as i64)
+                    .ptr(dptr(logit_scale))
+                    .ptr(rpm)
+                    .ptr(rpl)
+                    .ptr(cpm)
+                    .ptr(cpl)
+                    .ptr(dptr(pos)),
+            )?;
             self.dev.launch(
                 "infonce_block_fwd_finish",
                 (blocks(local + global).min(self.dev.sm_count * 16), 1, 1),
@@ -1465,11 +1473,15 @@ impl Cuda {
     /// at width 512 the tiles take 140 KB, one block per multiprocessor). Where the calculator
     /// fails, from shared memory alone.
     fn infonce_splits(&self, entry: &'static str, local: usize, global: usize, nz: usize, smem: u32) -> (usize, usize) {
+        infonce_split_plan(global, local.div_ceil(64).max(1) * nz, self.infonce_resident(entry, smem))
+    }
+
+    /// Blocks of an InfoNCE kernel that fit on the device at once.
+    fn infonce_resident(&self, entry: &'static str, smem: u32) -> usize {
         let per_sm =
             self.dev.blocks_per_sm(entry, 256, smem).unwrap_or_else(|_| (self.dev.smem_per_sm / (smem + 1024)).max(1))
                 as usize;
-        let resident = per_sm * self.dev.sm_count as usize;
-        infonce_split_plan(global, local.div_ceil(64).max(1) * nz, resident)
+        per_sm * self.dev.sm_count as usize
     }
 
     /// The InfoNCE kernels' shared memory for `dim`, or an error naming the device's limit.
@@ -1538,6 +1550,25 @@ mod tests {
             let (splits, chunk) = infonce_split_plan(global, bps, resident);
             assert_eq!(chunk % 64, 0);
             assert!(splits * chunk >= global && (splits - 1) * chunk < global, "{global} {bps} {resident}");
+        }
+    }
+
+    #[test]
+    fn infonce_row_groups_balance_the_partials() {
+        // 8 ranks of 8,192 against 65,536 on 132 SMs: 4 groups of 32 row tiles (then ~33
+        // splits): partials of 33 x 8,192 rows and 4 x 65,536 columns, both ~2 MB.
+        assert_eq!(infonce_row_groups(8192, 65_536, 132), (4, 32));
+        assert_eq!(infonce_row_groups(2048, 16_384, 132), (4, 8));
+        assert_eq!(infonce_row_groups(64, 64, 132), (1, 1));
+        assert_eq!(infonce_row_groups(100, 300, 16), (2, 1));
+        // One rank holding the whole batch: more groups, never more than its row tiles.
+        assert_eq!(infonce_row_groups(4096, 4096, 132), (11, 6));
+        for (local, global, resident) in
+            [(1, 1, 1), (37, 37, 132), (1000, 7, 528), (70_000, 3, 132), (5, 1_000_000, 132)]
+        {
+            let (groups, per) = infonce_row_groups(local, global, resident);
+            let tiles = local.div_ceil(64);
+            assert!(groups * per >= tiles && (groups - 1) * per < tiles, "{local} {global} {resident}");
         }
     }
 }

@@ -123,7 +123,7 @@ pub const FAMILIES: &[Family] = &[
         name: "infonce",
         source: include_str!("../../cuda/infonce.cu"),
         entries: &[
-            "infonce_fwd_partial",
+            "infonce_fwd_block",
             "infonce_bwd_rows",
             "infonce_bwd_cols",
             "infonce_block_fwd_finish",
