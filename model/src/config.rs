@@ -23,6 +23,9 @@ fn default_init_factor() -> f64 {
     1.0
 }
 
+/// The most layers a tower may have.
+pub const MAX_LAYERS: usize = 1024;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TextConfig {
     #[serde(default = "TextConfig::default_vocab")]
@@ -280,6 +283,14 @@ impl ClipConfig {
         if let Some(a) = self.adapter_dim {
             ensure!(a > 0, "adapter_dim is 0; it must be positive (or absent)");
         }
+        // Every layer costs names, shapes and buffers besides its weights: a million layers of
+        // width 8 fit the weight budget but not the bookkeeping.
+        for (key, layers) in [("vision_config", v.num_hidden_layers), ("text_config", t.num_hidden_layers)] {
+            ensure!(
+                layers <= MAX_LAYERS,
+                "{key}.num_hidden_layers is {layers}; at most {MAX_LAYERS} are supported (the largest CLIP has 48)"
+            );
+        }
         // A layer norm divides by sqrt(var + eps): eps <= 0 turns a constant row into NaN.
         for (key, eps) in [("vision_config", v.layer_norm_eps), ("text_config", t.layer_norm_eps)] {
             ensure!(eps.is_finite() && eps > 0.0, "{key}.layer_norm_eps is {eps}; it must be positive");
@@ -306,7 +317,7 @@ impl ClipConfig {
             + 2.0 * cv
             + v.num_hidden_layers as f64 * block(cv, v.intermediate_size as f64)
             + 2.0 * cv;
-        let text = (t.vocab_size + t.max_position_embeddings) as f64 * ct
+        let text = (t.vocab_size as f64 + t.max_position_embeddings as f64) * ct
             + t.num_hidden_layers as f64 * block(ct, t.intermediate_size as f64)
             + 2.0 * ct;
         vision + text + self.projection_dim as f64 * (cv + ct) + 1.0
@@ -428,8 +439,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cxrclip-config-sizes-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let base: Value = serde_json::from_str(&ClipConfig::small(32, 8, 64, 2, 2).to_json()).unwrap();
-        let cases: [(&str, &str, Value, &str); 6] = [
-            ("vision_config", "num_hidden_layers", Value::from(1_000_000_000u64), "parameters"),
+        let cases: [(&str, &str, Value, &str); 8] = [
+            ("vision_config", "num_hidden_layers", Value::from(1_000_000_000u64), "num_hidden_layers"),
+            // Within the weight budget (width 64: ~5 GB), not within the per-layer bookkeeping.
+            ("text_config", "num_hidden_layers", Value::from(100_000u64), "at most 1024"),
+            // Found by `tests/fuzz.rs`: vocabulary + positions overflowed (a panic in debug
+            // builds, a wrapped, too small count in release).
+            ("text_config", "vocab_size", Value::from(u64::MAX), "parameters"),
             ("text_config", "intermediate_size", Value::from(1_000_000_000_000u64), "parameters"),
             ("text_config", "vocab_size", Value::from(1u64 << 40), "parameters"),
             ("vision_config", "layer_norm_eps", Value::from(0.0), "layer_norm_eps"),
