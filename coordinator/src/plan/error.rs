@@ -14,11 +14,25 @@ pub struct PlanError {
 
 impl fmt::Display for PlanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The message may quote the plan's own text: its control characters are shown
+        // escaped, so that a plan cannot drive the operator's terminal (found by `plan::fuzz`).
+        let message = printable(&self.message);
         match self.line {
-            Some(l) => write!(f, "{}:{l}: {}", self.file, self.message),
-            None => write!(f, "{}: {}", self.file, self.message),
+            Some(l) => write!(f, "{}:{l}: {message}", self.file),
+            None => write!(f, "{}: {message}", self.file),
         }
     }
+}
+
+/// `text` with its control characters (other than line breaks and tabs) escaped as `\u{..}`.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| if c.is_control() && c != '\n' && c != '\t' { c.escape_unicode().to_string() } else { c.to_string() })
+        .collect::<String>()
+        .into()
 }
 
 impl std::error::Error for PlanError {}
@@ -56,6 +70,12 @@ impl Source<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        let e = PlanError { file: "p.toml".into(), line: Some(3), message: "unknown variant `\u{1b}[31m`".into() };
+        assert_eq!(e.to_string(), "p.toml:3: unknown variant `\\u{1b}[31m`");
+    }
 
     #[test]
     fn offsets_map_to_lines() {

@@ -103,4 +103,6 @@ fn build(text: &str, name: &str, base: Option<&Path>, over: &Overrides) -> Resul
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
