@@ -88,3 +88,29 @@ fn a_worker_killed_while_registering_frees_its_slot() {
     assert!(t.elapsed() < Duration::from_secs(25), "took {:?}:\n{err}", t.elapsed());
     assert_eq!(losses(&run).len() as u64, STEPS, "{err}");
 }
+
+/// Two remote workers on loopback, one killed mid-run: the coordinator has no child to watch and
+/// learns it from the survivor, whose ring read failed. The failure is named after the killed
+/// rank, not after the rank that noticed (it was "rank S failed: ring: rank K closed ...").
+#[test]
+fn a_killed_remote_worker_is_named_not_the_peer_that_noticed_it() {
+    let _g = serial();
+    let dir = fresh_dir("lost-peer");
+    let run = dir.join("run");
+    let mut cmd = coordinator();
+    cmd.args(remote_args(&run, 2, 400)).args(["--max-restarts", "0"]);
+    let (mut coord, url, token) = serve(cmd, &run, &dir.join("coordinator.log"));
+    let mut workers = [join(&url, &token, &[], &dir.join("w0.log")), join(&url, &token, &[], &dir.join("w1.log"))];
+    assert!(wait_for(Duration::from_secs(60), || losses(&run).len() >= 2), "{}", coord.text());
+    let killed = workers[1].pid();
+    sigkill(killed);
+    let status = coord.wait(Duration::from_secs(60));
+    let err = coord.text();
+    assert!(!status.success(), "{err}");
+    let joined = err.lines().find(|l| l.contains("joined from") && l.ends_with(&format!("(pid {killed})")));
+    let rank: usize = joined.and_then(|l| l.split_whitespace().nth(2)).and_then(|r| r.parse().ok()).expect("rank");
+    let survivor = 1 - rank;
+    assert!(err.contains(&format!("rank {rank} was lost (rank {survivor}: ring: rank {rank} closed")), "{err}");
+    assert!(!err.contains(&format!("rank {survivor} failed")), "{err}");
+    workers[0].wait(Duration::from_secs(30));
+}

@@ -424,7 +424,7 @@ impl<'a> Supervisor<'a> {
                             // A rank that reported a lost peer exits after its report: only the
                             // lost peer's own exit says more than that report.
                             let reporter = lost.as_ref().is_some_and(|(_, peer, _)| rank != Some(*peer));
-                            if !(status.success() && finished) && !reporter {
+                            if !(reporter || (status.success() && finished)) {
                                 let who = rank.map_or(format!("worker pid {pid}"), |r| format!("rank {r} (pid {pid})"));
                                 return Ok(Outcome::Failed(format!("{who} exited ({status})")));
                             }
