@@ -6,7 +6,9 @@
 //!   the job, the other worker registers again and waits, the partitioned one gives the job up
 //!   and registers again once its link is back);
 //! - a `kill -9` of one worker, restarted by the test (its peer sees the ring closed, reports the
-//!   lost rank and registers again).
+//!   lost rank and registers again);
+//! - a `kill -9` of the coordinator, resumed by the test with `--resume RUN` alone (it serves on
+//!   the run's stored address; the workers, whose calls fail, register again with it).
 //!
 //! Needs root (`ip netns add`); where it is not allowed the test says so and passes without
 //! running. The namespaces go when the test ends, however it ends.
@@ -110,9 +112,14 @@ impl Drop for Hosts {
 type Start<'a> = dyn Fn(usize, &str) -> Spawned + 'a;
 
 /// A run across the three hosts: the coordinator and both workers started; `fault` is applied
-/// once the run is past its first checkpoint (with the workers and a way to start one again);
-/// then everything must end cleanly. Returns the losses and the coordinator's log.
-fn run_with(hosts: &Hosts, name: &str, fault: impl FnOnce(&mut [Spawned; 2], &Start<'_>)) -> (Vec<(u64, f64)>, String) {
+/// once the run is past its first checkpoint (with the run folder, the coordinator, the workers
+/// and a way to start one again); then everything must end cleanly. Returns the losses and the
+/// coordinator's log.
+fn run_with(
+    hosts: &Hosts,
+    name: &str,
+    fault: impl FnOnce(&Path, &mut Spawned, &mut [Spawned; 2], &Start<'_>),
+) -> (Vec<(u64, f64)>, String) {
     let dir = fresh_dir(name);
     let run = dir.join("run");
     let mut args = remote_args(&run, 2, STEPS);
@@ -139,7 +146,7 @@ fn run_with(hosts: &Hosts, name: &str, fault: impl FnOnce(&mut [Spawned; 2], &St
         "the run did not reach step 6:\n{}",
         coord.text()
     );
-    fault(&mut workers, &start);
+    fault(&run, &mut coord, &mut workers, &start);
     let status = coord.wait(Duration::from_secs(240));
     let err = coord.text();
     assert!(status.success(), "{status}\n{err}");
@@ -182,7 +189,7 @@ fn a_partitioned_node_and_a_killed_worker_heal_by_themselves() {
 
     // (a) Worker 1's link down for 40 s, then up.
     let t = Instant::now();
-    let (got, log) = run_with(&hosts, "netns-partition", |_, _| {
+    let (got, log) = run_with(&hosts, "netns-partition", |_, _, _, _| {
         hosts.link(1, false);
         std::thread::sleep(PARTITION);
         hosts.link(1, true);
@@ -195,7 +202,7 @@ fn a_partitioned_node_and_a_killed_worker_heal_by_themselves() {
     // (systemd, Slurm) would.
     let t = Instant::now();
     let mut killed = 0;
-    let (got, log) = run_with(&hosts, "netns-kill", |workers, start| {
+    let (got, log) = run_with(&hosts, "netns-kill", |_, _, workers, start| {
         killed = workers[1].pid();
         sigkill(killed);
         workers[1].wait(Duration::from_secs(10));
@@ -205,8 +212,23 @@ fn a_partitioned_node_and_a_killed_worker_heal_by_themselves() {
     // The failure is the killed rank's, whoever noticed it.
     let rank = rank_of(&log, killed);
     assert!(log.contains(&format!("rank {rank} was lost")) && log.contains("restarting from step"), "{log}");
+    eprintln!("a killed worker healed: the run took {:.1} s", t.elapsed().as_secs_f64());
+
+    // (c) The coordinator killed with SIGKILL and resumed with `--resume RUN` alone: it serves
+    // where the run said (the stored --listen), and the workers find it and register again.
+    let t = Instant::now();
+    let (got, log) = run_with(&hosts, "netns-coordinator", |run, coord, _, _| {
+        sigkill(coord.pid());
+        coord.wait(Duration::from_secs(10));
+        let resume = ["--resume".to_string(), run.to_string_lossy().into_owned()];
+        let log = coord.log.clone();
+        *coord = Spawned::start(hosts.command(0, "coordinator", &resume), &log);
+    });
+    assert_same_losses("coordinator killed", &got, &want, &log);
+    let serving = format!("serving http://10.201.0.1:{PORT}");
+    assert_eq!(log.matches(&serving).count(), 2, "{log}");
     eprintln!(
-        "a killed worker healed: the run took {:.1} s; the whole test {:.1} s",
+        "a killed and resumed coordinator healed: the run took {:.1} s; the whole test {:.1} s",
         t.elapsed().as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
