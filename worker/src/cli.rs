@@ -6,7 +6,8 @@
 //! Exit status: 0 when the job is done or the run was shut down, 1 on an error, 3 when the
 //! coordinator aborted the job (another worker died) and `--rejoin` was not given, 4 when the
 //! coordinator stopped answering (without `--rejoin`). With `--rejoin` a worker registers again
-//! instead, after an abort, a lost peer or a silent coordinator (`register`, retried for `--rejoin-timeout` s).
+//! instead, after an abort, a lost peer or a silent coordinator (`register`, retried for
+//! `--rejoin-timeout` s).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
