@@ -237,3 +237,89 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A process the test started, killed when dropped (a failed assertion leaves none behind),
+/// with its standard error in a file that can be read while it runs.
+pub struct Spawned {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Spawned {
+    /// Starts `cmd` with its standard error (and output) appended to `log`.
+    pub fn start(mut cmd: Command, log: &Path) -> Spawned {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        cmd.stdout(file.try_clone().expect("log file")).stderr(file);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {:?}: {e}", cmd.get_program()));
+        Spawned { child, log: log.to_path_buf() }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it has written so far.
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for its end, killing it (and panicking with its log) after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            if t0.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("pid {} did not finish within {timeout:?}:\n{}", self.child.id(), self.text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if self.running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// [`train_args`] for a coordinator that waits for `workers` remote workers.
+pub fn remote_args(run_dir: &Path, workers: usize, steps: u64) -> Vec<String> {
+    let mut args = train_args(run_dir, workers, steps);
+    let at = args.iter().position(|a| a == "--workers").expect("--workers");
+    args[at] = "--expect-workers".into();
+    args
+}
+
+/// A coordinator started with `cmd`'s arguments (a run that waits for remote workers), logging
+/// to `log`; returns once it serves, with its URL and the run's token.
+pub fn serve(cmd: Command, run_dir: &Path, log: &Path) -> (Spawned, String, String) {
+    let _ = std::fs::remove_file(run_dir.join("coordinator.url"));
+    let mut coord = Spawned::start(cmd, log);
+    let url_file = run_dir.join("coordinator.url");
+    let served = wait_for(Duration::from_secs(60), || {
+        std::fs::read_to_string(&url_file).is_ok_and(|u| u.ends_with('\n')) || !coord.running()
+    });
+    assert!(served && coord.running(), "the coordinator did not start serving:\n{}", coord.text());
+    let url = std::fs::read_to_string(&url_file).expect("url").trim().to_string();
+    let token = std::fs::read_to_string(run_dir.join("token")).expect("token").trim().to_string();
+    (coord, url, token)
+}
+
+/// A worker joining the run at `url` with `token` and `extra` flags, logging to `log`.
+pub fn join(url: &str, token: &str, extra: &[&str], log: &Path) -> Spawned {
+    let mut cmd = worker();
+    cmd.args(["--coordinator", url]).args(extra).env("CXRCLIP_TOKEN", token);
+    Spawned::start(cmd, log)
+}

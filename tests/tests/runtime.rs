@@ -53,6 +53,16 @@ fn a_sigkilled_worker_is_replaced_and_the_run_ends_with_the_same_loss() {
     std::io::Read::read_to_string(coord.stderr.as_mut().expect("stderr"), &mut err).expect("stderr");
     assert!(status.success(), "{status}\n{err}");
     assert!(err.contains("restarting from step"), "{err}");
+    // The failure is named after the killed rank, not after its peer that noticed it first
+    // (the peer's ring read fails at once and its report can come before the exit is seen).
+    let killed = workers[1];
+    let joined = err.lines().find(|l| l.contains("joined from") && l.ends_with(&format!("(pid {killed})")));
+    let rank: usize = joined.and_then(|l| l.split_whitespace().nth(2)).and_then(|r| r.parse().ok()).expect("rank");
+    assert!(!err.contains(&format!("rank {} failed", 1 - rank)), "{err}");
+    assert!(
+        err.contains(&format!("rank {rank} (pid {killed}) exited")) || err.contains(&format!("rank {rank} was lost")),
+        "{err}"
+    );
     let got = losses(&dir);
     assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=STEPS).collect::<Vec<_>>(), "{err}");
     for ((s, g), (_, w)) in got.iter().zip(want) {

@@ -82,12 +82,30 @@ fn a_run_over_tls_completes_and_workers_without_the_ca_are_refused() {
         assert!(t.elapsed() < Duration::from_secs(4), "a worker with {what} took {:?} to give up", t.elapsed());
     }
 
+    // A plain http:// URL for a coordinator that serves TLS, or --tls-ca with one, is refused
+    // in one line that says what to use.
+    let plain = url.replacen("https://", "http://", 1);
+    for (what, extra, expect) in [
+        ("http:// to a TLS coordinator", vec![], "serves TLS: use https:// and --tls-ca"),
+        ("--tls-ca with http://", vec!["--tls-ca", cert_path.to_str().unwrap()], "use https://"),
+    ] {
+        let t = Instant::now();
+        let out = join(&plain, &token, &extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what} was accepted: {err}");
+        assert!(err.contains(expect), "{what} should say {expect:?}: {err}");
+        assert!(err.trim().lines().count() == 1, "{what} should say why in one line: {err}");
+        assert!(t.elapsed() < Duration::from_secs(4), "{what} took {:?} to give up", t.elapsed());
+    }
+
     let out = good.join().expect("worker thread");
     assert!(out.status.success(), "the TLS worker failed: {}", String::from_utf8_lossy(&out.stderr));
     let status = wait_child(&mut coord, Duration::from_secs(60));
     let mut err = String::new();
     std::io::Read::read_to_string(coord.stderr.as_mut().expect("stderr"), &mut err).expect("stderr");
     assert!(status.success(), "{status}\n{err}");
+    // The join command it printed has what a worker on another node needs.
+    assert!(err.contains(&format!("--tls-ca {} --rejoin", cert_path.display())), "{err}");
     assert_eq!(losses(&run_dir).iter().map(|x| x.0).collect::<Vec<_>>(), (1..=STEPS).collect::<Vec<_>>(), "{err}");
     eprintln!("tls run: {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -5,7 +5,9 @@
 //!
 //! Exit status: 0 when the job is done or the run was shut down, 1 on an error, 3 when the
 //! coordinator aborted the job (another worker died) and `--rejoin` was not given, 4 when the
-//! coordinator stopped answering.
+//! coordinator stopped answering (without `--rejoin`). With `--rejoin` a worker registers again
+//! instead, after an abort, a lost peer or a silent coordinator (`register`, retried for
+//! `--rejoin-timeout` s).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -14,10 +16,10 @@ use std::time::{Duration, Instant};
 use crate::comm::{self, OverHost, RingHello, TcpRing};
 use crate::failure::{self, Permanent};
 use crate::job::{self, Link};
-use crate::Device;
+use crate::{rpc, Device};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use proto::tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use proto::tonic::transport::Channel;
 use proto::v1::coordinator_client::CoordinatorClient;
 use proto::v1::{Command, HeartbeatRequest, NcclId, RegisterReply, RegisterRequest, ResultKind, Session};
 
@@ -43,16 +45,23 @@ pub struct Args {
     /// PEM certificate of the authority that signed the coordinator's TLS certificate.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
-    /// After an abort (another worker died), register again for the restarted job instead of
-    /// exiting: for workers started by hand on other nodes.
+    /// Survive a dead peer or a failed network: after an abort (another worker died), a lost
+    /// peer or a coordinator that stopped answering, register again for the restarted job
+    /// (trying for --rejoin-timeout s) instead of exiting: for workers started by hand on
+    /// other nodes.
     #[arg(long)]
     pub rejoin: bool,
     /// Ask for this rank (defaults to SLURM_PROCID under Slurm).
     #[arg(long)]
     pub rank: Option<u32>,
-    /// Seconds without an answer from the coordinator before giving up.
+    /// Seconds without an answer from the coordinator before giving up on the job (with
+    /// --rejoin: before registering again).
     #[arg(long, default_value_t = 30)]
     pub coordinator_timeout: u64,
+    /// With --rejoin: seconds to keep trying to register (the coordinator unreachable or
+    /// restarting the job) before giving up.
+    #[arg(long, default_value_t = 600)]
+    pub rejoin_timeout: u64,
 }
 
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -72,73 +81,10 @@ fn env_u32(name: &str) -> Option<u32> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
-async fn connect(args: &Args) -> Result<CoordinatorClient<Channel>> {
-    let mut ep = Endpoint::from_shared(args.coordinator.clone())
-        .map_err(|e| anyhow!("--coordinator {}: {e}", args.coordinator))?
-        .connect_timeout(Duration::from_secs(5));
-    if let Some(ca) = &args.tls_ca {
-        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        ep = ep.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
-    } else if args.coordinator.starts_with("https://") {
-        // No system roots are compiled in, so this could only fail later as "transport error".
-        bail!(
-            "the coordinator at {} serves TLS: give the certificate of the authority that signed its \
-             certificate with --tls-ca",
-            args.coordinator
-        );
-    }
-    // The coordinator may still be starting: retry for a while.
-    let deadline = Instant::now() + Duration::from_secs(args.coordinator_timeout);
-    let channel = loop {
-        match ep.connect().await {
-            Ok(c) => break c,
-            // A failed TLS handshake (the certificate is not trusted, or the coordinator does not
-            // speak TLS) will fail the same way on every try: say why now.
-            Err(e) if is_tls_failure(&e) => {
-                bail!("TLS with the coordinator at {} failed: {}", args.coordinator, error_chain(&e))
-            }
-            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
-            Err(e) => bail!("cannot reach the coordinator at {}: {}", args.coordinator, error_chain(&e)),
-        }
-    };
-    Ok(CoordinatorClient::new(channel)
-        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES))
-}
-
-/// An error and its sources, "a: b: c" (tonic's own text is only "transport error").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if parts.last() != Some(&text) {
-            parts.push(text);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
-}
-
-/// Whether a connection failed in the TLS handshake: the TLS stack reports its errors (an
-/// untrusted certificate, a peer that is not TLS) as I/O errors of kind `InvalidData`, while a
-/// coordinator that is not up yet gives `ConnectionRefused`.
-fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData) {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 fn run(args: Args) -> Result<i32> {
     let token = std::env::var("CXRCLIP_TOKEN")
         .map_err(|_| anyhow!("CXRCLIP_TOKEN is not set: the worker needs the run's token"))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let mut client = rt.block_on(connect(&args))?;
     let listener = TcpListener::bind((args.ring_host.as_str(), 0))
         .with_context(|| format!("binding the ring listener on {}", args.ring_host))?;
     let ring_addr = listener.local_addr()?.to_string();
@@ -163,15 +109,20 @@ fn run(args: Args) -> Result<i32> {
         ring_addr,
         preferred_rank: preferred,
     };
-    let reply: RegisterReply =
-        rt.block_on(client.register(req)).map_err(|s| anyhow!("registration refused: {}", s.message()))?.into_inner();
+    let (mut client, reply) = rt.block_on(register(&args, req))?;
     let job = reply.job.clone().ok_or_else(|| anyhow!("the coordinator sent no job"))?;
     if let Some(n) = env_u32("SLURM_NTASKS") {
         if n != reply.world_size {
             eprintln!("worker: warning: SLURM_NTASKS is {n} but the run's world has {} ranks", reply.world_size);
         }
     }
-    let session = Session { token, run_id: reply.run_id.clone(), rank: reply.rank, generation: reply.generation };
+    let session = Session {
+        token,
+        run_id: reply.run_id.clone(),
+        rank: reply.rank,
+        generation: reply.generation,
+        secret: reply.session_secret.clone(),
+    };
     spawn_heartbeat(&rt, client.clone(), session.clone(), args.rejoin, args.coordinator_timeout);
 
     let rank = reply.rank as usize;
@@ -180,8 +131,8 @@ fn run(args: Args) -> Result<i32> {
     let result = match args.device {
         Device::Cpu => {
             let hello = RingHello { run: run_number(&reply.run_id), generation: reply.generation };
-            let ring = TcpRing::connect(rank, listener, &reply.peer_addrs, hello, Duration::from_secs(600))?;
-            job::run(kernels::Cpu, &job, &mut OverHost::new(ring), &link)
+            TcpRing::connect(rank, listener, &reply.peer_addrs, hello, Duration::from_secs(600))
+                .and_then(|ring| job::run(kernels::Cpu, &job, &mut OverHost::new(ring), &link))
         }
         Device::Cuda => train_cuda(&rt, &mut client, &session, rank, world, &job, &link),
     };
@@ -192,10 +143,54 @@ fn run(args: Args) -> Result<i32> {
         }
         Err(e) => {
             // Tell the coordinator why, so that its log says more than "exited with 1".
-            // Whether a restart can change it decides whether the coordinator retries.
-            let _ = link.report_failure(&format!("{e:#}"), failure::is_permanent(&e));
+            // Whether a restart can change it decides whether the coordinator retries, and a
+            // lost peer is named so that the coordinator blames that rank, not this one.
+            let permanent = failure::is_permanent(&e);
+            let _ = link.report_failure(&format!("{e:#}"), permanent, failure::lost_peer(&e));
+            if args.rejoin && !permanent {
+                // The coordinator restarts the job (a peer died, the network failed): this rank
+                // takes part in the restarted one.
+                abort(reply.rank, true, &format!("{e:#}"), 1);
+            }
             Err(e)
         }
+    }
+}
+
+/// Registers with the coordinator and waits for the world; returns the channel and the reply.
+/// With `--rejoin`, what may pass is tried again for up to `--rejoin-timeout` seconds, pausing
+/// 0.5 s and doubling up to 5 s: the coordinator unreachable (a partition, a restart of its
+/// own), restarting the job, its world still full of an old session. A refusal that cannot
+/// change (the token, the protocol, the device, TLS) ends the worker at once.
+async fn register(args: &Args, req: RegisterRequest) -> Result<(CoordinatorClient<Channel>, RegisterReply)> {
+    let give_up = Instant::now() + Duration::from_secs(args.rejoin_timeout);
+    let mut pause = Duration::from_millis(500);
+    let mut said = String::new();
+    loop {
+        let connect_for = Duration::from_secs(args.coordinator_timeout);
+        let why = match rpc::connect(&args.coordinator, args.tls_ca.as_deref(), connect_for).await {
+            Ok(mut client) => match rpc::with_deadline(rpc::WORLD_DEADLINE, client.register(req.clone())).await {
+                Ok(reply) => return Ok((client, reply.into_inner())),
+                Err(s) => {
+                    let text = rpc::explain(&args.coordinator, &s).await;
+                    if !(args.rejoin && rpc::retryable(&s)) || text.contains("serves TLS") {
+                        bail!("registration refused: {text}");
+                    }
+                    text
+                }
+            },
+            Err(e) if args.rejoin && rpc::is_unreachable(&e) => format!("{e:#}"),
+            Err(e) => return Err(e),
+        };
+        if Instant::now() + pause > give_up {
+            bail!("not registered within {} s (--rejoin-timeout): {why}", args.rejoin_timeout);
+        }
+        if why != said {
+            eprintln!("worker: not registered yet ({why}); trying again");
+            said = why;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -221,12 +216,13 @@ fn train_cuda(
     };
     let id = if rank == 0 {
         let id = comm::nccl::unique_id()?;
-        rt.block_on(client.put_nccl_id(NcclId { session: Some(session.clone()), id: id.clone() }))
-            .map_err(|s| anyhow!("publishing the NCCL id: {}", s.message()))?;
+        let req = NcclId { session: Some(session.clone()), id: id.clone() };
+        rt.block_on(rpc::with_deadline(rpc::REPORT_DEADLINE, client.put_nccl_id(req)))
+            .map_err(|s| anyhow!("publishing the NCCL id: {}", rpc::status_text(&s)))?;
         id
     } else {
-        rt.block_on(client.get_nccl_id(session.clone()))
-            .map_err(|s| anyhow!("fetching the NCCL id: {}", s.message()))?
+        rt.block_on(rpc::with_deadline(rpc::WORLD_DEADLINE, client.get_nccl_id(session.clone())))
+            .map_err(|s| anyhow!("fetching the NCCL id: {}", rpc::status_text(&s)))?
             .into_inner()
             .id
     };
@@ -242,7 +238,10 @@ fn train_cuda(
     r
 }
 
-/// Heartbeats every second from the runtime's own thread; acts on the coordinator's command.
+/// Heartbeats every second from the runtime's own thread, each call with a deadline; acts on
+/// the coordinator's command. No answer for `timeout_s` seconds ends the job: the worker
+/// registers again with `--rejoin` (the coordinator has restarted the job without it, or will
+/// when it sees it again), and exits with status 4 without.
 fn spawn_heartbeat(
     rt: &tokio::runtime::Runtime,
     mut client: CoordinatorClient<Channel>,
@@ -252,10 +251,11 @@ fn spawn_heartbeat(
 ) {
     rt.spawn(async move {
         let mut last_ok = Instant::now();
+        let deadline = rpc::HEARTBEAT_DEADLINE.min(Duration::from_secs(timeout_s.max(1)));
         loop {
             tokio::time::sleep(HEARTBEAT).await;
             let req = HeartbeatRequest { session: Some(session.clone()), step: 0 };
-            match client.heartbeat(req).await {
+            match rpc::with_deadline(deadline, client.heartbeat(req)).await {
                 Ok(r) => {
                     last_ok = Instant::now();
                     match Command::try_from(r.into_inner().command).unwrap_or(Command::Continue) {
@@ -265,17 +265,16 @@ fn spawn_heartbeat(
                             comm::abort_all();
                             std::process::exit(0);
                         }
-                        Command::Abort => abort(session.rank, rejoin),
+                        Command::Abort => abort(session.rank, rejoin, "the coordinator aborted the job", 3),
                     }
                 }
                 Err(s) if s.code() == proto::tonic::Code::Unauthenticated => {
-                    eprintln!("worker {}: the coordinator no longer knows this worker: {}", session.rank, s.message());
-                    abort(session.rank, rejoin);
+                    let why = format!("the coordinator no longer knows this worker: {}", rpc::status_text(&s));
+                    abort(session.rank, rejoin, &why, 3);
                 }
                 Err(_) if last_ok.elapsed() > Duration::from_secs(timeout_s) => {
-                    eprintln!("worker {}: no answer from the coordinator for {timeout_s} s; exiting", session.rank);
-                    comm::abort_all();
-                    std::process::exit(4);
+                    let why = format!("no answer from the coordinator for {timeout_s} s");
+                    abort(session.rank, rejoin, &why, 4);
                 }
                 Err(_) => {}
             }
@@ -283,19 +282,20 @@ fn spawn_heartbeat(
     });
 }
 
-/// Stops this job at once: the process image is replaced (rejoining) or the process exits, so
-/// no thread blocked in a collective outlives the job.
-fn abort(rank: u32, rejoin: bool) -> ! {
+/// Stops this job at once, saying `why`: the process image is replaced (`rejoin`: the new image
+/// registers again) or the process exits with status `code`, so no thread blocked in a
+/// collective outlives the job.
+fn abort(rank: u32, rejoin: bool, why: &str, code: i32) -> ! {
     comm::abort_all();
     if rejoin {
-        eprintln!("worker {rank}: job aborted; registering again");
+        eprintln!("worker {rank}: {why}; registering again");
         use std::os::unix::process::CommandExt;
         if let Ok(exe) = std::env::current_exe() {
             let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
             eprintln!("worker {rank}: cannot restart itself: {err}");
         }
-        std::process::exit(3);
+        std::process::exit(code);
     }
-    eprintln!("worker {rank}: job aborted by the coordinator");
-    std::process::exit(3);
+    eprintln!("worker {rank}: {why}; exiting");
+    std::process::exit(code);
 }

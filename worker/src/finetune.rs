@@ -204,7 +204,7 @@ pub fn finetune<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, lin
         link.handle
             .block_on(call)
             .map_err(|e| anyhow!("metrics stream task: {e}"))?
-            .map_err(|s| anyhow!("metrics stream: {}", s.message()))?;
+            .map_err(|s| anyhow!("metrics stream: {}", crate::rpc::status_text(&s)))?;
     }
     Ok(last)
 }

@@ -24,7 +24,7 @@ use model::step::{train_step, InfoNceLoss, LocalBatch};
 
 use crate::failure::Permanent;
 use crate::feed::Feed;
-use crate::train_opts;
+use crate::{rpc, train_opts};
 
 /// The folder of the checkpoint taken after `step` updates.
 pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
@@ -55,21 +55,23 @@ impl Link {
     fn shard_of(&self, epoch: u64, part: &str) -> Result<(Vec<ShardEntry>, Vec<ShardEntry>)> {
         let mut client = self.client.clone();
         let req = ShardRequest { session: Some(self.session.clone()), epoch, part: part.to_string() };
+        let fetch = async move {
+            let mut stream = client.get_shard(req).await?.into_inner();
+            let (mut out, mut spares) = (Vec::new(), Vec::new());
+            while let Some(chunk) = stream.message().await? {
+                out.extend(chunk.entries);
+                spares.extend(chunk.spares);
+            }
+            Ok::<_, proto::tonic::Status>((out, spares))
+        };
         self.handle
-            .block_on(async move {
-                let mut stream = client.get_shard(req).await?.into_inner();
-                let (mut out, mut spares) = (Vec::new(), Vec::new());
-                while let Some(chunk) = stream.message().await? {
-                    out.extend(chunk.entries);
-                    spares.extend(chunk.spares);
-                }
-                Ok::<_, proto::tonic::Status>((out, spares))
-            })
-            .map_err(|s| anyhow!("fetching the shard of epoch {epoch}: {}", s.message()))
+            .block_on(rpc::with_deadline(rpc::SHARD_DEADLINE, fetch))
+            .map_err(|s| anyhow!("fetching the shard of epoch {epoch}: {}", rpc::status_text(&s)))
     }
 
-    /// Reports the job's failure; `permanent`: a restart cannot change it.
-    pub fn report_failure(&self, message: &str, permanent: bool) -> Result<()> {
+    /// Reports the job's failure; `permanent`: a restart cannot change it; `lost_peer`: the
+    /// failure is that this rank lost that rank (see `failure::PeerLost`).
+    pub fn report_failure(&self, message: &str, permanent: bool, lost_peer: Option<usize>) -> Result<()> {
         let mut client = self.client.clone();
         let req = JobResult {
             session: Some(self.session.clone()),
@@ -77,11 +79,12 @@ impl Link {
             message: message.to_string(),
             final_loss: f64::NAN,
             permanent,
+            lost_peer: lost_peer.map(|r| r as u32),
             ..JobResult::default()
         };
         self.handle
-            .block_on(async move { client.report_result(req).await })
-            .map_err(|s| anyhow!("reporting to the coordinator: {}", s.message()))?;
+            .block_on(rpc::with_deadline(rpc::REPORT_DEADLINE, client.report_result(req)))
+            .map_err(|s| anyhow!("reporting to the coordinator: {}", rpc::status_text(&s)))?;
         Ok(())
     }
 
@@ -94,11 +97,11 @@ impl Link {
             path: path.to_string(),
             message: message.to_string(),
             final_loss,
-            permanent: false,
+            ..JobResult::default()
         };
         self.handle
-            .block_on(async move { client.report_result(req).await })
-            .map_err(|s| anyhow!("reporting to the coordinator: {}", s.message()))?;
+            .block_on(rpc::with_deadline(rpc::REPORT_DEADLINE, client.report_result(req)))
+            .map_err(|s| anyhow!("reporting to the coordinator: {}", rpc::status_text(&s)))?;
         Ok(())
     }
 }
@@ -202,7 +205,7 @@ pub fn train<B: Backend>(be: B, job: &Job, comm: &mut dyn Collectives<B>, link: 
         link.handle
             .block_on(call)
             .map_err(|e| anyhow!("metrics stream task: {e}"))?
-            .map_err(|s| anyhow!("metrics stream: {}", s.message()))?;
+            .map_err(|s| anyhow!("metrics stream: {}", rpc::status_text(&s)))?;
     }
     Ok(last)
 }

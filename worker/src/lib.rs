@@ -2,7 +2,8 @@
 //! `model::collectives::Collectives`; the step itself is `model::step`), the jobs the
 //! coordinator hands out ([`job`]: contrastive training, [`finetune`], [`embed`]), their data
 //! feed ([`feed`]), the job's training choices made concrete
-//! ([`train_opts`]), the command line that runs them ([`cli`]) and its [`Device`].
+//! ([`train_opts`]), the command line that runs them ([`cli`]), its connection to the
+//! coordinator ([`rpc`]) and its [`Device`].
 
 pub mod cli;
 pub mod comm;
@@ -14,6 +15,7 @@ pub mod feed;
 pub mod finetune;
 pub mod job;
 pub mod memory;
+pub mod rpc;
 pub mod train_opts;
 
 pub use device::Device;

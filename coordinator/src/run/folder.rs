@@ -38,12 +38,38 @@ pub(super) fn random_hex(bytes: usize) -> String {
 }
 
 /// The run's token, written to `token`: a resumed run keeps its own, so that workers started
-/// by hand can rejoin it.
+/// by hand can rejoin it. A kept token file that others could read (its mode no longer 0600) is
+/// set back to 0600, and the operator told: whoever read it can join the run until its token
+/// changes (a fresh start in another folder).
 pub(super) fn token(run_dir: &Path, resumed: bool) -> Result<String> {
     let path = run_dir.join("token");
-    let token = if resumed && path.exists() { fs::read_to_string(&path)?.trim().to_string() } else { random_hex(32) };
+    let token = if resumed && path.exists() {
+        if let Some(mode) = restrict_to_owner(&path)? {
+            eprintln!(
+                "coordinator: warning: {} was readable by others (mode {mode:04o}); set to 0600. \
+                 Whoever read it can join this run: start it afresh in another folder for a new token",
+                path.display()
+            );
+        }
+        fs::read_to_string(&path)?.trim().to_string()
+    } else {
+        random_hex(32)
+    };
     write_secret(&path, &token)?;
     Ok(token)
+}
+
+/// Sets `path` to mode 0600 when its group or others may read or write it; returns the mode it
+/// had then.
+fn restrict_to_owner(path: &Path) -> Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting {} to mode 0600", path.display()))?;
+    Ok(Some(mode))
 }
 
 pub(super) fn write_secret(path: &Path, s: &str) -> Result<()> {
@@ -51,6 +77,8 @@ pub(super) fn write_secret(path: &Path, s: &str) -> Result<()> {
     let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     f.write_all(s.as_bytes())?;
     f.write_all(b"\n")?;
+    // The mode given at creation does not apply to a file that already exists.
+    restrict_to_owner(path)?;
     Ok(())
 }
 
@@ -274,6 +302,22 @@ mod tests {
         left.sort();
         assert_eq!(left, [".notes.tmp-", "checkpoints", "metrics.jsonl", "step-000004"]);
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_resumed_token_file_readable_by_others_is_set_back_to_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = scratch("token-mode");
+        let first = token(&d, false).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&d.join("token")), 0o600);
+        fs::set_permissions(d.join("token"), fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(restrict_to_owner(&d.join("token")).unwrap(), Some(0o644));
+        fs::set_permissions(d.join("token"), fs::Permissions::from_mode(0o640)).unwrap();
+        // The resumed run keeps its token and the file is the owner's alone again.
+        assert_eq!(token(&d, true).unwrap(), first);
+        assert_eq!(mode(&d.join("token")), 0o600);
+        assert_eq!(restrict_to_owner(&d.join("token")).unwrap(), None);
     }
 
     fn names(d: &Path) -> Vec<String> {

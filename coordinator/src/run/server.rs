@@ -1,10 +1,18 @@
 //! The coordinator's gRPC service (`cxrclip.v1.Coordinator`) and the state it shares with the
 //! supervisor.
 //!
-//! Every call but registration carries a session (token, run id, rank, generation) checked
-//! here; a message of an older generation (a worker of a job that was aborted) gets an abort
-//! command or an error, never a say in the current job. Bad input gets an error status: a
-//! malformed or hostile message never takes the coordinator down.
+//! Every call but registration carries a session (token, run id, rank, generation, and the
+//! secret its registration was given) checked here: the token admits a worker, the secret ties
+//! each later call to the rank it registered, so one worker (or anyone holding the token) cannot
+//! speak for another. A message of an older generation (a worker of a job that was aborted) gets
+//! an abort command or an error, never a say in the current job; reported steps must follow the
+//! run's progress (the next step, a checkpoint where the run writes it). Bad input gets an error
+//! status: a malformed or hostile message never takes the coordinator down.
+//!
+//! A registration waits for the rest of the world inside its call. While it waits it is not a
+//! live rank (no heartbeat is expected); its slot is freed when its call ends without the world
+//! (the worker died or its connection closed: the server drops the call), and the heartbeats
+//! start counting for every rank when the world completes.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -36,6 +44,12 @@ pub enum Event {
         host: String,
         pid: u32,
     },
+    /// A registrant whose call ended before its world was complete (it died, or its connection
+    /// closed): its slot is free again.
+    Left {
+        generation: u64,
+        rank: usize,
+    },
     Metrics {
         generation: u64,
         m: StepMetrics,
@@ -51,11 +65,13 @@ pub enum Event {
         loss: f64,
     },
     /// `permanent`: the worker says a restart cannot change it.
+    /// `lost_peer`: the rank says it lost that peer (the failure is the peer's).
     Failed {
         generation: u64,
         rank: usize,
         message: String,
         permanent: bool,
+        lost_peer: Option<usize>,
     },
     Validation {
         generation: u64,
@@ -67,6 +83,10 @@ pub enum Event {
 
 pub struct Registration {
     pub ring_addr: String,
+    /// The secret given to this registration: every later call for its rank carries it.
+    pub secret: String,
+    pub host: String,
+    pub pid: u32,
 }
 
 pub struct Inner {
@@ -74,10 +94,33 @@ pub struct Inner {
     /// Whether registrations are taken (false while restarting and after the run).
     pub open: bool,
     pub regs: Vec<Option<Registration>>,
+    /// Whether the generation's world is complete (every rank registered): from then on a
+    /// rank's heartbeats count, and a registrant's slot is no longer given back.
+    pub complete: bool,
+    /// When the generation stops waiting for its world (`--register-timeout` after its start).
+    pub register_deadline: Instant,
     pub job: Job,
     pub command: Command,
+    /// Each rank's last heartbeat, from the moment the world is complete.
     pub last_seen: Vec<Option<Instant>>,
     pub nccl_id: Option<Vec<u8>>,
+    /// The last step whose metrics were taken in this generation (from its resume step).
+    pub progress: u64,
+    /// The last checkpoint reported in this generation (from its resume step).
+    pub checkpointed: u64,
+}
+
+impl Inner {
+    /// The registrations of the generation so far, for a line: "rank 0 from node2 (pid 12)".
+    pub fn registered(&self) -> Vec<String> {
+        self.regs
+            .iter()
+            .enumerate()
+            .filter_map(|(k, r)| {
+                r.as_ref().map(|r| format!("rank {k} from {} (pid {})", proto::printable(&r.host), r.pid))
+            })
+            .collect()
+    }
 }
 
 pub struct Shared {
@@ -104,8 +147,9 @@ impl Shared {
         a.len() == b.len() && bool::from(a.ct_eq(b))
     }
 
-    /// Checks a session: right token and run, a registered rank. Returns whether it belongs to
-    /// the current generation.
+    /// Checks a session: right token and run, a rank of the world, and in the current
+    /// generation the secret of that rank's registration. Returns whether it belongs to the
+    /// current generation (an older one's calls get an abort, never a say).
     fn check(&self, s: Option<&Session>) -> Result<bool, Status> {
         let s = s.ok_or_else(|| Status::invalid_argument("missing session"))?;
         if !self.token_ok(&s.token) {
@@ -117,9 +161,120 @@ impl Shared {
         if s.rank as usize >= self.world {
             return Err(Status::invalid_argument(format!("rank {} outside a world of {}", s.rank, self.world)));
         }
-        Ok(s.generation == self.lock().generation)
+        let g = self.lock();
+        if s.generation != g.generation {
+            return Ok(false);
+        }
+        let own = g.regs[s.rank as usize].as_ref().is_some_and(|r| secret_eq(&r.secret, &s.secret));
+        if !own {
+            return Err(Status::unauthenticated(format!(
+                "this session is not rank {}'s registration (no or wrong session secret)",
+                s.rank
+            )));
+        }
+        Ok(true)
+    }
+
+    /// Takes a metrics line of the current generation: rank 0's (the only one that sends
+    /// them), of the run's next step, with a finite loss.
+    fn take_metrics(&self, m: &StepMetrics) -> Result<(), Status> {
+        let (rank, generation) = m.session.as_ref().map_or((0, 0), |s| (s.rank, s.generation));
+        if rank != 0 {
+            return Err(Status::permission_denied("only rank 0 reports the step metrics"));
+        }
+        let mut g = self.lock();
+        if g.generation != generation {
+            return Err(stale());
+        }
+        if m.step != g.progress + 1 || m.step > g.job.steps {
+            return Err(Status::invalid_argument(format!(
+                "metrics of step {} refused: the run's next step is {} of {}",
+                m.step,
+                g.progress + 1,
+                g.job.steps
+            )));
+        }
+        if !m.loss.is_finite() {
+            return Err(Status::invalid_argument(format!("metrics of step {} refused: a loss of {}", m.step, m.loss)));
+        }
+        g.progress = m.step;
+        Ok(())
+    }
+
+    /// Checks a result of the current generation against the run: a checkpoint from rank 0,
+    /// after the last one, at most the run's steps, in the folder the run writes it to; a
+    /// validation part of a step of the run in its place; done at the run's last step.
+    fn take_result(&self, r: &JobResult, rank: usize, generation: u64) -> Result<(), Status> {
+        let mut g = self.lock();
+        if g.generation != generation {
+            return Err(stale());
+        }
+        let run_dir = std::path::PathBuf::from(&g.job.run_dir);
+        let refuse = |what: &str| Err(Status::invalid_argument(format!("{what} refused")));
+        match ResultKind::try_from(r.kind) {
+            Ok(ResultKind::ResultCheckpoint) => {
+                let want = worker::job::checkpoint_dir(&run_dir, r.step);
+                if rank != 0 || r.step <= g.checkpointed || r.step > g.job.steps || r.path != want.to_string_lossy() {
+                    return refuse(&format!(
+                        "a checkpoint of step {} from rank {rank} (the last was step {} of {})",
+                        r.step, g.checkpointed, g.job.steps
+                    ));
+                }
+                g.checkpointed = r.step;
+            }
+            Ok(ResultKind::ResultValidation) => {
+                let dir = run_dir.join("valid").join(format!("step-{:06}", r.step));
+                if r.step > g.job.steps || r.path != worker::embed::part_path(&dir, rank).to_string_lossy() {
+                    return refuse(&format!("a validation part of step {} from rank {rank}", r.step));
+                }
+            }
+            Ok(ResultKind::ResultDone) if r.step != g.job.steps => {
+                return refuse(&format!("done at step {} (the run has {})", r.step, g.job.steps));
+            }
+            Ok(ResultKind::ResultFailed) if r.lost_peer.is_some_and(|p| p as usize >= self.world) => {
+                return refuse("a failure naming a rank outside the world");
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
+
+/// Compares two secrets in constant time.
+fn secret_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+/// A registration waiting for its world: when its call ends without the world (the worker died
+/// or its connection closed, which drops the call; the generation's wait ran out), the slot is
+/// given back, unless the world completed meanwhile or another generation began.
+struct Waiting {
+    shared: Arc<Shared>,
+    generation: u64,
+    rank: usize,
+    secret: String,
+    /// Cleared once the reply is on its way.
+    armed: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut g = self.shared.lock();
+        let mine = g.regs[self.rank].as_ref().is_some_and(|r| r.secret == self.secret);
+        if g.generation == self.generation && !g.complete && mine {
+            g.regs[self.rank] = None;
+            drop(g);
+            let _ = self.shared.events.send(Event::Left { generation: self.generation, rank: self.rank });
+        }
+    }
+}
+
+/// How long past the generation's registration deadline a registration waits before it gives
+/// up by itself (the supervisor ends the wait at the deadline).
+const REGISTER_GRACE: Duration = Duration::from_secs(5);
 
 pub struct Service {
     pub shared: Arc<Shared>,
@@ -154,6 +309,7 @@ impl Coordinator for Service {
         if r.ring_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(Status::invalid_argument(format!("ring address '{}' is not host:port", r.ring_addr)));
         }
+        let secret = super::folder::random_hex(16);
         let (generation, rank) = {
             let mut g = sh.lock();
             if !g.open {
@@ -176,22 +332,33 @@ impl Coordinator for Service {
                     Status::resource_exhausted(format!("the run already has its {} workers", sh.world))
                 })?,
             };
-            g.regs[rank] = Some(Registration { ring_addr: r.ring_addr.clone() });
-            g.last_seen[rank] = Some(Instant::now());
+            g.regs[rank] = Some(Registration {
+                ring_addr: r.ring_addr.clone(),
+                secret: secret.clone(),
+                host: r.host.clone(),
+                pid: r.pid,
+            });
+            if g.regs.iter().all(Option::is_some) {
+                // The world is complete: from now on every rank's heartbeats count.
+                g.complete = true;
+                let now = Instant::now();
+                g.last_seen.iter_mut().for_each(|t| *t = Some(now));
+            }
             (g.generation, rank)
         };
         let _ = sh.events.send(Event::Registered { generation, rank, host: r.host.clone(), pid: r.pid });
+        let mut waiting = Waiting { shared: sh.clone(), generation, rank, secret: secret.clone(), armed: true };
         // Wait for the rest of the world (polling keeps this simple and free of lost wake-ups).
-        let deadline = Instant::now() + sh.register_wait;
         loop {
             {
                 let g = sh.lock();
                 if g.generation != generation {
                     return Err(stale());
                 }
-                if g.regs.iter().all(Option::is_some) {
+                if g.complete {
                     let peers =
                         g.regs.iter().map(|x| x.as_ref().map(|x| x.ring_addr.clone()).unwrap_or_default()).collect();
+                    waiting.armed = false;
                     return Ok(Response::new(RegisterReply {
                         rank: rank as u32,
                         world_size: sh.world as u32,
@@ -199,15 +366,15 @@ impl Coordinator for Service {
                         generation,
                         peer_addrs: peers,
                         job: Some(g.job.clone()),
+                        session_secret: secret,
                     }));
                 }
-            }
-            if Instant::now() > deadline {
-                let mut g = sh.lock();
-                if g.generation == generation {
-                    g.regs[rank] = None;
+                if !g.open {
+                    return Err(Status::unavailable("the run stopped waiting for workers"));
                 }
-                return Err(Status::deadline_exceeded("the other workers did not register in time"));
+                if Instant::now() > g.register_deadline + REGISTER_GRACE {
+                    return Err(Status::deadline_exceeded("the other workers did not register in time"));
+                }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -294,6 +461,7 @@ impl Coordinator for Service {
             if !self.shared.check(m.session.as_ref())? {
                 return Err(stale());
             }
+            self.shared.take_metrics(&m)?;
             let _ = self.shared.events.send(Event::Metrics { generation, m });
         }
         Ok(Response::new(Ack {}))
@@ -308,12 +476,17 @@ impl Coordinator for Service {
         if r.message.len() > 64 * 1024 || r.path.len() > 4096 {
             return Err(Status::invalid_argument("result fields too long"));
         }
+        self.shared.take_result(&r, rank, generation)?;
         let ev = match ResultKind::try_from(r.kind) {
             Ok(ResultKind::ResultCheckpoint) => Event::Checkpoint { generation, step: r.step, path: r.path },
             Ok(ResultKind::ResultDone) => Event::Done { generation, rank, loss: r.final_loss },
-            Ok(ResultKind::ResultFailed) => {
-                Event::Failed { generation, rank, message: r.message, permanent: r.permanent }
-            }
+            Ok(ResultKind::ResultFailed) => Event::Failed {
+                generation,
+                rank,
+                message: r.message,
+                permanent: r.permanent,
+                lost_peer: r.lost_peer.map(|p| p as usize),
+            },
             Ok(ResultKind::ResultValidation) => Event::Validation { generation, rank, step: r.step, path: r.path },
             _ => return Err(Status::invalid_argument("unknown result kind")),
         };
@@ -365,7 +538,10 @@ pub(super) async fn serve(a: &TrainArgs, shared: Arc<Shared>) -> anyhow::Result<
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let router = builder
         .concurrency_limit_per_connection(64)
+        // A connection whose pings go unanswered (a worker's host gone, a partition) is closed
+        // within 20 s, which also ends a registration waiting on it.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(svc);
     tokio::spawn(async move {
         if let Err(e) = router.serve_with_incoming(incoming).await {

@@ -22,6 +22,9 @@ use super::folder::{checkpoint_dir, truncate_metrics, write_json_atomically, Run
 use super::server::{serve, Event, Inner, Shared};
 use super::{finetune, index, retention, Plan, TrainArgs};
 
+/// How long a failure reported as the loss of a peer waits for that peer's own report or exit.
+const LOST_PEER_GRACE: Duration = Duration::from_secs(1);
+
 /// How a launched job ended (a failure past the restarts is an error).
 pub enum Finished {
     Done(f64),
@@ -56,10 +59,14 @@ pub async fn launch(
             generation: 0,
             open: false,
             regs: (0..p.world).map(|_| None).collect(),
+            complete: false,
+            register_deadline: Instant::now(),
             job: job.clone(),
             command: Command::Continue,
             last_seen: vec![None; p.world],
             nccl_id: None,
+            progress: 0,
+            checkpointed: 0,
         }),
         events: tx,
         register_wait: Duration::from_secs(a.register_timeout),
@@ -77,11 +84,7 @@ pub async fn launch(
         p.device
     );
     if !p.local {
-        eprintln!(
-            "coordinator: waiting for {} workers: CXRCLIP_TOKEN=$(cat {}) worker --coordinator {url}",
-            p.world,
-            run_dir.join("token").display()
-        );
+        eprintln!("coordinator: waiting for {} workers: {}", p.world, join_command(p, run_dir, &url));
     }
 
     let bar = progress_bar(p.steps, p.last_checkpoint);
@@ -120,6 +123,18 @@ pub async fn launch(
                 sup.reap(Duration::from_secs(5)).await;
                 bar.abandon();
                 return Ok(Finished::Interrupted);
+            }
+            Outcome::Unregistered(why) => {
+                {
+                    let mut g = shared.lock();
+                    g.command = Command::Shutdown;
+                    g.open = false;
+                }
+                // Long enough for the waiting registrations to be told why before the server goes.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                sup.kill_all().await;
+                bar.abandon();
+                bail!("{why}");
             }
             Outcome::Permanent(why) => {
                 {
@@ -192,8 +207,29 @@ fn worker_command(a: &TrainArgs) -> Result<Proc> {
     Ok(cmd)
 }
 
+/// The command that joins a worker on another node to this run, with the flags that apply:
+/// `--tls-ca` when the run serves TLS (the authority of `--tls-cert`; for a self-signed
+/// certificate, the certificate itself), `--ring-host` for CPU ranks (their ring connects
+/// directly between nodes), `--rejoin` so that the worker survives a restart.
+fn join_command(p: &Plan, run_dir: &Path, url: &str) -> String {
+    let mut cmd = format!("CXRCLIP_TOKEN=$(cat {}) worker --coordinator {url}", run_dir.join("token").display());
+    if p.device == Device::Cuda {
+        cmd.push_str(" --device cuda");
+    }
+    if let Some(cert) = &p.args.tls_cert {
+        cmd.push_str(&format!(" --tls-ca {}", cert.display()));
+    }
+    if p.device == Device::Cpu && p.world > 1 {
+        cmd.push_str(" --ring-host <that node's address>");
+    }
+    cmd.push_str(" --rejoin");
+    cmd
+}
+
 enum Outcome {
     Done(f64),
+    /// The generation's world did not complete within `--register-timeout`: the run stops.
+    Unregistered(String),
     /// A dead, lost or stuck worker, or a failure it reported as retryable: restarted.
     Failed(String),
     /// A failure its worker says a restart cannot change: the run stops with it.
@@ -218,6 +254,10 @@ impl<'a> Supervisor<'a> {
         {
             let mut g = self.shared.lock();
             g.generation = generation;
+            g.complete = false;
+            g.register_deadline = Instant::now() + Duration::from_secs(self.p.args.register_timeout);
+            g.progress = from;
+            g.checkpointed = from;
             let mut job = job.clone();
             if from > 0 {
                 job.resume_step = from;
@@ -281,7 +321,9 @@ impl<'a> Supervisor<'a> {
             std::collections::BTreeMap::new();
         let mut last_loss = f64::NAN;
         let mut pid_rank: Vec<(u32, usize)> = Vec::new();
-        let started = Instant::now();
+        // A failure a rank reported as the loss of a peer: held for a moment, in case the peer's
+        // own report or its exit says what happened to it.
+        let mut lost: Option<(String, usize, Instant)> = None;
         let mut watchdog = StepWatchdog::new(self.p.args.step_timeout);
         let metrics_path = self.run_dir.join("metrics.jsonl");
         let mut metrics = fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
@@ -297,7 +339,14 @@ impl<'a> Supervisor<'a> {
                     match ev {
                         Event::Registered { generation: g, rank, host, pid } if g == generation => {
                             pid_rank.push((pid, rank));
+                            let host = proto::printable(&host);
                             self.bar.suspend(|| eprintln!("coordinator: rank {rank} joined from {host} (pid {pid})"));
+                        }
+                        Event::Left { generation: g, rank } if g == generation => {
+                            pid_rank.retain(|(_, r)| *r != rank);
+                            self.bar.suspend(|| {
+                                eprintln!("coordinator: rank {rank} left before the run started (its registration ended); its slot is free")
+                            });
                         }
                         Event::Metrics { generation: g, m } if g == generation => {
                             watchdog.stepped(m.step_seconds);
@@ -319,7 +368,7 @@ impl<'a> Supervisor<'a> {
                             watchdog.progressed();
                             record.last_checkpoint = step;
                             if plain {
-                                eprintln!("coordinator: checkpoint {path}");
+                                eprintln!("coordinator: checkpoint {}", proto::printable(&path));
                             }
                             write_json_atomically(&self.run_dir.join("run.json"), record)?;
                             let best = finetune::Best::read(self.run_dir).map(|b| b.checkpoint);
@@ -334,9 +383,20 @@ impl<'a> Supervisor<'a> {
                             if rank == 0 { last_loss = loss; }
                             if done.len() == world { return Ok(Outcome::Done(last_loss)); }
                         }
-                        Event::Failed { generation: g, rank, message, permanent } if g == generation => {
-                            let why = format!("rank {rank} failed: {message}");
-                            return Ok(if permanent { Outcome::Permanent(why) } else { Outcome::Failed(why) });
+                        Event::Failed { generation: g, rank, message, permanent, lost_peer } if g == generation => {
+                            let message = proto::printable(&message);
+                            match lost_peer {
+                                // Another rank's failure seen from here: the peer's own report or
+                                // exit, if it comes within a moment, says more.
+                                Some(peer) if !permanent => {
+                                    let why = format!("rank {peer} was lost (rank {rank}: {message})");
+                                    lost.get_or_insert((why, peer, Instant::now() + LOST_PEER_GRACE));
+                                }
+                                _ => {
+                                    let why = format!("rank {rank} failed: {message}");
+                                    return Ok(if permanent { Outcome::Permanent(why) } else { Outcome::Failed(why) });
+                                }
+                            }
                         }
                         Event::Validation { generation: g, rank, step, path } if g == generation => {
                             watchdog.progressed();
@@ -361,26 +421,38 @@ impl<'a> Supervisor<'a> {
                             let pid = c.id();
                             let rank = pid_rank.iter().find(|(p, _)| *p == pid).map(|(_, r)| *r);
                             let finished = rank.is_some_and(|r| done.contains(&r));
-                            if !(status.success() && finished) {
+                            // A rank that reported a lost peer exits after its report: only the
+                            // lost peer's own exit says more than that report.
+                            let reporter = lost.as_ref().is_some_and(|(_, peer, _)| rank != Some(*peer));
+                            if !(reporter || (status.success() && finished)) {
                                 let who = rank.map_or(format!("worker pid {pid}"), |r| format!("rank {r} (pid {pid})"));
                                 return Ok(Outcome::Failed(format!("{who} exited ({status})")));
                             }
                         }
+                    }
+                    if let Some((why, _, _)) = lost.take_if(|(_, _, until)| Instant::now() > *until) {
+                        return Ok(Outcome::Failed(why));
                     }
                     if let Some(why) = watchdog.stuck() {
                         return Ok(Outcome::Failed(why));
                     }
                     let timeout = Duration::from_secs(self.p.args.heartbeat_timeout);
                     let g = self.shared.lock();
+                    // Heartbeats count once the world is complete: a registrant waiting for its
+                    // peers sends none and is not missing any.
                     for (rank, seen) in g.last_seen.iter().enumerate() {
-                        if seen.is_some_and(|t| t.elapsed() > timeout) && !done.contains(&rank) {
+                        if g.complete && seen.is_some_and(|t| t.elapsed() > timeout) && !done.contains(&rank) {
                             return Ok(Outcome::Failed(format!("rank {rank} sent no heartbeat for {} s", timeout.as_secs())));
                         }
                     }
-                    let registered = g.regs.iter().filter(|r| r.is_some()).count();
-                    if registered < world && started.elapsed() > Duration::from_secs(self.p.args.register_timeout) {
-                        drop(g);
-                        bail!("only {registered} of {world} workers registered within {} s", self.p.args.register_timeout);
+                    if !g.complete && Instant::now() > g.register_deadline {
+                        let came = g.registered();
+                        let who = if came.is_empty() { "none came".to_string() } else { came.join(", ") };
+                        return Ok(Outcome::Unregistered(format!(
+                            "only {} of {world} workers registered within {} s ({who})",
+                            came.len(),
+                            self.p.args.register_timeout
+                        )));
                     }
                 }
             }

@@ -88,12 +88,14 @@ fn read_frame(mut s: &TcpStream, seq: u64, out: &mut [f32], from: usize) -> Resu
 }
 
 fn peer_error(e: std::io::Error, from: usize) -> anyhow::Error {
+    // Marked as rank `from`'s failure, not this rank's (see failure::PeerLost).
+    use crate::failure::PeerLost;
     match e.kind() {
         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-            anyhow!("ring: rank {from} closed its connection (it stopped or died)")
+            PeerLost::error(from, format!("ring: rank {from} closed its connection (it stopped or died)"))
         }
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            anyhow!("ring: no data from rank {from} within the timeout")
+            PeerLost::error(from, format!("ring: no data from rank {from} within the timeout"))
         }
         _ => anyhow!("ring: reading from rank {from}: {e}"),
     }
@@ -157,7 +159,10 @@ impl TcpRing {
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => bail!("ring: cannot reach rank {next_rank} at {}: {e}", addrs[next_rank]),
+                Err(e) => {
+                    let what = format!("ring: cannot reach rank {next_rank} at {}: {e}", addrs[next_rank]);
+                    return Err(crate::failure::PeerLost::error(next_rank, what));
+                }
             }
         };
         next.set_nodelay(true)?;
@@ -189,7 +194,10 @@ impl TcpRing {
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    ensure!(Instant::now() < deadline, "ring: rank {prev_rank} did not connect in time");
+                    if Instant::now() >= deadline {
+                        let what = format!("ring: rank {prev_rank} did not connect in time");
+                        return Err(crate::failure::PeerLost::error(prev_rank, what));
+                    }
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => bail!("ring: accepting rank {prev_rank}: {e}"),
@@ -216,7 +224,16 @@ impl TcpRing {
             let read = read_frame(prev, seq, recv, from);
             let wrote = writer.join().map_err(|_| anyhow!("ring: the sending thread panicked"))?;
             read?;
-            wrote.map_err(|e| anyhow!("ring: sending to rank {next_rank}: {e}"))
+            wrote.map_err(|e| {
+                let what = format!("ring: sending to rank {next_rank}: {e}");
+                match e.kind() {
+                    std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut => crate::failure::PeerLost::error(next_rank, what),
+                    _ => anyhow!(what),
+                }
+            })
         })
     }
 
