@@ -24,15 +24,10 @@ impl fmt::Display for PlanError {
     }
 }
 
-/// `text` with its control characters (other than line breaks and tabs) escaped as `\u{..}`.
-fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-        return text.into();
-    }
-    text.chars()
-        .map(|c| if c.is_control() && c != '\n' && c != '\t' { c.escape_unicode().to_string() } else { c.to_string() })
-        .collect::<String>()
-        .into()
+/// `text` with its control characters escaped as the network's strings are, line by line (a
+/// message may quote several lines of the plan).
+fn printable(text: &str) -> String {
+    text.split('\n').map(proto::printable).collect::<Vec<_>>().join("\n")
 }
 
 impl std::error::Error for PlanError {}
