@@ -16,6 +16,8 @@ pub mod index;
 mod plan;
 mod retention;
 mod server;
+#[cfg(test)]
+mod server_fuzz;
 mod supervisor;
 mod train_opts;
 

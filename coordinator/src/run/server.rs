@@ -150,7 +150,7 @@ impl Shared {
     /// Checks a session: right token and run, a rank of the world, and in the current
     /// generation the secret of that rank's registration. Returns whether it belongs to the
     /// current generation (an older one's calls get an abort, never a say).
-    fn check(&self, s: Option<&Session>) -> Result<bool, Status> {
+    pub(super) fn check(&self, s: Option<&Session>) -> Result<bool, Status> {
         let s = s.ok_or_else(|| Status::invalid_argument("missing session"))?;
         if !self.token_ok(&s.token) {
             return Err(Status::unauthenticated("wrong run token"));
@@ -177,7 +177,7 @@ impl Shared {
 
     /// Takes a metrics line of the current generation: rank 0's (the only one that sends
     /// them), of the run's next step, with a finite loss.
-    fn take_metrics(&self, m: &StepMetrics) -> Result<(), Status> {
+    pub(super) fn take_metrics(&self, m: &StepMetrics) -> Result<(), Status> {
         let (rank, generation) = m.session.as_ref().map_or((0, 0), |s| (s.rank, s.generation));
         if rank != 0 {
             return Err(Status::permission_denied("only rank 0 reports the step metrics"));
