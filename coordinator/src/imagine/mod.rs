@@ -299,6 +299,9 @@ pub fn generate<B: Backend>(
     Ok(Generated { size: n, images, final_similarity, final_neutral, seconds: start.elapsed().as_secs_f64() })
 }
 
+/// `[image][text]` cosine similarities, and each image's against the neutral text if any.
+pub type Scores = (Vec<Vec<f64>>, Option<Vec<f64>>);
+
 /// cos(image i seen whole and unaugmented, text j) for every pair, and against `neutral`.
 pub fn score_images<B: Backend>(
     clip: &Clip<B>,
@@ -306,7 +309,7 @@ pub fn score_images<B: Backend>(
     size: usize,
     texts: &[Vec<f32>],
     neutral: Option<&[f32]>,
-) -> Result<(Vec<Vec<f64>>, Option<Vec<f64>>)> {
+) -> Result<Scores> {
     let m = clip.image_size();
     let d = clip.config.projection_dim;
     let whole = View::identity(size, m);
