@@ -255,7 +255,7 @@ impl Ctx<'_> {
                 let ds = data::read(spec.kind, root, &datasets::read_options(spec, &run.views, 0))
                     .with_context(|| format!("reading {}", root.display()))?;
                 let device = self.opts.world.device;
-                let row = text_to_image::run(
+                let (mut row, generated) = text_to_image::run(
                     &checkpoint,
                     &ds,
                     findings,
@@ -267,6 +267,10 @@ impl Ctx<'_> {
                     &run.name,
                     &origin,
                 )?;
+                // Does each generated image score as its finding? A probe on the real features.
+                let table = self.features(&checkpoint, &key, &run.dataset, run, Vec::new())?;
+                let probe = evaluate::probe_generated(&table, &generated.final_embeddings)?;
+                text_to_image::add_probe(&mut row, &probe);
                 result.text_to_image = Some(row);
             }
         }

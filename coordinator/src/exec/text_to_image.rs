@@ -9,7 +9,8 @@ use data::labels::{label_index, LabelValue};
 use data::{Dataset, Split};
 use worker::Device;
 
-use crate::imagine::{self, output, views::View, ImagineOptions, Parameterization};
+use super::evaluate::ProbeOnGenerated;
+use crate::imagine::{self, output, views::View, Generated, ImagineOptions, Parameterization};
 use crate::report::{TextToImageCell, TextToImageRow};
 
 /// Views per step: the middle of the paper's 5-8.
@@ -58,7 +59,19 @@ fn square(img: &data::dicom::GreyImage, size: usize) -> Vec<f32> {
     out
 }
 
-/// Runs the text-to-image job of one run into `dir`.
+/// Fills each cell's probe columns from a probe's scores of the generated images (in cell order).
+pub fn add_probe(row: &mut TextToImageRow, p: &ProbeOnGenerated) {
+    for (k, cell) in row.cells.iter_mut().enumerate() {
+        if let (Some(j), Some(g)) = (p.labels.iter().position(|l| *l == cell.finding), p.generated.get(k)) {
+            cell.probe = Some(g[j]);
+            cell.probe_real_positive = Some(p.real_positive_mean[j]).filter(|v| v.is_finite());
+            cell.probe_real_negative = Some(p.real_negative_mean[j]).filter(|v| v.is_finite());
+        }
+    }
+}
+
+/// Runs the text-to-image job of one run into `dir`; also returns the generation (for the
+/// images' embeddings).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     checkpoint: &Path,
@@ -71,7 +84,7 @@ pub fn run(
     dir: &Path,
     name: &str,
     setting: &str,
-) -> Result<TextToImageRow> {
+) -> Result<(TextToImageRow, Generated)> {
     let mut prompts = Vec::with_capacity(findings.len());
     let mut reals = Vec::with_capacity(findings.len());
     for (k, f) in findings.iter().enumerate() {
@@ -121,10 +134,13 @@ pub fn run(
                 real_source: reals[k].as_ref().map(|(_, p)| p.display().to_string()),
                 similarity: sims[k],
                 own_prompt_wins: (0..sims.len()).all(|j| j == k || sims[j] < sims[k]),
+                probe: None,
+                probe_real_positive: None,
+                probe_real_negative: None,
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(TextToImageRow {
+    let row = TextToImageRow {
         run: name.to_string(),
         setting: setting.to_string(),
         steps,
@@ -132,7 +148,8 @@ pub fn run(
         cells,
         seconds: g.seconds,
         run_dir: dir.display().to_string(),
-    })
+    };
+    Ok((row, g))
 }
 
 #[cfg(test)]

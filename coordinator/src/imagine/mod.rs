@@ -149,6 +149,8 @@ pub struct Generated {
     pub final_similarity: Vec<Vec<f64>>,
     /// cos(final image i, the neutral prompt), with `--neutral`.
     pub final_neutral: Option<Vec<f64>>,
+    /// The final images' unit embeddings (seen whole), `projection_dim` each.
+    pub final_embeddings: Vec<Vec<f32>>,
     pub seconds: f64,
 }
 
@@ -295,12 +297,24 @@ pub fn generate<B: Backend>(
     }
 
     let images: Vec<Vec<f32>> = theta.iter().map(|t| param::sigmoid(&basis.logits(t)).0).collect();
-    let (final_similarity, final_neutral) = score_images(clip, &images, n, targets, neutral.map(|u| u.as_slice()))?;
-    Ok(Generated { size: n, images, final_similarity, final_neutral, seconds: start.elapsed().as_secs_f64() })
+    let scores = score_images(clip, &images, n, targets, neutral.map(|u| u.as_slice()))?;
+    Ok(Generated {
+        size: n,
+        images,
+        final_similarity: scores.similarity,
+        final_neutral: scores.neutral,
+        final_embeddings: scores.embeddings,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
-/// `[image][text]` cosine similarities, and each image's against the neutral text if any.
-pub type Scores = (Vec<Vec<f64>>, Option<Vec<f64>>);
+/// `[image][text]` cosine similarities, each image's against the neutral text if any, and the
+/// images' embeddings.
+pub struct Scores {
+    pub similarity: Vec<Vec<f64>>,
+    pub neutral: Option<Vec<f64>>,
+    pub embeddings: Vec<Vec<f32>>,
+}
 
 /// cos(image i seen whole and unaugmented, text j) for every pair, and against `neutral`.
 pub fn score_images<B: Backend>(
@@ -315,6 +329,7 @@ pub fn score_images<B: Backend>(
     let whole = View::identity(size, m);
     let mut sims = Vec::with_capacity(images.len());
     let mut neut = Vec::with_capacity(images.len());
+    let mut embeddings = Vec::with_capacity(images.len());
     for chunk in images.chunks(clip.capacity()) {
         let b = chunk.len();
         let mut gray = vec![0.0f32; b * m * m];
@@ -330,9 +345,10 @@ pub fn score_images<B: Backend>(
         for row in e.chunks_exact(d) {
             sims.push(texts.iter().map(|t| dot(row, t)).collect());
             neut.push(neutral.map_or(0.0, |u| dot(row, u)));
+            embeddings.push(row.to_vec());
         }
     }
-    Ok((sims, neutral.map(|_| neut)))
+    Ok(Scores { similarity: sims, neutral: neutral.map(|_| neut), embeddings })
 }
 
 /// The batch capacity a model needs for `opts`: every view of every prompt, and the texts.

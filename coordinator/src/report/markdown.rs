@@ -328,6 +328,32 @@ fn text_to_image(md: &mut String, report: &Report, drawn: &[Drawn]) {
         })
         .collect();
     md.push_str(&table(&header, &rows));
+    md.push_str(
+        "A linear probe fitted on each model's features of the real training images scores the generated \
+         images: the probability of each image's own finding, beside the probe's mean over the real test \
+         images positive / negative for it.\n\n",
+    );
+    let mut header = vec!["setting".to_string()];
+    header.extend(findings.iter().cloned());
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    let rows: Vec<Vec<String>> = report
+        .text_to_image
+        .iter()
+        .map(|r| {
+            let mut row = vec![r.setting.clone()];
+            row.extend(findings.iter().map(|f| {
+                r.cells
+                    .iter()
+                    .find(|c| &c.finding == f)
+                    .map(|c| {
+                        format!("{} ({} / {})", opt(c.probe), opt(c.probe_real_positive), opt(c.probe_real_negative))
+                    })
+                    .unwrap_or_default()
+            }));
+            row
+        })
+        .collect();
+    md.push_str(&table(&header, &rows));
     if let Some(first) = report.text_to_image.first() {
         md.push_str("Sentences (from the test reports of the real images):\n\n");
         for c in &first.cells {

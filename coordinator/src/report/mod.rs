@@ -91,6 +91,15 @@ pub struct TextToImageCell {
     pub similarity: f64,
     /// Whether its own prompt is the most similar of the run's prompts.
     pub own_prompt_wins: bool,
+    /// A linear probe fitted on the model's features of the real training images: the
+    /// generated image's probability of its finding, and the mean probability over the real
+    /// test images positive and negative for it (`None`: the dataset's labels lack it).
+    #[serde(default)]
+    pub probe: Option<f64>,
+    #[serde(default)]
+    pub probe_real_positive: Option<f64>,
+    #[serde(default)]
+    pub probe_real_negative: Option<f64>,
 }
 
 /// One evaluation: a setting on a dataset's split (at a fraction, maybe in an ablation).

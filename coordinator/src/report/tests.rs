@@ -617,6 +617,9 @@ fn the_text_to_image_figure_shows_each_image_in_its_column() {
                 real_source: None,
                 similarity: 0.25 + k as f64 / 10.0,
                 own_prompt_wins: k == 1,
+                probe: Some(0.5 + k as f64 / 10.0),
+                probe_real_positive: Some(0.7),
+                probe_real_negative: None,
             })
             .collect(),
         seconds: 1.0,
@@ -653,6 +656,9 @@ fn the_text_to_image_figure_shows_each_image_in_its_column() {
     assert_eq!(cell(&t, "CLS", 1), "0.250");
     assert_eq!(cell(&t, "CLS", 3), "1/2");
     assert!(md.contains("- Edema: \"Moderate edema seen here.\""));
+    let probe = md_table(&md, "A linear probe fitted");
+    assert_eq!(cell(&probe, "CLS", 1), "0.50 (0.70 / -)");
+    assert_eq!(cell(&probe, "rand", 2), "0.60 (0.70 / -)");
     let json: Value = serde_json::from_slice(&fs::read(dir.join("results.json")).unwrap()).unwrap();
     assert_eq!(json["text_to_image"][1]["cells"][0]["similarity"], 0.25);
     fs::remove_dir_all(&dir).unwrap();
