@@ -18,12 +18,17 @@ const VIEWS: usize = 6;
 /// The paper's learning rate.
 const LR: f32 = 0.03;
 
-/// A sentence of `report` that names `finding` without negating it.
+/// A sentence of `report` that names `finding` without negating it. The report text joins its
+/// sections with spaces, so an indication without a full stop ("man with hypoxia // ___") can
+/// run into the next sentence: what comes before the last anonymisation mark or `//` is cut.
 pub fn naming_sentence(report: &str, finding: &str) -> Option<String> {
     let word = finding.to_lowercase();
     report
-        .split_inclusive('.')
-        .map(str::trim)
+        .split_inclusive(['.', '\n'])
+        .map(|s| {
+            let cut = ["//", "___"].iter().filter_map(|m| s.rfind(m).map(|i| i + m.len())).max().unwrap_or(0);
+            s[cut..].trim()
+        })
         .filter(|s| !s.is_empty())
         .find(|s| {
             let l = s.to_lowercase();
@@ -163,5 +168,7 @@ mod tests {
         assert_eq!(naming_sentence(r, "Atelectasis").as_deref(), Some("Left basilar atelectasis, unchanged."));
         assert_eq!(naming_sentence(r, "Consolidation"), None);
         assert_eq!(naming_sentence(r, "Edema"), None);
+        let r = "History: man with hypoxia  // ___ Left lower lobe consolidation. Mild edema.";
+        assert_eq!(naming_sentence(r, "Consolidation").as_deref(), Some("Left lower lobe consolidation."));
     }
 }
