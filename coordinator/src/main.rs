@@ -15,6 +15,7 @@ mod estimate;
 mod exec;
 mod fb_cmd;
 mod gpu_cmds;
+mod imagine;
 mod init_cmd;
 mod plan;
 mod plan_cmd;
@@ -70,6 +71,8 @@ enum Command {
     Worker(worker::cli::Args),
     /// Check an experiment plan and print its runs in the order they would go.
     CheckPlan(plan::check_cmd::CheckPlanArgs),
+    /// Images optimised to match prompts by CLIP guidance: one PNG per prompt and a grid.
+    Imagine(imagine::ImagineArgs),
 }
 
 /// The heap metered, so that `bench kernels --device cpu` reports each op's own peak heap use.
@@ -107,5 +110,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => plan_cmd::run_demo(a),
         Command::Worker(a) => std::process::exit(worker::cli::main_with(a)),
         Command::CheckPlan(a) => plan::check_cmd::run(a),
+        Command::Imagine(a) => imagine::run(a),
     }
 }

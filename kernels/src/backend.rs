@@ -251,6 +251,10 @@ pub trait Backend: Sized + 'static {
     /// `cols[b, (img/p)^2, 3*p*p]` from `pixels[b, 3, img, img]`, columns ordered
     /// (channel, row, col) to match a `[hidden, 3, p, p]` weight read as `[hidden, 3*p*p]`.
     fn im2col(&self, cols: &Tensor<Self>, pixels: &Tensor<Self>, b: usize, img: usize, p: usize);
+    /// The backward of [`Backend::im2col`]: `dpixels[b, 3, img, img] += col2im(dcols)`, the
+    /// gradient of the patch columns scattered back onto the pixels they were read from (the
+    /// gradient of an image with respect to its pixels, e.g. for optimising an input).
+    fn im2col_bwd(&self, dpixels: &Tensor<Self>, dcols: &Tensor<Self>, b: usize, img: usize, p: usize);
     /// `out[b, 0] = cls + pos[0]`, `out[b, 1 + i] = patches[b, i] + pos[1 + i]`.
     #[allow(clippy::too_many_arguments)]
     fn vision_embed_fwd(

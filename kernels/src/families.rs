@@ -43,7 +43,7 @@ pub const FAMILIES: &[Family] = &[
     Family { name: "attention", ops: "attention_fwd, attention_bwd", cuda: CudaImpl::Nvrtc },
     Family {
         name: "embed",
-        ops: "im2col, vision_embed_fwd/bwd, token_embed_fwd/bwd, gather_rows(_bwd)",
+        ops: "im2col(_bwd), vision_embed_fwd/bwd, token_embed_fwd/bwd, gather_rows(_bwd)",
         cuda: CudaImpl::Nvrtc,
     },
     Family {

@@ -128,6 +128,15 @@ impl<B: Backend> Clip<B> {
         Ok((model, report))
     }
 
+    /// As [`Clip::from_pretrained`], frozen: no parameter gradients, a backward to the pixels
+    /// (see [`Clip::new_frozen`]).
+    pub fn from_pretrained_frozen(backend: B, dir: &Path, capacity: usize) -> Result<(Self, LoadReport)> {
+        let config = ClipConfig::from_file(&dir.join(CONFIG))?;
+        let model = Clip::new_frozen(backend, config, capacity)?;
+        let report = model.load_weights(&dir.join(WEIGHTS))?;
+        Ok((model, report))
+    }
+
     /// A model initialised from scratch with `seed`.
     pub fn random(backend: B, config: ClipConfig, capacity: usize, seed: u64) -> Result<Self> {
         let model = Clip::new(backend, config, capacity)?;

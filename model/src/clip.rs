@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use kernels::{Activation, Backend, DType, Tensor};
 
 use crate::config::{activation, ClipConfig};
@@ -383,6 +383,14 @@ struct VisionActs<B: Backend> {
     head: HeadActs<B>,
     d_emb: T<B>,
     d_patches: T<B>,
+    /// Gradients of the patch columns and of the input pixels: only in a frozen model, the
+    /// one whose backward goes down to the pixels ([`Clip::backward_vision_to_pixels`]).
+    to_pixels: Option<PixelGrads<B>>,
+}
+
+struct PixelGrads<B: Backend> {
+    d_cols: T<B>,
+    d_pixels: T<B>,
 }
 
 struct TextActs<B: Backend> {
@@ -415,13 +423,25 @@ impl<B: Backend> Clip<B> {
     /// A model with zeroed parameters (load or initialise them next) and activations for
     /// batches of up to `capacity` pairs.
     pub fn new(backend: B, config: ClipConfig, capacity: usize) -> Result<Self> {
+        Self::build(backend, config, capacity, false)
+    }
+
+    /// A model whose parameters are all frozen and that holds no parameter gradients (its
+    /// `grads` buffer is empty): the backward of its vision tower goes to the input pixels
+    /// instead ([`Clip::backward_vision_to_pixels`]), for optimising images against a trained
+    /// model. Its activations are those of [`Clip::new`] plus two pixel-sized gradients.
+    pub fn new_frozen(backend: B, config: ClipConfig, capacity: usize) -> Result<Self> {
+        Self::build(backend, config, capacity, true)
+    }
+
+    fn build(backend: B, config: ClipConfig, capacity: usize, frozen: bool) -> Result<Self> {
         config.validate()?;
         config.check_limits(&backend.limits())?;
         ensure!(capacity > 0, "batch capacity must be positive");
         let layout = Layout::new(&config);
         let params = backend.alloc(layout.total, DType::F32)?;
-        let grads = backend.alloc(layout.total, DType::F32)?;
-        let trainable = vec![true; layout.specs.len()];
+        let grads = backend.alloc(if frozen { 0 } else { layout.total }, DType::F32)?;
+        let trainable = vec![!frozen; layout.specs.len()];
         let (vision, text, logit_scale) = build_towers(&config, &layout, &params, &grads, &trainable)?;
         let be = &backend;
         let vc = &config.vision_config;
@@ -437,6 +457,12 @@ impl<B: Backend> Clip<B> {
             head: HeadActs::new(be, capacity, cv, pd)?,
             d_emb: be.alloc(capacity * (np + 1) * cv, DType::Bf16)?,
             d_patches: be.alloc(capacity * np * cv, DType::Bf16)?,
+            to_pixels: if frozen {
+                let px = capacity * 3 * vc.image_size * vc.image_size;
+                Some(PixelGrads { d_cols: be.alloc(px, DType::Bf16)?, d_pixels: be.alloc(px, DType::F32)? })
+            } else {
+                None
+            },
         };
         // Class-token pooling reads row 0 of every sequence.
         be.upload_i32(&va.head.index, &vec![0; capacity])?;
@@ -482,6 +508,7 @@ impl<B: Backend> Clip<B> {
 
     /// Sets which parameters train (by layout index); frozen ones get no weight gradient.
     pub fn set_trainable(&mut self, trainable: Vec<bool>) -> Result<()> {
+        ensure!(!self.is_frozen(), "a model made by Clip::new_frozen has no gradient buffer: it cannot train");
         ensure!(trainable.len() == self.layout.specs.len(), "trainable mask of the wrong length");
         let (vision, text, logit_scale) =
             build_towers(&self.config, &self.layout, &self.params, &self.grads, &trainable)?;
@@ -490,6 +517,11 @@ impl<B: Backend> Clip<B> {
         self.logit_scale = logit_scale;
         self.trainable = trainable;
         Ok(())
+    }
+
+    /// Whether this model was made by [`Clip::new_frozen`] (no parameter gradients at all).
+    pub fn is_frozen(&self) -> bool {
+        self.va.to_pixels.is_some()
     }
 
     pub fn logit_scale(&self) -> &Param<B> {
@@ -606,6 +638,49 @@ impl<B: Backend> Clip<B> {
         ready(order.vision_embed.clone());
     }
 
+    /// The gradient of the loss with respect to the first `b` input images, `[b, 3, image,
+    /// image]` (the pixels as uploaded, i.e. after normalisation), left by
+    /// [`Clip::backward_vision_to_pixels`]. Only a frozen model has it.
+    pub fn pixels_grad(&self, b: usize) -> Result<T<B>> {
+        let g = self.va.to_pixels.as_ref().context("only a model made by Clip::new_frozen has pixel gradients")?;
+        ensure!(b > 0 && b <= self.capacity, "batch {b} outside 1..={}", self.capacity);
+        let s = self.image_size();
+        Ok(g.d_pixels.slice(0, b * 3 * s * s))
+    }
+
+    /// Backward of the vision tower of a frozen model ([`Clip::new_frozen`]) from
+    /// [`Clip::image_embeds_grad`] down to the input pixels: overwrites
+    /// [`Clip::pixels_grad`]. No parameter gradient is computed (every weight gradient output
+    /// of the ops is `None`), only the activations' gradients.
+    pub fn backward_vision_to_pixels(&self, b: usize) -> Result<()> {
+        let g =
+            self.va.to_pixels.as_ref().context("the backward to the pixels needs a model made by Clip::new_frozen")?;
+        ensure!(b > 0 && b <= self.capacity, "batch {b} outside 1..={}", self.capacity);
+        let be = &self.backend;
+        let v = &self.vision;
+        let a = &self.va;
+        let (img, p, c) = (v.image, v.patch_size, v.encoder.dims.c);
+        let np = (img / p) * (img / p);
+        let t = np + 1;
+        head_bwd(be, &a.head, &v.post_ln, &v.proj, &a.enc.d_res, b, t);
+        v.encoder.backward(be, &a.enc, b, &mut |_| {});
+        let pre = a.pre.rows(b * t, c);
+        let d_emb = a.d_emb.slice(0, b * t * c);
+        be.fill(&d_emb, 0.0);
+        v.pre_ln.bwd(be, &d_emb, &a.enc.d_res.slice(0, b * t * c), &pre, &a.emb.slice(0, b * t * c), b * t);
+        let d_patches = a.d_patches.slice(0, b * np * c);
+        be.fill(&d_patches, 0.0);
+        be.vision_embed_bwd(Some(&d_patches), None, None, &d_emb, b, np, c);
+        let px = b * 3 * img * img;
+        let d_cols = g.d_cols.slice(0, px);
+        be.fill(&d_cols, 0.0);
+        v.patch.bwd(be, Some(&d_cols), &d_patches, &a.cols.slice(0, px), b * np);
+        let d_pixels = g.d_pixels.slice(0, px);
+        be.fill(&d_pixels, 0.0);
+        be.im2col_bwd(&d_pixels, &d_cols, b, img, p);
+        Ok(())
+    }
+
     /// Backward of the text tower from [`Clip::text_embeds_grad`], adding into `grads`.
     pub fn backward_text(&self, b: usize) {
         self.backward_text_with(b, &mut |_| {});
@@ -641,6 +716,9 @@ impl<B: Backend> Clip<B> {
     }
 
     pub fn zero_grads(&self) {
+        if self.grads.is_empty() {
+            return; // a frozen model: nothing to zero
+        }
         self.backend.fill(&self.grads, 0.0);
     }
 
@@ -656,6 +734,7 @@ impl<B: Backend> Clip<B> {
     }
 
     pub fn grads_to_host(&self) -> Result<Vec<f32>> {
+        ensure!(!self.is_frozen(), "a model made by Clip::new_frozen holds no parameter gradients");
         let mut v = vec![0.0; self.layout.total];
         self.backend.download_f32(&self.grads, &mut v)?;
         Ok(v)
@@ -694,7 +773,8 @@ fn build_towers<B: Backend>(
         let off = specs[0].offset;
         Param {
             value: params.slice(off, len),
-            grad: grads.slice(off, len),
+            // A frozen model has no gradient buffer: its (never used) views are empty.
+            grad: if grads.is_empty() { grads.clone() } else { grads.slice(off, len) },
             train: trainable[idx..idx + count].iter().any(|&t| t),
         }
     };

@@ -45,6 +45,52 @@ fn split<'a>(table: &'a FeatureTable, name: &str) -> Result<&'a SplitTable> {
     table.splits.get(name).filter(|t| !t.is_empty()).ok_or_else(|| anyhow!("the feature table has no {name} images"))
 }
 
+/// A linear probe fitted on the table's real training features (strength chosen on its
+/// validation split) applied to other embeddings, e.g. generated images': their probability of
+/// each label, and for reference the mean probability over the real test images that are
+/// positive and that are negative for it. Labels in `table.labels` order.
+pub struct ProbeOnGenerated {
+    pub labels: Vec<String>,
+    /// `[image][label]`.
+    pub generated: Vec<Vec<f64>>,
+    pub real_positive_mean: Vec<f64>,
+    pub real_negative_mean: Vec<f64>,
+}
+
+pub fn probe_generated(table: &FeatureTable, embeddings: &[Vec<f32>]) -> Result<ProbeOnGenerated> {
+    let train = feature_set(split(table, "train")?, table, None);
+    let valid = feature_set(split(table, "valid")?, table, None);
+    let test = feature_set(split(table, "test")?, table, None);
+    let probe = eval::LinearProbe::fit(&train, &valid, &eval::ProbeConfig::default())?;
+    let l = table.labels.len();
+    let names: Vec<String> = (0..embeddings.len()).map(|k| format!("generated-{k}")).collect();
+    let generated = eval::FeatureSet {
+        x: embeddings.iter().flatten().copied().collect(),
+        d: table.dim,
+        truth: vec![None; embeddings.len() * l],
+        labels: table.labels.clone(),
+        images: names.clone(),
+        patients: names,
+    };
+    let g = probe.predict(&generated)?;
+    let t = probe.predict(&test)?;
+    let mean_where = |j: usize, want: bool| {
+        let v: Vec<f64> =
+            (0..test.rows()).filter(|&i| t.truth[i * l + j] == Some(want)).map(|i| t.scores[i * l + j]).collect();
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    Ok(ProbeOnGenerated {
+        labels: table.labels.clone(),
+        generated: g.scores.chunks_exact(l).map(|r| r.to_vec()).collect(),
+        real_positive_mean: (0..l).map(|j| mean_where(j, true)).collect(),
+        real_negative_mean: (0..l).map(|j| mean_where(j, false)).collect(),
+    })
+}
+
 /// Scores predictions: macro AUC with the patient-bootstrap CI, per label, into a row; writes
 /// `predictions.csv` under `dir`.
 pub fn score(

@@ -13,6 +13,7 @@ pub mod evaluate;
 pub mod features;
 pub mod models;
 pub mod results;
+pub mod text_to_image;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -150,6 +151,7 @@ impl Ctx<'_> {
             rows: Vec::new(),
             zero_shot: Vec::new(),
             retrieval: Vec::new(),
+            text_to_image: None,
             predictions: BTreeMap::new(),
             seconds: 0.0,
         };
@@ -246,6 +248,30 @@ impl Ctx<'_> {
                     };
                     result.retrieval.push(evaluate::retrieval(&table, &info)?);
                 }
+            }
+            Job::TextToImage { findings, steps, size } => {
+                let spec = self.dataset(&run.dataset)?;
+                let root = self.root(&run.dataset)?;
+                let ds = data::read(spec.kind, root, &datasets::read_options(spec, &run.views, 0))
+                    .with_context(|| format!("reading {}", root.display()))?;
+                let device = self.opts.world.device;
+                let (mut row, generated) = text_to_image::run(
+                    &checkpoint,
+                    &ds,
+                    findings,
+                    *steps,
+                    *size,
+                    run.seed,
+                    device,
+                    dir,
+                    &run.name,
+                    &origin,
+                )?;
+                // Does each generated image score as its finding? A probe on the real features.
+                let table = self.features(&checkpoint, &key, &run.dataset, run, Vec::new())?;
+                let probe = evaluate::probe_generated(&table, &generated.final_embeddings)?;
+                text_to_image::add_probe(&mut row, &probe);
+                result.text_to_image = Some(row);
             }
         }
         // The full-data point of a fraction sweep is also the main table's row for its setting.

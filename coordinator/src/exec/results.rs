@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{Plan, RunKind};
-use crate::report::{Comparison, Report, ResultRow, RetrievalRow, RocCurve, RocSet, TrainingCurve, ZeroShotRow};
+use crate::report::{
+    Comparison, Report, ResultRow, RetrievalRow, RocCurve, RocSet, TextToImageRow, TrainingCurve, ZeroShotRow,
+};
 
 use super::PlanDirs;
 
@@ -29,6 +31,9 @@ pub struct RunResult {
     pub rows: Vec<ResultRow>,
     pub zero_shot: Vec<ZeroShotRow>,
     pub retrieval: Vec<RetrievalRow>,
+    /// A text-to-image run's figure column data.
+    #[serde(default)]
+    pub text_to_image: Option<TextToImageRow>,
     /// Per evaluated row (dataset:split), its `predictions.csv`, for paired comparisons and ROC
     /// curves.
     pub predictions: BTreeMap<String, PathBuf>,
@@ -70,6 +75,7 @@ pub fn gather(plan: &Plan, dirs: &PlanDirs, title: &str, bootstrap: &eval::Boots
         report.rows.extend(r.rows.iter().cloned());
         report.zero_shot.extend(r.zero_shot.iter().cloned());
         report.retrieval.extend(r.retrieval.iter().cloned());
+        report.text_to_image.extend(r.text_to_image.iter().cloned());
         if let Some(m) = &r.metrics {
             report.training.push(TrainingCurve {
                 run: r.name.clone(),
@@ -140,5 +146,6 @@ pub fn setting(kind: RunKind, origin: &str) -> String {
         RunKind::LinearProbe => format!("{origin} + LP"),
         RunKind::ZeroShot => format!("{origin} zero-shot"),
         RunKind::Retrieval => format!("{origin} retrieval"),
+        RunKind::TextToImage => format!("{origin} text-to-image"),
     }
 }

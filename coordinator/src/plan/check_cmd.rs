@@ -178,6 +178,9 @@ fn settings(r: &RunSpec) -> String {
             s.push(format!("{} prompt pair(s), neutral \"{}\"", templates.positive.len(), templates.neutral))
         }
         Job::Retrieval { .. } => {}
+        Job::TextToImage { findings, steps, size } => {
+            s.push(format!("findings={} image_steps={steps} image_size={size}", findings.join(",")))
+        }
     }
     s.push(format!("seed={}", r.seed));
     s.join(" ")

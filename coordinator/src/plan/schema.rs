@@ -100,19 +100,18 @@ pub enum RawKind {
     LinearProbe,
     ZeroShot,
     Retrieval,
-    /// Named in the design, not built yet: refused with that reason rather than as unknown.
     TextToImage,
 }
 
 impl RawKind {
-    pub fn kind(self) -> Option<RunKind> {
+    pub fn kind(self) -> RunKind {
         match self {
-            RawKind::PretrainCls => Some(RunKind::PretrainCls),
-            RawKind::Finetune => Some(RunKind::Finetune),
-            RawKind::LinearProbe => Some(RunKind::LinearProbe),
-            RawKind::ZeroShot => Some(RunKind::ZeroShot),
-            RawKind::Retrieval => Some(RunKind::Retrieval),
-            RawKind::TextToImage => None,
+            RawKind::PretrainCls => RunKind::PretrainCls,
+            RawKind::Finetune => RunKind::Finetune,
+            RawKind::LinearProbe => RunKind::LinearProbe,
+            RawKind::ZeroShot => RunKind::ZeroShot,
+            RawKind::Retrieval => RunKind::Retrieval,
+            RawKind::TextToImage => RunKind::TextToImage,
         }
     }
 }
@@ -221,13 +220,13 @@ macro_rules! run_keys {
     };
 }
 
-use RunKind::{Finetune as F, LinearProbe as L, PretrainCls as P, Retrieval as R, ZeroShot as Z};
+use RunKind::{Finetune as F, LinearProbe as L, PretrainCls as P, Retrieval as R, TextToImage as T, ZeroShot as Z};
 
 run_keys! {
-    dataset: String => &[P, F, L, Z, R];
+    dataset: String => &[P, F, L, Z, R, T];
     test: Vec<String> => &[F, L, Z, R];
-    seed: u64 => &[P, F, L, Z, R];
-    views: Parsed<ViewsKey> => &[P, F, L, Z, R];
+    seed: u64 => &[P, F, L, Z, R, T];
+    views: Parsed<ViewsKey> => &[P, F, L, Z, R, T];
     epochs: u64 => &[P, F];
     steps: u64 => &[P, F];
     global_batch: u64 => &[P, F];
@@ -249,6 +248,9 @@ run_keys! {
     head_lr: f64 => &[F];
     probe_grid: (f64, f64, u64) => &[L];
     templates: RawTemplates => &[Z];
+    findings: Vec<String> => &[T];
+    image_size: u64 => &[T];
+    image_steps: u64 => &[T];
 }
 
 /// The kinds a setting applies to (`None`: not a setting).

@@ -84,11 +84,18 @@ pub enum RunKind {
     LinearProbe,
     ZeroShot,
     Retrieval,
+    TextToImage,
 }
 
 impl RunKind {
-    pub const ALL: [RunKind; 5] =
-        [RunKind::PretrainCls, RunKind::Finetune, RunKind::LinearProbe, RunKind::ZeroShot, RunKind::Retrieval];
+    pub const ALL: [RunKind; 6] = [
+        RunKind::PretrainCls,
+        RunKind::Finetune,
+        RunKind::LinearProbe,
+        RunKind::ZeroShot,
+        RunKind::Retrieval,
+        RunKind::TextToImage,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -97,6 +104,7 @@ impl RunKind {
             RunKind::LinearProbe => "linear-probe",
             RunKind::ZeroShot => "zero-shot",
             RunKind::Retrieval => "retrieval",
+            RunKind::TextToImage => "text-to-image",
         }
     }
 
@@ -270,7 +278,21 @@ pub enum Job {
     Retrieval {
         sections: SectionPolicy,
     },
+    /// Images optimised by CLIP guidance from a report sentence naming each finding, beside a
+    /// real test image with that sentence (`coordinator imagine`'s optimisation).
+    TextToImage {
+        findings: Vec<String>,
+        steps: usize,
+        size: usize,
+    },
 }
+
+/// The findings of the paper's figure.
+pub const TEXT_TO_IMAGE_FINDINGS: [&str; 4] = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema"];
+/// Optimisation steps of a text-to-image run unless `steps` says otherwise.
+pub const TEXT_TO_IMAGE_STEPS: usize = 100;
+/// Side of its images unless `image_size` says otherwise.
+pub const TEXT_TO_IMAGE_SIZE: usize = 128;
 
 impl Job {
     pub fn kind(&self) -> RunKind {
@@ -280,6 +302,7 @@ impl Job {
             Job::LinearProbe { .. } => RunKind::LinearProbe,
             Job::ZeroShot { .. } => RunKind::ZeroShot,
             Job::Retrieval { .. } => RunKind::Retrieval,
+            Job::TextToImage { .. } => RunKind::TextToImage,
         }
     }
 

@@ -88,6 +88,8 @@ fn the_demo_plans_are_valid_and_ordered_by_dependency() {
             "cls-ft",
             "zero-shot",
             "retrieval",
+            "text-to-image-rand",
+            "text-to-image-cls",
             "cls-lp-chexpert",
             "rand-lp-chexpert",
             "cls-lp-rsna",
@@ -456,11 +458,9 @@ fn wrong_value_types_are_refused_at_their_line() {
 }
 
 #[test]
-fn unknown_and_reserved_kinds_are_refused() {
+fn unknown_kinds_are_refused() {
     let (t, p) = body_problems("[[run]]\nname = \"a\"\nkind = \"pretrain\"\nfrom = \"random\"\n");
     assert_one(&t, &p, "\"pretrain\"", &["unknown variant `pretrain`", "`pretrain-cls`", "`retrieval`"]);
-    let (t, p) = body_problems("[[run]]\nname = \"a\"\nkind = \"text-to-image\"\nfrom = \"random\"\n");
-    assert_one(&t, &p, "text-to-image", &["reserved", "not built yet"]);
 }
 
 #[test]
@@ -600,4 +600,34 @@ fn defaults_take_settings_only() {
     // An out-of-range default is reported once, not once per run.
     let t = format!("{HEAD}label_fraction = 0\n[[run]]\nname = \"a\"\nkind = \"linear-probe\"\nfrom = \"random\"\n[[run]]\nname = \"b\"\nkind = \"linear-probe\"\nfrom = \"random\"\n");
     assert_one(&t, &problems(&t), "label_fraction = 0", &["outside (0, 1]"]);
+}
+
+#[test]
+fn text_to_image_runs_take_their_findings_size_and_steps() {
+    let p = plan("[[run]]\nname = \"t2i\"\nkind = \"text-to-image\"\nfrom = \"random\"\n");
+    let Job::TextToImage { findings, steps, size } = &p.runs[0].job else { panic!("{:?}", p.runs[0].job) };
+    assert_eq!(findings, &TEXT_TO_IMAGE_FINDINGS.map(String::from));
+    assert_eq!((*steps, *size), (TEXT_TO_IMAGE_STEPS, TEXT_TO_IMAGE_SIZE));
+    assert!(p.runs[0].test.is_empty());
+    let p = plan(
+        "[[run]]\nname = \"t2i\"\nkind = \"text-to-image\"\nfrom = \"random\"\nfindings = [\"Edema\"]\n\
+         image_steps = 7\nimage_size = 64\n",
+    );
+    assert_eq!(p.runs[0].job, Job::TextToImage { findings: vec!["Edema".into()], steps: 7, size: 64 });
+
+    let run = "[[run]]\nname = \"t2i\"\nkind = \"text-to-image\"\nfrom = \"random\"\n";
+    let (t, pr) = body_problems(&format!("{run}findings = [\"Edema\", \"Fracturez\"]\n"));
+    assert_one(&t, &pr, "findings", &["`Fracturez` is not a label"]);
+    let (t, pr) = body_problems(&format!("{run}findings = [\"Edema\", \"Edema\"]\n"));
+    assert_one(&t, &pr, "findings", &["twice"]);
+    let (t, pr) = body_problems(&format!("{run}image_size = 4\n"));
+    assert_one(&t, &pr, "image_size", &["outside"]);
+    let (t, pr) = body_problems(&format!("{run}image_steps = 0\n"));
+    assert_one(&t, &pr, "image_steps", &["at least 1"]);
+    // The real image's sentence comes from a report: only mimic has them.
+    let (t, pr) = body_problems(&format!("{run}dataset = \"rsna\"\n"));
+    assert_one(&t, &pr, "dataset = \"rsna\"", &["needs reports"]);
+    // A training key is not a text-to-image setting.
+    let (t, pr) = body_problems(&format!("{run}lr = 0.1\n"));
+    assert_one(&t, &pr, "lr = 0.1", &["lr"]);
 }

@@ -10,9 +10,12 @@ use data::{DatasetKind, Split, Views};
 use toml::Spanned;
 
 use super::resources::Datasets;
-use super::schema::{setting_kinds, RawKind, RawRun, RawSweep};
+use super::schema::{setting_kinds, RawRun, RawSweep};
 use super::settings::{augment, probe_grid, templates, training, DEFAULT_PROBE_GRID};
-use super::spec::{Augment, EvalSplit, Job, RunKind, RunSpec, Start, SweepKey, SweepValue, Templates};
+use super::spec::{
+    Augment, DatasetSpec, EvalSplit, Job, RunKind, RunSpec, Start, SweepKey, SweepValue, Templates,
+    TEXT_TO_IMAGE_FINDINGS, TEXT_TO_IMAGE_SIZE, TEXT_TO_IMAGE_STEPS,
+};
 use super::values::Checker;
 
 /// What a run names in `from`, before the runs are resolved.
@@ -110,14 +113,7 @@ fn run(
             c.at(name_v, format!("run `{name}` has no `kind` ({})", list_kinds(&RunKind::ALL)));
             return None;
         }
-        Some(k) => match k.get_ref().kind() {
-            Some(kind) => kind,
-            None => {
-                debug_assert_eq!(*k.get_ref(), RawKind::TextToImage);
-                c.at(k, "kind `text-to-image` is reserved: it is not built yet");
-                return None;
-            }
-        },
+        Some(k) => k.get_ref().kind(),
     };
     let Some(from_v) = &raw.from else {
         c.at(name_v, format!("run `{name}` has no `from` (random, init or another run's name)"));
@@ -312,10 +308,11 @@ fn settings(
         }
     };
     let ds_kind = data.kinds[dataset.get_ref()];
-    if matches!(kind, RunKind::PretrainCls | RunKind::Retrieval) && ds_kind != DatasetKind::Mimic {
+    if matches!(kind, RunKind::PretrainCls | RunKind::Retrieval | RunKind::TextToImage) && ds_kind != DatasetKind::Mimic
+    {
         c.at(dataset, format!("a {kind} run needs reports: only mimic has them, not `{}`", dataset.get_ref()));
     }
-    let test = if kind == RunKind::PretrainCls {
+    let test = if matches!(kind, RunKind::PretrainCls | RunKind::TextToImage) {
         Vec::new()
     } else {
         match &m.test {
@@ -363,6 +360,15 @@ fn settings(
         RunKind::Retrieval => {
             Job::Retrieval { sections: m.sections.as_ref().map_or(SectionPolicy::Paper, |v| v.get_ref().0) }
         }
+        RunKind::TextToImage => {
+            let steps = m.image_steps.as_ref().map_or(Some(TEXT_TO_IMAGE_STEPS), |v| c.count(v, "image_steps", 1));
+            let size = m.image_size.as_ref().map_or(Some(TEXT_TO_IMAGE_SIZE), |v| image_size(c, v));
+            let findings = match &m.findings {
+                None => Some(TEXT_TO_IMAGE_FINDINGS.iter().map(|s| s.to_string()).collect()),
+                Some(f) => findings(c, f, data.specs.get(dataset.get_ref())),
+            };
+            Job::TextToImage { findings: findings?, steps: steps?, size: size? }
+        }
     };
     Some(RunSpec {
         name: name.to_string(),
@@ -376,6 +382,37 @@ fn settings(
         sweep: Vec::new(),
         job,
     })
+}
+
+/// `image_size`: the generated images' side (checked against the patch size when the run
+/// loads its model).
+fn image_size(c: &mut Checker<'_>, v: &Spanned<u64>) -> Option<usize> {
+    let x = *v.get_ref();
+    if (8..=crate::imagine::MAX_SIZE as u64).contains(&x) {
+        Some(x as usize)
+    } else {
+        c.at(v, format!("`image_size` = {x} is outside 8..={}", crate::imagine::MAX_SIZE));
+        None
+    }
+}
+
+/// `findings`: labels the dataset has, each once.
+fn findings(c: &mut Checker<'_>, f: &Spanned<Vec<String>>, spec: Option<&DatasetSpec>) -> Option<Vec<String>> {
+    if f.get_ref().is_empty() {
+        c.at(f, "`findings` lists no label (leave it out for the paper's four)");
+        return None;
+    }
+    let mut ok = true;
+    for (k, l) in f.get_ref().iter().enumerate() {
+        if data::labels::label_index(l).is_none() || spec.is_some_and(|s| !s.labels.contains(l)) {
+            c.at(f, format!("`findings`: `{l}` is not a label of the run's dataset"));
+            ok = false;
+        } else if f.get_ref()[..k].contains(l) {
+            c.at(f, format!("`findings` lists `{l}` twice"));
+            ok = false;
+        }
+    }
+    ok.then(|| f.get_ref().clone())
 }
 
 fn have_datasets(data: &Datasets) -> String {

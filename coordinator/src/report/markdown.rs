@@ -22,6 +22,7 @@ pub fn render(report: &Report, curves: &[Series], drawn: &[Drawn], notes: &[Stri
     ablations(&mut md, report, drawn);
     zero_shot(&mut md, report);
     retrieval(&mut md, report);
+    text_to_image(&mut md, report, drawn);
     training(&mut md, curves, drawn);
     if !notes.is_empty() {
         md.push_str("## Notes\n\n");
@@ -287,6 +288,78 @@ fn zero_shot(md: &mut String, report: &Report) {
             })
             .collect();
         md.push_str(&table(&header, &rows));
+    }
+}
+
+fn text_to_image(md: &mut String, report: &Report, drawn: &[Drawn]) {
+    if report.text_to_image.is_empty() {
+        return;
+    }
+    md.push_str(
+        "## Text to image
+
+",
+    );
+    md.push_str(
+        "Images optimised by CLIP guidance (grayscale pixels in a cosine basis, AdamW, augmented views; \
+         `coordinator imagine`) to match a test report's sentence naming each finding, above the real test \
+         image of that report. The table gives the cosine similarity of each generated image, seen whole, \
+         to its own sentence, and whether its own sentence is the most similar of the run's sentences.\n\n",
+    );
+    plot_link(md, drawn, &Plot::TextToImage, "generated (rows per model) and real test images per finding");
+    let findings: Vec<String> =
+        report.text_to_image.first().map(|r| r.cells.iter().map(|c| c.finding.clone()).collect()).unwrap_or_default();
+    let mut header = vec!["setting".to_string()];
+    header.extend(findings.iter().cloned());
+    header.extend(["own sentence wins".to_string(), "steps, size".to_string(), "run folder".to_string()]);
+    let rows: Vec<Vec<String>> = report
+        .text_to_image
+        .iter()
+        .map(|r| {
+            let mut row = vec![r.setting.clone()];
+            row.extend(findings.iter().map(|f| {
+                r.cells.iter().find(|c| &c.finding == f).map(|c| format!("{:.3}", c.similarity)).unwrap_or_default()
+            }));
+            let wins = r.cells.iter().filter(|c| c.own_prompt_wins).count();
+            row.push(format!("{wins}/{}", r.cells.len()));
+            row.push(format!("{}, {} px", r.steps, r.size));
+            row.push(code(&r.run_dir));
+            row
+        })
+        .collect();
+    md.push_str(&table(&header, &rows));
+    md.push_str(
+        "A linear probe fitted on each model's features of the real training images scores the generated \
+         images: the probability of each image's own finding, beside the probe's mean over the real test \
+         images positive / negative for it.\n\n",
+    );
+    let mut header = vec!["setting".to_string()];
+    header.extend(findings.iter().cloned());
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    let rows: Vec<Vec<String>> = report
+        .text_to_image
+        .iter()
+        .map(|r| {
+            let mut row = vec![r.setting.clone()];
+            row.extend(findings.iter().map(|f| {
+                r.cells
+                    .iter()
+                    .find(|c| &c.finding == f)
+                    .map(|c| {
+                        format!("{} ({} / {})", opt(c.probe), opt(c.probe_real_positive), opt(c.probe_real_negative))
+                    })
+                    .unwrap_or_default()
+            }));
+            row
+        })
+        .collect();
+    md.push_str(&table(&header, &rows));
+    if let Some(first) = report.text_to_image.first() {
+        md.push_str("Sentences (from the test reports of the real images):\n\n");
+        for c in &first.cells {
+            let _ = writeln!(md, "- {}: \"{}\"", c.finding, c.prompt);
+        }
+        md.push('\n');
     }
 }
 

@@ -58,6 +58,48 @@ pub struct Report {
     pub training: Vec<TrainingCurve>,
     /// ROC curves of the main settings, one set per evaluated run.
     pub rocs: Vec<RocSet>,
+    /// Text-to-image runs: one row of the figure each.
+    #[serde(default)]
+    pub text_to_image: Vec<TextToImageRow>,
+}
+
+/// A text-to-image run: per finding, the image generated from a report sentence naming it and
+/// the real test image that sentence comes from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TextToImageRow {
+    pub run: String,
+    /// The model's setting: "rand", "CLIP", "CLS", ...
+    pub setting: String,
+    pub steps: usize,
+    pub size: usize,
+    pub cells: Vec<TextToImageCell>,
+    pub seconds: f64,
+    pub run_dir: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TextToImageCell {
+    pub finding: String,
+    /// The text the image was optimised for (the real report's sentence when there is one).
+    pub prompt: String,
+    /// PNG paths: the generated image, and the real one resampled to the same size.
+    pub generated: String,
+    pub real: Option<String>,
+    /// The real image's file in the dataset.
+    pub real_source: Option<String>,
+    /// cos(generated image, its prompt), the image seen whole.
+    pub similarity: f64,
+    /// Whether its own prompt is the most similar of the run's prompts.
+    pub own_prompt_wins: bool,
+    /// A linear probe fitted on the model's features of the real training images: the
+    /// generated image's probability of its finding, and the mean probability over the real
+    /// test images positive and negative for it (`None`: the dataset's labels lack it).
+    #[serde(default)]
+    pub probe: Option<f64>,
+    #[serde(default)]
+    pub probe_real_positive: Option<f64>,
+    #[serde(default)]
+    pub probe_real_negative: Option<f64>,
 }
 
 /// One evaluation: a setting on a dataset's split (at a fraction, maybe in an ablation).
@@ -228,6 +270,7 @@ struct JsonReport<'a> {
     retrieval: &'a [RetrievalRow],
     zero_shot: &'a [ZeroShotRow],
     training: &'a [TrainingCurve],
+    text_to_image: &'a [TextToImageRow],
 }
 
 impl<'a> JsonReport<'a> {
@@ -239,6 +282,7 @@ impl<'a> JsonReport<'a> {
             retrieval: &r.retrieval,
             zero_shot: &r.zero_shot,
             training: &r.training,
+            text_to_image: &r.text_to_image,
         }
     }
 }

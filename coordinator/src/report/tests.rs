@@ -204,7 +204,16 @@ fn sample(dir: &Path, rng: &mut ChaCha8Rng) -> Report {
             curves: MIMIC_LABELS.iter().map(|l| roc_curve(l, gap, rng)).collect(),
         })
         .collect();
-    Report { title: "cxrclip test study".into(), rows, comparisons, retrieval, zero_shot, training, rocs }
+    Report {
+        title: "cxrclip test study".into(),
+        rows,
+        comparisons,
+        retrieval,
+        zero_shot,
+        training,
+        rocs,
+        text_to_image: Vec::new(),
+    }
 }
 
 /// The markdown table that follows `heading`: header cells, then rows of cells.
@@ -577,4 +586,80 @@ fn numbers_are_written_the_same_way_everywhere() {
     assert_eq!(layout::count(999), "999");
     assert_eq!(layout::slug("Pretraining-data fraction!"), "pretraining-data-fraction");
     assert_eq!(layout::slug("%%"), "unnamed");
+}
+
+/// A gray PNG of `side` x `side` at one level, for the text-to-image figure.
+fn flat_png(path: &Path, side: u32, level: u8) -> String {
+    image::GrayImage::from_pixel(side, side, image::Luma([level])).save(path).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn the_text_to_image_figure_shows_each_image_in_its_column() {
+    let dir = scratch("t2i");
+    let side = 64u32;
+    let findings = ["Cardiomegaly", "Edema"];
+    // Levels chosen so each image can be found in the figure: generated 40/80 (rand), 120/160
+    // (CLS), real 200/240.
+    let row = |setting: &str, base: u8, real: bool| TextToImageRow {
+        run: format!("t2i-{setting}"),
+        setting: setting.into(),
+        steps: 5,
+        size: side as usize,
+        cells: findings
+            .iter()
+            .enumerate()
+            .map(|(k, f)| TextToImageCell {
+                finding: f.to_string(),
+                prompt: format!("Moderate {} seen here.", f.to_lowercase()),
+                generated: flat_png(&dir.join(format!("{setting}-{k}.png")), side, base + 40 * k as u8),
+                real: real.then(|| flat_png(&dir.join(format!("real-{k}.png")), side, 200 + 40 * k as u8)),
+                real_source: None,
+                similarity: 0.25 + k as f64 / 10.0,
+                own_prompt_wins: k == 1,
+                probe: Some(0.5 + k as f64 / 10.0),
+                probe_real_positive: Some(0.7),
+                probe_real_negative: None,
+            })
+            .collect(),
+        seconds: 1.0,
+        run_dir: format!("runs/t2i-{setting}"),
+    };
+    let report = Report { text_to_image: vec![row("rand", 40, true), row("CLS", 120, true)], ..Report::default() };
+    let written = write(&report, &dir).unwrap();
+    assert!(written.notes.is_empty(), "{:?}", written.notes);
+    let fig = image::open(dir.join("plots/text_to_image.png")).unwrap().to_rgb8();
+    // Every image's level appears as a block of at least side x side pixels.
+    for level in [40u8, 80, 120, 160, 200, 240] {
+        let n = fig.pixels().filter(|p| p.0 == [level, level, level]).count();
+        assert!(n >= (side * side) as usize, "level {level}: {n} pixels");
+    }
+    // Column order: the rand cardiomegaly image (40) left of its edema image (80), the rand row
+    // above the CLS row (120), and the real row (200) below both.
+    // Searched in the image area only (right of the row labels, below the headers, above the
+    // sentences), where anti-aliased text cannot match a level by chance.
+    let images_area = |x: u32, y: u32| x >= 120 && (28..28 + 3 * (side + 8)).contains(&y);
+    let first = |level: u8| {
+        let (x, y, _) = fig
+            .enumerate_pixels()
+            .find(|(x, y, p)| images_area(*x, *y) && p.0 == [level, level, level])
+            .unwrap_or_else(|| panic!("level {level} not in the image area"));
+        (x, y)
+    };
+    assert!(first(40).0 < first(80).0);
+    assert!(first(40).1 < first(120).1 && first(120).1 < first(200).1);
+    let md = fs::read_to_string(dir.join("results.md")).unwrap();
+    assert!(md.contains("## Text to image"), "{md}");
+    assert!(md.contains("![generated (rows per model) and real test images per finding](plots/text_to_image.png)"));
+    let t = md_table(&md, "## Text to image");
+    assert_eq!(t.0[..3], ["setting", "Cardiomegaly", "Edema"]);
+    assert_eq!(cell(&t, "CLS", 1), "0.250");
+    assert_eq!(cell(&t, "CLS", 3), "1/2");
+    assert!(md.contains("- Edema: \"Moderate edema seen here.\""));
+    let probe = md_table(&md, "A linear probe fitted");
+    assert_eq!(cell(&probe, "CLS", 1), "0.50 (0.70 / -)");
+    assert_eq!(cell(&probe, "rand", 2), "0.60 (0.70 / -)");
+    let json: Value = serde_json::from_slice(&fs::read(dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["text_to_image"][1]["cells"][0]["similarity"], 0.25);
+    fs::remove_dir_all(&dir).unwrap();
 }

@@ -34,6 +34,36 @@ pub fn im2col(cols: &mut [f32], pixels: &[f32], b: usize, img: usize, p: usize) 
     }
 }
 
+/// The backward of [`im2col`]: `dpixels += col2im(dcols)`, each column element added back to
+/// the pixel it was copied from. Patches do not overlap (stride = kernel), so every pixel
+/// receives exactly one column element and the images are independent (parallel by image).
+pub fn im2col_bwd(dpixels: &mut [f32], dcols: &[f32], b: usize, img: usize, p: usize) {
+    let g = img / p;
+    let per_image = 3 * img * img;
+    let image = |dpx: &mut [f32], cols: &[f32]| {
+        for (patch, row) in cols.chunks_exact(3 * p * p).enumerate() {
+            let (py, px) = (patch / g, patch % g);
+            for ch in 0..3 {
+                for r in 0..p {
+                    let dst = (ch * img + py * p + r) * img + px * p;
+                    let src = (ch * p + r) * p;
+                    for (a, &v) in dpx[dst..dst + p].iter_mut().zip(&row[src..src + p]) {
+                        *a += v;
+                    }
+                }
+            }
+        }
+    };
+    let (dpixels, dcols) = (&mut dpixels[..b * per_image], &dcols[..b * per_image]);
+    if b * per_image < PAR_MIN {
+        for (x, c) in dpixels.chunks_exact_mut(per_image).zip(dcols.chunks_exact(per_image)) {
+            image(x, c);
+        }
+    } else {
+        dpixels.par_chunks_exact_mut(per_image).zip(dcols.par_chunks_exact(per_image)).for_each(|(x, c)| image(x, c));
+    }
+}
+
 /// `out[b, 0] = cls + pos[0]`, `out[b, 1 + i] = patches[b, i] + pos[1 + i]`.
 pub fn vision_fwd(out: &mut [f32], patches: &[f32], cls: &[f32], pos: &[f32], b: usize, np: usize, d: usize) {
     let seq = (np + 1) * d;

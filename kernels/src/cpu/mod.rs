@@ -333,6 +333,15 @@ impl Backend for Cpu {
         embed::im2col(f32s_mut(cols), f32s(pixels), b, img, p);
     }
 
+    fn im2col_bwd(&self, dpixels: &T, dcols: &T, b: usize, img: usize, p: usize) {
+        let _p = profile::scope("im2col_bwd");
+        assert!(img.is_multiple_of(p), "image size {img} is not a multiple of the patch size {p}");
+        check_len("im2col_bwd dpixels", dpixels, b * 3 * img * img);
+        check_len("im2col_bwd dcols", dcols, b * 3 * img * img);
+        outputs(&[dpixels], &[dcols]);
+        embed::im2col_bwd(f32s_mut(dpixels), f32s(dcols), b, img, p);
+    }
+
     fn vision_embed_fwd(&self, out: &T, patches: &T, cls: &T, pos: &T, b: usize, np: usize, d: usize) {
         let _p = profile::scope("vision_embed_fwd");
         check_vision_embed_fwd(out, patches, cls, pos, b, np, d);

@@ -483,14 +483,6 @@ impl Cuda {
         Ok(())
     }
 
-    /// `dpixels += col2im(dcols)`, the backward of [`Backend::im2col`].
-    pub fn im2col_bwd(&self, dpixels: &T, dcols: &T, b: usize, img: usize, p: usize) {
-        let _op = self.op(c"im2col_bwd");
-        check_len("col2im dpixels", dpixels, b * 3 * img * img);
-        check_len("col2im dcols", dcols, b * 3 * img * img);
-        self.ew("col2im", dpixels.len(), Args::new().t(dpixels).t(dcols).i64(b as i64).i32(img as i32).i32(p as i32));
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn layernorm_impl(
         &self,
@@ -1022,6 +1014,17 @@ impl Backend for Cuda {
         check_len("im2col cols", cols, b * 3 * img * img);
         outputs(&[cols], &[pixels]);
         self.ew("im2col", cols.len(), Args::new().t(cols).t(pixels).i64(b as i64).i32(img as i32).i32(p as i32));
+    }
+
+    /// One thread per column element, each adding into its own pixel (patches do not
+    /// overlap: no two threads share a destination, so no atomics).
+    fn im2col_bwd(&self, dpixels: &T, dcols: &T, b: usize, img: usize, p: usize) {
+        let _op = self.op(c"im2col_bwd");
+        assert!((img / p) * p == img, "image size {img} is not a multiple of the patch size {p}");
+        check_len("im2col_bwd dpixels", dpixels, b * 3 * img * img);
+        check_len("im2col_bwd dcols", dcols, b * 3 * img * img);
+        outputs(&[dpixels], &[dcols]);
+        self.ew("col2im", dpixels.len(), Args::new().t(dpixels).t(dcols).i64(b as i64).i32(img as i32).i32(p as i32));
     }
 
     fn vision_embed_fwd(&self, out: &T, patches: &T, cls: &T, pos: &T, b: usize, np: usize, d: usize) {

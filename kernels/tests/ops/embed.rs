@@ -71,6 +71,49 @@ fn im2col_parallel_size() {
     }
 }
 
+/// `im2col` in f64 by its index formula, the function whose gradient `im2col_bwd` is.
+fn im2col_ref(pixels: &[f64], b: usize, img: usize, p: usize) -> Vec<f64> {
+    let g = img / p;
+    let mut cols = vec![0.0; pixels.len()];
+    for bi in 0..b {
+        for py in 0..g {
+            for px in 0..g {
+                for ch in 0..3 {
+                    for r in 0..p {
+                        for cc in 0..p {
+                            cols[((bi * g * g + py * g + px) * 3 + ch) * p * p + r * p + cc] =
+                                pixels[((bi * 3 + ch) * img + py * p + r) * img + px * p + cc];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cols
+}
+
+#[test]
+fn im2col_bwd_is_the_gradient_of_im2col() {
+    let mut cx = ctx();
+    // Small shapes, a patch of one pixel, a whole-image patch, and one above the parallel cut.
+    for (b, img, p) in [(2, 8, 4), (1, 6, 3), (3, 4, 1), (1, 5, 5), (3, 64, 16)] {
+        let pixels = cx.vec(b * 3 * img * img);
+        let r = cx.vec(pixels.len());
+        let start = cx.vec(pixels.len());
+        let mut dpixels = start.clone();
+        embed::im2col_bwd(&mut dpixels, &r, b, img, p);
+        let f = |x: &[f64]| dot(&im2col_ref(x, b, img, p), &r);
+        let idx = cx.coords(pixels.len(), 300);
+        check_grad(&cx, &format!("im2col_bwd b={b} img={img} p={p}"), &f, &pixels, &start, &dpixels, &idx, 1e-6, 1e-6);
+        // Every pixel, not just the sampled ones: col2im of im2col(x) is x (one patch per pixel).
+        let mut cols = vec![0.0; pixels.len()];
+        embed::im2col(&mut cols, &pixels, b, img, p);
+        let mut back = vec![0.0; pixels.len()];
+        embed::im2col_bwd(&mut back, &cols, b, img, p);
+        assert_eq!(back, pixels, "col2im(im2col(x)) != x at b={b} img={img} p={p} (seed {})", cx.seed);
+    }
+}
+
 fn vision_ref(patches: &[f64], cls: &[f64], pos: &[f64], b: usize, np: usize, d: usize) -> Vec<f64> {
     let mut out = vec![0.0; b * (np + 1) * d];
     for bi in 0..b {

@@ -190,3 +190,21 @@ fn wrong_length_panics() {
     let norm = cpu.alloc(2, DType::F32).unwrap();
     cpu.l2norm_fwd(&y, &norm, &x, 2, 5);
 }
+
+#[test]
+fn im2col_bwd_through_the_backend() {
+    let mut cx = ctx();
+    let cpu = Cpu;
+    let (b, img, p) = (2, 12, 4);
+    let n = b * 3 * img * img;
+    let (dcols, start) = (cx.vec(n), cx.vec(n));
+    let (tc, tp) = (cpu.alloc(n, DType::F32).unwrap(), cpu.alloc(n, DType::F32).unwrap());
+    cpu.upload_f32(&tc, &dcols).unwrap();
+    cpu.upload_f32(&tp, &start).unwrap();
+    cpu.im2col_bwd(&tp, &tc, b, img, p);
+    let mut got = vec![0.0; n];
+    cpu.download_f32(&tp, &mut got).unwrap();
+    let mut want = start;
+    kernels::cpu::embed::im2col_bwd(&mut want, &dcols, b, img, p);
+    assert_eq!(got, want);
+}

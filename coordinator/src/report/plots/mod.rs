@@ -5,6 +5,7 @@
 
 mod ablation;
 mod roc;
+mod text_to_image;
 mod training;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ pub enum Plot {
     Training,
     Roc(Col),
     Ablation { name: String, col: Col },
+    TextToImage,
 }
 
 /// A plot written by this call.
@@ -57,6 +59,8 @@ pub fn draw_all(report: &Report, curves: &[Series], dir: &Path, notes: &mut Vec<
             .map(|t| (Plot::Ablation { name: t.name.clone(), col: t.col.clone() }, format!("ablation_{}", t.slug()))),
     );
 
+    jobs.push((Plot::TextToImage, "text_to_image".to_string()));
+
     let mut drawn: Vec<Drawn> = Vec::new();
     for (what, stem) in jobs {
         // Two names that make the same file name ("MIMIC" and "mimic") get distinct files.
@@ -74,6 +78,7 @@ pub fn draw_all(report: &Report, curves: &[Series], dir: &Path, notes: &mut Vec<
                     let t = ablations.iter().find(|t| t.name == *name && t.col == *col).expect("listed above");
                     ablation::draw(t, &colours)
                 }
+                Plot::TextToImage => text_to_image::draw(report),
             }
         };
         // A drawing library that panics on odd data must not take the plan down with it.
