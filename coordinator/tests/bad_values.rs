@@ -50,7 +50,8 @@ fn bad_flags_are_one_line_before_anything_starts() {
 }
 
 /// A --init model whose config.json asks for absurd sizes, or a layer-norm eps of 0, is
-/// refused with the model's size (or the key) before anything is allocated.
+/// refused with the model's size (or the key, for layers past the cap) before anything is
+/// allocated.
 #[test]
 fn an_init_config_with_absurd_sizes_is_refused_with_its_size() {
     let init = tmp("init");
@@ -64,7 +65,7 @@ fn an_init_config_with_absurd_sizes_is_refused_with_its_size() {
         serde_json::from_str(&std::fs::read_to_string(init.join("config.json")).unwrap()).unwrap();
     let run = tmp("init-run");
     for (tower, key, value, want) in [
-        ("vision_config", "num_hidden_layers", serde_json::json!(1_000_000_000u64), "parameters"),
+        ("vision_config", "num_hidden_layers", serde_json::json!(1_000_000_000u64), "num_hidden_layers"),
         ("text_config", "intermediate_size", serde_json::json!(1_000_000_000_000u64), "parameters"),
         ("text_config", "vocab_size", serde_json::json!(1u64 << 40), "parameters"),
         ("text_config", "layer_norm_eps", serde_json::json!(0.0), "layer_norm_eps"),
