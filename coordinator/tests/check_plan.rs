@@ -166,7 +166,7 @@ fn the_paper_plan_without_the_datasets_names_each_missing_folder() {
 
 #[test]
 fn the_demo_plans_check_as_they_are() {
-    for (plan, n) in [("plans/demo.toml", 15), ("plans/demo-quick.toml", 10)] {
+    for (plan, n) in [("plans/demo.toml", 17), ("plans/demo-quick.toml", 11)] {
         let out = ok(&["check-plan", plan]);
         let r = runs(&out);
         assert_ordered(&r);
