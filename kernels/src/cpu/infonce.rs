@@ -237,11 +237,12 @@ pub fn block_loss(
 lanes! {
     /// Turns a logit tile into `coef * (p_row + p_col - 2 [j == offset + i])` in place, with
     /// `p_row = exp(S - row_lse_i)` and `p_col = exp(S - col_lse_j)`; returns the sum of that
-    /// times the logit (the log-scale gradient's share). `targets[i]` is row i's positive
-    /// column inside the tile, if there.
-    fn grad_tile(tile: &mut [f32], cc: usize, row_lse: &[f32], col_lse: &[f32], targets: &[Option<usize>], coef: f32) -> f64 {
+    /// times the logit (the log-scale gradient's share). Row i's positive is column `diag + i`
+    /// of the tile when that lies inside it (`diag` = offset + first row - first column).
+    fn grad_tile(tile: &mut [f32], cc: usize, row_lse: &[f32], col_lse: &[f32], diag: isize, coef: f32) -> f64 {
         let mut dscale = 0.0f64;
-        for ((row, &rl), &target) in tile.chunks_exact_mut(cc).zip(row_lse).zip(targets) {
+        for (i, (row, &rl)) in tile.chunks_exact_mut(cc).zip(row_lse).enumerate() {
+            let target = usize::try_from(diag + i as isize).ok().filter(|&k| k < cc);
             // The positive's term, read before the row is overwritten with gradients.
             let pos_term = target.map_or(0.0, |k| -2.0 * coef * row[k]);
             let grad = |v: f32, c: f32| coef * (exp(v - rl) + exp(v - c));
@@ -313,8 +314,8 @@ pub fn block_bwd(
                         let r = TILE_ROWS.min(b0 + rb - r0);
                         blk.logits(&mut tile, r0, r, c0, cc);
                         let g = &mut tile[..r * cc];
-                        let targets: Vec<Option<usize>> = (r0..r0 + r).map(|i| blk.target(i, c0, cc)).collect();
-                        ds += grad_tile(g, cc, &row_lse[r0..r0 + r], &col_lse[c0..c0 + cc], &targets, coef);
+                        let diag = (dims.offset + r0) as isize - c0 as isize;
+                        ds += grad_tile(g, cc, &row_lse[r0..r0 + r], &col_lse[c0..c0 + cc], diag, coef);
                         let x = View::rows(&img[r0 * d..(r0 + r) * d], d);
                         let dxr = &mut dx[(r0 - b0) * d..(r0 - b0 + r) * d];
                         matmul(r, d, cc, dxr, d, true, View::rows(g, cc), y, blk.s, Parallelism::None);
