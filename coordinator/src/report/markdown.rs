@@ -5,7 +5,7 @@ use std::fmt::Write;
 use super::layout::{self, auc_ci, count, diff_ci, pct, published, AblationTable, Col, MainTable};
 use super::metrics::Series;
 use super::plots::{Drawn, Plot};
-use super::{Report, ResultRow};
+use super::{Report, ResultRow, TextToImageCell, TextToImageRow};
 
 pub fn render(report: &Report, curves: &[Series], drawn: &[Drawn], notes: &[String]) -> String {
     let mut md = String::new();
@@ -312,21 +312,17 @@ fn text_to_image(md: &mut String, report: &Report, drawn: &[Drawn]) {
     let mut header = vec!["setting".to_string()];
     header.extend(findings.iter().cloned());
     header.extend(["own sentence wins".to_string(), "steps, size".to_string(), "run folder".to_string()]);
-    let rows: Vec<Vec<String>> = report
-        .text_to_image
-        .iter()
-        .map(|r| {
-            let mut row = vec![r.setting.clone()];
-            row.extend(findings.iter().map(|f| {
-                r.cells.iter().find(|c| &c.finding == f).map(|c| format!("{:.3}", c.similarity)).unwrap_or_default()
-            }));
+    let rows = per_finding_rows(
+        report,
+        &findings,
+        |c| format!("{:.3}", c.similarity),
+        |r, row| {
             let wins = r.cells.iter().filter(|c| c.own_prompt_wins).count();
             row.push(format!("{wins}/{}", r.cells.len()));
             row.push(format!("{}, {} px", r.steps, r.size));
             row.push(code(&r.run_dir));
-            row
-        })
-        .collect();
+        },
+    );
     md.push_str(&table(&header, &rows));
     md.push_str(
         "A linear probe fitted on each model's features of the real training images scores the generated \
@@ -336,23 +332,12 @@ fn text_to_image(md: &mut String, report: &Report, drawn: &[Drawn]) {
     let mut header = vec!["setting".to_string()];
     header.extend(findings.iter().cloned());
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
-    let rows: Vec<Vec<String>> = report
-        .text_to_image
-        .iter()
-        .map(|r| {
-            let mut row = vec![r.setting.clone()];
-            row.extend(findings.iter().map(|f| {
-                r.cells
-                    .iter()
-                    .find(|c| &c.finding == f)
-                    .map(|c| {
-                        format!("{} ({} / {})", opt(c.probe), opt(c.probe_real_positive), opt(c.probe_real_negative))
-                    })
-                    .unwrap_or_default()
-            }));
-            row
-        })
-        .collect();
+    let rows = per_finding_rows(
+        report,
+        &findings,
+        |c| format!("{} ({} / {})", opt(c.probe), opt(c.probe_real_positive), opt(c.probe_real_negative)),
+        |_, _| {},
+    );
     md.push_str(&table(&header, &rows));
     if let Some(first) = report.text_to_image.first() {
         md.push_str("Sentences (from the test reports of the real images):\n\n");
@@ -361,6 +346,28 @@ fn text_to_image(md: &mut String, report: &Report, drawn: &[Drawn]) {
         }
         md.push('\n');
     }
+}
+
+/// A row per text-to-image setting: its name, one cell per finding (empty where it has none),
+/// then what `extra` appends.
+fn per_finding_rows(
+    report: &Report,
+    findings: &[String],
+    cell: impl Fn(&TextToImageCell) -> String,
+    extra: impl Fn(&TextToImageRow, &mut Vec<String>),
+) -> Vec<Vec<String>> {
+    report
+        .text_to_image
+        .iter()
+        .map(|r| {
+            let mut row = vec![r.setting.clone()];
+            row.extend(
+                findings.iter().map(|f| r.cells.iter().find(|c| &c.finding == f).map(&cell).unwrap_or_default()),
+            );
+            extra(r, &mut row);
+            row
+        })
+        .collect()
 }
 
 fn retrieval(md: &mut String, report: &Report) {
