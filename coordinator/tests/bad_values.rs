@@ -49,18 +49,24 @@ fn bad_flags_are_one_line_before_anything_starts() {
     assert!(!out.exists(), "a refused synth wrote {}", out.display());
 }
 
-/// A --init model whose config.json asks for absurd sizes, or a layer-norm eps of 0, is
-/// refused with the model's size (or the key, for layers past the cap) before anything is
-/// allocated.
-#[test]
-fn an_init_config_with_absurd_sizes_is_refused_with_its_size() {
-    let init = tmp("init");
+/// A small model folder made by `coordinator init`, to start runs from.
+fn small_init(name: &str) -> PathBuf {
+    let init = tmp(name);
     std::fs::create_dir_all(&init).unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .args(["init", "--out", init.to_str().unwrap(), "--width", "64", "--layers", "1", "--heads", "2"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    init
+}
+
+/// A --init model whose config.json asks for absurd sizes, or a layer-norm eps of 0, is
+/// refused with the model's size (or the key, for layers past the cap) before anything is
+/// allocated.
+#[test]
+fn an_init_config_with_absurd_sizes_is_refused_with_its_size() {
+    let init = small_init("init");
     let good: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(init.join("config.json")).unwrap()).unwrap();
     let run = tmp("init-run");
@@ -95,13 +101,7 @@ fn an_init_config_with_absurd_sizes_is_refused_with_its_size() {
 /// `--init` sets the model's sizes: size flags beside it are refused, not ignored.
 #[test]
 fn size_flags_beside_init_are_refused() {
-    let init = tmp("init-sizes");
-    std::fs::create_dir_all(&init).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_coordinator"))
-        .args(["init", "--out", init.to_str().unwrap(), "--width", "64", "--layers", "1", "--heads", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let init = small_init("init-sizes");
     let run = tmp("init-sizes-run");
     let (init_s, run_s) = (init.to_str().unwrap(), run.to_str().unwrap());
     refused(&["--workers", "1", "--synthetic", "8", "--init", init_s, "--width", "32", "--run-dir", run_s], "--init");
