@@ -85,7 +85,8 @@ impl DeviceProfile {
             inter_gbs: 50.0,
             runtime_gb: 0.6,
             storage: memory::CUDA,
-            loss_flops_per_lgd: 12.0,
+            // The CUDA kernels: a one-pass forward, a two-pass backward (kernels/cuda/infonce.cu).
+            loss_flops_per_lgd: 10.0,
         };
         match self {
             // HBM3e 141 GB; 989 dense bf16 TFLOP/s; NVLink 4 (900 GB/s both ways, NCCL's bus
