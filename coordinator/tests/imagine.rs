@@ -106,6 +106,71 @@ fn writes_the_images_and_the_same_bytes_for_a_seed() {
     assert_eq!(first["neutral"].as_array().unwrap().len(), 1);
 }
 
+/// A 40 x 56 PNG (not square: its centre square is used): dark left, bright right, a bright
+/// disc in the middle.
+fn start_png(path: &Path) {
+    let img = image::GrayImage::from_fn(40, 56, |x, y| {
+        let (dx, dy) = (x as f32 - 20.0, y as f32 - 28.0);
+        let disc = if dx * dx + dy * dy < 64.0 { 90 } else { 0 };
+        image::Luma([(40 + 3 * x + disc).min(255) as u8])
+    });
+    img.save(path).unwrap();
+}
+
+fn read_gray(path: &Path) -> Vec<f32> {
+    image::open(path).unwrap().into_luma8().into_raw().into_iter().map(|v| v as f32 / 255.0).collect()
+}
+
+fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
+}
+
+#[test]
+fn starts_from_a_radiograph_and_shows_what_changed() {
+    let dir = tmp("init-src");
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("start.png");
+    start_png(&png);
+    let out = tmp("init");
+    let mut a = PROMPTS.to_vec();
+    a.extend_from_slice(&["--steps", "4", "--size", "32", "--views", "2", "--seed", "5", "--lr", "0.02"]);
+    a.extend_from_slice(&["--init", png.to_str().unwrap()]);
+    let o = imagine(&out, &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("changes.png"), "{stdout}");
+
+    // The start is the PNG's centre square at 32 px: left darker than right, the disc bright.
+    let start = read_gray(&out.join("init.png"));
+    assert_eq!(start.len(), 32 * 32);
+    let (left, right) = (start[16 * 32 + 2], start[16 * 32 + 29]);
+    assert!(left + 0.2 < right, "left {left}, right {right}");
+    assert!(start[16 * 32 + 16] > start[16 * 32 + 8] + 0.2, "no disc in the middle");
+
+    // Four small steps move the image a little from its start, far less than a gray start
+    // would be from it, and the change images say so.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("imagine.json")).unwrap()).unwrap();
+    assert_eq!(summary["init"].as_str().unwrap(), png.to_str().unwrap());
+    let gray_start: Vec<f32> = vec![0.5; start.len()];
+    for (k, name) in
+        ["01-a-frontal-chest-x-ray-of-cardiomegaly", "02-a-frontal-chest-x-ray-of-edema"].iter().enumerate()
+    {
+        let img = read_gray(&out.join(format!("{name}.png")));
+        let moved = mean_abs_diff(&img, &start);
+        assert!(moved > 0.0 && moved < 0.05, "{name}: moved {moved} from its start");
+        assert!(mean_abs_diff(&gray_start, &start) > 4.0 * moved, "{name}: the start is not the PNG");
+        let reported = summary["mean_abs_change"][k].as_f64().unwrap() as f32;
+        assert!((reported - moved).abs() < 0.01, "{name}: reported {reported}, PNGs differ by {moved}");
+        // The change image: mid-gray plus the amplified difference.
+        let change = read_gray(&out.join(format!("{name}-change.png")));
+        let want: Vec<f32> = img.iter().zip(&start).map(|(a, b)| (0.5 + 2.5 * (a - b)).clamp(0.0, 1.0)).collect();
+        assert!(mean_abs_diff(&change, &want) < 0.02, "{name}: the change image is not 0.5 + 2.5 (image - start)");
+    }
+    let grid = image::open(out.join("changes.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (32 * 2 + 4, 32));
+}
+
 fn refused(out: &Path, extra: &[&str], want: &str) {
     let o = imagine(out, extra);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -128,6 +193,13 @@ fn bad_input_is_one_line() {
     refused(&out, &with(&["--views", "0"]), "--views");
     refused(&out, &with(&["--lr", "nan"]), "--lr");
     refused(&out, &with(&["--steps", "0"]), "--steps");
+    refused(&out, &with(&["--init", "/nonexistent/start.png"]), "--init /nonexistent/start.png");
+    refused(&out, &with(&["--init", "/etc/hostname"]), "not a PNG, JPEG or DICOM");
+    let not_png = tmp("not-a-png");
+    std::fs::create_dir_all(&not_png).unwrap();
+    std::fs::write(not_png.join("start.png"), b"plain text").unwrap();
+    let not_png: &'static str = Box::leak(not_png.join("start.png").to_str().unwrap().to_owned().into_boxed_str());
+    refused(&out, &with(&["--init", not_png]), "not a readable PNG");
     // Nothing was written by the refusals above.
     assert!(!out.exists(), "a refused run made {}", out.display());
     std::fs::create_dir_all(&out).unwrap();

@@ -10,7 +10,7 @@ use data::{Dataset, Split};
 use worker::Device;
 
 use super::evaluate::ProbeOnGenerated;
-use crate::imagine::{self, output, views::View, Generated, ImagineOptions, Parameterization};
+use crate::imagine::{self, output, views, Generated, ImagineOptions, Parameterization};
 use crate::report::{TextToImageCell, TextToImageRow};
 
 /// Views per step: the middle of the paper's 5-8.
@@ -49,21 +49,6 @@ pub fn real_example<'a>(ds: &'a Dataset, finding: &str) -> Option<(&'a data::Pai
     candidates.clone().filter(frontal).find_map(named).or_else(|| candidates.clone().find_map(named))
 }
 
-/// The square centre of a gray image, resampled to `size x size`, in [0, 1].
-fn square(img: &data::dicom::GreyImage, size: usize) -> Vec<f32> {
-    let side = img.w.min(img.h);
-    let (x0, y0) = ((img.w - side) / 2, (img.h - side) / 2);
-    let mut sq = vec![0.0f32; side * side];
-    for y in 0..side {
-        for x in 0..side {
-            sq[y * side + x] = img.pixels[(y0 + y) * img.w + x0 + x] as f32 / 255.0;
-        }
-    }
-    let mut out = vec![0.0f32; size * size];
-    View::identity(side, size).gather(&sq, &mut out);
-    out
-}
-
 /// Fills each cell's probe columns from a probe's scores of the generated images (in cell order).
 pub fn add_probe(row: &mut TextToImageRow, p: &ProbeOnGenerated) {
     for (k, cell) in row.cells.iter_mut().enumerate() {
@@ -98,7 +83,7 @@ pub fn run(
                 let path = ds.image_path(pair);
                 let img = data::imageio::load_grey(&path)?;
                 let file = dir.join(format!("real-{:02}.png", k + 1));
-                let px = output::to_u8(&square(&img, size));
+                let px = output::to_u8(&views::centre_square(&img, size));
                 model::checkpoint::write_file_atomically(&file, &output::png_bytes(&px, size, size)?)?;
                 prompts.push(sentence);
                 reals.push(Some((file, path)));
@@ -119,6 +104,7 @@ pub fn run(
         lr: LR,
         seed,
         parameterization: Parameterization::Fourier,
+        init: None,
     };
     // An interrupted run left a partial folder: start it again.
     let out = dir.join("imagine");

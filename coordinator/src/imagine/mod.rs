@@ -70,8 +70,43 @@ pub struct ImagineArgs {
     /// A neutral text: optimise similarity to the prompt minus similarity to this one.
     #[arg(long)]
     pub neutral: Option<String>,
+    /// Start every image from this radiograph (PNG, JPEG or DICOM; its centre square,
+    /// resampled to --size) instead of from gray: what the model changes in it is written
+    /// beside each image.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+}
+
+/// A starting image (`--init`): where it came from, and its gray values at `--size`.
+#[derive(Clone, Debug)]
+pub struct StartImage {
+    pub source: PathBuf,
+    /// `size * size` values in [0, 1].
+    pub gray: Vec<f32>,
+}
+
+impl StartImage {
+    /// Reads `path` (PNG, JPEG or DICOM, by its extension) as its centre square at `size`.
+    pub fn load(path: &Path, size: usize) -> Result<Self> {
+        let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        let img = match ext.as_str() {
+            "png" => {
+                let bytes = std::fs::read(path).with_context(|| format!("--init {}", path.display()))?;
+                let png = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+                    .with_context(|| format!("--init {}: not a readable PNG", path.display()))?
+                    .into_luma8();
+                data::dicom::GreyImage { w: png.width() as usize, h: png.height() as usize, pixels: png.into_raw() }
+            }
+            "jpg" | "jpeg" | "dcm" => {
+                data::imageio::load_grey(path).with_context(|| format!("--init {}", path.display()))?
+            }
+            _ => bail!("--init {}: not a PNG, JPEG or DICOM file (by its extension)", path.display()),
+        };
+        ensure!(img.w > 0 && img.h > 0, "--init {}: an empty image", path.display());
+        Ok(Self { source: path.to_path_buf(), gray: views::centre_square(&img, size) })
+    }
 }
 
 /// What to generate (the command's options without the files).
@@ -85,6 +120,8 @@ pub struct ImagineOptions {
     pub lr: f32,
     pub seed: u64,
     pub parameterization: Parameterization,
+    /// Start every image from this one instead of from gray.
+    pub init: Option<StartImage>,
 }
 
 impl ImagineOptions {
@@ -98,6 +135,7 @@ impl ImagineOptions {
             lr: a.lr,
             seed: a.seed,
             parameterization: a.parameterization,
+            init: None,
         }
     }
 
@@ -119,6 +157,9 @@ impl ImagineOptions {
         ensure!(self.steps >= 1, "--steps must be at least 1");
         ensure!((1..=MAX_VIEWS).contains(&self.views), "--views {}: must be between 1 and {MAX_VIEWS}", self.views);
         ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr {}: must be a positive number", self.lr);
+        if let Some(init) = &self.init {
+            ensure!(init.gray.len() == self.size * self.size, "the starting image is not {0} x {0}", self.size);
+        }
         ensure!(
             config.text_config.max_position_embeddings == CONTEXT_LEN,
             "the checkpoint's text tower reads {} tokens; the tokenizer frames {CONTEXT_LEN}",
@@ -235,7 +276,15 @@ pub fn generate<B: Backend>(
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let basis = Basis::new(opts.parameterization, n);
     let normal = rand_distr_normal();
-    let mut theta: Vec<Vec<f32>> = (0..p).map(|_| (0..n * n).map(|_| INIT_STD * normal(&mut rng)).collect()).collect();
+    // From the starting image when there is one (every prompt from the same), else a gray
+    // image with faint noise.
+    let from_init = opts.init.as_ref().map(|s| basis.params_for(&param::logit(&s.gray)));
+    let mut theta: Vec<Vec<f32>> = (0..p)
+        .map(|_| match &from_init {
+            Some(t) => t.clone(),
+            None => (0..n * n).map(|_| INIT_STD * normal(&mut rng)).collect(),
+        })
+        .collect();
     let mut moments: Vec<(Vec<f32>, Vec<f32>)> = (0..p).map(|_| (vec![0.0; n * n], vec![0.0; n * n])).collect();
     let ranges = ViewRanges::default();
 
@@ -448,6 +497,10 @@ pub fn imagine_to_dir(
     bar.finish_and_clear();
     log.finish()?;
     let files = output::write_images(out, &opts.prompts, &generated.images, generated.size)?;
+    let changes = match &opts.init {
+        Some(init) => Some(output::write_changes(out, &opts.prompts, &generated.images, &init.gray, generated.size)?),
+        None => None,
+    };
     let summary = json!({
         "checkpoint": checkpoint.display().to_string(),
         "prompts": opts.prompts,
@@ -462,6 +515,9 @@ pub fn imagine_to_dir(
         "device": device.name(),
         "final_similarity": generated.final_similarity,
         "final_neutral": generated.final_neutral,
+        "init": opts.init.as_ref().map(|s| s.source.display().to_string()),
+        "change_files": changes.as_ref().map(|c| c.files.iter().map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned())).collect::<Vec<_>>()),
+        "mean_abs_change": changes.as_ref().map(|c| c.mean_abs.clone()),
         "seconds": generated.seconds,
     });
     let text = serde_json::to_string_pretty(&summary)?;
@@ -470,7 +526,12 @@ pub fn imagine_to_dir(
 }
 
 pub fn run(args: ImagineArgs) -> Result<()> {
-    let opts = ImagineOptions::from_args(&args);
+    let mut opts = ImagineOptions::from_args(&args);
+    if let Some(path) = &args.init {
+        // The size is checked before the image is resampled to it; nothing is written yet.
+        opts.validate(&read_config(&args.checkpoint)?)?;
+        opts.init = Some(StartImage::load(path, args.size)?);
+    }
     let (g, files) = imagine_to_dir(&args.checkpoint, &opts, args.device, &args.out, true)?;
     for (k, prompt) in opts.prompts.iter().enumerate() {
         println!("{:.3}  {}  {prompt}", g.final_similarity[k][k], files[k].display());
@@ -480,6 +541,13 @@ pub fn run(args: ImagineArgs) -> Result<()> {
             "grid: {}  ({:.1} s; each line: the final image's cosine similarity to its prompt)",
             grid.display(),
             g.seconds
+        );
+    }
+    if opts.init.is_some() {
+        println!(
+            "changes: {}  (mid-gray: unchanged; brighter: made brighter; +-{:.1} spans black to white)",
+            args.out.join(output::CHANGES_GRID).display(),
+            0.5 / output::CHANGE_GAIN
         );
     }
     Ok(())

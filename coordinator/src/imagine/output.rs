@@ -76,6 +76,56 @@ pub fn write_images(out: &Path, prompts: &[String], images: &[Vec<f32>], size: u
     Ok(files)
 }
 
+/// How much a change image amplifies the difference from the starting image: mid-gray is no
+/// change and +-0.2 (of the [0, 1] range) reaches white or black.
+pub const CHANGE_GAIN: f32 = 2.5;
+/// The grid of the change images.
+pub const CHANGES_GRID: &str = "changes.png";
+
+/// A change image: `0.5 + CHANGE_GAIN * (image - start)`, in [0, 1] once clamped.
+pub fn change_image(image: &[f32], start: &[f32]) -> Vec<f32> {
+    image.iter().zip(start).map(|(&a, &b)| 0.5 + CHANGE_GAIN * (a - b)).collect()
+}
+
+/// What `write_changes` wrote, and each image's mean absolute change from the start.
+pub struct Changes {
+    /// `init.png`, then one change image per prompt, then the grid of those.
+    pub files: Vec<PathBuf>,
+    pub mean_abs: Vec<f64>,
+}
+
+/// With a starting image (`--init`): the start as `init.png`, and for each generated image
+/// what the optimisation changed (`NN-<prompt words>-change.png`, see [`change_image`]), and
+/// their grid.
+pub fn write_changes(
+    out: &Path,
+    prompts: &[String],
+    images: &[Vec<f32>],
+    start: &[f32],
+    size: usize,
+) -> Result<Changes> {
+    let mut files = Vec::with_capacity(images.len() + 2);
+    let path = out.join("init.png");
+    write_file_atomically(&path, &png_bytes(&to_u8(start), size, size)?)?;
+    files.push(path);
+    let mut maps = Vec::with_capacity(images.len());
+    let mut mean_abs = Vec::with_capacity(images.len());
+    for (k, (prompt, img)) in prompts.iter().zip(images).enumerate() {
+        let map = change_image(img, start);
+        let name = file_name(k, prompt).replace(".png", "-change.png");
+        let path = out.join(name);
+        write_file_atomically(&path, &png_bytes(&to_u8(&map), size, size)?)?;
+        files.push(path);
+        mean_abs.push(img.iter().zip(start).map(|(&a, &b)| (a - b).abs() as f64).sum::<f64>() / img.len() as f64);
+        maps.push(map);
+    }
+    let (g, w, h) = grid(&maps, size);
+    let path = out.join(CHANGES_GRID);
+    write_file_atomically(&path, &png_bytes(&g, w, h)?)?;
+    files.push(path);
+    Ok(Changes { files, mean_abs })
+}
+
 /// The similarity log, one JSON object per step, written as the steps go.
 pub struct StepLog {
     file: std::io::BufWriter<std::fs::File>,
@@ -109,6 +159,15 @@ mod tests {
         );
         assert_eq!(file_name(11, "!!!"), "12-prompt.png");
         assert!(file_name(2, &"word ".repeat(40)).len() <= 3 + 48 + 4);
+    }
+
+    #[test]
+    fn a_change_image_is_mid_gray_where_nothing_changed() {
+        let start = [0.2, 0.5, 0.9];
+        let map = change_image(&[0.2, 0.6, 0.5], &start);
+        assert_eq!(map[0], 0.5);
+        assert!((map[1] - (0.5 + CHANGE_GAIN * 0.1)).abs() < 1e-6, "{map:?}");
+        assert_eq!(to_u8(&map)[2], 0, "a change of -0.4 is clamped to black");
     }
 
     #[test]

@@ -86,6 +86,20 @@ impl Basis {
         }
     }
 
+    /// The parameters whose logits are `logits`: the inverse of [`Basis::logits`] (an
+    /// orthonormal basis inverts by its transpose), for starting from a given image.
+    pub fn params_for(&self, logits: &[f32]) -> Vec<f32> {
+        match self {
+            Basis::Pixels => logits.to_vec(),
+            Basis::Cosine { n, c, scale } => {
+                // S . theta = C z C^T
+                let t = matmul(c, logits, *n);
+                let u = matmul_nt(&t, c, *n);
+                u.iter().zip(scale).map(|(g, s)| g / s).collect()
+            }
+        }
+    }
+
     /// The gradient of the parameters from the gradient of the logits.
     pub fn backward(&self, d_logits: &[f32]) -> Vec<f32> {
         match self {
@@ -106,6 +120,22 @@ pub fn sigmoid(logits: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let dx = x.iter().map(|&v| v * (1.0 - v)).collect();
     (x, dx)
 }
+
+/// The logit of gray values, clamped to [`LOGIT_FLOOR`, 1 - `LOGIT_FLOOR`] first: a black or
+/// white pixel of a starting image would need an infinite logit, and one that far out could
+/// not move (the sigmoid's slope there is ~0).
+pub fn logit(gray: &[f32]) -> Vec<f32> {
+    gray.iter()
+        .map(|&x| {
+            let x = x.clamp(LOGIT_FLOOR, 1.0 - LOGIT_FLOOR);
+            (x / (1.0 - x)).ln()
+        })
+        .collect()
+}
+
+/// How close to black or white a starting image's pixels may be (see [`logit`]): 0.02 keeps
+/// the slope at 0.02 of its peak, so the steps can still change them.
+pub const LOGIT_FLOOR: f32 = 0.02;
 
 /// `a b` for `n x n` row-major matrices.
 fn matmul(a: &[f32], b: &[f32], n: usize) -> Vec<f32> {
@@ -187,6 +217,27 @@ mod tests {
             let rhs: f64 = g.iter().zip(&theta).map(|(&a, &b)| a as f64 * b as f64).sum();
             assert!((lhs - rhs).abs() <= 1e-4 + 1e-4 * lhs.abs(), "{kind:?}: {lhs} vs {rhs}");
         }
+    }
+
+    /// Starting from an image: its parameters give back its logits, in both bases.
+    #[test]
+    fn params_for_inverts_the_logits() {
+        let mut r = rng();
+        for kind in [Parameterization::Pixels, Parameterization::Fourier] {
+            let n = 12;
+            let basis = Basis::new(kind, n);
+            let gray: Vec<f32> = (0..n * n).map(|_| r.random_range(0.05..0.95)).collect();
+            let z = logit(&gray);
+            let back = basis.logits(&basis.params_for(&z));
+            for (k, (a, b)) in z.iter().zip(&back).enumerate() {
+                assert!((a - b).abs() <= 1e-4 + 1e-4 * a.abs(), "{kind:?} logit {k}: {a} vs {b}");
+            }
+            let (img, _) = sigmoid(&back);
+            assert!(img.iter().zip(&gray).all(|(a, b)| (a - b).abs() <= 1e-4), "{kind:?}: the image changed");
+        }
+        // Black and white are pulled in to the floor, so their logits stay finite.
+        let z = logit(&[0.0, 1.0, 0.5]);
+        assert!(z.iter().all(|v| v.is_finite()) && z[2] == 0.0 && (z[0] + z[1]).abs() < 1e-6, "{z:?}");
     }
 
     /// Unit white coefficients give logits of about unit mean square, low frequencies first.

@@ -6,6 +6,22 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+/// The centre square of an 8-bit gray image, resampled to `size x size`, in [0, 1] (a real
+/// radiograph shown beside, or used as the start of, a generated one).
+pub fn centre_square(img: &data::dicom::GreyImage, size: usize) -> Vec<f32> {
+    let side = img.w.min(img.h);
+    let (x0, y0) = ((img.w - side) / 2, (img.h - side) / 2);
+    let mut sq = vec![0.0f32; side * side];
+    for y in 0..side {
+        for x in 0..side {
+            sq[y * side + x] = img.pixels[(y0 + y) * img.w + x0 + x] as f32 / 255.0;
+        }
+    }
+    let mut out = vec![0.0f32; size * size];
+    View::identity(side, size).gather(&sq, &mut out);
+    out
+}
+
 /// Ranges of the random view transform.
 #[derive(Clone, Copy, Debug)]
 pub struct ViewRanges {
