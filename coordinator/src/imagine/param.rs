@@ -89,26 +89,25 @@ impl Basis {
     /// The parameters whose logits are `logits`: the inverse of [`Basis::logits`] (an
     /// orthonormal basis inverts by its transpose), for starting from a given image.
     pub fn params_for(&self, logits: &[f32]) -> Vec<f32> {
-        match self {
-            Basis::Pixels => logits.to_vec(),
-            Basis::Cosine { n, c, scale } => {
-                // S . theta = C z C^T
-                let t = matmul(c, logits, *n);
-                let u = matmul_nt(&t, c, *n);
-                u.iter().zip(scale).map(|(g, s)| g / s).collect()
-            }
-        }
+        // S . theta = C z C^T
+        self.to_coefficients(logits, |u, s| u / s)
     }
 
     /// The gradient of the parameters from the gradient of the logits.
     pub fn backward(&self, d_logits: &[f32]) -> Vec<f32> {
+        // d(S . theta) = C dz C^T, and d theta = S . d(S . theta)
+        self.to_coefficients(d_logits, |u, s| u * s)
+    }
+
+    /// `C z C^T` (the coefficients of `z` in the basis), each combined with its scale by
+    /// `with_scale`; the identity for pixels.
+    fn to_coefficients(&self, z: &[f32], with_scale: impl Fn(f32, f32) -> f32) -> Vec<f32> {
         match self {
-            Basis::Pixels => d_logits.to_vec(),
+            Basis::Pixels => z.to_vec(),
             Basis::Cosine { n, c, scale } => {
-                // d(S . theta) = C dz C^T
-                let t = matmul(c, d_logits, *n);
+                let t = matmul(c, z, *n);
                 let u = matmul_nt(&t, c, *n);
-                u.iter().zip(scale).map(|(g, s)| g * s).collect()
+                u.iter().zip(scale).map(|(&u, &s)| with_scale(u, s)).collect()
             }
         }
     }
